@@ -1,0 +1,143 @@
+"""Key management (admin keys only), the caller's account and request history."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kolors_api.api.app import read_json, service
+from kolors_api.api.auth import authenticate
+from kolors_api.errors import BadRequest, NotFound
+from kolors_api.jobs import ApiKey, make_key_record, new_key
+
+router = APIRouter()
+
+RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+
+
+def parse_rate(value: Any, field: str = "rate_limit") -> str | None:
+    """`"N/min"` (also /s, /hour) or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not RATE_RE.match(value) or int(RATE_RE.match(value)[1]) < 1:  # type: ignore[index]
+        raise BadRequest(f"{field}: must look like \"10/min\" or be null, got {value!r}")
+    return value.strip()
+
+
+def _opt_number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
+    value = body[name]
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or value < (1 if integer else 0):
+        kind = "a positive integer" if integer else "a number >= 0"
+        raise BadRequest(f"{name}: must be {kind} or null, got {value!r}")
+    return value
+
+
+def key_fields(body: Any, *, create: bool) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest("body: must be a JSON object")
+    allowed = {"name", "credits", "rate_limit", "max_concurrency", "admin"}
+    allowed |= set() if create else {"enabled", "add_credits"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"{', '.join(unknown)}: unknown field{'s' if len(unknown) > 1 else ''}")
+    out: dict[str, Any] = {}
+    if create or "name" in body:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise BadRequest("name: must be a non-empty string of at most 200 characters")
+        out["name"] = name.strip()
+    for flag in ("admin", "enabled"):
+        if flag in body:
+            if not isinstance(body[flag], bool):
+                raise BadRequest(f"{flag}: must be a boolean")
+            out[flag] = body[flag]
+    if "credits" in body:
+        out["credits"] = _opt_number(body, "credits")
+    if "add_credits" in body:
+        if body["add_credits"] is None or isinstance(body["add_credits"], bool) or \
+                not isinstance(body["add_credits"], int | float):
+            raise BadRequest("add_credits: must be a number")
+        out["add_credits"] = body["add_credits"]
+    if "rate_limit" in body:
+        out["rate_limit"] = parse_rate(body["rate_limit"])
+    if "max_concurrency" in body:
+        out["max_concurrency"] = _opt_number(body, "max_concurrency", integer=True)
+    return out
+
+
+@router.post("/v1/admin/keys", status_code=201, summary="Create an API key (shown only in this answer)")
+async def create_key(request: Request) -> Response:
+    svc = service(request)
+    await authenticate(svc.store, request, admin=True)
+    fields = key_fields(await read_json(request, svc.settings.max_body_bytes), create=True)
+    key = new_key()
+    record = make_key_record(fields.pop("name"), key, **fields)
+    await svc.store.add_key(record)
+    return JSONResponse({**record.public(), "key": key}, status_code=201)
+
+
+@router.get("/v1/admin/keys", summary="List API keys")
+async def list_keys(request: Request) -> Response:
+    svc = service(request)
+    await authenticate(svc.store, request, admin=True)
+    return JSONResponse({"data": [k.public() for k in await svc.store.list_keys()]})
+
+
+@router.patch("/v1/admin/keys/{key_id}", summary="Change a key: credits, enabled, limits")
+async def update_key(key_id: str, request: Request) -> Response:
+    svc = service(request)
+    await authenticate(svc.store, request, admin=True)
+    fields = key_fields(await read_json(request, svc.settings.max_body_bytes), create=False)
+    record = await svc.store.update_key(key_id, **fields)
+    if record is None:
+        raise NotFound(f"unknown key: {key_id}")
+    return JSONResponse(record.public())
+
+
+@router.delete("/v1/admin/keys/{key_id}", summary="Delete a key")
+async def delete_key(key_id: str, request: Request) -> Response:
+    svc = service(request)
+    await authenticate(svc.store, request, admin=True)
+    if not await svc.store.delete_key(key_id):
+        raise NotFound(f"unknown key: {key_id}")
+    return JSONResponse({"id": key_id, "deleted": True})
+
+
+def _usage(key: ApiKey, ledger: list[Any]) -> dict[str, Any]:
+    spent = -sum(e.amount for e in ledger if e.kind in ("reserve", "refund"))
+    return {"credits_spent": round(spent, 6), "requests": sum(1 for e in ledger if e.kind == "reserve")}
+
+
+@router.get("/v1/account", summary="The caller's credits, limits and usage")
+async def account(request: Request) -> Response:
+    svc = service(request)
+    key = await authenticate(svc.store, request)
+    ledger = await svc.store.ledger(key.id)
+    running = await svc.store.running_count(key.id)
+    return JSONResponse({
+        "id": key.id, "name": key.name, "admin": key.admin, "credits": key.credits,
+        "limits": {"rate_limit": key.rate_limit, "max_concurrency": key.max_concurrency},
+        "usage": {**_usage(key, ledger), "running": running},
+    })
+
+
+@router.get("/v1/requests", summary="The caller's own request history, newest first")
+async def history(request: Request) -> Response:
+    svc = service(request)
+    key = await authenticate(svc.store, request)
+    raw = request.query_params.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise BadRequest(f"limit: must be an integer between 1 and 100, got {raw!r}")
+    jobs, cursor = await svc.store.history(key.id, int(raw), request.query_params.get("cursor"))
+    return JSONResponse({"data": [{
+        "request_id": j.id, "model": j.model, "status": j.state.value, "cost": j.cost,
+        "created_at": j.created_at, "started_at": j.started_at, "finished_at": j.finished_at,
+        "error": j.error,
+    } for j in jobs], "next_cursor": cursor})

@@ -1,0 +1,26 @@
+"""Prometheus metrics of one API process (its own registry, so several apps can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kolors_http_requests_total", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.queue_depth = Gauge("kolors_queue_depth", "Jobs waiting in the queue", registry=self.registry)
+        self.processing = Gauge("kolors_jobs_processing", "Jobs claimed by a worker (pending entries)",
+                                registry=self.registry)
+        self.workers = Gauge("kolors_workers_alive", "Workers with a fresh heartbeat", registry=self.registry)
+        self.reclaims = Gauge("kolors_reclaims_total", "Jobs handed to another worker after a lost lease",
+                              registry=self.registry)
+        self.dead_letters = Gauge("kolors_dead_letters_total", "Jobs failed after too many deliveries",
+                                  registry=self.registry)
+        self.job_duration = Histogram(
+            "kolors_job_duration_seconds", "Engine time per job (in-process worker)", ["outcome"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

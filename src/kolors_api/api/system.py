@@ -1,0 +1,55 @@
+"""Models, health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kolors_api.api.app import service
+from kolors_api.errors import Unavailable
+from kolors_api.schema import MODEL, json_schema, price
+from kolors_api.schema import GenerateParams
+
+router = APIRouter()
+
+
+@router.get("/v1/models", summary="List models with their parameter JSON Schema")
+async def list_models(request: Request) -> Response:
+    svc = service(request)
+    seed_price = price(GenerateParams(prompt="x"), svc.settings.unit_price)
+    return JSONResponse({"object": "list", "data": [{
+        "id": MODEL, "object": "model", "owned_by": "Kwai-Kolors",
+        "weights": svc.settings.model, "parameters": json_schema(),
+        "pricing": {"formula": "number_of_images * steps/25 * width*height/1024^2 * unit_price",
+                    "unit_price": svc.settings.unit_price, "default_request": seed_price},
+    }]})
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: store reachable and a worker alive")
+async def readyz(request: Request) -> Response:
+    svc = service(request)
+    if not await svc.store.ping():
+        raise Unavailable("store unreachable", headers={"Retry-After": "5"})
+    stats = await svc.store.stats()
+    if stats.workers_alive < 1:
+        raise Unavailable("no worker alive", headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ready", "workers": stats.workers_alive, "queued": stats.queued})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    svc = service(request)
+    stats = await svc.store.stats()
+    m = svc.metrics
+    m.queue_depth.set(stats.queued)
+    m.processing.set(stats.processing)
+    m.workers.set(stats.workers_alive)
+    m.reclaims.set(stats.reclaims)
+    m.dead_letters.set(stats.dead_letters)
+    return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

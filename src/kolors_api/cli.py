@@ -1,0 +1,202 @@
+"""The `kolors-api` command line.
+
+Examples::
+
+    kolors-api serve --model tiny                     # embedded: SQLite + files + one worker
+    kolors-api worker --store redis://127.0.0.1:6379/0 --device cuda:0
+    kolors-api keys create --name alice --credits 100 --rate-limit 10/min
+    kolors-api generate "a red fox in the snow" -o fox.webp --steps 25
+    kolors-api tiny-model ./tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from kolors_api import __version__
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from kolors_api.settings import Settings
+
+    values = {k: v for k, v in vars(args).items()
+              if v is not None and k in Settings.model_fields} | extra
+    return Settings(**values)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kolors_api.api import create_app
+
+    settings = _settings(args, worker=not args.no_worker)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=120)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from kolors_api.jobs import make_store
+    from kolors_api.worker import Worker, WorkerConfig, load_engine
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds,
+                       max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir)
+
+    async def main() -> None:
+        await store.open()
+        worker = Worker(store, lambda: load_engine(settings.model, settings.data_dir, settings.device),
+                        WorkerConfig(lease_seconds=settings.lease_seconds,
+                                     heartbeat_seconds=settings.heartbeat_seconds,
+                                     faults=os.environ.get("KOLORS_API_TEST_FAULTS", "")))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from kolors_api.api.admin import parse_rate
+    from kolors_api.errors import BadRequest
+    from kolors_api.jobs import make_key_record, make_store, new_key
+
+    settings = _settings(args)
+    store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds)
+
+    async def main() -> int:
+        await store.open()
+        try:
+            if args.keys_cmd == "create":
+                try:
+                    rate = parse_rate(args.rate_limit, "--rate-limit")
+                except BadRequest as exc:
+                    print(exc.message, file=sys.stderr)
+                    return 2
+                key = new_key()
+                record = make_key_record(args.name, key, admin=args.admin, credits=args.credits,
+                                         rate_limit=rate, max_concurrency=args.max_concurrency)
+                await store.add_key(record)
+                print(key)
+                print(f"id={record.id} name={record.name} admin={record.admin} credits={record.credits}",
+                      file=sys.stderr)
+            elif args.keys_cmd == "list":
+                for k in await store.list_keys():
+                    print(json.dumps(k.public()))
+            elif args.keys_cmd == "revoke":
+                if await store.update_key(args.id, enabled=False) is None:
+                    print(f"unknown key: {args.id}", file=sys.stderr)
+                    return 1
+                print(f"revoked {args.id}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kolors_api.cli_generate import generate
+
+    return generate(args)
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from kolors_api.engine import build_tiny_model
+
+    path = build_tiny_model(Path(args.path))
+    print(path)
+    return 0
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", dest="data_dir", help="data folder (default ./.kolors-api)")
+    p.add_argument("--store", help="sqlite (default) or redis://host:port/db")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API.")
+    ap.add_argument("--version", action="version", version=__version__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--model", help="tiny, a local diffusers folder, or a Hugging Face repo id")
+    s.add_argument("--device")
+    s.add_argument("--blob-dir", dest="blob_dir")
+    s.add_argument("--no-worker", action="store_true", help="API only (fleet replica)")
+    _store_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a GPU worker against a shared store")
+    w.add_argument("--model")
+    w.add_argument("--device", help="e.g. cuda:0 (default: cuda if present, else cpu)")
+    w.add_argument("--blob-dir", dest="blob_dir")
+    _store_flags(w)
+    w.set_defaults(func=cmd_worker)
+
+    k = sub.add_parser("keys", help="manage API keys offline")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ks.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--credits", type=float, default=None, help="credits (default unlimited)")
+    kc.add_argument("--rate-limit", dest="rate_limit", default=None, help="e.g. 10/min")
+    kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None)
+    kc.add_argument("--admin", action="store_true")
+    _store_flags(kc)
+    kl = ks.add_parser("list", help="list keys (never the keys themselves)")
+    _store_flags(kl)
+    kr = ks.add_parser("revoke", help="disable a key")
+    kr.add_argument("id")
+    _store_flags(kr)
+    k.set_defaults(func=cmd_keys)
+
+    g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default=None, help="output file (default kolors-<seed>.<format>)")
+    g.add_argument("--negative-prompt", dest="negative_prompt")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--cfg", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--scheduler")
+    g.add_argument("--format", dest="output_format", choices=["webp", "jpg", "png"])
+    g.add_argument("--quality", dest="output_quality", type=int)
+    g.add_argument("-n", "--number-of-images", dest="number_of_images", type=int)
+    g.add_argument("--base-url", dest="base_url", default=None)
+    g.add_argument("--api-key", dest="api_key", default=None)
+    g.add_argument("--no-progress", dest="no_progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline")
+    t.add_argument("path")
+    t.set_defaults(func=cmd_tiny_model)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

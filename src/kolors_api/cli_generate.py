@@ -1,0 +1,146 @@
+"""`kolors-api generate`: make an image through a running server, with a progress bar.
+
+Examples::
+
+    kolors-api generate "a red fox in the snow"                  # -> kolors-<seed>.webp
+    kolors-api generate "a red fox" -o fox.png --steps 30        # the format follows the suffix
+    kolors-api generate "a red fox" -n 3 -o fox.webp             # -> fox-0.webp fox-1.webp fox-2.webp
+
+The server is env `KOLORS_API_BASE_URL` (default http://127.0.0.1:8000) or `--base-url`; the key
+env `KOLORS_API_KEY` or `--api-key`. The request goes through v2 (submit, then poll the status
+for the progress bar), so a long generation never meets a sync deadline. Prints one line per
+file written, `PATH  seed=SEED`, on stdout; errors go to stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kolors_api.client import APIError, Client, InferenceFailed, KolorsAPIError
+
+MODEL = "kolors"
+#: argparse names that are request parameters (the rest steer the command).
+PARAMS = ("negative_prompt", "steps", "cfg", "seed", "width", "height", "scheduler", "output_format",
+          "output_quality", "number_of_images")
+SUFFIX_FORMATS = {".webp": "webp", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+POLL_INTERVAL_S = 0.25
+
+StatusHook = Callable[[dict[str, Any]], None]
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Run `kolors-api generate`; returns the exit status (0 written, 1 failed, 130 interrupted)."""
+    params: dict[str, Any] = {"prompt": args.prompt}
+    params |= {name: getattr(args, name) for name in PARAMS if getattr(args, name, None) is not None}
+    output = Path(args.output) if args.output else None
+    suffix_format = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if suffix_format is not None:
+        if params.setdefault("output_format", suffix_format) != suffix_format:
+            print(f"error: -o {output} does not match --format {params['output_format']}", file=sys.stderr)
+            return 2
+
+    client = Client(api_key=args.api_key, base_url=args.base_url)
+    job = None
+    try:
+        with client:
+            job = client.submit_async(MODEL, **params)
+            with _progress(enabled=not args.no_progress) as on_status:
+                result = job.wait(timeout=math.inf, interval=POLL_INTERVAL_S, on_status=on_status)
+            urls = result.get("output") or []
+            images = client.images(result)
+    except InferenceFailed as exc:
+        return _fail(f"generation failed: {exc.detail or 'unknown error'}")
+    except APIError as exc:
+        return _fail(f"{exc.detail} (HTTP {exc.status})")
+    except KolorsAPIError as exc:
+        return _fail(str(exc.detail))
+    except httpx.HTTPError as exc:
+        return _fail(f"cannot reach {client.base_url}: {exc or type(exc).__name__}")
+    except KeyboardInterrupt:
+        if job is not None:
+            print(f"interrupted; request {job.request_id} goes on: {job.response_url}", file=sys.stderr)
+        return 130
+
+    seeds = [int(s) for s in result.get("seeds") or []]
+    try:
+        for i, (url, data) in enumerate(zip(urls, images, strict=True)):
+            seed = seeds[i] if i < len(seeds) else None
+            path = _path_for(output, i, len(images), seed, _ext(url, params))
+            path.write_bytes(data)
+            print(f"{path}  seed={seed if seed is not None else '?'}")
+    except OSError as exc:
+        return _fail(f"cannot write the image: {exc}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _ext(url: str, params: dict[str, Any]) -> str:
+    """The format of an output, read from its URL (`.../outputs/0.webp`)."""
+    name = httpx.URL(url).path.rsplit("/", 1)[-1]
+    _, dot, ext = name.rpartition(".")
+    return ext if dot and ext else str(params.get("output_format", "webp"))
+
+
+def _path_for(output: Path | None, index: int, count: int, seed: int | None, ext: str) -> Path:
+    """`-o out.webp` for one image, `out-0.webp`, `out-1.webp`... for more; else `kolors-<seed>.<ext>`."""
+    if output is None:
+        return Path(f"kolors-{seed if seed is not None else index}.{ext}")
+    if not output.suffix:
+        output = output.with_name(f"{output.name}.{ext}")
+    if count == 1:
+        return output
+    return output.with_name(f"{output.stem}-{index}{output.suffix}")
+
+
+@contextmanager
+def _progress(*, enabled: bool) -> Iterator[StatusHook | None]:
+    """A rich progress bar on stderr driven by status bodies; nothing when disabled or rich is absent."""
+    if not enabled:
+        yield None
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+    except ImportError:  # the client-only install has no rich: no bar, same result
+        yield None
+        return
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = progress.add_task("submitted", total=None)
+
+    def on_status(body: dict[str, Any]) -> None:
+        state = body.get("status")
+        if state == "QUEUED":
+            position = body.get("queue_position")
+            progress.update(task, description=f"queued (position {position})" if position is not None
+                            else "queued")
+        elif state == "PROCESSING":
+            info = body.get("progress") or {}
+            total = info.get("total_steps") or None
+            progress.update(task, description="generating", total=total, completed=info.get("step", 0))
+        elif state == "COMPLETED":
+            total = progress.tasks[0].total
+            progress.update(task, description="done", completed=total or 0)
+
+    with progress:
+        yield on_status

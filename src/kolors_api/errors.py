@@ -1,0 +1,100 @@
+"""One exception tree for the server, and the one table that maps it to HTTP.
+
+    KolorsAPIError                      500 internal
+    ├── BadRequest                      400 bad parameters or body
+    ├── Unauthorized                    401 missing or unknown key
+    ├── Forbidden                       403 key disabled, route or model not allowed
+    ├── NotFound                        404 unknown model, route or request
+    ├── InsufficientCredits             406
+    ├── PayloadTooLarge                 413
+    ├── JobFailed                       422 a FAILED job (body carries the status body)
+    ├── RateLimited                     429 with Retry-After
+    ├── Unavailable                     503 no worker / queue full, with Retry-After
+    └── SyncTimeout                     504 a sync request outlived its deadline (carries request_id)
+
+Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KolorsAPIError(Exception):
+    """Base of every error the server answers with; `message` is what the client reads."""
+
+    status = 500
+
+    def __init__(
+        self,
+        message: str = "internal error",
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {**self.extra, "error": self.message}
+
+
+class BadRequest(KolorsAPIError):
+    status = 400
+
+
+class Unauthorized(KolorsAPIError):
+    status = 401
+
+
+class Forbidden(KolorsAPIError):
+    status = 403
+
+
+class NotFound(KolorsAPIError):
+    status = 404
+
+
+class InsufficientCredits(KolorsAPIError):
+    status = 406
+
+
+class PayloadTooLarge(KolorsAPIError):
+    status = 413
+
+
+class JobFailed(KolorsAPIError):
+    status = 422
+
+
+class RateLimited(KolorsAPIError):
+    status = 429
+
+
+class Unavailable(KolorsAPIError):
+    status = 503
+
+
+class SyncTimeout(KolorsAPIError):
+    status = 504
+
+
+#: The one table from exception type to HTTP status (the API reads it; tests check it).
+STATUS: dict[type[KolorsAPIError], int] = {
+    cls: cls.status
+    for cls in (
+        KolorsAPIError,
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        InsufficientCredits,
+        PayloadTooLarge,
+        JobFailed,
+        RateLimited,
+        Unavailable,
+        SyncTimeout,
+    )
+}

@@ -1,0 +1,266 @@
+"""The job store: one interface, two backends (SQLite embedded, Redis fleet).
+
+Delivery promise, in plain words:
+
+- A job accepted by `submit` is durable: it ends COMPLETED or FAILED with a reason, whatever
+  process dies. It is never lost.
+- Delivery to workers is at-least-once: a job whose worker stops heart-beating is handed to
+  another worker after its lease runs out. Completion is fenced by the lease (`Lease.token`):
+  only the holder of the current lease can report progress, complete or fail it, so a job is
+  completed at most once, and its credits are captured at most once.
+- After `max_deliveries` deliveries without an outcome the job ends FAILED
+  ("worker lost N times") and is recorded as a dead letter; its credits are refunded.
+- Records and images are kept for the retention period after the job was accepted, then
+  `get` answers None (the API's 404).
+
+Credits are reserved atomically with the submit, captured on COMPLETED and refunded on FAILED;
+every movement is a ledger entry, so a key's balance equals the sum of its ledger.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED)
+
+
+#: The allowed transitions, written once. PROCESSING → QUEUED is a reclaim after a lost lease.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.PROCESSING, JobState.FAILED}),
+    JobState.PROCESSING: frozenset({JobState.QUEUED, JobState.COMPLETED, JobState.FAILED}),
+    JobState.COMPLETED: frozenset(),
+    JobState.FAILED: frozenset(),
+}
+
+
+def can_transition(old: JobState, new: JobState) -> bool:
+    return new in TRANSITIONS[old]
+
+
+@dataclass
+class Job:
+    """A job record as every backend returns it."""
+
+    id: str
+    model: str
+    params: dict[str, Any]
+    state: JobState
+    created_at: float
+    key_id: str | None = None
+    cost: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    #: Number of stored output images (0..n) and their file extension.
+    outputs: int = 0
+    ext: str = ""
+    seeds: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    deliveries: int = 0
+    cancel_requested: bool = False
+    #: Bumped by every change; `wait` returns when it moves past what the caller saw.
+    version: int = 0
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the API hands to `submit`."""
+
+    model: str
+    params: dict[str, Any]
+    cost: float = 0.0
+    key_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Reserved for the Idempotency-Key header and webhooks (later issues).
+    idempotency_key: str | None = None
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed job; `token` fences every write of the worker that holds it."""
+
+    job: Job
+    token: str
+    worker_id: str
+    delivery: int
+
+
+@dataclass
+class ApiKey:
+    """An API key record; the key itself is never stored, only its hash and a visible prefix."""
+
+    id: str
+    name: str
+    prefix: str
+    key_hash: str
+    admin: bool = False
+    enabled: bool = True
+    credits: float | None = None
+    rate_limit: str | None = None
+    max_concurrency: int | None = None
+    created_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "prefix": self.prefix, "admin": self.admin,
+            "enabled": self.enabled, "credits": self.credits, "rate_limit": self.rate_limit,
+            "max_concurrency": self.max_concurrency, "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    key_id: str
+    request_id: str
+    kind: str  # reserve | capture | refund | topup
+    amount: float  # signed change of the balance
+    at: float
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    queued: int
+    processing: int
+    workers_alive: int
+    reclaims: int = 0
+    dead_letters: int = 0
+
+
+KEY_PREFIX = "kol_"
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def make_key_record(name: str, key: str, *, admin: bool = False, credits: float | None = None,
+                    rate_limit: str | None = None, max_concurrency: int | None = None) -> ApiKey:
+    return ApiKey(id=uuid.uuid4().hex[:16], name=name, prefix=key[:10], key_hash=hash_key(key),
+                  admin=admin, credits=credits, rate_limit=rate_limit,
+                  max_concurrency=max_concurrency, created_at=time.time())
+
+
+class InsufficientFunds(Exception):  # noqa: N818 - a store-level outcome, mapped by the API
+    def __init__(self, need: float, have: float) -> None:
+        super().__init__(f"insufficient credits: need {need:g}, have {have:g}")
+        self.need = need
+        self.have = have
+
+
+class QueueFull(Exception):  # noqa: N818
+    pass
+
+
+class TooManyRunning(Exception):  # noqa: N818
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"too many concurrent requests: the limit of this key is {limit}")
+        self.limit = limit
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """The one interface the API and the worker loop are written against."""
+
+    retention: float
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+
+    async def shared_secret(self) -> bytes:
+        """A random secret made once per store and shared by every API replica (signs output URLs)."""
+        ...
+
+    # -- jobs: API side
+    async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
+        """Store and enqueue a job, reserving `new.cost` from `new.key_id` in the same atomic step.
+
+        Checks the key's max_concurrency in the same step. Raises InsufficientFunds, TooManyRunning
+        or QueueFull, and then nothing is stored."""
+        ...
+
+    async def get(self, job_id: str) -> Job | None:
+        """The job, or None when unknown or expired."""
+        ...
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """0 for the next job to be claimed; None when not queued."""
+        ...
+
+    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
+        """Return the job as soon as its version is above `after_version`, or when `timeout` passes."""
+        ...
+
+    async def read_output(self, job_id: str, index: int) -> bytes | None: ...
+
+    async def request_cancel(self, job_id: str) -> Job | None:
+        """Fail a queued job at once (refunded); flag a running one for the worker to stop."""
+        ...
+
+    async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]: ...
+
+    # -- jobs: worker side
+    async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
+        """Take the oldest queued job (or one whose lease ran out), waiting up to `timeout`."""
+        ...
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
+        """Renew the lease; False when it was lost (the worker must stop)."""
+        ...
+
+    async def progress(self, lease: Lease, step: int, total_steps: int) -> bool: ...
+
+    async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
+                       metrics: dict[str, float]) -> bool:
+        """Store outputs and mark COMPLETED (captures the credits); False if the lease is stale."""
+        ...
+
+    async def fail(self, lease: Lease, error: str) -> bool:
+        """Mark FAILED (refunds the credits); False if the lease is stale."""
+        ...
+
+    async def worker_alive(self, worker_id: str, ttl: float) -> None: ...
+
+    async def stats(self) -> StoreStats: ...
+
+    async def expire(self) -> int:
+        """Delete records and images past retention; returns how many jobs went."""
+        ...
+
+    # -- keys and credits
+    async def add_key(self, key: ApiKey) -> None: ...
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None: ...
+    async def get_key(self, key_id: str) -> ApiKey | None: ...
+    async def list_keys(self) -> list[ApiKey]: ...
+    async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
+        """Change name/enabled/admin/rate_limit/max_concurrency, `credits` (set) or `add_credits`."""
+        ...
+
+    async def delete_key(self, key_id: str) -> bool: ...
+    async def ledger(self, key_id: str) -> list[LedgerEntry]: ...
+    async def running_count(self, key_id: str) -> int:
+        """Jobs of this key that are QUEUED or PROCESSING."""
+        ...

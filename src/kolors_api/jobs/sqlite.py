@@ -1,0 +1,577 @@
+"""SQLite backend of the job store: one WAL database file, images as files beside it.
+
+All SQL runs on one dedicated thread (one connection), so the event loop never blocks on disk.
+Waiters in this process are woken at once by in-process notifications; other processes that
+share the file (the `keys` CLI, a second reader) see changes by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kolors_api.jobs.base import (
+    ApiKey,
+    InsufficientFunds,
+    Job,
+    JobState,
+    Lease,
+    LedgerEntry,
+    NewJob,
+    QueueFull,
+    StoreStats,
+    TooManyRunning,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    model TEXT NOT NULL,
+    params TEXT NOT NULL,
+    state TEXT NOT NULL,
+    key_id TEXT,
+    cost REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    outputs INTEGER NOT NULL DEFAULT 0,
+    ext TEXT NOT NULL DEFAULT '',
+    seeds TEXT NOT NULL DEFAULT '[]',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    lease_token TEXT,
+    lease_worker TEXT,
+    lease_until REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL,
+    idempotency_key TEXT,
+    webhook TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, seq);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    key_hash TEXT UNIQUE NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    credits REAL,
+    rate_limit TEXT,
+    max_concurrency INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    amount REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_key ON ledger(key_id, seq);
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, seen_until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (job_id TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+_KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
+POLL = 0.25
+
+
+class SQLiteStore:
+    """The embedded store. `recover=True` (the `serve` process that owns the only worker)
+    re-queues jobs left PROCESSING by a process that died."""
+
+    def __init__(self, path: Path, *, retention: float = 3600.0, max_deliveries: int = 3,
+                 recover: bool = False) -> None:
+        self.path = Path(path)
+        self.blob_dir = self.path.parent / "outputs"
+        self.retention = retention
+        self.max_deliveries = max_deliveries
+        self._recover = recover
+        self._pool: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._queue_event: asyncio.Event | None = None
+
+    # -- plumbing
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            await self.open()
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+        if self._recover:
+            with self._tx() as c:
+                c.execute("UPDATE jobs SET state='QUEUED', lease_token=NULL, lease_worker=NULL, "
+                          "lease_until=NULL, version=version+1 WHERE state='PROCESSING'")
+
+    def _tx(self) -> _Tx:
+        assert self._conn is not None
+        return _Tx(self._conn)
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-sqlite")
+        self._queue_event = asyncio.Event()
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._connect)
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+        conn = self._conn
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        self._conn = None
+
+    async def ping(self) -> bool:
+        try:
+            return await self._run(lambda: self._q1("SELECT 1") is not None)
+        except sqlite3.Error:
+            return False
+
+    async def shared_secret(self) -> bytes:
+        def q() -> bytes:
+            path = self.path.parent / "secret.key"
+            if not path.exists():
+                tmp = path.with_suffix(f".{uuid.uuid4().hex}")
+                tmp.write_bytes(secrets.token_bytes(32))
+                tmp.chmod(0o600)
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent: the first writer wins
+                except FileExistsError:
+                    pass
+                tmp.unlink()
+            return path.read_bytes()
+        return await self._run(q)
+
+    def _q1(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        assert self._conn is not None
+        row: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    def _notify(self, job_id: str | None = None, queue: bool = False) -> None:
+        if job_id is not None:
+            for ev in self._waiters.get(job_id, ()):
+                ev.set()
+        if queue and self._queue_event is not None:
+            self._queue_event.set()
+
+    # -- jobs: API side
+    async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
+        job = await self._run(self._submit, new, queue_cap)
+        self._notify(queue=True)
+        return job
+
+    def _submit(self, new: NewJob, queue_cap: int) -> Job:
+        now = time.time()
+        with self._tx() as c:
+            if queue_cap:
+                (queued,) = c.execute("SELECT COUNT(*) FROM jobs WHERE state='QUEUED'").fetchone()
+                if queued >= queue_cap:
+                    raise QueueFull(f"queue is full ({queued} jobs waiting)")
+            if new.key_id is not None:
+                key = c.execute("SELECT credits, max_concurrency FROM keys WHERE id=?",
+                                (new.key_id,)).fetchone()
+                if key is not None and key["max_concurrency"] is not None:
+                    (running,) = c.execute("SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN "
+                                           "('QUEUED','PROCESSING')", (new.key_id,)).fetchone()
+                    if running >= key["max_concurrency"]:
+                        raise TooManyRunning(key["max_concurrency"])
+                if key is not None and key["credits"] is not None:
+                    if key["credits"] + 1e-9 < new.cost:
+                        raise InsufficientFunds(new.cost, key["credits"])
+                    c.execute("UPDATE keys SET credits=credits-? WHERE id=?", (new.cost, new.key_id))
+                    c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+                              (new.key_id, new.id, "reserve", -new.cost, now))
+            c.execute(
+                "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
+                "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
+                (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
+                 new.idempotency_key, new.webhook))
+        job = self._get(new.id)
+        assert job is not None
+        return job
+
+    def _get(self, job_id: str) -> Job | None:
+        row = self._q1("SELECT * FROM jobs WHERE id=?", job_id)
+        if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
+            return None
+        return _job(row)
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._run(self._get, job_id)
+
+    async def queue_position(self, job_id: str) -> int | None:
+        def q() -> int | None:
+            row = self._q1("SELECT seq, state FROM jobs WHERE id=?", job_id)
+            if row is None or row["state"] != "QUEUED":
+                return None
+            (n,) = self._q1("SELECT COUNT(*) FROM jobs WHERE state='QUEUED' AND seq<?", row["seq"]) or (0,)
+            return int(n)
+        return await self._run(q)
+
+    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        ev = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(ev)
+        try:
+            while True:
+                job = await self.get(job_id)
+                left = deadline - time.monotonic()
+                if job is None or job.version > after_version or left <= 0:
+                    return job
+                ev.clear()
+                try:
+                    await asyncio.wait_for(ev.wait(), min(left, POLL * 4))
+                except TimeoutError:
+                    pass
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(ev)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    async def read_output(self, job_id: str, index: int) -> bytes | None:
+        job = await self.get(job_id)
+        if job is None or job.state != JobState.COMPLETED or not 0 <= index < job.outputs:
+            return None
+        path = self.blob_dir / job_id / f"{index}.{job.ext}"
+        try:
+            return await self._run(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def request_cancel(self, job_id: str) -> Job | None:
+        def q() -> Job | None:
+            with self._tx() as c:
+                row = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+                if row is None:
+                    return None
+                if row["state"] == "QUEUED":
+                    self._finish_failed(c, row, "cancelled")
+                elif row["state"] == "PROCESSING":
+                    c.execute("UPDATE jobs SET cancel_requested=1, version=version+1 WHERE id=?", (job_id,))
+            return self._get(job_id)
+        job = await self._run(q)
+        self._notify(job_id)
+        return job
+
+    async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+        def q() -> tuple[list[Job], str | None]:
+            assert self._conn is not None
+            before = int(cursor) if cursor and cursor.isdigit() else 2**62
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE key_id=? AND seq<? AND (expires_at IS NULL OR expires_at>?) "
+                "ORDER BY seq DESC LIMIT ?", (key_id, before, time.time(), limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return [_job(r) for r in rows], (str(rows[-1]["seq"]) if more and rows else None)
+        return await self._run(q)
+
+    # -- jobs: worker side
+    async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
+        deadline = time.monotonic() + timeout
+        assert self._queue_event is not None or self._pool is None
+        while True:
+            if self._queue_event is not None:
+                self._queue_event.clear()
+            lease, failed = await self._run(self._claim, worker_id, lease_seconds)
+            for job_id in failed:
+                self._notify(job_id)
+            if lease is not None:
+                self._notify(lease.job.id)
+                return lease
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            assert self._queue_event is not None
+            try:
+                await asyncio.wait_for(self._queue_event.wait(), min(left, POLL * 4))
+            except TimeoutError:
+                pass
+
+    def _claim(self, worker_id: str, lease_seconds: float) -> tuple[Lease | None, list[str]]:
+        now = time.time()
+        failed: list[str] = []
+        with self._tx() as c:
+            while True:
+                row = c.execute(
+                    "SELECT * FROM jobs WHERE state='QUEUED' OR (state='PROCESSING' AND lease_until<?) "
+                    "ORDER BY seq LIMIT 1", (now,)).fetchone()
+                if row is None:
+                    return None, failed
+                if row["state"] == "PROCESSING":
+                    _bump(c, "reclaims")
+                if row["deliveries"] >= self.max_deliveries:
+                    reason = f"worker lost {row['deliveries']} times"
+                    self._finish_failed(c, row, reason)
+                    c.execute("INSERT OR REPLACE INTO dead_letters(job_id, reason, at) VALUES (?,?,?)",
+                              (row["id"], reason, now))
+                    _bump(c, "dead_letters")
+                    failed.append(row["id"])
+                    continue
+                token = uuid.uuid4().hex
+                c.execute(
+                    "UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, "
+                    "lease_worker=?, lease_until=?, started_at=?, step=0, version=version+1 WHERE id=?",
+                    (token, worker_id, now + lease_seconds, now, row["id"]))
+                job = _job(c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone())
+                return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries), failed
+
+    def _holds(self, c: sqlite3.Connection, lease: Lease) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = c.execute(
+            "SELECT * FROM jobs WHERE id=? AND state='PROCESSING' AND lease_token=?",
+            (lease.job.id, lease.token)).fetchone()
+        return row
+
+    async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
+        def q() -> bool:
+            with self._tx() as c:
+                cur = c.execute("UPDATE jobs SET lease_until=? WHERE id=? AND state='PROCESSING' "
+                                "AND lease_token=?", (time.time() + lease_seconds, lease.job.id, lease.token))
+                return cur.rowcount == 1
+        return await self._run(q)
+
+    async def progress(self, lease: Lease, step: int, total_steps: int) -> bool:
+        def q() -> bool:
+            with self._tx() as c:
+                cur = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
+                                "state='PROCESSING' AND lease_token=?", (step, total_steps, lease.job.id,
+                                                                         lease.token))
+                return cur.rowcount == 1
+        ok = await self._run(q)
+        self._notify(lease.job.id)
+        return ok
+
+    async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
+                       metrics: dict[str, float]) -> bool:
+        def q() -> bool:
+            assert self._conn is not None
+            if self._holds(self._conn, lease) is None:
+                return False
+            # Files go to a folder of this delivery, renamed into place only by the fenced commit.
+            final = self.blob_dir / lease.job.id
+            tmp = self.blob_dir / f".{lease.job.id}.{lease.token}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            for i, data in enumerate(images):
+                (tmp / f"{i}.{ext}").write_bytes(data)
+            now = time.time()
+            with self._tx() as c:
+                row = self._holds(c, lease)
+                if row is None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                if final.exists():
+                    shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                c.execute(
+                    "UPDATE jobs SET state='COMPLETED', outputs=?, ext=?, seeds=?, metrics=?, finished_at=?, "
+                    "expires_at=?, lease_token=NULL, lease_until=NULL, step=total_steps, version=version+1 "
+                    "WHERE id=?", (len(images), ext, json.dumps(seeds), json.dumps(metrics), now,
+                                   now + self.retention, lease.job.id))
+                if row["key_id"] is not None and row["cost"]:
+                    _ledger(c, row, "capture", 0.0)
+                return True
+        ok = await self._run(q)
+        self._notify(lease.job.id)
+        return ok
+
+    def _finish_failed(self, c: sqlite3.Connection, row: sqlite3.Row, error: str) -> None:
+        now = time.time()
+        c.execute("UPDATE jobs SET state='FAILED', error=?, finished_at=?, expires_at=?, lease_token=NULL, "
+                  "lease_until=NULL, version=version+1 WHERE id=?",
+                  (error, now, now + self.retention, row["id"]))
+        reserved = c.execute("SELECT 1 FROM ledger WHERE request_id=? AND kind='reserve'", (row["id"],))
+        if row["key_id"] is not None and row["cost"] and reserved.fetchone():
+            c.execute("UPDATE keys SET credits=credits+? WHERE id=? AND credits IS NOT NULL",
+                      (row["cost"], row["key_id"]))
+            _ledger(c, row, "refund", row["cost"])
+
+    async def fail(self, lease: Lease, error: str) -> bool:
+        def q() -> bool:
+            with self._tx() as c:
+                row = self._holds(c, lease)
+                if row is None:
+                    return False
+                self._finish_failed(c, row, error)
+                return True
+        ok = await self._run(q)
+        self._notify(lease.job.id)
+        return ok
+
+    async def worker_alive(self, worker_id: str, ttl: float) -> None:
+        def q() -> None:
+            with self._tx() as c:
+                c.execute("INSERT OR REPLACE INTO workers(id, seen_until) VALUES (?,?)",
+                          (worker_id, time.time() + ttl))
+        await self._run(q)
+
+    async def stats(self) -> StoreStats:
+        def q() -> StoreStats:
+            assert self._conn is not None
+            counts = dict(self._conn.execute(
+                "SELECT state, COUNT(*) FROM jobs WHERE state IN ('QUEUED','PROCESSING') GROUP BY state"
+            ).fetchall())
+            (alive,) = self._q1("SELECT COUNT(*) FROM workers WHERE seen_until>?", time.time()) or (0,)
+            ctr = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
+            return StoreStats(queued=counts.get("QUEUED", 0), processing=counts.get("PROCESSING", 0),
+                              workers_alive=int(alive), reclaims=ctr.get("reclaims", 0),
+                              dead_letters=ctr.get("dead_letters", 0))
+        return await self._run(q)
+
+    async def expire(self) -> int:
+        def q() -> int:
+            now = time.time()
+            with self._tx() as c:
+                ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE expires_at<=?", (now,))]
+                c.execute("DELETE FROM jobs WHERE expires_at<=?", (now,))
+                c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
+            for job_id in ids:
+                shutil.rmtree(self.blob_dir / job_id, ignore_errors=True)
+            return len(ids)
+        return await self._run(q)
+
+    # -- keys and credits
+    async def add_key(self, key: ApiKey) -> None:
+        def q() -> None:
+            with self._tx() as c:
+                c.execute("INSERT INTO keys(id, name, prefix, key_hash, admin, enabled, credits, rate_limit, "
+                          "max_concurrency, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          (key.id, key.name, key.prefix, key.key_hash, int(key.admin), int(key.enabled),
+                           key.credits, key.rate_limit, key.max_concurrency, key.created_at))
+                if key.credits:
+                    c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+                              (key.id, "", "topup", key.credits, time.time()))
+        await self._run(q)
+
+    def _key(self, where: str, arg: str) -> ApiKey | None:
+        row = self._q1(f"SELECT * FROM keys WHERE {where}=?", arg)  # noqa: S608 - fixed column names
+        return _key(row) if row is not None else None
+
+    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        return await self._run(self._key, "key_hash", key_hash)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        return await self._run(self._key, "id", key_id)
+
+    async def list_keys(self) -> list[ApiKey]:
+        def q() -> list[ApiKey]:
+            assert self._conn is not None
+            return [_key(r) for r in self._conn.execute("SELECT * FROM keys ORDER BY created_at")]
+        return await self._run(q)
+
+    async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
+        def q() -> ApiKey | None:
+            now = time.time()
+            with self._tx() as c:
+                row = c.execute("SELECT * FROM keys WHERE id=?", (key_id,)).fetchone()
+                if row is None:
+                    return None
+                for name in _KEY_FIELDS:
+                    if name in changes:
+                        c.execute(f"UPDATE keys SET {name}=? WHERE id=?", (changes[name], key_id))  # noqa: S608
+                if "credits" in changes or "add_credits" in changes:
+                    old = row["credits"]
+                    new = changes["credits"] if "credits" in changes else (old or 0) + changes["add_credits"]
+                    c.execute("UPDATE keys SET credits=? WHERE id=?", (new, key_id))
+                    if new is not None:
+                        c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+                                  (key_id, "", "topup", new - (old or 0), now))
+            return self._key("id", key_id)
+        return await self._run(q)
+
+    async def delete_key(self, key_id: str) -> bool:
+        def q() -> bool:
+            with self._tx() as c:
+                return c.execute("DELETE FROM keys WHERE id=?", (key_id,)).rowcount == 1
+        return await self._run(q)
+
+    async def ledger(self, key_id: str) -> list[LedgerEntry]:
+        def q() -> list[LedgerEntry]:
+            assert self._conn is not None
+            return [LedgerEntry(key_id=r["key_id"], request_id=r["request_id"], kind=r["kind"],
+                                amount=r["amount"], at=r["at"])
+                    for r in self._conn.execute("SELECT * FROM ledger WHERE key_id=? ORDER BY seq", (key_id,))]
+        return await self._run(q)
+
+    async def running_count(self, key_id: str) -> int:
+        def q() -> int:
+            row = self._q1("SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN ('QUEUED','PROCESSING')",
+                           key_id)
+            return int(row[0]) if row else 0
+        return await self._run(q)
+
+
+class _Tx:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _bump(c: sqlite3.Connection, name: str) -> None:
+    c.execute("INSERT INTO counters(name, value) VALUES (?, 1) "
+              "ON CONFLICT(name) DO UPDATE SET value=value+1", (name,))
+
+
+def _ledger(c: sqlite3.Connection, row: sqlite3.Row, kind: str, amount: float) -> None:
+    c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+              (row["key_id"], row["id"], kind, amount, time.time()))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], model=row["model"], params=json.loads(row["params"]), state=JobState(row["state"]),
+        created_at=row["created_at"], key_id=row["key_id"], cost=row["cost"], started_at=row["started_at"],
+        finished_at=row["finished_at"], step=row["step"], total_steps=row["total_steps"], error=row["error"],
+        outputs=row["outputs"], ext=row["ext"], seeds=json.loads(row["seeds"]),
+        metrics=json.loads(row["metrics"]), deliveries=row["deliveries"],
+        cancel_requested=bool(row["cancel_requested"]), version=row["version"],
+        expires_at=row["expires_at"] or 0.0,
+    )
+
+
+def _key(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(id=row["id"], name=row["name"], prefix=row["prefix"], key_hash=row["key_hash"],
+                  admin=bool(row["admin"]), enabled=bool(row["enabled"]), credits=row["credits"],
+                  rate_limit=row["rate_limit"], max_concurrency=row["max_concurrency"],
+                  created_at=row["created_at"])

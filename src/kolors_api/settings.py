@@ -1,0 +1,55 @@
+"""Settings: one object, env prefix `KOLORS_API_`, validated at start-up; CLI flags fill it too.
+
+Example::
+
+    KOLORS_API_DATA_DIR=/srv/kolors KOLORS_API_RETENTION_SECONDS=600 kolors-api serve --model tiny
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a server or worker reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLORS_API_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: `tiny`, a local diffusers folder, or a Hugging Face repo id.
+    model: str = "tiny"
+    data_dir: Path = Path(".kolors-api")
+    #: `sqlite` (embedded default, under data_dir) or `redis://host:port/db`.
+    store: str = "sqlite"
+    #: Run an in-process worker inside `serve`.
+    worker: bool = True
+    device: str | None = None
+    blob_dir: Path | None = None
+    #: Results (records and images) are kept this long, then 404.
+    retention_seconds: float = Field(3600.0, gt=0)
+    #: A sync request waits this long, then answers 504 with its request_id.
+    sync_timeout_seconds: float = Field(300.0, gt=0)
+    #: A claimed job whose lease is not renewed for this long is handed to another worker.
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    #: After this many deliveries a job ends FAILED and goes to the dead letters.
+    max_deliveries: int = Field(3, ge=1)
+    #: Queued jobs beyond this answer 503 (0 = no cap).
+    queue_cap: int = Field(0, ge=0)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+    bootstrap_key: str | None = None
+    #: Public base URL for absolute links (status_url, output URLs); taken from the request if unset.
+    public_url: str | None = None
+    #: Credits per seed-sized image (1024², 25 steps).
+    unit_price: float = Field(1.0, ge=0)
+    log_level: str = "info"
+
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "kolors-api.sqlite3"
+
+    def secret_path(self) -> Path:
+        return self.data_dir / "secret.key"

@@ -1,0 +1,123 @@
+"""Shared fixtures: the tiny model (built once per session), live servers on loopback, stores."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADMIN_KEY = "kol_test_admin_key_0123456789abcdef"
+REDIS_URL = os.environ.get("KOLORS_API_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline tiny Kolors pipeline, built once for the whole session through the CLI."""
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    subprocess.run([sys.executable, "-m", "kolors_api.cli", "tiny-model", str(path)], check=True,
+                   capture_output=True, timeout=300)
+    return path
+
+
+@dataclass
+class LiveServer:
+    """A `kolors-api serve` (or `worker`) process on loopback."""
+
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    key: str = ADMIN_KEY
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"x-api-key": key or self.key}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_process(args: list[str], data_dir: Path, env: dict[str, str] | None = None,
+                  log_name: str = "server.log") -> tuple[subprocess.Popen[bytes], Path]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / log_name
+    full_env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1", **(env or {})}
+    log = log_path.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "kolors_api.cli", *args], env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, log_path
+
+
+def start_server(model: Path | str, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
+                 extra: list[str] | None = None, ready: bool = True, log_name: str = "server.log") -> LiveServer:
+    port = port or free_port()
+    args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--model", str(model), *(extra or [])]
+    proc, log_path = start_process(args, data_dir, env, log_name)
+    server = LiveServer(url=f"http://127.0.0.1:{port}", data_dir=data_dir, proc=proc, log_path=log_path,
+                        env=env or {})
+    wait_up(server, ready=ready)
+    return server
+
+
+def wait_up(server: LiveServer, *, ready: bool = True, timeout: float = 120) -> None:
+    path = "/readyz" if ready else "/healthz"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not {'ready' if ready else 'up'} in {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One embedded server (SQLite + in-process worker, tiny model) shared by a test module."""
+    srv = start_server(tiny_model, tmp_path_factory.mktemp("server"),
+                       env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def api(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as client:
+        yield client

@@ -1,0 +1,297 @@
+"""The shared store suite: every backend of `JobStore` runs through these same tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kolors_api.jobs import (
+    TRANSITIONS,
+    InsufficientFunds,
+    JobState,
+    JobStore,
+    NewJob,
+    QueueFull,
+    TooManyRunning,
+    can_transition,
+    hash_key,
+    make_key_record,
+    new_key,
+)
+from tests.conftest import REDIS_URL
+
+BACKENDS = ["sqlite", "redis"]
+
+
+async def make(backend: str, tmp_path: Path, **kw: float) -> JobStore:
+    retention = float(kw.get("retention", 3600.0))
+    max_deliveries = int(kw.get("max_deliveries", 3))
+    if backend == "sqlite":
+        from kolors_api.jobs.sqlite import SQLiteStore
+
+        store: JobStore = SQLiteStore(tmp_path / "db.sqlite3", retention=retention, max_deliveries=max_deliveries)
+    else:
+        redis_mod = pytest.importorskip("kolors_api.jobs.redis")
+        store = redis_mod.RedisStore(REDIS_URL, retention=retention, max_deliveries=max_deliveries,
+                                     prefix=f"kolors-test-{uuid.uuid4().hex[:8]}:")
+    await store.open()
+    return store
+
+
+async def drop(store: JobStore) -> None:
+    cleanup = getattr(store, "delete_everything", None)
+    if cleanup is not None:
+        await cleanup()
+    await store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    s = await make(request.param, tmp_path)
+    yield s
+    await drop(s)
+
+
+def params(seed: int = 1) -> dict[str, object]:
+    return {"prompt": "a fox", "seed": seed, "steps": 2, "width": 512, "height": 512,
+            "number_of_images": 1, "output_format": "png"}
+
+
+def test_transitions_are_the_documented_ones() -> None:
+    assert can_transition(JobState.QUEUED, JobState.PROCESSING)
+    assert can_transition(JobState.PROCESSING, JobState.COMPLETED)
+    assert not can_transition(JobState.COMPLETED, JobState.FAILED)
+    assert not can_transition(JobState.FAILED, JobState.QUEUED)
+    assert all(not TRANSITIONS[s] for s in (JobState.COMPLETED, JobState.FAILED))
+
+
+async def test_submit_then_get_returns_the_queued_job(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    got = await store.get(job.id)
+    assert got is not None and got.state == JobState.QUEUED and got.params == params()
+    assert await store.get("nope") is None
+    assert await store.queue_position(job.id) == 0
+
+
+async def test_claims_are_in_submission_order_with_positions(store: JobStore) -> None:
+    jobs = [await store.submit(NewJob(model="kolors", params=params(i))) for i in range(3)]
+    assert [await store.queue_position(j.id) for j in jobs] == [0, 1, 2]
+    first = await store.claim("w1", 30, 0.1)
+    second = await store.claim("w1", 30, 0.1)
+    assert first is not None and second is not None
+    assert [first.job.id, second.job.id] == [jobs[0].id, jobs[1].id]
+    assert first.job.state == JobState.PROCESSING and first.delivery == 1
+    assert await store.queue_position(jobs[2].id) == 0
+    assert await store.queue_position(jobs[0].id) is None
+
+
+async def test_claim_on_an_empty_queue_waits_then_returns_none(store: JobStore) -> None:
+    t0 = time.monotonic()
+    assert await store.claim("w1", 30, 0.3) is None
+    assert time.monotonic() - t0 >= 0.25
+
+
+async def test_claim_wakes_when_a_job_arrives(store: JobStore) -> None:
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await store.submit(NewJob(model="kolors", params=params()))
+
+    task = asyncio.create_task(later())
+    lease = await store.claim("w1", 30, 5)
+    await task
+    assert lease is not None
+
+
+async def test_complete_stores_outputs_and_is_fenced(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None
+    assert await store.progress(lease, 1, 2)
+    mid = await store.get(job.id)
+    assert mid is not None and (mid.step, mid.total_steps) == (1, 2)
+    assert await store.complete(lease, [b"img0", b"img1"], "png", [1, 2], {"inference_time": 0.5})
+    done = await store.get(job.id)
+    assert done is not None and done.state == JobState.COMPLETED
+    assert done.outputs == 2 and done.ext == "png" and done.seeds == [1, 2]
+    assert done.metrics == {"inference_time": 0.5}
+    assert await store.read_output(job.id, 0) == b"img0"
+    assert await store.read_output(job.id, 1) == b"img1"
+    assert await store.read_output(job.id, 2) is None
+    # a second completion with the same lease, or a failure after it, changes nothing
+    assert not await store.complete(lease, [b"other"], "png", [1], {})
+    assert not await store.fail(lease, "late")
+    again = await store.get(job.id)
+    assert again is not None and again.state == JobState.COMPLETED and again.outputs == 2
+
+
+async def test_fail_records_the_error(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.fail(lease, "engine error: boom")
+    got = await store.get(job.id)
+    assert got is not None and got.state == JobState.FAILED and got.error == "engine error: boom"
+    assert await store.read_output(job.id, 0) is None
+
+
+async def test_expired_lease_is_reclaimed_and_the_stale_worker_is_fenced(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    stale = await store.claim("w1", 0.2, 0.1)
+    assert stale is not None
+    assert await store.claim("w2", 30, 0.05) is None  # lease still fresh
+    await asyncio.sleep(0.3)
+    fresh = await store.claim("w2", 30, 1)
+    assert fresh is not None and fresh.job.id == job.id and fresh.delivery == 2
+    assert not await store.heartbeat(stale, 30)
+    assert not await store.progress(stale, 1, 2)
+    assert not await store.complete(stale, [b"stale"], "png", [1], {})
+    assert await store.complete(fresh, [b"fresh"], "png", [1], {})
+    assert await store.read_output(job.id, 0) == b"fresh"
+    assert (await store.stats()).reclaims >= 1
+
+
+async def test_heartbeat_keeps_the_lease(store: JobStore) -> None:
+    await store.submit(NewJob(model="kolors", params=params()))
+    lease = await store.claim("w1", 0.4, 0.1)
+    assert lease is not None
+    for _ in range(4):
+        await asyncio.sleep(0.2)
+        assert await store.heartbeat(lease, 0.4)
+    assert await store.claim("w2", 30, 0.05) is None
+
+
+async def test_a_job_lost_too_often_ends_failed_as_a_dead_letter(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                 backend: str) -> None:
+    store = await make(backend, tmp_path, max_deliveries=2)
+    try:
+        job = await store.submit(NewJob(model="kolors", params=params()))
+        for _ in range(2):
+            assert await store.claim("w", 0.1, 1) is not None
+            await asyncio.sleep(0.15)
+        assert await store.claim("w", 0.1, 0.2) is None
+        got = await store.get(job.id)
+        assert got is not None and got.state == JobState.FAILED and got.error == "worker lost 2 times"
+        assert (await store.stats()).dead_letters == 1
+    finally:
+        await drop(store)
+
+
+async def test_wait_returns_on_change_or_timeout(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    t0 = time.monotonic()
+    same = await store.wait(job.id, job.version, 0.3)
+    assert same is not None and same.version == job.version and time.monotonic() - t0 >= 0.25
+
+    async def work() -> None:
+        await asyncio.sleep(0.2)
+        lease = await store.claim("w1", 30, 1)
+        assert lease is not None
+
+    task = asyncio.create_task(work())
+    changed = await store.wait(job.id, job.version, 5)
+    await task
+    assert changed is not None and changed.state == JobState.PROCESSING
+
+
+async def test_results_expire_after_retention(tmp_path: Path, backend: str) -> None:
+    store = await make(backend, tmp_path, retention=0.5)
+    try:
+        job = await store.submit(NewJob(model="kolors", params=params()))
+        lease = await store.claim("w1", 30, 0.1)
+        assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
+        assert await store.get(job.id) is not None
+        await asyncio.sleep(0.7)
+        await store.expire()
+        assert await store.get(job.id) is None
+        assert await store.read_output(job.id, 0) is None
+    finally:
+        await drop(store)
+
+
+async def test_cancel_fails_a_queued_job_and_flags_a_running_one(store: JobStore) -> None:
+    running = await store.submit(NewJob(model="kolors", params=params()))
+    queued = await store.submit(NewJob(model="kolors", params=params(2)))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and lease.job.id == running.id
+    got = await store.request_cancel(queued.id)
+    assert got is not None and got.state == JobState.FAILED and got.error == "cancelled"
+    flagged = await store.request_cancel(running.id)
+    assert flagged is not None and flagged.state == JobState.PROCESSING and flagged.cancel_requested
+
+
+async def test_credits_are_reserved_captured_and_refunded_through_the_ledger(store: JobStore) -> None:
+    key = make_key_record("alice", new_key(), credits=3.0)
+    await store.add_key(key)
+    ok = await store.submit(NewJob(model="kolors", params=params(), cost=1.0, key_id=key.id))
+    bad = await store.submit(NewJob(model="kolors", params=params(), cost=1.5, key_id=key.id))
+    with pytest.raises(InsufficientFunds, match="need 1, have 0.5"):
+        await store.submit(NewJob(model="kolors", params=params(), cost=1.0, key_id=key.id))
+    lease1 = await store.claim("w", 30, 0.1)
+    lease2 = await store.claim("w", 30, 0.1)
+    assert lease1 is not None and lease2 is not None
+    assert lease1.job.id == ok.id and lease2.job.id == bad.id
+    assert await store.complete(lease1, [b"x"], "png", [1], {})
+    assert await store.fail(lease2, "engine error")
+    record = await store.get_key(key.id)
+    assert record is not None and record.credits == pytest.approx(2.0)
+    ledger = await store.ledger(key.id)
+    assert [e.kind for e in ledger] == ["topup", "reserve", "reserve", "capture", "refund"]
+    assert sum(e.amount for e in ledger) == pytest.approx(record.credits)
+
+
+async def test_max_concurrency_and_queue_cap_refuse_without_storing(store: JobStore) -> None:
+    key = make_key_record("bob", new_key(), max_concurrency=1)
+    await store.add_key(key)
+    await store.submit(NewJob(model="kolors", params=params(), key_id=key.id))
+    with pytest.raises(TooManyRunning):
+        await store.submit(NewJob(model="kolors", params=params(), key_id=key.id))
+    assert await store.running_count(key.id) == 1
+    await store.submit(NewJob(model="kolors", params=params()), queue_cap=2)
+    with pytest.raises(QueueFull):
+        await store.submit(NewJob(model="kolors", params=params()), queue_cap=2)
+    assert (await store.stats()).queued == 2
+
+
+async def test_keys_are_found_by_hash_updated_and_deleted(store: JobStore) -> None:
+    plain = new_key()
+    key = make_key_record("carol", plain, admin=True)
+    await store.add_key(key)
+    found = await store.key_by_hash(hash_key(plain))
+    assert found is not None and found.id == key.id and found.admin and found.credits is None
+    assert await store.key_by_hash(hash_key(plain + "x")) is None
+    updated = await store.update_key(key.id, enabled=False, add_credits=5, rate_limit="10/min")
+    assert updated is not None and not updated.enabled and updated.credits == 5 and updated.rate_limit == "10/min"
+    assert [k.id for k in await store.list_keys()] == [key.id]
+    assert await store.delete_key(key.id)
+    assert await store.get_key(key.id) is None
+    assert not await store.delete_key(key.id)
+
+
+async def test_history_is_the_callers_own_newest_first_with_a_cursor(store: JobStore) -> None:
+    key = make_key_record("dave", new_key())
+    await store.add_key(key)
+    ids = [(await store.submit(NewJob(model="kolors", params=params(i), key_id=key.id))).id for i in range(5)]
+    await store.submit(NewJob(model="kolors", params=params()))  # someone else's
+    page1, cursor = await store.history(key.id, 3, None)
+    assert [j.id for j in page1] == ids[::-1][:3] and cursor is not None
+    page2, cursor2 = await store.history(key.id, 3, cursor)
+    assert [j.id for j in page2] == ids[::-1][3:] and cursor2 is None
+
+
+async def test_workers_alive_and_shared_secret(store: JobStore) -> None:
+    await store.worker_alive("w1", 5)
+    await store.worker_alive("w2", 5)
+    await store.worker_alive("w2", 0)
+    assert (await store.stats()).workers_alive == 1
+    secret = await store.shared_secret()
+    assert len(secret) >= 32 and await store.shared_secret() == secret
+    assert await store.ping()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
