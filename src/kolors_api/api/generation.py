@@ -159,3 +159,16 @@ async def request_output(request_id: str, name: str, request: Request) -> Respon
         raise NotFound(f"unknown output: {name}")
     return Response(data, media_type=CONTENT_TYPES[ext],
                     headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.post("/v2/requests/{request_id}/cancel", summary="Cancel a queued or running request")
+async def cancel_request(request_id: str, request: Request) -> Response:
+    """A queued job ends FAILED "cancelled" at once (refunded); a running one stops at its next step."""
+    svc = service(request)
+    key = await authenticate(svc.store, request)
+    job = await own_job(svc, key, request_id)
+    if not job.state.terminal:
+        job = await svc.store.request_cancel(job.id) or job
+    body = status_body(job)
+    body["cancel_requested"] = job.cancel_requested or job.error == "cancelled"
+    return JSONResponse(body)

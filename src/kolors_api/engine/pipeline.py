@@ -109,6 +109,9 @@ class Engine:
         # decode ourselves instead.
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(dtype=torch.float32)
+        # On a GPU, decode one image at a time: ten 2048x2048 images decoded at once need tens of
+        # GiB of activations. On CPU decode the batch at once, exactly as KolorsPipeline does.
+        self.decode_one_by_one = on_cuda
         self.pipe = pipe
 
     def make_scheduler(self, name: str) -> Any:
@@ -165,10 +168,13 @@ class Engine:
             inference_time=time.perf_counter() - start,
         )
 
-    @staticmethod
-    def _decode(pipe: KolorsPipeline, latents: torch.Tensor) -> list[Any]:
-        """Latents -> PIL images, exactly as KolorsPipeline does it (its VAE may be fp32 here)."""
+    def _decode(self, pipe: KolorsPipeline, latents: torch.Tensor) -> list[Any]:
+        """Latents -> PIL images, as KolorsPipeline does it (its VAE may be kept in fp32 here)."""
         vae = pipe.vae
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents / vae.config.scaling_factor
+        if self.decode_one_by_one:
+            image = torch.cat([vae.decode(z, return_dict=False)[0] for z in latents.split(1)])
+        else:
+            image = vae.decode(latents, return_dict=False)[0]
         return list(pipe.image_processor.postprocess(image, output_type="pil"))

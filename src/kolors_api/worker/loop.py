@@ -117,11 +117,21 @@ class Worker:
         reason: list[str] = []
         self._fault("claim", params)
 
+        async def report(step: int, total: int) -> None:
+            if not await self.store.progress(lease, step, total):
+                reason.append("lease lost")
+                abort.set()
+            else:
+                current = await self.store.get(job.id)
+                if current is not None and current.cancel_requested:
+                    reason.append("cancelled")
+                    abort.set()
+
         def on_step(step: int, total: int) -> None:
             self._fault("step", params)
             if abort.is_set():
                 raise JobAborted(reason[0] if reason else "aborted")
-            asyncio.run_coroutine_threadsafe(self.store.progress(lease, step, total), loop)
+            asyncio.run_coroutine_threadsafe(report(step, total), loop)
 
         async def heartbeat() -> None:
             while True:
@@ -131,11 +141,6 @@ class Worker:
                     abort.set()
                     return
                 await self.store.worker_alive(self.id, max(self.config.heartbeat_seconds * 3, 5.0))
-                current = await self.store.get(job.id)
-                if current is not None and current.cancel_requested:
-                    reason.append("cancelled")
-                    abort.set()
-                    return
 
         hb = asyncio.create_task(heartbeat())
         started = time.time()

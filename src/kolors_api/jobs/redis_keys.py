@@ -1,0 +1,166 @@
+"""Every Redis key, channel and Lua script name of the Redis job store, in one place.
+
+All names start with the store's prefix (default ``kolors:``), so several deployments (or test
+runs) can share one Redis. Python builds names through `Keys`; the Lua scripts build the names
+they discover at run time (a job id read from the stream, the key id read from a job) through
+`LUA_KEYS`, which is generated from the same constants, so the two cannot drift apart.
+
+| name | type | holds |
+| --- | --- | --- |
+| ``queue`` | stream, group ``workers`` | one entry ``{job: id}`` per accepted job, until it ends |
+| ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
+| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, positions) |
+| ``processing`` | set of ids | PROCESSING jobs |
+| ``seq`` | counter | submission sequence (queue order, history order, cursors) |
+| ``counters`` | hash | ``reclaims``, ``dead_letters`` |
+| ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
+| ``workers`` | zset worker id → alive until | liveness |
+| ``secret`` | string | the shared secret that signs output URLs |
+| ``job:{id}`` | hash | the job record; TTL = retention once finished |
+| ``out:{id}:{i}`` | string | output image i (when no blob dir); same TTL |
+| ``running:{key id}`` | counter | that key's QUEUED + PROCESSING jobs |
+| ``history:{key id}`` | zset id → seq | that key's jobs |
+| ``ledger:{key id}`` | list of JSON | that key's credit movements |
+| ``key:{key id}`` | hash | the API key record |
+| ``key-index`` | hash key_hash → key id | lookup by presented key |
+| ``keys`` | zset key id → created_at | keys in creation order |
+| ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+"""
+
+from __future__ import annotations
+
+#: The default prefix of every name.
+DEFAULT_PREFIX = "kolors:"
+
+# -- fixed names (appended to the prefix)
+STREAM = "queue"
+#: The consumer group on STREAM; each worker is a consumer named by its worker id. Not a key.
+GROUP = "workers"
+DEAD_LETTERS = "dead-letters"
+QUEUED = "queued"
+PROCESSING = "processing"
+SEQ = "seq"
+COUNTERS = "counters"
+EXPIRING = "expiring"
+WORKERS = "workers"
+SECRET = "secret"
+KEY_INDEX = "key-index"
+KEY_LIST = "keys"
+
+# -- per-id names (prefix + stem + id)
+JOB = "job:"
+OUTPUT = "out:"
+RUNNING = "running:"
+HISTORY = "history:"
+LEDGER = "ledger:"
+KEY = "key:"
+EVENTS = "events:"
+
+# -- fields of the COUNTERS hash
+RECLAIMS = "reclaims"
+DEAD_LETTER_COUNT = "dead_letters"
+
+# -- the Lua scripts, by name (their sources live in `kolors_api.jobs.redis_lua`'s caller, redis.py)
+SCRIPT_SUBMIT = "submit"
+SCRIPT_CLAIM_STALE = "claim_stale"
+SCRIPT_CLAIM_ENTRY = "claim_entry"
+SCRIPT_HEARTBEAT = "heartbeat"
+SCRIPT_PROGRESS = "progress"
+SCRIPT_COMPLETE = "complete"
+SCRIPT_FAIL = "fail"
+SCRIPT_CANCEL = "cancel"
+SCRIPT_EXPIRE = "expire"
+SCRIPT_ADD_KEY = "add_key"
+SCRIPT_UPDATE_KEY = "update_key"
+SCRIPT_DELETE_KEY = "delete_key"
+SCRIPT_WORKER_ALIVE = "worker_alive"
+SCRIPT_STATS = "stats"
+SCRIPT_NAMES = (
+    SCRIPT_SUBMIT, SCRIPT_CLAIM_STALE, SCRIPT_CLAIM_ENTRY, SCRIPT_HEARTBEAT, SCRIPT_PROGRESS,
+    SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
+    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS,
+)
+
+
+def glob_escape(text: str) -> str:
+    """Escape the glob characters of SCAN MATCH and PSUBSCRIBE patterns."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class Keys:
+    """The names of one store, for Python code."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.stream = prefix + STREAM
+        self.group = GROUP
+        self.dead_letters = prefix + DEAD_LETTERS
+        self.queued = prefix + QUEUED
+        self.processing = prefix + PROCESSING
+        self.seq = prefix + SEQ
+        self.counters = prefix + COUNTERS
+        self.expiring = prefix + EXPIRING
+        self.workers = prefix + WORKERS
+        self.secret = prefix + SECRET
+        self.key_index = prefix + KEY_INDEX
+        self.key_list = prefix + KEY_LIST
+        #: Matches every name of this store (SCAN MATCH).
+        self.everything = glob_escape(prefix) + "*"
+        #: Matches every job's event channel (PSUBSCRIBE).
+        self.events_pattern = glob_escape(prefix + EVENTS) + "*"
+
+    def job(self, job_id: str) -> str:
+        return self.prefix + JOB + job_id
+
+    def output(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}{OUTPUT}{job_id}:{index}"
+
+    def running(self, key_id: str) -> str:
+        return self.prefix + RUNNING + key_id
+
+    def history(self, key_id: str) -> str:
+        return self.prefix + HISTORY + key_id
+
+    def ledger(self, key_id: str) -> str:
+        return self.prefix + LEDGER + key_id
+
+    def key(self, key_id: str) -> str:
+        return self.prefix + KEY + key_id
+
+    def events(self, job_id: str) -> str:
+        return self.prefix + EVENTS + job_id
+
+    def job_id_of_channel(self, channel: str) -> str | None:
+        stem = self.prefix + EVENTS
+        return channel[len(stem):] if channel.startswith(stem) else None
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+#: The same names for Lua; every script starts with this and receives the prefix as ARGV[1].
+LUA_KEYS = "\n".join([
+    "local P = ARGV[1]",
+    f"local K_STREAM = P .. {_lua_string(STREAM)}",
+    f"local K_GROUP = {_lua_string(GROUP)}",
+    f"local K_DEAD = P .. {_lua_string(DEAD_LETTERS)}",
+    f"local K_QUEUED = P .. {_lua_string(QUEUED)}",
+    f"local K_PROCESSING = P .. {_lua_string(PROCESSING)}",
+    f"local K_SEQ = P .. {_lua_string(SEQ)}",
+    f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
+    f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",
+    f"local K_WORKERS = P .. {_lua_string(WORKERS)}",
+    f"local K_KEY_INDEX = P .. {_lua_string(KEY_INDEX)}",
+    f"local K_KEY_LIST = P .. {_lua_string(KEY_LIST)}",
+    f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
+    f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
+    f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
+    f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
+    f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",
+    f"local function k_history(kid) return P .. {_lua_string(HISTORY)} .. kid end",
+    f"local function k_ledger(kid) return P .. {_lua_string(LEDGER)} .. kid end",
+    f"local function k_key(kid) return P .. {_lua_string(KEY)} .. kid end",
+    f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
+    "",
+])
