@@ -201,9 +201,22 @@ def test_errors_share_one_tree_under_the_segmind_names() -> None:
     assert APIError(400, "bad").to_dict() == {"status": 400, "detail": "bad"}
 
 
-@pytest.mark.skip(reason="no server hook makes a job FAILED yet; the wire case has a transport test below")
-def test_failed_job_raises_inference_failed_live(client: Client) -> None:
-    raise NotImplementedError
+def test_cancelled_job_raises_inference_failed(client: Client) -> None:
+    busy = client.submit_async("kolors", prompt="keeps the worker busy", steps=8, width=512, height=512)
+    job = client.submit_async("kolors", prompt="never drawn", **SMALL)
+
+    cancelled = job.cancel()
+    with pytest.raises(InferenceFailed) as info:
+        job.wait(timeout=60, interval=0.05)
+    failed = job.result()  # the FAILED body comes with 422: returned, not raised
+
+    assert cancelled["request_id"] == job.request_id
+    assert cancelled["cancel_requested"] is True
+    assert info.value.detail == "cancelled"
+    assert info.value.status_body == {"request_id": job.request_id, "status": "FAILED", "error": "cancelled"}
+    assert failed["status"] == "FAILED"
+    assert failed["error"] == "cancelled"
+    assert busy.wait(timeout=120, interval=0.1)["status"] == "COMPLETED"
 
 
 # -- configuration and conveniences

@@ -46,7 +46,8 @@ def test_same_seed_through_openai_and_segmind_routes_gives_the_same_png(oai: Ope
 def test_errors_surface_as_openai_exceptions(oai: OpenAI, server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         oai.images.generate(prompt="x", size="100x100")
-    assert "width: must be between 512 and 2048" in str(err.value)
+    # our error body is {"error": "<text>"}; the SDK exposes that text as .body
+    assert err.value.status_code == 400 and "width: must be between 512 and 2048" in str(err.value.body)
     bad = OpenAI(api_key="kol_wrong", base_url=server.v1, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.images.generate(prompt="x")

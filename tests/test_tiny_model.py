@@ -143,6 +143,14 @@ def test_resolve_model_builds_once_and_reuses(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "models").iterdir() if p.name != "tiny"]  # no scratch left
 
 
+def test_building_leaves_the_global_torch_rng_alone(tmp_path: Path) -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    build_tiny_model(tmp_path / "tiny")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_resolve_model_rebuilds_a_stale_build(tmp_path: Path) -> None:
     stale = tmp_path / "models" / "tiny"
     stale.mkdir(parents=True)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -58,8 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         await store.open()
         worker = Worker(store, lambda: load_engine(settings.model, settings.data_dir, settings.device),
                         WorkerConfig(lease_seconds=settings.lease_seconds,
-                                     heartbeat_seconds=settings.heartbeat_seconds,
-                                     faults=os.environ.get("KOLORS_API_TEST_FAULTS", "")))
+                                     heartbeat_seconds=settings.heartbeat_seconds))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

@@ -131,9 +131,9 @@ def _progress(*, enabled: bool) -> Iterator[StatusHook | None]:
     def on_status(body: dict[str, Any]) -> None:
         state = body.get("status")
         if state == "QUEUED":
-            position = body.get("queue_position")
-            progress.update(task, description=f"queued (position {position})" if position is not None
-                            else "queued")
+            position = body.get("queue_position")  # 0-based on the wire: 0 is next in line
+            progress.update(task, description=f"queued (position {position + 1})"
+                            if isinstance(position, int) else "queued")
         elif state == "PROCESSING":
             info = body.get("progress") or {}
             total = info.get("total_steps") or None

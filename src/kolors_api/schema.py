@@ -100,11 +100,11 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def _size(name: str, value: Any) -> int:
-    value = _int(name, value, 512, 2048)
-    if value % 8:
-        lo, hi = value - value % 8, value - value % 8 + 8
-        raise BadRequest(f"{name}: must be a multiple of 8, got {value} (nearest valid: {lo} or {hi})")
-    return value
+    size = _int(name, value, 512, 2048)
+    if size % 8:
+        lo, hi = size - size % 8, size - size % 8 + 8
+        raise BadRequest(f"{name}: must be a multiple of 8, got {size} (nearest valid: {lo} or {hi})")
+    return size
 
 
 def _kind(value: Any) -> str:

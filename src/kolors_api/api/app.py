@@ -112,7 +112,12 @@ class Service:
         wanted = self.settings.bootstrap_key
         if wanted:
             if await self.store.key_by_hash(hash_key(wanted)) is None:
-                await self.store.add_key(make_key_record("bootstrap", wanted, admin=True))
+                try:
+                    await self.store.add_key(make_key_record("bootstrap", wanted, admin=True))
+                except Exception:
+                    # Another replica starting at the same moment may have added it first.
+                    if await self.store.key_by_hash(hash_key(wanted)) is None:
+                        raise
             return None
         if await self.store.list_keys():
             return None

@@ -146,7 +146,10 @@ async def request_output(request_id: str, name: str, request: Request) -> Respon
     svc = service(request)
     assert svc.signer is not None
     path = request.url.path
-    if not svc.signer.verify(path, request.query_params.get("exp"), request.query_params.get("sig")):
+    signature = svc.signer.check(path, request.query_params.get("exp"), request.query_params.get("sig"))
+    if signature == "expired":
+        raise NotFound(f"unknown request: {request_id}")
+    if signature == "bad":
         # No valid signature: the owner's key (or an admin's) still opens it.
         key = await authenticate(svc.store, request)
         await own_job(svc, key, request_id)

@@ -19,7 +19,8 @@ class Signer:
         exp = int(expires)
         return f"exp={exp}&sig={self.sign(path, exp)}"
 
-    def verify(self, path: str, exp: str | None, sig: str | None) -> bool:
-        if not exp or not sig or not exp.isdigit() or int(exp) < time.time():
-            return False
-        return hmac.compare_digest(self.sign(path, int(exp)), sig)
+    def check(self, path: str, exp: str | None, sig: str | None) -> str:
+        """"ok", "expired" (authentic but past its time: the result is gone) or "bad"."""
+        if not exp or not sig or not exp.isdigit() or not hmac.compare_digest(self.sign(path, int(exp)), sig):
+            return "bad"
+        return "ok" if int(exp) >= time.time() else "expired"

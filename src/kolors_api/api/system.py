@@ -8,8 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.app import service
 from kolors_api.errors import Unavailable
-from kolors_api.schema import MODEL, json_schema, price
-from kolors_api.schema import GenerateParams
+from kolors_api.schema import MODEL, GenerateParams, json_schema, price
 
 router = APIRouter()
 

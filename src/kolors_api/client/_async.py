@@ -65,6 +65,10 @@ class AsyncioJob:
         """The result body (the FAILED body is returned, not raised, as in the segmind SDK)."""
         return await self._client._get_terminal_tolerant(self.response_url)
 
+    async def cancel(self) -> dict[str, Any]:
+        """Ask the server to cancel (a queued job ends FAILED "cancelled" at once); the status body."""
+        return json_body(await self._client._http.post(f"{self.response_url}/cancel"))
+
     async def wait(self, timeout: float = DEFAULT_POLL_TIMEOUT_S, interval: float = DEFAULT_POLL_INTERVAL_S,
                    *, on_status: AsyncStatusCallback | None = None) -> dict[str, Any]:
         """Poll (with `asyncio.sleep`) until the job ends; the result body of a COMPLETED job.

@@ -79,6 +79,12 @@ class AsyncJob:
         job runs, its status body; on FAILED the FAILED body (not raised, as in the segmind SDK)."""
         return self._client._get_terminal_tolerant(self.response_url)
 
+    def cancel(self) -> dict[str, Any]:
+        """Ask the server to cancel: a queued job ends FAILED "cancelled" at once, a running one at
+        its next step (`wait()` then raises `InferenceFailed`). Returns the status body, with
+        `cancel_requested`; a finished job is left as it is."""
+        return json_body(self._client._http.post(f"{self.response_url}/cancel"))
+
     def wait(self, timeout: float = DEFAULT_POLL_TIMEOUT_S, interval: float = DEFAULT_POLL_INTERVAL_S,
              *, on_status: StatusCallback | None = None) -> dict[str, Any]:
         """Poll until the job ends and return the result body.

@@ -11,16 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from kolors_api.engine.encode import encode_image
-from kolors_api.engine.tiny import quiet_progress_bars, resolve_model
+from kolors_api.engine.tiny import import_untyped, quiet_progress_bars, resolve_model
 from kolors_api.schema import SCHEDULERS, GenerateParams
 
-if TYPE_CHECKING:
-    from diffusers import KolorsPipeline
+# diffusers ships no usable types: a KolorsPipeline is `Any` here.
+Pipeline = Any
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ SCHEDULER_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "UniPCMultistepScheduler": ("UniPCMultistepScheduler", {}),
     "DEISMultistepScheduler": ("DEISMultistepScheduler", {}),
 }
-assert tuple(SCHEDULER_SPECS) == SCHEDULERS
+if tuple(SCHEDULER_SPECS) != SCHEDULERS:  # pragma: no cover - a schema change must come here too
+    raise RuntimeError("engine scheduler table out of step with schema.SCHEDULERS")
 
 
 @dataclass
@@ -52,19 +53,17 @@ class GenerationOutput:
 
 def make_scheduler_from_config(name: str, base_config: Any) -> Any:
     """A fresh scheduler `name` (one of schema.SCHEDULERS) built from a scheduler config."""
-    import diffusers
-
     try:
         class_name, extra = SCHEDULER_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}") from None
-    return getattr(diffusers, class_name).from_config(base_config, **extra)
+    return getattr(import_untyped("diffusers"), class_name).from_config(base_config, **extra)
 
 
 def _dtype_kwarg() -> str:
     """diffusers renamed `torch_dtype` to `dtype` (the old name still works but warns)."""
     try:
-        from diffusers.utils import deprecation_utils
+        deprecation_utils = import_untyped("diffusers.utils.deprecation_utils")
     except ImportError:  # pragma: no cover - older diffusers
         return "torch_dtype"
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
@@ -78,23 +77,25 @@ def _may_have_fp16_variant(path: str) -> bool:
     return any(local.glob("*/*.fp16.*"))
 
 
-def load_pipeline(path: str, dtype: torch.dtype, *, try_fp16_variant: bool) -> KolorsPipeline:
-    from diffusers import KolorsPipeline
-
+def load_pipeline(path: str, dtype: torch.dtype, *, try_fp16_variant: bool) -> Pipeline:
+    """`KolorsPipeline.from_pretrained`, trying the fp16 weight variant first when asked."""
+    pipeline_class = import_untyped("diffusers").KolorsPipeline
     kwargs: dict[str, Any] = {_dtype_kwarg(): dtype}
     with quiet_progress_bars():
         if try_fp16_variant and _may_have_fp16_variant(path):
             try:
-                return KolorsPipeline.from_pretrained(path, variant="fp16", **kwargs)
+                return pipeline_class.from_pretrained(path, variant="fp16", **kwargs)
             except (OSError, ValueError) as exc:
                 log.info("no fp16 variant of %s (%s); loading the default weights", path, exc)
-        return KolorsPipeline.from_pretrained(path, **kwargs)
+        return pipeline_class.from_pretrained(path, **kwargs)
 
 
 class Engine:
     """A Kolors pipeline on one device: `generate(params)` -> encoded images."""
 
-    def __init__(self, model: str, *, data_dir: Path = Path(".kolors-api"), device: str | None = None) -> None:
+    def __init__(
+        self, model: str, *, data_dir: Path = Path(".kolors-api"), device: str | None = None
+    ) -> None:
         self.model = model
         self.path = resolve_model(model, Path(data_dir))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,12 +119,10 @@ class Engine:
         """A fresh scheduler per call, from the loaded pipeline's scheduler config."""
         return make_scheduler_from_config(name, self.pipe.scheduler.config)
 
-    def _call_pipeline(self, scheduler: Any) -> KolorsPipeline:
+    def _call_pipeline(self, scheduler: Any) -> Pipeline:
         """A shallow pipeline sharing the loaded weights but owning `scheduler` (never mutate self.pipe)."""
-        from diffusers import KolorsPipeline
-
         base = self.pipe
-        pipe = KolorsPipeline(
+        pipe = import_untyped("diffusers").KolorsPipeline(
             **{**base.components, "scheduler": scheduler},
             force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
         )
@@ -133,8 +132,14 @@ class Engine:
     def generate(
         self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None
     ) -> GenerationOutput:
-        """Run one request. `on_step(step, total)` follows each denoising step (1..total); an
-        exception it raises aborts the run and propagates (cancellation, lost leases)."""
+        """Run one request: `params.number_of_images` images in one batch, image i from seed+i.
+
+        `on_step(step, total)` is called after each denoising step (step 1..total); an exception
+        it raises aborts the run and propagates out of here (cancellation, lost leases).
+
+        Same params, same device: same bytes. Image i of a batch starts from the same noise as a
+        single-image run with seed+i and looks the same, but is not always bit-identical to it:
+        batched kernels may round a few pixels differently."""
         start = time.perf_counter()
         pipe = self._call_pipeline(self.make_scheduler(params.scheduler))
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in params.seeds]
@@ -168,13 +173,14 @@ class Engine:
             inference_time=time.perf_counter() - start,
         )
 
-    def _decode(self, pipe: KolorsPipeline, latents: torch.Tensor) -> list[Any]:
+    def _decode(self, pipe: Pipeline, latents: torch.Tensor) -> list[Any]:
         """Latents -> PIL images, as KolorsPipeline does it (its VAE may be kept in fp32 here)."""
         vae = pipe.vae
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
         latents = latents / vae.config.scaling_factor
         if self.decode_one_by_one:
-            image = torch.cat([vae.decode(z, return_dict=False)[0] for z in latents.split(1)])
+            parts = [vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))]
+            image = torch.cat(parts)
         else:
             image = vae.decode(latents, return_dict=False)[0]
         return list(pipe.image_processor.postprocess(image, output_type="pil"))

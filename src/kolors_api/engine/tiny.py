@@ -13,6 +13,7 @@ give byte-identical files.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +40,10 @@ TEXT_HIDDEN = 32
 README = """\
 # kolors-api `tiny` model
 
-A random-weight test model with the architecture of Kolors (ChatGLM text encoder, SDXL-style UNet,
-8x VAE, Kolors' scheduler), built offline and deterministically by `kolors-api tiny-model PATH`.
+A random-weight test model with the architecture of Kolors (ChatGLM text encoder and its
+sentencepiece tokenizer, SDXL-style UNet, 8x VAE, Kolors' scheduler) and tiny channel counts,
+built offline and deterministically by `kolors-api tiny-model PATH` (or on first use of
+`--model tiny`). It loads through `KolorsPipeline.from_pretrained` like the real weights.
 
 **It makes noise, not pictures.** It exists so that the server, the worker and the tests run
 anywhere, quickly, without downloading the real weights. Use `--model Kwai-Kolors/Kolors-diffusers`
@@ -83,13 +87,16 @@ Worst quality, low resolution, bad anatomy, cropped, out of frame, duplicate, no
 """
 
 
+def import_untyped(module: str) -> Any:
+    """diffusers/transformers modules, imported lazily and typed `Any` (they ship no usable types)."""
+    return importlib.import_module(module)
+
+
 @contextmanager
 def quiet_progress_bars() -> Iterator[None]:
     """Silence diffusers' and transformers' loading/saving progress bars (a server logs, it has no tty)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    modules = ("diffusers.utils.logging", "transformers.utils.logging")
+    libraries = [lib for lib in map(import_untyped, modules) if lib.is_progress_bar_enabled()]
     for lib in libraries:
         lib.disable_progress_bar()
     try:
@@ -133,7 +140,7 @@ def _init_parameters(model: torch.nn.Module, seed: int) -> None:
     """Write every parameter explicitly, in a fixed order: norm weights 1, biases 0, embeddings
     N(0, 1), every other weight N(0, 1/fan_in) (keeps activations at unit scale)."""
     rng = np.random.default_rng(seed)
-    for module_name, module in sorted(model.named_modules(), key=lambda item: item[0]):
+    for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
         is_norm = "norm" in type(module).__name__.lower()
         for name, param in sorted(module.named_parameters(recurse=False), key=lambda item: item[0]):
             with torch.no_grad():
@@ -148,19 +155,17 @@ def _init_parameters(model: torch.nn.Module, seed: int) -> None:
                     param.copy_(_normal(tuple(param.shape), rng, fan_in**-0.5))
 
 
-def _tokenizer(folder: Path):  # type: ignore[no-untyped-def]
-    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
-
+def _tokenizer(folder: Path) -> Any:
     vocab = folder / "tokenizer.model"
     vocab.write_bytes(_train_tokenizer())
-    return ChatGLMTokenizer(vocab_file=str(vocab))
+    return import_untyped("diffusers.pipelines.kolors.tokenizer").ChatGLMTokenizer(vocab_file=str(vocab))
 
 
-def _text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+def _text_encoder(vocab_size: int) -> Any:
+    glm = import_untyped("diffusers.pipelines.kolors.text_encoder")
 
     padded = -(-(vocab_size + 9) // 64) * 64  # the tokenizer adds 9 special ids after the sp vocab
-    config = ChatGLMConfig(
+    config = glm.ChatGLMConfig(
         num_layers=2,
         padded_vocab_size=padded,
         hidden_size=TEXT_HIDDEN,
@@ -181,7 +186,7 @@ def _text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
         layernorm_epsilon=1e-5,
         use_cache=True,
     )
-    model = ChatGLMModel(config, empty_init=False)
+    model = glm.ChatGLMModel(config, empty_init=False)
     _init_parameters(model, SEED + 1)
     # The one buffer: rotary inverse frequencies, recomputed from their definition.
     rotary = model.rotary_pos_emb
@@ -191,11 +196,9 @@ def _text_encoder(vocab_size: int):  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-def _unet():  # type: ignore[no-untyped-def]
-    from diffusers import UNet2DConditionModel
-
+def _unet() -> Any:
     time_dim = 8
-    model = UNet2DConditionModel(
+    model = import_untyped("diffusers").UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
         out_channels=4,
@@ -219,10 +222,8 @@ def _unet():  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-def _vae():  # type: ignore[no-untyped-def]
-    from diffusers import AutoencoderKL
-
-    model = AutoencoderKL(
+def _vae() -> Any:
+    model = import_untyped("diffusers").AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -240,11 +241,9 @@ def _vae():  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-def _scheduler():  # type: ignore[no-untyped-def]
-    from diffusers import EulerDiscreteScheduler
-
+def _scheduler() -> Any:
     # Kolors' own scheduler config (Kwai-Kolors/Kolors-diffusers, scheduler/scheduler_config.json).
-    return EulerDiscreteScheduler(
+    return import_untyped("diffusers").EulerDiscreteScheduler(
         num_train_timesteps=1100,
         beta_start=0.00085,
         beta_end=0.014,
@@ -258,12 +257,12 @@ def _scheduler():  # type: ignore[no-untyped-def]
 
 
 def _build_into(folder: Path) -> None:
-    from diffusers import KolorsPipeline
-
-    torch.manual_seed(SEED)
-    with tempfile.TemporaryDirectory() as scratch:
+    # Constructors draw their default init from torch's global RNG (then overwritten): seed it, and
+    # leave the caller's RNG state as it was.
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as scratch:
+        torch.manual_seed(SEED)
         tokenizer = _tokenizer(Path(scratch))
-        pipe = KolorsPipeline(
+        pipe = import_untyped("diffusers").KolorsPipeline(
             vae=_vae(),
             text_encoder=_text_encoder(tokenizer.vocab_size),
             tokenizer=tokenizer,
@@ -337,6 +336,8 @@ def resolve_model(model: str, data_dir: Path) -> str:
                 _move_into_place(tmp, target, replace=target.exists())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not is_tiny_model(target):
+            raise RuntimeError(f"could not put the tiny model in place at {target}")
     return str(target)
 
 
@@ -362,4 +363,7 @@ def _move_into_place(src: Path, dst: Path, *, replace: bool) -> None:
     old.rmdir()
     os.rename(dst, old)
     os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ SEQ = "seq"
 COUNTERS = "counters"
 EXPIRING = "expiring"
 WORKERS = "workers"
-SECRET = "secret"
+SECRET = "secret"  # noqa: S105 - a key name, not a secret
 KEY_INDEX = "key-index"
 KEY_LIST = "keys"
 
@@ -60,7 +60,7 @@ EVENTS = "events:"
 RECLAIMS = "reclaims"
 DEAD_LETTER_COUNT = "dead_letters"
 
-# -- the Lua scripts, by name (their sources live in `kolors_api.jobs.redis_lua`'s caller, redis.py)
+# -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
 SCRIPT_CLAIM_STALE = "claim_stale"
 SCRIPT_CLAIM_ENTRY = "claim_entry"

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kolors_api.jobs import JobStore, Lease
@@ -48,8 +48,8 @@ class WorkerConfig:
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     claim_timeout: float = 1.0
-    #: Test-only fault injection (env KOLORS_API_TEST_FAULTS); see `_fault`.
-    faults: str = ""
+    #: Test-only fault injection (env KOLORS_API_TEST_FAULTS); see `Worker._fault`.
+    faults: str = field(default_factory=lambda: os.environ.get("KOLORS_API_TEST_FAULTS", ""))
 
 
 def load_engine(model: str, data_dir: Any, device: str | None) -> EngineLike:
@@ -68,7 +68,7 @@ class Worker:
         self.store = store
         self._engine_factory = engine_factory
         self.engine: EngineLike | None = None
-        self.config = config or WorkerConfig(faults=os.environ.get("KOLORS_API_TEST_FAULTS", ""))
+        self.config = config or WorkerConfig()
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state = WorkerState.STARTING
         self.jobs_done = 0
@@ -174,11 +174,15 @@ class Worker:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
 
     def _fault(self, where: str, params: GenerateParams) -> None:
-        """Test-only seam: `KOLORS_API_TEST_FAULTS=kill-on-claim:<word>` kills this process when a job
-        whose prompt contains <word> is claimed; `slow-step:<seconds>` sleeps in every step."""
+        """Test-only seam, reached only through env KOLORS_API_TEST_FAULTS (comma-separated):
+        `kill-on-claim:<word>` / `kill-on-step:<word>` SIGKILL this process when a job whose prompt
+        contains <word> is claimed / steps; `fail-on-step:<word>` raises inside the engine (an
+        engine error); `slow-step:<seconds>` sleeps in every step."""
         for fault in filter(None, self.config.faults.split(",")):
             kind, _, arg = fault.partition(":")
             if kind == f"kill-on-{where}" and arg in params.prompt:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "fail-on-step" and where == "step" and arg in params.prompt:
+                raise RuntimeError("injected fault")
             if kind == "slow-step" and where == "step":
                 time.sleep(float(arg))

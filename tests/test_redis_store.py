@@ -1,0 +1,319 @@
+"""What only the Redis store has: several instances (API replicas, workers) sharing one Redis,
+the stream and its pending entries, TTLs, pub/sub, blob files. The shared behaviour is in test_store.py."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+redis_asyncio = pytest.importorskip("redis.asyncio")
+
+from kolors_api.jobs import InsufficientFunds, JobState, NewJob, make_key_record, new_key  # noqa: E402
+from kolors_api.jobs.redis import RedisStore  # noqa: E402
+from kolors_api.jobs.redis_keys import SCRIPT_CLAIM_ENTRY  # noqa: E402
+from tests.conftest import REDIS_URL  # noqa: E402
+
+MakeStore = Callable[..., Awaitable[RedisStore]]
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Any]:
+    client = redis_asyncio.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make(raw: Any) -> AsyncIterator[MakeStore]:
+    """Stores on one fresh prefix: each call is another process (API replica or worker) of one fleet."""
+    prefix = f"kolors-test-{uuid.uuid4().hex[:8]}:"
+    stores: list[RedisStore] = []
+
+    async def factory(**kw: Any) -> RedisStore:
+        store = RedisStore(REDIS_URL, prefix=prefix, **kw)
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield factory
+    await stores[0].delete_everything()
+    for store in stores:
+        await store.close()
+    assert [k async for k in raw.scan_iter(match=stores[0].keys.everything)] == []
+
+
+def params(seed: int = 1) -> dict[str, object]:
+    return {"prompt": "一只狐狸 a fox", "seed": seed, "steps": 2, "width": 512, "height": 512,
+            "number_of_images": 1, "output_format": "png"}
+
+
+async def test_two_replicas_see_the_same_jobs(make: MakeStore) -> None:
+    api_a, api_b, worker = await make(), await make(), await make()
+    first = await api_a.submit(NewJob(model="kolors", params=params(1)))
+    second = await api_b.submit(NewJob(model="kolors", params=params(2)))
+    got = await api_b.get(first.id)
+    assert got is not None and got.params == params(1) and got.state == JobState.QUEUED
+    assert [await api_a.queue_position(first.id), await api_b.queue_position(second.id)] == [0, 1]
+    lease = await worker.claim("w1", 30, 1)
+    assert lease is not None and lease.job.id == first.id
+    seen = await api_a.get(first.id)
+    assert seen is not None and seen.state == JobState.PROCESSING
+    assert await api_b.queue_position(second.id) == 0
+    assert await worker.complete(lease, [b"img"], "png", [1], {})
+    assert await api_a.read_output(first.id, 0) == b"img"
+    assert (await api_b.stats()).queued == 1
+
+
+async def test_a_stale_lease_cannot_complete_after_another_instance_reclaimed_it(make: MakeStore) -> None:
+    worker_a, worker_b = await make(), await make()
+    key = make_key_record("erin", new_key(), credits=5.0)
+    await worker_a.add_key(key)
+    job = await worker_a.submit(NewJob(model="kolors", params=params(), cost=2.0, key_id=key.id))
+    stale = await worker_a.claim("a", 0.2, 1)
+    assert stale is not None
+    await asyncio.sleep(0.3)
+    fresh = await worker_b.claim("b", 30, 1)
+    assert fresh is not None and fresh.job.id == job.id and fresh.delivery == 2
+    assert not await worker_a.heartbeat(stale, 30)
+    assert not await worker_a.progress(stale, 1, 2)
+    assert not await worker_a.complete(stale, [b"stale"], "png", [1], {})
+    assert not await worker_a.fail(stale, "late")
+    assert await worker_b.complete(fresh, [b"fresh"], "png", [1], {})
+    assert not await worker_a.complete(stale, [b"stale"], "png", [1], {})
+    assert await worker_a.read_output(job.id, 0) == b"fresh"
+    # captured once, the key's slot released once
+    assert [e.kind for e in await worker_b.ledger(key.id)] == ["topup", "reserve", "capture"]
+    assert await worker_a.running_count(key.id) == 0
+    stats = await worker_a.stats()
+    assert (stats.reclaims, stats.processing, stats.queued) == (1, 0, 0)
+
+
+async def test_pubsub_wakes_wait_across_instances(make: MakeStore) -> None:
+    api, worker = await make(), await make()
+    api.recheck = 60.0  # no fallback re-check within the test: only a publication can wake the waiter
+    job = await api.submit(NewJob(model="kolors", params=params()))
+    waiting = asyncio.create_task(api.wait(job.id, job.version, 30))
+    while job.id not in api._waiters:  # the waiter is subscribed and has read the job once
+        await asyncio.sleep(0.01)
+    lease = await worker.claim("w1", 30, 1)
+    assert lease is not None
+    woken = await asyncio.wait_for(waiting, 10)
+    assert woken is not None and woken.state == JobState.PROCESSING
+    waiting = asyncio.create_task(api.wait(job.id, woken.version, 30))
+    while job.id not in api._waiters:
+        await asyncio.sleep(0.01)
+    assert await worker.progress(lease, 1, 2)
+    stepped = await asyncio.wait_for(waiting, 10)
+    assert stepped is not None and (stepped.step, stepped.total_steps) == (1, 2)
+
+
+async def test_ttls_are_set_on_finished_records_and_images_only(make: MakeStore, raw: Any) -> None:
+    store = await make(retention=120.0)
+    done = await store.submit(NewJob(model="kolors", params=params(1)))
+    failed = await store.submit(NewJob(model="kolors", params=params(2)))
+    assert await raw.pttl(store.keys.job(done.id)) == -1  # QUEUED: kept until it ends
+    lease = await store.claim("w1", 30, 1)
+    assert lease is not None and lease.job.id == done.id
+    assert await raw.pttl(store.keys.job(done.id)) == -1  # PROCESSING: kept until it ends
+    assert await store.complete(lease, [b"a", b"b"], "png", [1, 2], {})
+    for key in (store.keys.job(done.id), store.keys.output(done.id, 0), store.keys.output(done.id, 1)):
+        assert 110_000 < await raw.pttl(key) <= 120_001  # ms rounding up
+    got = await store.get(done.id)
+    assert got is not None and got.finished_at is not None
+    assert got.expires_at == pytest.approx(got.finished_at + 120.0)
+    cancelled = await store.request_cancel(failed.id)
+    assert cancelled is not None and cancelled.state == JobState.FAILED
+    assert 110_000 < await raw.pttl(store.keys.job(failed.id)) <= 120_001  # ms rounding up
+
+
+async def test_credit_reservation_is_atomic_under_concurrent_submits(make: MakeStore) -> None:
+    replicas = [await make() for _ in range(2)]
+    key = make_key_record("frank", new_key(), credits=5.0)
+    await replicas[0].add_key(key)
+
+    async def submit(i: int) -> bool:
+        try:
+            await replicas[i % 2].submit(NewJob(model="kolors", params=params(i), cost=1.0, key_id=key.id))
+        except InsufficientFunds:
+            return False
+        return True
+
+    accepted = await asyncio.gather(*(submit(i) for i in range(50)))
+    assert sum(accepted) == 5
+    record = await replicas[1].get_key(key.id)
+    assert record is not None and record.credits == 0
+    ledger = await replicas[1].ledger(key.id)
+    assert sum(e.amount for e in ledger) == pytest.approx(record.credits)
+    assert [e.kind for e in ledger].count("reserve") == 5
+    assert await replicas[0].running_count(key.id) == 5
+    assert (await replicas[0].stats()).queued == 5
+
+
+async def test_concurrent_workers_claim_each_job_exactly_once(make: MakeStore) -> None:
+    api = await make()
+    workers = [await make() for _ in range(3)]
+    ids = {(await api.submit(NewJob(model="kolors", params=params(i)))).id for i in range(20)}
+    claimed: list[str] = []
+
+    async def work(store: RedisStore, name: str) -> None:
+        while (lease := await store.claim(name, 30, 0.2)) is not None:
+            claimed.append(lease.job.id)
+            assert await store.complete(lease, [b"x"], "png", [1], {})
+
+    await asyncio.gather(*(work(w, f"w{i}{j}") for i, w in enumerate(workers) for j in range(2)))
+    assert sorted(claimed) == sorted(ids)
+    stats = await api.stats()
+    assert (stats.queued, stats.processing, stats.reclaims) == (0, 0, 0)
+
+
+async def test_a_cancelled_queued_job_leaves_the_stream_and_is_never_claimed(
+        make: MakeStore, raw: Any) -> None:
+    store = await make()
+    key = make_key_record("gina", new_key(), credits=3.0)
+    await store.add_key(key)
+    cancelled = await store.submit(NewJob(model="kolors", params=params(1), cost=1.0, key_id=key.id))
+    kept = await store.submit(NewJob(model="kolors", params=params(2), cost=1.0, key_id=key.id))
+    got = await store.request_cancel(cancelled.id)
+    assert got is not None and got.state == JobState.FAILED and got.error == "cancelled"
+    assert await raw.xlen(store.keys.stream) == 1
+    assert await store.queue_position(kept.id) == 0
+    lease = await store.claim("w1", 30, 0.2)
+    assert lease is not None and lease.job.id == kept.id
+    assert await store.claim("w1", 30, 0.1) is None
+    record = await store.get_key(key.id)
+    assert record is not None and record.credits == pytest.approx(2.0)
+    assert [e.kind for e in await store.ledger(key.id)] == ["topup", "reserve", "reserve", "refund"]
+
+
+async def test_an_entry_cancelled_after_a_worker_read_it_is_skipped(make: MakeStore) -> None:
+    store = await make()
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    read = await store._read_new("w1", 0.5)  # the worker's XREADGROUP got it ...
+    assert [job_id for _, job_id in read] == [job.id]
+    await store.request_cancel(job.id)  # ... then the job was cancelled before its claim script ran
+    (entry, job_id), = read
+    got = await store._call(SCRIPT_CLAIM_ENTRY, "w1", "token", 30_000.0, 60_000, entry, job_id)
+    assert got == [b"none"]
+    after = await store.get(job.id)
+    assert after is not None and after.state == JobState.FAILED and after.deliveries == 0
+
+
+async def test_an_entry_read_by_a_worker_that_died_before_claiming_is_handed_out_again(
+        make: MakeStore, raw: Any) -> None:
+    store = await make()
+    store.reclaim_horizon = 0.3
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    # a worker reads the entry and dies before its claim script runs: the job is still QUEUED
+    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)
+    assert await store.claim("w1", 30, 0.1) is None
+    await asyncio.sleep(0.35)
+    lease = await store.claim("w1", 30, 1)
+    assert lease is not None and lease.job.id == job.id and lease.delivery == 1
+    assert (await store.stats()).reclaims == 0
+
+
+async def test_a_lease_longer_than_the_reclaim_horizon_is_kept_until_it_runs_out(make: MakeStore) -> None:
+    store = await make()
+    store.reclaim_horizon = 0.2
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    holder = await store.claim("w1", 0.8, 1)
+    assert holder is not None
+    await asyncio.sleep(0.3)  # past the horizon, not past the lease: XAUTOCLAIM hands it back
+    assert await store.claim("w2", 30, 0.05) is None
+    assert await store.heartbeat(holder, 0.8)
+    await asyncio.sleep(0.3)
+    assert await store.claim("w2", 30, 0.05) is None
+    await asyncio.sleep(0.7)  # now the renewed lease has run out
+    taker = await store.claim("w2", 30, 1)
+    assert taker is not None and taker.job.id == job.id and taker.delivery == 2
+    assert not await store.progress(holder, 1, 2)
+
+
+async def test_a_dead_letter_is_refunded_and_recorded(make: MakeStore, raw: Any) -> None:
+    store = await make(max_deliveries=1)
+    key = make_key_record("hank", new_key(), credits=2.0)
+    await store.add_key(key)
+    job = await store.submit(NewJob(model="kolors", params=params(), cost=1.0, key_id=key.id))
+    assert await store.claim("w1", 0.1, 1) is not None
+    await asyncio.sleep(0.2)
+    assert await store.claim("w2", 0.1, 0.1) is None
+    got = await store.get(job.id)
+    assert got is not None and got.state == JobState.FAILED and got.error == "worker lost 1 times"
+    record = await store.get_key(key.id)
+    assert record is not None and record.credits == pytest.approx(2.0)
+    assert [e.kind for e in await store.ledger(key.id)] == ["topup", "reserve", "refund"]
+    assert await store.running_count(key.id) == 0
+    letters = await raw.xrange(store.keys.dead_letters)
+    assert [(f[b"job"], f[b"reason"]) for _, f in letters] == [(job.id.encode(), b"worker lost 1 times")]
+    assert await raw.xlen(store.keys.stream) == 0
+    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
+    stats = await store.stats()
+    assert (stats.dead_letters, stats.reclaims, stats.processing) == (1, 1, 0)
+
+
+async def test_blob_dir_holds_only_the_lease_holders_files(make: MakeStore, raw: Any, tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    worker_a, worker_b = await make(blob_dir=blobs, retention=0.5), await make(blob_dir=blobs, retention=0.5)
+    job = await worker_a.submit(NewJob(model="kolors", params=params()))
+    stale = await worker_a.claim("a", 0.2, 1)
+    assert stale is not None
+    await asyncio.sleep(0.3)
+    fresh = await worker_b.claim("b", 30, 1)
+    assert fresh is not None
+    assert await worker_b.complete(fresh, [b"one", b"two"], "png", [1, 2], {})
+    assert not await worker_a.complete(stale, [b"stale"], "png", [1], {})
+    assert sorted(p.relative_to(blobs).as_posix() for p in blobs.rglob("*") if p.is_file()) == [
+        f"{job.id}/{fresh.token}/0.png", f"{job.id}/{fresh.token}/1.png"]
+    assert await worker_a.read_output(job.id, 1) == b"two"
+    assert await raw.exists(worker_a.keys.output(job.id, 0)) == 0  # not in Redis
+    await asyncio.sleep(0.6)
+    assert await worker_a.expire() == 1
+    assert not (blobs / job.id).exists()
+    assert await worker_b.read_output(job.id, 0) is None
+
+
+async def test_expire_sweeps_history_and_the_expiry_index(make: MakeStore, raw: Any) -> None:
+    store = await make(retention=0.3)
+    key = make_key_record("iris", new_key())
+    await store.add_key(key)
+    old = await store.submit(NewJob(model="kolors", params=params(1), key_id=key.id))
+    lease = await store.claim("w1", 30, 1)
+    assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
+    await asyncio.sleep(0.4)
+    live = await store.submit(NewJob(model="kolors", params=params(2), key_id=key.id))
+    page, cursor = await store.history(key.id, 10, None)
+    assert [j.id for j in page] == [live.id] and cursor is None  # the expired one is skipped already
+    assert await store.expire() == 1
+    assert await raw.zrange(store.keys.history(key.id), 0, -1) == [live.id.encode()]
+    assert await raw.zcard(store.keys.expiring) == 0
+    assert await store.get(old.id) is None
+
+
+async def test_keys_list_in_creation_order_and_credit_changes_are_ledgered(make: MakeStore) -> None:
+    store = await make()
+    first = make_key_record("a", new_key(), credits=1.5)
+    second = make_key_record("b", new_key(), max_concurrency=2)
+    second.created_at = first.created_at + 1
+    await store.add_key(second)
+    await store.add_key(first)
+    assert [k.id for k in await store.list_keys()] == [first.id, second.id]
+    updated = await store.update_key(first.id, credits=4.0, max_concurrency=None, rate_limit="5/min")
+    assert updated is not None and updated.credits == 4.0 and updated.rate_limit == "5/min"
+    updated = await store.update_key(second.id, add_credits=2.5, max_concurrency=None)
+    assert updated is not None and updated.credits == 2.5 and updated.max_concurrency is None
+    assert [e.amount for e in await store.ledger(first.id)] == [1.5, 2.5]
+    assert [e.amount for e in await store.ledger(second.id)] == [2.5]
+    unlimited = await store.update_key(first.id, credits=None)
+    assert unlimited is not None and unlimited.credits is None
+    assert await store.update_key("missing", name="x") is None
+    with pytest.raises(ValueError, match="exists"):
+        await store.add_key(first)
