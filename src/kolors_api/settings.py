@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     #: Credits per seed-sized image (1024², 25 steps).
     unit_price: float = Field(1.0, ge=0)
+    #: Origins allowed by CORS, comma-separated (`*` for any); empty (the default) = CORS off.
+    cors_origins: str = ""
     log_level: str = "info"
 
     def sqlite_path(self) -> Path:

@@ -17,10 +17,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api import __version__
+from kolors_api.api.limits import RateLimits
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
 from kolors_api.errors import (
@@ -68,18 +70,19 @@ class Service:
     worker: Any = None
     worker_task: asyncio.Task[None] | None = None
     expiry_task: asyncio.Task[None] | None = None
-    #: Pre-submit checks (rate limits, prompt screening) added by later layers: (key, params) -> None.
-    admission: list[Callable[[ApiKey, GenerateParams], Awaitable[None]]] = field(default_factory=list)
+    #: Pre-submit checks (rate limits…): (request, key, params) -> None; they raise to refuse and may
+    #: leave headers for the answer in `request.state.extra_headers`.
+    admission: list[Callable[[Request, ApiKey, GenerateParams], Awaitable[None]]] = field(default_factory=list)
 
     # -- submit, shared by v1 sync, v2 async and the OpenAI route
-    async def submit(self, key: ApiKey, model: str, body: Any, *, sync: bool = False,
+    async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False,
                      webhook: str | None = None, idempotency_key: str | None = None) -> Job:
         """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
         if model not in MODELS:
             raise NotFound(f"unknown model: {model}")
         params = validate(body)
         for check in self.admission:
-            await check(key, params)
+            await check(request, key, params)
         if sync and (await self.store.stats()).workers_alive < 1:
             raise Unavailable("no worker alive", headers={"Retry-After": "10"})
         new = NewJob(model=model, params=params.to_dict(), cost=price(params, self.settings.unit_price),
@@ -161,6 +164,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                                 max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir,
                                 recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store)
+    svc.admission.append(RateLimits(settings.store))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -224,7 +228,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         route = request.scope.get("route")
         svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
                                     str(response.status_code)).inc()
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in {**SECURITY_HEADERS, **getattr(request.state, "extra_headers", {})}.items():
             response.headers.setdefault(name, value)
         return response
 
@@ -234,6 +238,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     app.include_router(admin.router)
     app.include_router(openai_images.router)
     app.include_router(generation.router)
+    if settings.cors_origins:
+        # Off by default; keys travel in headers, never cookies, so no credentials.
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")
+                                                          if o.strip()],
+                           allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-Id",
+                                           "X-Seed", "X-Inference-Time"])
     return app
 
 

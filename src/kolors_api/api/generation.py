@@ -81,7 +81,7 @@ async def generate_sync(model: str, request: Request) -> Response:
     svc = service(request)
     key = await authenticate(svc.store, request)
     body = await read_json(request, svc.settings.max_body_bytes)
-    job = await svc.submit(key, model, body, sync=True)
+    job = await svc.submit(request, key, model, body, sync=True)
     job = await wait_terminal(svc, request, job)
     if job.state == JobState.FAILED:
         raise failed(job)
@@ -106,7 +106,7 @@ async def submit_async(model: str, request: Request) -> Response:
     svc = service(request)
     key = await authenticate(svc.store, request)
     body = await read_json(request, svc.settings.max_body_bytes)
-    job = await svc.submit(key, model, body)
+    job = await svc.submit(request, key, model, body)
     return JSONResponse({"request_id": job.id, "status": job.state.value, **links(svc, request, job)})
 
 

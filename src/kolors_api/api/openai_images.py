@@ -63,7 +63,7 @@ async def images_generations(request: Request) -> Response:
     svc = service(request)
     key = await authenticate(svc.store, request)
     kolors_body, response_format = to_kolors(await read_json(request, svc.settings.max_body_bytes))
-    job = await svc.submit(key, MODEL, kolors_body, sync=True)
+    job = await svc.submit(request, key, MODEL, kolors_body, sync=True)
     job = await wait_terminal(svc, request, job)
     if job.state == JobState.FAILED:
         raise failed(job)

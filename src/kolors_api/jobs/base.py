@@ -10,8 +10,8 @@ Delivery promise, in plain words:
   completed at most once, and its credits are captured at most once.
 - After `max_deliveries` deliveries without an outcome the job ends FAILED
   ("worker lost N times") and is recorded as a dead letter; its credits are refunded.
-- Records and images are kept for the retention period after the job was accepted, then
-  `get` answers None (the API's 404).
+- Records and images are kept for the retention period after the job ended (COMPLETED or
+  FAILED), then `get` answers None (the API's 404). Queued and running jobs never expire.
 
 Credits are reserved atomically with the submit, captured on COMPLETED and refunded on FAILED;
 every movement is a ledger entry, so a key's balance equals the sum of its ledger.

@@ -443,14 +443,9 @@ class RedisStore:
     async def delete_everything(self) -> None:
         """Delete every key under this store's prefix (tests; tearing a deployment down)."""
         r = await self._conn()
-        batch: list[bytes] = []
-        async for key in r.scan_iter(match=self.keys.everything, count=500):
-            batch.append(key)
-            if len(batch) >= 500:
-                await r.unlink(*batch)
-                batch = []
-        if batch:
-            await r.unlink(*batch)
+        found = [key async for key in r.scan_iter(match=self.keys.everything, count=500)]
+        for i in range(0, len(found), 500):
+            await r.unlink(*found[i:i + 500])
 
     async def shared_secret(self) -> bytes:
         r = await self._conn()
@@ -678,12 +673,19 @@ class RedisStore:
                 for job_id in gone:
                     await asyncio.to_thread(shutil.rmtree, self.blob_dir / job_id, True)
             if len(gone) < batch:
-                return total
+                break
+        # Consumers are per worker id: forget those long gone that hold nothing.
+        r = await self._conn()
+        with contextlib.suppress(ResponseError):
+            for consumer in await r.xinfo_consumers(self.keys.stream, self.keys.group):
+                if consumer["pending"] == 0 and consumer["idle"] > 3_600_000:
+                    await r.xgroup_delconsumer(self.keys.stream, self.keys.group, consumer["name"])
+        return total
 
     # -- keys and credits
     async def add_key(self, key: ApiKey) -> None:
         fields: list[str] = ["id", key.id, "name", key.name, "prefix", key.prefix, "key_hash", key.key_hash,
-                             "admin", _flag(key.admin), "enabled", _flag(key.enabled),
+                             "admin", _encode(key.admin), "enabled", _encode(key.enabled),
                              "created_at", repr(float(key.created_at))]
         for name, value in (("credits", key.credits), ("rate_limit", key.rate_limit),
                             ("max_concurrency", key.max_concurrency)):
@@ -734,12 +736,8 @@ class RedisStore:
 
     async def ledger(self, key_id: str) -> list[LedgerEntry]:
         rows = await (await self._conn()).lrange(self.keys.ledger(key_id), 0, -1)
-        entries = []
-        for row in rows:
-            e = json.loads(row)
-            entries.append(LedgerEntry(key_id=key_id, request_id=e["request_id"], kind=e["kind"],
-                                       amount=float(e["amount"]), at=float(e["at"])))
-        return entries
+        return [LedgerEntry(key_id=key_id, request_id=e["request_id"], kind=e["kind"], amount=float(e["amount"]),
+                            at=float(e["at"])) for e in map(json.loads, rows)]
 
     async def running_count(self, key_id: str) -> int:
         count = await (await self._conn()).get(self.keys.running(key_id))
@@ -760,13 +758,9 @@ def _hash_of(raw: dict[Any, Any]) -> dict[str, str]:
     return {_str(k): _str(v) for k, v in raw.items()}
 
 
-def _flag(value: bool) -> str:
-    return "1" if value else "0"
-
-
 def _encode(value: Any) -> str:
     if isinstance(value, bool):
-        return _flag(value)
+        return "1" if value else "0"
     if isinstance(value, float):
         return repr(value)
     return str(value)

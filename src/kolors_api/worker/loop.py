@@ -39,6 +39,13 @@ class EngineLike(Protocol):
     def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any: ...
 
 
+class SafetyLike(Protocol):
+    """Content screening (see `kolors_api.safety`): each check returns a reason to block, or None."""
+
+    def check_prompt(self, params: GenerateParams) -> str | None: ...
+    def check_images(self, images: list[bytes]) -> str | None: ...
+
+
 class JobAborted(Exception):  # noqa: N818
     """Raised from the step callback to stop the engine: lease lost or job cancelled."""
 
@@ -64,7 +71,8 @@ class Worker:
 
     def __init__(self, store: JobStore, engine_factory: Callable[[], EngineLike],
                  config: WorkerConfig | None = None, *, worker_id: str | None = None,
-                 on_job_done: Callable[[float, str], None] | None = None) -> None:
+                 on_job_done: Callable[[float, str], None] | None = None,
+                 safety: SafetyLike | None = None) -> None:
         self.store = store
         self._engine_factory = engine_factory
         self.engine: EngineLike | None = None
@@ -75,6 +83,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         self._on_job_done = on_job_done
+        self.safety = safety
 
     def stop(self) -> None:
         """Stop claiming; the job in hand completes."""
@@ -142,12 +151,23 @@ class Worker:
                     return
                 await self.store.worker_alive(self.id, max(self.config.heartbeat_seconds * 3, 5.0))
 
+        safety = self.safety
+        if safety is not None:
+            blocked = await loop.run_in_executor(self._pool, safety.check_prompt, params)
+            if blocked:
+                await self.store.fail(lease, f"content blocked: {blocked}")
+                return
         hb = asyncio.create_task(heartbeat())
         started = time.time()
         try:
             assert self.engine is not None
             engine = self.engine
             out = await loop.run_in_executor(self._pool, lambda: engine.generate(params, on_step))
+            if safety is not None:
+                blocked = await loop.run_in_executor(self._pool, safety.check_images, out.images)
+                if blocked:
+                    await self.store.fail(lease, f"content blocked: {blocked}")
+                    return
         except JobAborted as exc:
             if str(exc) == "cancelled":
                 await self.store.fail(lease, "cancelled")

@@ -1,0 +1,128 @@
+"""Async submit throughput and latency of the API for the SQLite and the Redis store.
+
+Starts `kolors-api serve --no-worker` for each store (so jobs stay queued and only the API and the
+store are measured), fires N v2 submits from C concurrent clients, prints one table and writes JSON.
+
+    .venv/bin/python bench/serving.py --requests 2000 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+KEY = "kol_bench_admin_key_0123456789abcdef"
+BODY = {"prompt": "a lighthouse at dusk", "steps": 25, "width": 1024, "height": 1024}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": KEY, "KOLORS_API_LOG_LEVEL": "warning"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "kolors_api.cli", "serve", "--port", str(port), "--no-worker",
+                             "--store", store, "--data-dir", str(data_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            time.sleep(0.02)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def fire(url: str, n: int, concurrency: int) -> tuple[list[float], float, int]:
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"x-api-key": KEY}, limits=limits, timeout=30) as client:
+        async def one() -> None:
+            nonlocal errors
+            while not queue.empty():
+                queue.get_nowait()
+                t0 = time.perf_counter()
+                r = await client.post("/v2/kolors", json=BODY)
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        for _ in range(20):  # warm-up
+            await client.post("/v2/kolors", json=BODY)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - t0, errors
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--out", default="bench/results/serving.json")
+    args = ap.parse_args()
+    rows = []
+    for name, store in (("sqlite", "sqlite"), ("redis", args.redis)):
+        if name == "redis":
+            import redis
+
+            redis.Redis.from_url(args.redis).flushdb()
+        data_dir = Path(tempfile.mkdtemp(prefix="kolors-bench-"))
+        proc, url, startup = start(store, data_dir)
+        try:
+            lat, wall, errors = asyncio.run(fire(url, args.requests, args.concurrency))
+            rows.append({"store": name, "requests": args.requests, "concurrency": args.concurrency,
+                         "throughput_rps": round(args.requests / wall, 1), "p50_ms": round(pct(lat, 50) * 1000, 2),
+                         "p99_ms": round(pct(lat, 99) * 1000, 2), "mean_ms": round(statistics.mean(lat) * 1000, 2),
+                         "errors": errors, "startup_s": round(startup, 2), "rss_mb": round(rss_mb(proc.pid), 1)})
+        finally:
+            proc.terminate()
+            proc.wait()
+            shutil.rmtree(data_dir, ignore_errors=True)
+            if name == "redis":
+                redis.Redis.from_url(args.redis).flushdb()
+    base = rows[0]["throughput_rps"]
+    print(f"{'store':8} {'req':>6} {'conc':>5} {'rps':>8} {'x sqlite':>9} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} "
+          f"{'start s':>8} {'rss MB':>7}")
+    for r in rows:
+        print(f"{r['store']:8} {r['requests']:>6} {r['concurrency']:>5} {r['throughput_rps']:>8} "
+              f"{r['throughput_rps'] / base:>9.2f} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>4} "
+              f"{r['startup_s']:>8} {r['rss_mb']:>7}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Per-key request rate limits on the generation routes (v1 sync, v2 submit, OpenAI images).
+
+A key's `rate_limit` (``"10/min"``, also ``/s`` and ``/hour``; None = no limit) is enforced with a
+moving window from the `limits` library, counted per key id:
+
+- embedded (SQLite store): in process memory, so the limit holds for the one `serve` process;
+- fleet (``redis://`` store): in the same Redis, under the store's prefix, so the limit holds
+  across every API replica (each hit is one atomic Lua call).
+
+It runs as an admission check of `Service.submit`, after validation and before the store's
+submit: a refused request reserves no credits and stores nothing. Every answer to a limited key
+carries the rate limit headers of draft-ietf-httpapi-ratelimit-headers (drafts 08 to 11, the
+Structured Fields syntax), for one policy named ``"key"``::
+
+    RateLimit-Policy: "key";q=10;w=60     quota 10 requests per 60 s window
+    RateLimit: "key";r=0;t=17             0 left; a slot frees in 17 s
+
+A refusal is 429 with those headers and ``Retry-After`` (whole seconds until a slot frees, ≥ 1).
+Keys without a rate limit get no headers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+from starlette.requests import Request
+
+from kolors_api.errors import RateLimited
+from kolors_api.jobs import ApiKey
+from kolors_api.jobs.redis_keys import DEFAULT_PREFIX
+from kolors_api.schema import GenerateParams
+
+#: The policy name in the RateLimit headers.
+POLICY = "key"
+#: Names of the rate limit entries in Redis (under the store's default prefix).
+REDIS_PREFIX = DEFAULT_PREFIX + "ratelimit"
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
+          "minute": "minute", "h": "hour", "hour": "hour"}
+
+
+def parse_limit(rate: str) -> RateLimitItem:
+    """``"10/min"`` (the form `kolors-api keys create --rate-limit` and the admin API accept) → item."""
+    match = _RATE.match(rate)
+    if match is None:
+        raise ValueError(f"rate limit: must look like \"10/min\", got {rate!r}")
+    return parse(f"{match[1]}/{_UNITS[match[2]]}")
+
+
+def storage_uri(store: str) -> str:
+    """The `limits` storage for a store URL: Redis for the fleet, process memory otherwise."""
+    if store.startswith(("redis://", "rediss://")):
+        return "async+" + store
+    if store.startswith("unix://"):
+        return "async+redis+" + store
+    return "async+memory://"
+
+
+class RateLimits:
+    """The admission check: `await limits(request, key, params)` raises RateLimited when over."""
+
+    def __init__(self, store: str) -> None:
+        uri = storage_uri(store)
+        options: dict[str, Any] = {}
+        if uri.startswith("async+redis"):
+            # redis-py's asyncio client (the store's own dependency), not coredis.
+            options = {"implementation": "redispy", "key_prefix": REDIS_PREFIX}
+        self.storage = storage_from_string(uri, **options)
+        self.limiter = MovingWindowRateLimiter(self.storage)
+        self._items: dict[str, RateLimitItem] = {}
+
+    def item(self, rate: str) -> RateLimitItem:
+        item = self._items.get(rate)
+        if item is None:
+            item = self._items[rate] = parse_limit(rate)
+        return item
+
+    async def __call__(self, request: Request, key: ApiKey, params: GenerateParams) -> None:
+        if key.rate_limit is None:
+            return
+        item = self.item(key.rate_limit)
+        allowed = await self.limiter.hit(item, key.id)
+        reset_at, remaining = await self.limiter.get_window_stats(item, key.id)
+        # Seconds until the oldest hit in the window leaves it, i.e. until a slot frees.
+        reset = max(0, math.ceil(reset_at - time.time()))
+        headers = {
+            "RateLimit-Policy": f'"{POLICY}";q={item.amount};w={item.get_expiry()}',
+            "RateLimit": f'"{POLICY}";r={max(0, remaining)};t={reset}',
+        }
+        if not allowed:
+            retry = max(1, reset)
+            raise RateLimited(f"rate limit exceeded: this key allows {key.rate_limit}; retry in {retry}s",
+                              headers={**headers, "Retry-After": str(retry)})
+        extra: dict[str, str] = getattr(request.state, "extra_headers", {})
+        request.state.extra_headers = {**extra, **headers}

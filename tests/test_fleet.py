@@ -1,0 +1,262 @@
+"""Fleet mode: API replicas and worker processes sharing a real Redis; processes are killed for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, start_process, start_server
+
+redis = pytest.importorskip("redis")
+keys = pytest.importorskip("kolors_api.jobs.redis_keys")
+
+DB_URL = "redis://127.0.0.1:6379/13"
+STREAM = keys.DEFAULT_PREFIX + keys.STREAM
+DEAD = keys.DEFAULT_PREFIX + keys.DEAD_LETTERS
+SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
+FAST_LEASE = {"KOLORS_API_LEASE_SECONDS": "3", "KOLORS_API_HEARTBEAT_SECONDS": "0.5"}
+
+
+@pytest.fixture
+def rdb() -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(DB_URL)
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+class Fleet:
+    def __init__(self, tiny_model: Path, root: Path) -> None:
+        self.tiny_model = tiny_model
+        self.root = root
+        self.apis: list[LiveServer] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def api(self, env: dict[str, str] | None = None) -> LiveServer:
+        n = len(self.apis)
+        srv = start_server(self.tiny_model, self.root / f"api{n}", env=env, ready=False,
+                           extra=["--store", DB_URL, "--no-worker"])
+        self.apis.append(srv)
+        return srv
+
+    def worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model),
+                                 "--data-dir", str(self.root / f"worker{n}")], self.root / f"worker{n}",
+                                {**FAST_LEASE, **(env or {})}, "worker.log")
+        self.workers.append(proc)
+        return proc
+
+    def wait_workers(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = httpx.get(self.apis[0].url + "/metrics").text
+            line = next(x for x in text.splitlines() if x.startswith("kolors_workers_alive "))
+            if float(line.split()[1]) >= count:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{count} workers never came alive:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.root.glob("*/*.log"))
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for srv in self.apis:
+            srv.stop()
+
+
+@pytest.fixture
+def fleet(tiny_model: Path, tmp_path: Path, rdb: redis.Redis) -> Iterator[Fleet]:
+    f = Fleet(tiny_model, tmp_path)
+    yield f
+    f.close()
+
+
+def create_key(api: LiveServer, credits: float = 100.0) -> tuple[str, str]:
+    r = httpx.post(api.url + "/v1/admin/keys", headers=api.headers(), json={"name": "chaos", "credits": credits})
+    assert r.status_code == 201, r.text
+    return r.json()["id"], r.json()["key"]
+
+
+def status(api: LiveServer, key: str, request_id: str) -> dict[str, object]:
+    return httpx.get(f"{api.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}, timeout=10).json()
+
+
+def wait_all(api: LiveServer, key: str, ids: list[str], timeout: float = 300) -> dict[str, dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    done: dict[str, dict[str, object]] = {}
+    while time.monotonic() < deadline and len(done) < len(ids):
+        for request_id in ids:
+            if request_id not in done:
+                body = status(api, key, request_id)
+                if body["status"] in ("COMPLETED", "FAILED"):
+                    done[request_id] = body
+        time.sleep(0.2)
+    assert len(done) == len(ids), f"{len(ids) - len(done)} jobs never finished"
+    return done
+
+
+def processing_pid(rdb: redis.Redis, pids: set[int], timeout: float = 60) -> tuple[int, str]:
+    """The pid of a worker that holds a pending (claimed) stream entry right now, and that job id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in rdb.xpending_range(STREAM, keys.GROUP, "-", "+", 10):
+            consumer = entry["consumer"].decode()
+            pid = int(consumer.rsplit("-", 2)[1])
+            if pid in pids:
+                fields = rdb.xrange(STREAM, entry["message_id"], entry["message_id"])
+                if fields:
+                    return pid, fields[0][1][b"job"].decode()
+        time.sleep(0.02)
+    raise AssertionError("no worker ever held a job")
+
+
+def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twice(fleet: Fleet,
+                                                                                 rdb: redis.Redis) -> None:
+    a, b = fleet.api(), fleet.api()
+    # a little slowness per step so that the killed worker really is mid-job when the signal lands
+    w1, w2 = (fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.2"}) for _ in range(2))
+    fleet.wait_workers(2)
+    key_id, key = create_key(a)
+
+    def submit(i: int) -> str:
+        api = (a, b)[i % 2]
+        r = httpx.post(api.url + "/v2/kolors", headers={"x-api-key": key},
+                       json={"prompt": f"chaos job {i}", "seed": 1000 + i, **SMALL}, timeout=30)
+        assert r.status_code == 200, r.text
+        return str(r.json()["request_id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(submit, range(40)))
+    victim_pid, victim_job = processing_pid(rdb, {w1.pid, w2.pid})
+    os.kill(victim_pid, signal.SIGKILL)
+    killed = w1 if w1.pid == victim_pid else w2
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+
+    finished = wait_all(b, key, ids)
+    assert {body["status"] for body in finished.values()} == {"COMPLETED"}, finished
+    for i, request_id in enumerate(ids):
+        result = httpx.get(f"{a.url}/v2/requests/{request_id}", headers={"x-api-key": key}).json()
+        assert result["seeds"] == [1000 + i] and len(result["output"]) == 1
+        assert result["input"]["prompt"] == f"chaos job {i}"
+        assert httpx.get(result["output"][0]).content[:4] == b"\x89PNG"
+    # exactly one capture per job: nothing completed twice, nothing charged twice
+    import asyncio
+
+    from kolors_api.jobs.redis import RedisStore
+
+    async def ledger() -> tuple[list[str], int, int]:
+        store = RedisStore(DB_URL)
+        await store.open()
+        try:
+            entries = await store.ledger(key_id)
+            job = await store.get(victim_job)
+            stats = await store.stats()
+            assert job is not None
+            return [e.request_id for e in entries if e.kind == "capture"], job.deliveries, stats.reclaims
+        finally:
+            await store.close()
+
+    captures, victim_deliveries, reclaims = asyncio.run(ledger())
+    assert sorted(captures) == sorted(ids)
+    assert victim_deliveries == 2 and reclaims >= 1
+    account = httpx.get(a.url + "/v1/account", headers={"x-api-key": key}).json()
+    assert account["credits"] == pytest.approx(100 - 40 * 0.02)
+    survivor = w2 if killed is w1 else w1
+    assert survivor.poll() is None
+
+
+def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fleet) -> None:
+    a = fleet.api()
+    slow = {"KOLORS_API_TEST_FAULTS": "slow-step:2", "KOLORS_API_LEASE_SECONDS": "1",
+            "KOLORS_API_HEARTBEAT_SECONDS": "0.2"}
+    fleet.worker(slow)
+    fleet.worker(slow)
+    fleet.wait_workers(2)
+    r = httpx.post(a.url + "/v2/kolors", headers=a.headers(), json={"prompt": "slow but alive", **SMALL})
+    request_id = r.json()["request_id"]
+    assert wait_all(a, a.key, [request_id], timeout=120)[request_id]["status"] == "COMPLETED"
+    metrics = httpx.get(a.url + "/metrics").text
+    assert "kolors_reclaims_total 0.0" in metrics
+
+
+def test_a_poison_job_ends_failed_after_three_deliveries_in_the_dead_letters(fleet: Fleet,
+                                                                           rdb: redis.Redis) -> None:
+    a = fleet.api()
+    poison = {"KOLORS_API_TEST_FAULTS": "kill-on-claim:poison", "KOLORS_API_LEASE_SECONDS": "1"}
+    r = httpx.post(a.url + "/v2/kolors", headers=a.headers(), json={"prompt": "poison pill", **SMALL})
+    request_id = r.json()["request_id"]
+    deadline = time.monotonic() + 240
+    kills = 0
+    while time.monotonic() < deadline:
+        body = status(a, a.key, request_id)
+        if body["status"] == "FAILED":
+            break
+        if not fleet.workers or fleet.workers[-1].poll() is not None:
+            if fleet.workers and fleet.workers[-1].returncode == -signal.SIGKILL:
+                kills += 1
+            fleet.worker(poison)
+        time.sleep(0.2)
+    assert body == {"request_id": request_id, "status": "FAILED", "error": "worker lost 3 times"}
+    assert kills == 3
+    dead = rdb.xrange(DEAD)
+    assert [entry[1][b"job"].decode() for entry in dead] == [request_id]
+    assert "kolors_dead_letters_total 1.0" in httpx.get(a.url + "/metrics").text
+
+
+def test_a_sync_request_on_replica_a_is_served_by_replica_b_while_it_runs(fleet: Fleet) -> None:
+    a, b = fleet.api(), fleet.api()
+    fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.5"})
+    fleet.wait_workers(1)
+    answer: dict[str, httpx.Response] = {}
+
+    def sync_call() -> None:
+        answer["r"] = httpx.post(a.url + "/v1/kolors", headers=a.headers(), timeout=120,
+                                 json={"prompt": "across replicas", "seed": 5, **{**SMALL, "steps": 6}})
+
+    thread = threading.Thread(target=sync_call)
+    thread.start()
+    seen: set[str] = set()
+    request_id = None
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        history = httpx.get(b.url + "/v1/requests", headers=b.headers()).json()["data"]
+        if history:
+            request_id = history[0]["request_id"]
+            seen.add(str(status(b, b.key, request_id)["status"]))
+        time.sleep(0.05)
+    thread.join()
+    assert answer["r"].status_code == 200 and answer["r"].headers["x-request-id"] == request_id
+    assert "PROCESSING" in seen
+    result = httpx.get(f"{b.url}/v2/requests/{request_id}", headers=b.headers()).json()
+    assert httpx.get(result["output"][0]).content == answer["r"].content
+
+
+def test_sigterm_drains_the_job_in_hand_and_leaves_the_queue_alone(fleet: Fleet, rdb: redis.Redis) -> None:
+    a = fleet.api()
+    worker = fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.5"})
+    fleet.wait_workers(1)
+    ids = [httpx.post(a.url + "/v2/kolors", headers=a.headers(),
+                      json={"prompt": f"drain {i}", **{**SMALL, "steps": 4}}).json()["request_id"] for i in range(3)]
+    pid, in_hand = processing_pid(rdb, {worker.pid})
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    assert in_hand == ids[0]
+    assert status(a, a.key, ids[0])["status"] == "COMPLETED"
+    assert [status(a, a.key, i)["status"] for i in ids[1:]] == ["QUEUED", "QUEUED"]
+    assert httpx.get(a.url + "/readyz").status_code == 503  # no worker left
