@@ -46,10 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.jobs import make_store
+    from kolors_api.safety import build_safety
     from kolors_api.worker import Worker, WorkerConfig, load_engine
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    safety = build_safety(settings)  # a bad terms file or a missing `safety` extra fails here, at start-up
     store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds,
                        max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir)
 
@@ -57,7 +59,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         await store.open()
         worker = Worker(store, lambda: load_engine(settings.model, settings.data_dir, settings.device),
                         WorkerConfig(lease_seconds=settings.lease_seconds,
-                                     heartbeat_seconds=settings.heartbeat_seconds))
+                                     heartbeat_seconds=settings.heartbeat_seconds),
+                        safety=safety)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

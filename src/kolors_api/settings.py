@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     #: Origins allowed by CORS, comma-separated (`*` for any); empty (the default) = CORS off.
     cors_origins: str = ""
     log_level: str = "info"
+    #: Blocked prompt terms, one per line (`#` starts a comment line); replaces the built-in short
+    #: list (`kolors_api.safety.DEFAULT_BLOCKED_TERMS`). Read by the worker at start-up.
+    blocked_terms_file: Path | None = None
+    #: Output screeners, comma-separated: `nudenet` (needs the optional `safety` extra). None by default.
+    screeners: str = ""
+    #: NudeNet classes that block an image (comma-separated; see `kolors_api.safety.NUDENET_CLASSES`).
+    nudenet_classes: str = ("FEMALE_GENITALIA_EXPOSED,MALE_GENITALIA_EXPOSED,FEMALE_BREAST_EXPOSED,"
+                            "BUTTOCKS_EXPOSED,ANUS_EXPOSED")
+    #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
+    nudenet_threshold: float = Field(0.6, ge=0, le=1)
 
     def sqlite_path(self) -> Path:
         return self.data_dir / "kolors-api.sqlite3"

@@ -8,6 +8,7 @@ not import torch: the engine is handed in (or built by `load_engine`, which impo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -101,20 +102,31 @@ class Worker:
         last_alive = 0.0
         try:
             while not self._stopping.is_set():
-                if time.monotonic() - last_alive > self.config.heartbeat_seconds:
-                    await self.store.worker_alive(self.id, alive_ttl)
-                    last_alive = time.monotonic()
-                lease = await self.store.claim(self.id, self.config.lease_seconds, self.config.claim_timeout)
+                try:
+                    if time.monotonic() - last_alive > self.config.heartbeat_seconds:
+                        await self.store.worker_alive(self.id, alive_ttl)
+                        last_alive = time.monotonic()
+                    lease = await self.store.claim(self.id, self.config.lease_seconds, self.config.claim_timeout)
+                except Exception:
+                    # The store is unreachable for a moment: keep the worker, try again shortly.
+                    log.exception("worker %s: store error while claiming", self.id)
+                    await asyncio.sleep(1.0)
+                    continue
                 if lease is None:
                     continue
                 self.state = WorkerState.BUSY
-                await self.process(lease)
+                try:
+                    await self.process(lease)
+                except Exception:
+                    # The outcome could not be stored: the lease runs out and another delivery retries it.
+                    log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
                 self.jobs_done += 1
                 if not self._stopping.is_set():
                     self.state = WorkerState.IDLE
         finally:
             self.state = WorkerState.STOPPED
-            await self.store.worker_alive(self.id, 0)
+            with contextlib.suppress(Exception):
+                await self.store.worker_alive(self.id, 0)
             self._pool.shutdown(wait=False)
 
     async def process(self, lease: Lease) -> None:

@@ -1,0 +1,162 @@
+"""Credits: reserved atomically at submit (no overdraft under a race), refunded on FAILED, priced by size.
+
+The servers run without a worker (`--no-worker`): accepted jobs stay QUEUED and nothing burns CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, start_server
+
+SEED = {"prompt": "a fox", "steps": 25, "width": 1024, "height": 1024}  # costs exactly 1.0
+REDIS_DB_URL = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server("tiny", tmp_path_factory.mktemp("credits"), extra=["--no-worker"], ready=False)
+    yield server
+    server.stop()
+
+
+def create_key(srv: LiveServer, **fields: Any) -> dict[str, Any]:
+    r = httpx.post(srv.url + "/v1/admin/keys", json={"name": "user", **fields}, headers=srv.headers())
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def account(srv: LiveServer, key: str) -> dict[str, Any]:
+    r = httpx.get(srv.url + "/v1/account", headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def submit_many(urls: list[str], key: str, body: dict[str, Any], count: int) -> list[httpx.Response]:
+    """`count` v2 submits at once, spread round-robin over the servers in `urls`."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers={"x-api-key": key}) as client:
+        return list(await asyncio.gather(*(client.post(f"{urls[i % len(urls)]}/v2/kolors", json=body)
+                                           for i in range(count))))
+
+
+def assert_race_outcome(responses: list[httpx.Response], servers: list[LiveServer], key: dict[str, Any]) -> None:
+    counts = Counter(r.status_code for r in responses)
+    assert counts == {200: 5, 406: 45}, counts
+    for r in responses:
+        if r.status_code == 406:
+            assert r.json() == {"error": "insufficient credits: need 1, have 0"}
+    accepted = {r.json()["request_id"] for r in responses if r.status_code == 200}
+    for srv in servers:  # every replica sees the same balance and ledger
+        acct = account(srv, key["key"])
+        assert acct["credits"] == 0
+        assert acct["usage"] == {"credits_spent": 5, "requests": 5, "running": 5}
+        history = httpx.get(srv.url + "/v1/requests", headers={"x-api-key": key["key"]}).json()["data"]
+        assert {row["request_id"] for row in history} == accepted
+        assert sum(row["cost"] for row in history) == 5
+
+
+async def test_fifty_concurrent_submits_on_five_credits_accept_exactly_five(srv: LiveServer) -> None:
+    key = create_key(srv, credits=5)
+    responses = await submit_many([srv.url], key["key"], SEED, 50)
+    assert_race_outcome(responses, [srv], key)
+
+
+@pytest.fixture
+def redis_db() -> Iterator[Any]:
+    redis = pytest.importorskip("redis")
+    try:
+        import kolors_api.jobs.redis  # noqa: F401
+    except Exception as exc:  # pragma: no cover - the Redis backend is optional
+        pytest.skip(f"the Redis store does not import: {exc}")
+    client = redis.Redis.from_url(REDIS_DB_URL)
+    try:
+        client.ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Redis at {REDIS_DB_URL}: {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+async def test_the_race_holds_across_two_api_processes_on_redis(redis_db: Any, tmp_path: Path) -> None:
+    servers = [start_server("tiny", tmp_path / f"api{i}", extra=["--store", REDIS_DB_URL, "--no-worker"],
+                            ready=False) for i in range(2)]
+    try:
+        key = create_key(servers[0], credits=5)
+        responses = await submit_many([s.url for s in servers], key["key"], SEED, 50)
+        assert_race_outcome(responses, servers, key)
+        served_by = Counter(i % 2 for i, r in enumerate(responses) if r.status_code in (200, 406))
+        assert served_by == {0: 25, 1: 25}, "both replicas took part"
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_a_cancelled_queued_job_is_refunded(srv: LiveServer) -> None:
+    key = create_key(srv, credits=3)
+    h = {"x-api-key": key["key"]}
+    job = httpx.post(srv.url + "/v2/kolors", json=SEED, headers=h).json()
+    assert account(srv, key["key"])["credits"] == 2
+
+    r = httpx.post(f"{srv.url}/v2/requests/{job['request_id']}/cancel", headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "FAILED" and r.json()["error"] == "cancelled"
+
+    acct = account(srv, key["key"])
+    assert acct["credits"] == 3, "a FAILED job leaves the balance where it was"
+    assert acct["usage"] == {"credits_spent": 0, "requests": 1, "running": 0}
+    status = httpx.get(f"{srv.url}/v2/requests/{job['request_id']}/status", headers=h)
+    assert status.status_code == 422 and status.json()["error"] == "cancelled"
+    # Cancelling again changes nothing: refunded once.
+    httpx.post(f"{srv.url}/v2/requests/{job['request_id']}/cancel", headers=h)
+    assert account(srv, key["key"])["credits"] == 3
+
+
+# (number_of_images, steps, width, height) → credits: n × steps/25 × w·h/1024²
+SHAPES = [
+    ((1, 25, 1024, 1024), 1),
+    ((2, 50, 1024, 1024), 4),
+    ((1, 25, 512, 512), 0.25),
+    ((1, 10, 768, 1024), 0.3),
+    ((3, 5, 2048, 512), 0.6),
+    ((10, 50, 2048, 2048), 80),
+]
+
+
+@pytest.mark.parametrize(("shape", "cost"), SHAPES)
+def test_price_is_images_times_steps_times_area(srv: LiveServer, shape: tuple[int, int, int, int],
+                                                 cost: float) -> None:
+    n, steps, width, height = shape
+    body = {"prompt": "a fox", "number_of_images": n, "steps": steps, "width": width, "height": height}
+    broke = create_key(srv, credits=0)
+    r = httpx.post(srv.url + "/v2/kolors", json=body, headers={"x-api-key": broke["key"]})
+    assert r.status_code == 406
+    assert r.json() == {"error": f"insufficient credits: need {cost:g}, have 0"}
+
+    rich = create_key(srv, credits=100)
+    r = httpx.post(srv.url + "/v2/kolors", json=body, headers={"x-api-key": rich["key"]})
+    assert r.status_code == 200, r.text
+    assert account(srv, rich["key"])["credits"] == pytest.approx(100 - cost)
+
+
+def test_a_refused_submit_takes_nothing(srv: LiveServer) -> None:
+    key = create_key(srv, credits=0.5)
+    h = {"x-api-key": key["key"]}
+    assert httpx.post(srv.url + "/v2/kolors", json=SEED, headers=h).status_code == 406
+    assert httpx.post(srv.url + "/v2/kolors", json={**SEED, "steps": 0}, headers=h).status_code == 400
+    acct = account(srv, key["key"])
+    assert acct["credits"] == 0.5 and acct["usage"] == {"credits_spent": 0, "requests": 0, "running": 0}
+    assert httpx.get(srv.url + "/v1/requests", headers=h).json()["data"] == []
+    # A top-up makes the same request go through.
+    httpx.patch(f"{srv.url}/v1/admin/keys/{key['id']}", json={"add_credits": 0.5}, headers=srv.headers())
+    assert httpx.post(srv.url + "/v2/kolors", json=SEED, headers=h).status_code == 200
+    assert account(srv, key["key"])["credits"] == 0
