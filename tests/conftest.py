@@ -73,8 +73,10 @@ def start_process(args: list[str], data_dir: Path, env: dict[str, str] | None = 
                   log_name: str = "server.log") -> tuple[subprocess.Popen[bytes], Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
+    # PASSIVE: torch's OpenMP threads sleep instead of spinning, so servers that share the cores with
+    # the test process (and with each other) do not starve it.
     full_env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1",
-                "HF_HUB_OFFLINE": "1", **(env or {})}
+                "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     log = log_path.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "kolors_api.cli", *args], env=full_env,
                             stdout=log, stderr=subprocess.STDOUT)

@@ -30,7 +30,9 @@ REDIS_DB_URL = "redis://127.0.0.1:6379/10"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = start_server("tiny", tmp_path_factory.mktemp("accounts"), extra=["--no-worker"], ready=False)
+    # Debug logging, so that the test that looks for keys in the log reads as much log as there can be.
+    server = start_server("tiny", tmp_path_factory.mktemp("accounts"), extra=["--no-worker"], ready=False,
+                          env={"KOLORS_API_LOG_LEVEL": "debug"})
     yield server
     server.stop()
 
@@ -85,6 +87,20 @@ def test_admin_creates_lists_patches_and_deletes_keys(admin: httpx.Client) -> No
     assert admin.get("/v1/account", headers=as_key(key)).status_code == 401
     assert admin.delete(f"/v1/admin/keys/{key_id}").status_code == 404
     assert admin.patch(f"/v1/admin/keys/{key_id}", json={"credits": 1}).status_code == 404
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_refused_and_break_nothing(srv: LiveServer, admin: httpx.Client, number: str) -> None:
+    # Python's json module reads these; they are not JSON, and a key holding one could not be rendered.
+    r = admin.post("/v1/admin/keys", content=f'{{"name": "nan", "credits": {number}}}')
+    assert r.status_code == 400 and r.json() == {"error": "body: not valid JSON"}
+    victim = create_key(admin, credits=1)
+    r = admin.patch(f"/v1/admin/keys/{victim['id']}", content=f'{{"add_credits": {number}}}')
+    assert r.status_code == 400
+    r = admin.post("/v2/kolors", content=f'{{"prompt": "a fox", "cfg": {number}}}')
+    assert r.status_code == 400
+    assert admin.get("/v1/admin/keys").status_code == 200
+    assert "nan" not in {k["name"] for k in admin.get("/v1/admin/keys").json()["data"]}
 
 
 def test_the_bootstrap_key_is_an_unlimited_admin(admin: httpx.Client) -> None:
@@ -235,6 +251,40 @@ def test_keys_never_reach_the_server_log(srv: LiveServer, admin: httpx.Client) -
     assert "/v1/account" in log, "the access log is on, so this test means something"
     for key in (ADMIN_KEY, user["key"]):
         assert key not in log and key[10:] not in log
+
+
+def test_cors_is_off_by_default(srv: LiveServer) -> None:
+    r = httpx.options(srv.url + "/v2/kolors", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(srv.url + "/v1/account", headers={"Origin": "https://app.example", **srv.headers()})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_cors_allows_the_configured_origins(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path, extra=["--no-worker"], ready=False,
+                          env={"KOLORS_API_CORS_ORIGINS": "https://app.example, https://other.example"})
+    try:
+        preflight = httpx.options(server.url + "/v2/kolors", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key, content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+        assert "access-control-allow-credentials" not in preflight.headers
+        refused = httpx.options(server.url + "/v2/kolors", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in refused.headers
+        with httpx.Client(base_url=server.url, headers=server.headers()) as admin:
+            key = create_key(admin, rate_limit="5/min")
+        r = httpx.post(server.url + "/v2/kolors", json=SMALL,
+                       headers={"Origin": "https://other.example", **as_key(key["key"])})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://other.example"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"ratelimit", "ratelimit-policy", "retry-after"} <= exposed
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        server.stop()
 
 
 # -- the same promise on the Redis store

@@ -5,7 +5,8 @@ moving window from the `limits` library, counted per key id:
 
 - embedded (SQLite store): in process memory, so the limit holds for the one `serve` process;
 - fleet (``redis://`` store): in the same Redis, under the store's prefix, so the limit holds
-  across every API replica (each hit is one atomic Lua call).
+  across every API replica (each hit is one atomic Lua call). The window's entries carry the
+  clock of the API process that made them: keep the replicas' clocks in sync (NTP).
 
 It runs as an admission check of `Service.submit`, after validation and before the store's
 submit: a refused request reserves no credits and stores nothing. Every answer to a limited key
