@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -28,14 +29,19 @@ def parse_rate(value: Any, field: str = "rate_limit") -> str | None:
     return value.strip()
 
 
-def _opt_number(body: dict[str, Any], name: str, *, integer: bool = False) -> Any:
-    value = body[name]
-    if value is None:
+#: The largest credit amount or concurrency a key may hold (keeps every value finite and storable).
+MAX_AMOUNT = 1e12
+
+
+def _number(name: str, value: Any, *, lo: float, integer: bool = False, nullable: bool = True) -> Any:
+    """A finite number in [lo, MAX_AMOUNT] (an integer when asked), or None when nullable."""
+    if value is None and nullable:
         return None
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok or value < (1 if integer else 0):
-        kind = "a positive integer" if integer else "a number >= 0"
-        raise BadRequest(f"{name}: must be {kind} or null, got {value!r}")
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= MAX_AMOUNT:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"{name}: must be {kind} between {lo:g} and {MAX_AMOUNT:g}"
+                         f"{' or null' if nullable else ''}, got {value!r}")
     return value
 
 
@@ -59,16 +65,13 @@ def key_fields(body: Any, *, create: bool) -> dict[str, Any]:
                 raise BadRequest(f"{flag}: must be a boolean")
             out[flag] = body[flag]
     if "credits" in body:
-        out["credits"] = _opt_number(body, "credits")
+        out["credits"] = _number("credits", body["credits"], lo=0)
     if "add_credits" in body:
-        if body["add_credits"] is None or isinstance(body["add_credits"], bool) or \
-                not isinstance(body["add_credits"], int | float):
-            raise BadRequest("add_credits: must be a number")
-        out["add_credits"] = body["add_credits"]
+        out["add_credits"] = _number("add_credits", body["add_credits"], lo=-MAX_AMOUNT, nullable=False)
     if "rate_limit" in body:
         out["rate_limit"] = parse_rate(body["rate_limit"])
     if "max_concurrency" in body:
-        out["max_concurrency"] = _opt_number(body, "max_concurrency", integer=True)
+        out["max_concurrency"] = _number("max_concurrency", body["max_concurrency"], lo=1, integer=True)
     return out
 
 
@@ -95,6 +98,14 @@ async def update_key(key_id: str, request: Request) -> Response:
     svc = service(request)
     await authenticate(svc.store, request, admin=True)
     fields = key_fields(await read_json(request, svc.settings.max_body_bytes), create=False)
+    current = await svc.store.get_key(key_id)
+    if current is None:
+        raise NotFound(f"unknown key: {key_id}")
+    add = fields.get("add_credits")
+    if add is not None and "credits" not in fields:
+        balance = (current.credits or 0) + add
+        if balance < 0 or balance > MAX_AMOUNT:
+            raise BadRequest(f"add_credits: would make the balance {balance:g}, outside 0..{MAX_AMOUNT:g}")
     record = await svc.store.update_key(key_id, **fields)
     if record is None:
         raise NotFound(f"unknown key: {key_id}")

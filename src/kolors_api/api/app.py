@@ -147,22 +147,9 @@ async def read_json(request: Request, limit: int) -> Any:
     if not data.strip():
         raise BadRequest("body: must be a JSON object, got nothing")
     try:
-        # NaN, Infinity and overflowing numbers (1e400) are not JSON: refuse them here, or they reach
-        # the store and every later response that renders them fails.
-        return json.loads(data, parse_constant=_not_json, parse_float=_finite)
+        return json.loads(data)
     except (ValueError, RecursionError):
         raise BadRequest("body: not valid JSON") from None
-
-
-def _not_json(text: str) -> Any:
-    raise ValueError(text)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(text)
-    return value
 
 
 def error_response(exc: KolorsAPIError) -> JSONResponse:

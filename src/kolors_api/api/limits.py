@@ -4,13 +4,14 @@ A key's `rate_limit` (``"10/min"``, also ``/s`` and ``/hour``; None = no limit) 
 moving window from the `limits` library, counted per key id:
 
 - embedded (SQLite store): in process memory, so the limit holds for the one `serve` process;
-- fleet (``redis://`` store): in the same Redis, under the store's prefix, so the limit holds
+- fleet (``redis://`` store): in the same Redis, under ``kolors:ratelimit:``, so the limit holds
   across every API replica (each hit is one atomic Lua call). The window's entries carry the
   clock of the API process that made them: keep the replicas' clocks in sync (NTP).
 
 It runs as an admission check of `Service.submit`, after validation and before the store's
-submit: a refused request reserves no credits and stores nothing. Every answer to a limited key
-carries the rate limit headers of draft-ietf-httpapi-ratelimit-headers (drafts 08 to 11, the
+submit: a refused request reserves no credits and stores nothing (an accepted hit counts even if
+the store then refuses the job, e.g. for credits). Every answer of a generation route to a limited
+key carries the rate limit headers of draft-ietf-httpapi-ratelimit-headers (drafts 08 to 11, the
 Structured Fields syntax), for one policy named ``"key"``::
 
     RateLimit-Policy: "key";q=10;w=60     quota 10 requests per 60 s window

@@ -47,13 +47,13 @@ def to_kolors(body: Any) -> tuple[dict[str, Any], str]:
             raise BadRequest(f"size: must look like \"1024x1024\", got {size!r}")
         out["width"], out["height"] = int(w), int(h)
     fmt = body.get("output_format") or "png"
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise BadRequest(f"output_format: must be one of png, jpeg, webp, got {fmt!r}")
     out["output_format"] = FORMATS[fmt]
     if body.get("output_compression") is not None:
         out["output_quality"] = body["output_compression"]
     response_format = body.get("response_format") or "b64_json"
-    if response_format not in ("b64_json", "url"):
+    if not isinstance(response_format, str) or response_format not in ("b64_json", "url"):
         raise BadRequest(f"response_format: must be b64_json or url, got {response_format!r}")
     return out, response_format
 
