@@ -245,11 +245,14 @@ def test_module_level_run_uses_the_environment(server: LiveServer, monkeypatch: 
 
 
 def test_account_reports_credits_and_usage(client: Client) -> None:
+    before = client.account()
+    client.run_sync("kolors", prompt="usage", steps=2, width=512, height=512)
     account = client.account()
 
-    assert account["admin"] is True
-    assert "credits" in account
-    assert account["usage"]["requests"] >= 0
+    assert account["admin"] is True and account["credits"] is None  # the bootstrap key is unlimited
+    # unlimited keys are metered too: one more request, 0.02 more credits spent
+    assert account["usage"]["requests"] == before["usage"]["requests"] + 1
+    assert account["usage"]["credits_spent"] == pytest.approx(before["usage"]["credits_spent"] + 0.02)
 
 
 def test_context_manager_closes_the_connection(server: LiveServer) -> None:

@@ -152,9 +152,10 @@ if kid ~= '' then
     local have = tonumber(key[1])
     if have + 1e-9 < cost then return {'funds', num(cost), num(have)} end
     redis.call('HSET', k_key(kid), 'credits', num(have - cost))
-    ledger(kid, id, 'reserve', -cost, t)
-    reserved = '1'
   end
+  -- unlimited keys get the entry too (their usage), without a balance to move
+  ledger(kid, id, 'reserve', -cost, t)
+  reserved = '1'
 end
 if redis.call('EXISTS', K_STREAM) == 0 then
   redis.call('XGROUP', 'CREATE', K_STREAM, K_GROUP, '0', 'MKSTREAM')

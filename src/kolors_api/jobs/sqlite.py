@@ -212,8 +212,9 @@ class SQLiteStore:
                     if key["credits"] + 1e-9 < new.cost:
                         raise InsufficientFunds(new.cost, key["credits"])
                     c.execute("UPDATE keys SET credits=credits-? WHERE id=?", (new.cost, new.key_id))
-                    c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                              (new.key_id, new.id, "reserve", -new.cost, now))
+                # unlimited keys get the entry too (their usage), without a balance to move
+                c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+                          (new.key_id, new.id, "reserve", -new.cost, now))
             c.execute(
                 "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
                 "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
