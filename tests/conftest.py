@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -123,3 +124,33 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def api(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as client:
         yield client
+
+
+def flushed_redis(url: str) -> Iterator[Any]:
+    """A client of an emptied Redis db for fleet tests (emptied again after); skips when redis-py or
+    our Redis backend is missing or no server answers. Each test module uses a db of its own."""
+    redis = pytest.importorskip("redis")
+    try:
+        import kolors_api.jobs.redis  # noqa: F401
+    except Exception as exc:  # pragma: no cover - the Redis backend is optional
+        pytest.skip(f"the Redis store does not import: {exc}")
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Redis at {url}: {exc}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is faster, and immune to other processes competing for the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, LiveServer, start_server
+from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, start_server
 
 SMALL = {"prompt": "a fox", "steps": 25, "width": 512, "height": 512}  # costs 0.25
 ADMIN_ROUTES = [
@@ -318,20 +318,6 @@ def test_cors_allows_the_configured_origins(tmp_path: Path) -> None:
 # -- the same promise on the Redis store
 
 
-def redis_client() -> Any:
-    redis = pytest.importorskip("redis")
-    try:
-        import kolors_api.jobs.redis  # noqa: F401
-    except Exception as exc:  # pragma: no cover - the Redis backend is optional
-        pytest.skip(f"the Redis store does not import: {exc}")
-    client = redis.Redis.from_url(REDIS_DB_URL)
-    try:
-        client.ping()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"no Redis at {REDIS_DB_URL}: {exc}")
-    return client
-
-
 def redis_values(client: Any) -> Iterator[bytes]:
     """Every name and value in the db, read by type and also as DUMP payloads."""
     for name in client.scan_iter(count=500):
@@ -358,9 +344,13 @@ def redis_values(client: Any) -> Iterator[bytes]:
         yield client.dump(name) or b""
 
 
-def test_no_plaintext_key_in_redis(tmp_path: Path) -> None:
-    client = redis_client()
-    client.flushdb()
+@pytest.fixture
+def redis_db() -> Iterator[Any]:
+    yield from flushed_redis(REDIS_DB_URL)
+
+
+def test_no_plaintext_key_in_redis(redis_db: Any, tmp_path: Path) -> None:
+    client = redis_db
     server = start_server("tiny", tmp_path / "api", extra=["--store", REDIS_DB_URL, "--no-worker"], ready=False)
     try:
         with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as admin:
@@ -379,5 +369,3 @@ def test_no_plaintext_key_in_redis(tmp_path: Path) -> None:
             assert not any(key.encode() in v or key[10:].encode() in v for v in values), f"{key[:10]}… in Redis"
     finally:
         server.stop()
-        client.flushdb()
-        client.close()

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_server
+from tests.conftest import LiveServer, flushed_redis, start_server
 
 SEED = {"prompt": "a fox", "steps": 25, "width": 1024, "height": 1024}  # costs exactly 1.0
 REDIS_DB_URL = "redis://127.0.0.1:6379/11"
@@ -71,20 +71,7 @@ async def test_fifty_concurrent_submits_on_five_credits_accept_exactly_five(srv:
 
 @pytest.fixture
 def redis_db() -> Iterator[Any]:
-    redis = pytest.importorskip("redis")
-    try:
-        import kolors_api.jobs.redis  # noqa: F401
-    except Exception as exc:  # pragma: no cover - the Redis backend is optional
-        pytest.skip(f"the Redis store does not import: {exc}")
-    client = redis.Redis.from_url(REDIS_DB_URL)
-    try:
-        client.ping()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"no Redis at {REDIS_DB_URL}: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_redis(REDIS_DB_URL)
 
 
 async def test_the_race_holds_across_two_api_processes_on_redis(redis_db: Any, tmp_path: Path) -> None:

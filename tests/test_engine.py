@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,7 @@ MAGIC = {"webp": (b"RIFF", b"WEBP"), "jpg": (b"\xff\xd8\xff", b""), "png": (b"\x
 PIL_FORMAT = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny tensors: one thread is faster, and immune to other processes competing for the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

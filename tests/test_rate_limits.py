@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_server
+from tests.conftest import LiveServer, flushed_redis, start_server
 
 SMALL = {"prompt": "a fox", "steps": 1, "width": 512, "height": 512}
 REDIS_DB_URL = "redis://127.0.0.1:6379/12"
@@ -121,20 +121,7 @@ def test_max_concurrency_refuses_a_second_job_while_one_is_queued(srv: LiveServe
 
 @pytest.fixture
 def redis_db() -> Iterator[Any]:
-    redis = pytest.importorskip("redis")
-    try:
-        import kolors_api.jobs.redis  # noqa: F401
-    except Exception as exc:  # pragma: no cover - the Redis backend is optional
-        pytest.skip(f"the Redis store does not import: {exc}")
-    client = redis.Redis.from_url(REDIS_DB_URL)
-    try:
-        client.ping()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"no Redis at {REDIS_DB_URL}: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_redis(REDIS_DB_URL)
 
 
 async def test_the_limit_holds_across_two_api_processes_on_redis(redis_db: Any, tmp_path: Path) -> None:
