@@ -110,27 +110,32 @@ async def submit_async(model: str, request: Request) -> Response:
     return JSONResponse({"request_id": job.id, "status": job.state.value, **links(svc, request, job)})
 
 
-@router.get("/v2/requests/{request_id}/status", summary="Poll an async request")
-async def request_status(request_id: str, request: Request) -> Response:
+async def polled_job(request: Request, request_id: str) -> tuple[Service, Job]:
+    """The caller's job for the two poll routes; a FAILED one is raised as 422."""
     svc = service(request)
     key = await authenticate(svc.store, request)
     job = await own_job(svc, key, request_id)
     if job.state == JobState.FAILED:
         raise failed(job)
+    return svc, job
+
+
+async def live_status(svc: Service, job: Job) -> dict[str, Any]:
     position = await svc.store.queue_position(job.id) if job.state == JobState.QUEUED else None
-    return JSONResponse(status_body(job, position))
+    return status_body(job, position)
+
+
+@router.get("/v2/requests/{request_id}/status", summary="Poll an async request")
+async def request_status(request_id: str, request: Request) -> Response:
+    svc, job = await polled_job(request, request_id)
+    return JSONResponse(await live_status(svc, job))
 
 
 @router.get("/v2/requests/{request_id}", summary="Fetch the result of an async request")
 async def request_result(request_id: str, request: Request) -> Response:
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    job = await own_job(svc, key, request_id)
-    if job.state == JobState.FAILED:
-        raise failed(job)
+    svc, job = await polled_job(request, request_id)
     if job.state != JobState.COMPLETED:
-        position = await svc.store.queue_position(job.id) if job.state == JobState.QUEUED else None
-        return JSONResponse(status_body(job, position), status_code=202)
+        return JSONResponse(await live_status(svc, job), status_code=202)
     return JSONResponse({
         "request_id": job.id,
         "status": job.state.value,
