@@ -270,7 +270,7 @@ class SQLiteStore:
             return None
         path = self.blob_dir / job_id / f"{index}.{job.ext}"
         try:
-            return await self._run(path.read_bytes)
+            return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             return None
 
@@ -378,16 +378,15 @@ class SQLiteStore:
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
-        def q() -> bool:
-            assert self._conn is not None
-            if self._holds(self._conn, lease) is None:
-                return False
-            # Files go to a folder of this delivery, renamed into place only by the fenced commit.
-            final = self.blob_dir / lease.job.id
-            tmp = self.blob_dir / f".{lease.job.id}.{lease.token}"
+        final = self.blob_dir / lease.job.id
+        tmp = self.blob_dir / f".{lease.job.id}.{lease.token}"
+
+        def write() -> None:
             tmp.mkdir(parents=True, exist_ok=True)
             for i, data in enumerate(images):
                 (tmp / f"{i}.{ext}").write_bytes(data)
+
+        def q() -> bool:
             now = time.time()
             with self._tx() as c:
                 row = self._holds(c, lease)
@@ -405,6 +404,15 @@ class SQLiteStore:
                 if row["key_id"] is not None and row["cost"]:
                     _ledger(c, row, "capture", 0.0)
                 return True
+        def holds() -> bool:
+            assert self._conn is not None
+            return self._holds(self._conn, lease) is not None
+
+        if not await self._run(holds):
+            return False
+        # Files go to a folder of this delivery, written off the database thread (large images must
+        # not stall the API's queries), and renamed into place only by the fenced commit.
+        await asyncio.to_thread(write)
         ok = await self._run(q)
         self._notify(lease.job.id)
         return ok

@@ -61,9 +61,13 @@ class WorkerConfig:
 
 
 def load_engine(model: str, data_dir: Any, device: str | None) -> EngineLike:
+    """Load the engine and run one small warm-up image, so the first job does not pay for
+    kernel selection and allocator growth (the worker reports alive only after this)."""
     from kolors_api.engine import Engine  # torch lives behind this import
 
-    return Engine(model, data_dir=data_dir, device=device)
+    engine = Engine(model, data_dir=data_dir, device=device)
+    engine.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
+    return engine
 
 
 class Worker:
