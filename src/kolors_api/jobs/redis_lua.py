@@ -1,0 +1,319 @@
+"""The Lua scripts of the Redis job store: one script per state change (see `redis.py`).
+
+Each script is `redis_keys.LUA_KEYS` (the key names) + `_LUA_COMMON` (shared helpers) + its body.
+"""
+
+from __future__ import annotations
+
+from kolors_api.jobs import redis_keys as names
+
+# ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
+# arguments start at ARGV[3].
+_LUA_COMMON = r"""
+local RETENTION = tonumber(ARGV[2])
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function num(x) return string.format('%.17g', x) end
+local function with_status(status, list)
+  table.insert(list, 1, status)
+  return list
+end
+local function publish(id)
+  redis.call('PUBLISH', k_events(id), redis.call('HGET', k_job(id), 'version') or '0')
+end
+local function ledger(kid, rid, kind, amount, at)
+  redis.call('RPUSH', k_ledger(kid),
+    cjson.encode({request_id = rid, kind = kind, amount = num(amount), at = num(at)}))
+end
+local function ack(entry)
+  if entry then
+    redis.call('XACK', K_STREAM, K_GROUP, entry)
+    redis.call('XDEL', K_STREAM, entry)
+  end
+end
+-- the idle time that makes an entry reach the horizon when `remaining_ms` have passed
+local function idle_for(remaining_ms, horizon)
+  return math.max(0, math.floor(horizon - remaining_ms))
+end
+-- COMPLETED or FAILED: leave the queue, release the key's slot, ack the entry, start the TTL
+local function finish(id, fields, t)
+  local jk = k_job(id)
+  local h = redis.call('HMGET', jk, 'state', 'key_id', 'entry')
+  local exp = t + RETENTION
+  redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), unpack(fields))
+  redis.call('HDEL', jk, 'lease_token', 'lease_until', 'lease_ms')
+  redis.call('HINCRBY', jk, 'version', 1)
+  if h[1] == 'QUEUED' then redis.call('ZREM', K_QUEUED, id) else redis.call('SREM', K_PROCESSING, id) end
+  if h[2] and redis.call('DECR', k_running(h[2])) <= 0 then redis.call('DEL', k_running(h[2])) end
+  ack(h[3])
+  local at_ms = math.ceil(exp * 1000)
+  redis.call('PEXPIREAT', jk, at_ms)
+  redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, h[2] or ''}))
+  return at_ms
+end
+local function fail_job(id, err, t)
+  local h = redis.call('HMGET', k_job(id), 'key_id', 'cost', 'reserved')
+  finish(id, {'state', 'FAILED', 'error', err}, t)
+  local kid, cost = h[1], tonumber(h[2] or '0')
+  if kid and cost ~= 0 and h[3] == '1' then
+    local credits = redis.call('HGET', k_key(kid), 'credits')
+    if credits then redis.call('HSET', k_key(kid), 'credits', num(tonumber(credits) + cost)) end
+    ledger(kid, id, 'refund', cost, t)
+  end
+  publish(id)
+end
+local function take(id, entry, worker, token, lease_ms, horizon, t)
+  local jk = k_job(id)
+  if redis.call('HGET', jk, 'state') == 'QUEUED' then
+    redis.call('ZREM', K_QUEUED, id)
+    redis.call('SADD', K_PROCESSING, id)
+  end
+  redis.call('HSET', jk, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
+    'lease_until', num(t + lease_ms / 1000), 'lease_ms', num(lease_ms), 'started_at', num(t), 'step', 0)
+  redis.call('HINCRBY', jk, 'deliveries', 1)
+  redis.call('HINCRBY', jk, 'version', 1)
+  redis.call('XCLAIM', K_STREAM, K_GROUP, worker, 0, entry, 'IDLE', idle_for(lease_ms, horizon), 'JUSTID')
+  publish(id)
+  return with_status('ok', redis.call('HGETALL', jk))
+end
+"""
+
+_LUA_BODIES: dict[str, str] = {
+    # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook
+    names.SCRIPT_SUBMIT: r"""
+local id, kid, cost = ARGV[3], ARGV[5], tonumber(ARGV[6])
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 1 then return {'exists'} end
+local cap = tonumber(ARGV[4])
+if cap > 0 then
+  local queued = redis.call('ZCARD', K_QUEUED)
+  if queued >= cap then return {'queue_full', queued} end
+end
+local t = now()
+local reserved = '0'
+if kid ~= '' then
+  local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency')
+  if key[2] and tonumber(redis.call('GET', k_running(kid)) or '0') >= tonumber(key[2]) then
+    return {'too_many', key[2]}
+  end
+  if key[1] then
+    local have = tonumber(key[1])
+    if have + 1e-9 < cost then return {'funds', num(cost), num(have)} end
+    redis.call('HSET', k_key(kid), 'credits', num(have - cost))
+  end
+  -- unlimited keys get the entry too (their usage), without a balance to move
+  ledger(kid, id, 'reserve', -cost, t)
+  reserved = '1'
+end
+if redis.call('EXISTS', K_STREAM) == 0 then
+  redis.call('XGROUP', 'CREATE', K_STREAM, K_GROUP, '0', 'MKSTREAM')
+end
+local seq = redis.call('INCR', K_SEQ)
+local entry = redis.call('XADD', K_STREAM, '*', 'job', id)
+redis.call('HSET', jk, 'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
+  'created_at', num(t), 'step', 0, 'total_steps', 0, 'outputs', 0, 'ext', '', 'seeds', '[]',
+  'metrics', '{}', 'deliveries', 0, 'cancel_requested', 0, 'version', 1, 'seq', seq, 'entry', entry,
+  'reserved', reserved)
+if kid ~= '' then
+  redis.call('HSET', jk, 'key_id', kid)
+  redis.call('INCR', k_running(kid))
+  redis.call('ZADD', k_history(kid), seq, id)
+end
+if ARGV[9] ~= '' then redis.call('HSET', jk, 'idempotency_key', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[10]) end
+redis.call('ZADD', K_QUEUED, seq, id)
+return with_status('ok', redis.call('HGETALL', jk))
+""",
+    # ARGV: worker, token, lease_ms, horizon_ms, max_deliveries
+    names.SCRIPT_CLAIM_STALE: r"""
+if redis.call('EXISTS', K_STREAM) == 0 then return {'none'} end
+local worker, token, lease_ms, horizon = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_deliveries = tonumber(ARGV[7])
+local t = now()
+local cursor = '0-0'
+for _ = 1, 1000 do
+  local r = redis.call('XAUTOCLAIM', K_STREAM, K_GROUP, worker, horizon, cursor, 'COUNT', 1)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    if type(e) == 'table' then
+      local entry, id = e[1], e[2][2]
+      local h = redis.call('HMGET', k_job(id), 'state', 'lease_until', 'lease_worker', 'deliveries')
+      if h[1] == 'PROCESSING' and h[2] and tonumber(h[2]) > t then
+        -- its lease still runs (one longer than the horizon): back to its holder, idle restored
+        redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, entry,
+          'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
+      elseif h[1] == 'PROCESSING' or h[1] == 'QUEUED' then
+        -- QUEUED here: read by a worker that died before its claim script ran
+        if h[1] == 'PROCESSING' then redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1) end
+        local deliveries = tonumber(h[4])
+        if deliveries >= max_deliveries then
+          local reason = 'worker lost ' .. deliveries .. ' times'
+          fail_job(id, reason, t)
+          redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
+          redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
+        else
+          return take(id, entry, worker, token, lease_ms, horizon, t)
+        end
+      else
+        ack(entry)  -- the job ended or went: nothing to deliver
+      end
+    end
+  end
+  if cursor == '0-0' then break end
+end
+return {'none'}
+""",
+    # ARGV: worker, token, lease_ms, horizon_ms, entry, job id
+    names.SCRIPT_CLAIM_ENTRY: r"""
+local entry, id = ARGV[7], ARGV[8]
+if redis.call('HGET', k_job(id), 'state') ~= 'QUEUED' then
+  ack(entry)  -- cancelled (or gone) after it was queued
+  return {'none'}
+end
+return take(id, entry, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now())
+""",
+    # ARGV: id, token, lease_ms, horizon_ms
+    names.SCRIPT_HEARTBEAT: r"""
+local jk, lease_ms = k_job(ARGV[3]), tonumber(ARGV[5])
+local h = redis.call('HMGET', jk, 'state', 'lease_token', 'lease_worker', 'entry')
+if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+redis.call('HSET', jk, 'lease_until', num(now() + lease_ms / 1000), 'lease_ms', num(lease_ms))
+redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, h[4], 'IDLE', idle_for(lease_ms, tonumber(ARGV[6])),
+  'JUSTID')
+return 1
+""",
+    # ARGV: id, token, step, total_steps
+    names.SCRIPT_PROGRESS: r"""
+local jk = k_job(ARGV[3])
+local h = redis.call('HMGET', jk, 'state', 'lease_token')
+if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6])
+redis.call('HINCRBY', jk, 'version', 1)
+publish(ARGV[3])
+return 1
+""",
+    # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob)
+    names.SCRIPT_COMPLETE: r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', k_job(id), 'state', 'lease_token', 'key_id', 'cost', 'total_steps')
+if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+local t, n = now(), tonumber(ARGV[9])
+local fields = {'state', 'COMPLETED', 'outputs', n, 'ext', ARGV[5], 'seeds', ARGV[6], 'metrics', ARGV[7],
+  'step', h[5] or '0'}
+if ARGV[8] ~= '' then
+  table.insert(fields, 'blob')
+  table.insert(fields, ARGV[8])
+end
+local at_ms = finish(id, fields, t)
+if ARGV[8] == '' then
+  for i = 1, n do redis.call('SET', k_output(id, i - 1), ARGV[9 + i], 'PXAT', at_ms) end
+end
+if h[3] and tonumber(h[4] or '0') ~= 0 then ledger(h[3], id, 'capture', 0, t) end
+publish(id)
+return 1
+""",
+    # ARGV: id, token, error
+    names.SCRIPT_FAIL: r"""
+local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'lease_token')
+if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+fail_job(ARGV[3], ARGV[5], now())
+return 1
+""",
+    # ARGV: id
+    names.SCRIPT_CANCEL: r"""
+local id = ARGV[3]
+local jk = k_job(id)
+local state = redis.call('HGET', jk, 'state')
+if not state then return {'none'} end
+if state == 'QUEUED' then
+  fail_job(id, 'cancelled', now())
+elseif state == 'PROCESSING' then
+  redis.call('HSET', jk, 'cancel_requested', 1)
+  redis.call('HINCRBY', jk, 'version', 1)
+  publish(id)
+end
+return with_status('ok', redis.call('HGETALL', jk))
+""",
+    # ARGV: batch size. Returns the ids of the jobs that went.
+    names.SCRIPT_EXPIRE: r"""
+local t = now()
+local gone = {}
+local due = redis.call('ZRANGEBYSCORE', K_EXPIRING, '-inf', num(t), 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(due) do
+  local pair = cjson.decode(member)
+  local id, kid = pair[1], pair[2]
+  local outputs = tonumber(redis.call('HGET', k_job(id), 'outputs') or '0')
+  for i = 1, outputs do redis.call('DEL', k_output(id, i - 1)) end
+  redis.call('DEL', k_job(id))
+  if kid ~= '' then redis.call('ZREM', k_history(kid), id) end
+  redis.call('ZREM', K_EXPIRING, member)
+  table.insert(gone, id)
+end
+redis.call('ZREMRANGEBYSCORE', K_WORKERS, '-inf', num(t - 3600))
+return gone
+""",
+    # ARGV: id, key_hash, created_at, credits or '', then field/value pairs
+    names.SCRIPT_ADD_KEY: r"""
+local id = ARGV[3]
+if redis.call('EXISTS', k_key(id)) == 1 or redis.call('HEXISTS', K_KEY_INDEX, ARGV[4]) == 1 then return 0 end
+redis.call('HSET', k_key(id), unpack(ARGV, 7))
+redis.call('HSET', K_KEY_INDEX, ARGV[4], id)
+redis.call('ZADD', K_KEY_LIST, ARGV[5], id)
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= 0 then ledger(id, '', 'topup', tonumber(ARGV[6]), now()) end
+return 1
+""",
+    # ARGV: id, credits mode ('', 'set' or 'add'), credits value ('' = None), n sets, n field/value pairs,
+    # then the fields to delete
+    names.SCRIPT_UPDATE_KEY: r"""
+local kk = k_key(ARGV[3])
+if redis.call('EXISTS', kk) == 0 then return {} end
+local i = 7
+for _ = 1, tonumber(ARGV[6]) do
+  redis.call('HSET', kk, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HDEL', kk, ARGV[i])
+  i = i + 1
+end
+if ARGV[4] ~= '' then
+  local old = tonumber(redis.call('HGET', kk, 'credits') or '0')
+  local new = nil
+  if ARGV[4] == 'add' then new = old + tonumber(ARGV[5]) elseif ARGV[5] ~= '' then new = tonumber(ARGV[5]) end
+  if new == nil then
+    redis.call('HDEL', kk, 'credits')
+  else
+    redis.call('HSET', kk, 'credits', num(new))
+    ledger(ARGV[3], '', 'topup', new - old, now())
+  end
+end
+return redis.call('HGETALL', kk)
+""",
+    # ARGV: id
+    names.SCRIPT_DELETE_KEY: r"""
+local kk = k_key(ARGV[3])
+local key_hash = redis.call('HGET', kk, 'key_hash')
+if not key_hash then return 0 end
+redis.call('DEL', kk)
+redis.call('HDEL', K_KEY_INDEX, key_hash)
+redis.call('ZREM', K_KEY_LIST, ARGV[3])
+return 1
+""",
+    # ARGV: worker id, ttl seconds
+    names.SCRIPT_WORKER_ALIVE: r"""
+local ttl = tonumber(ARGV[4])
+if ttl <= 0 then return redis.call('ZREM', K_WORKERS, ARGV[3]) end
+return redis.call('ZADD', K_WORKERS, num(now() + ttl), ARGV[3])
+""",
+    names.SCRIPT_STATS: r"""
+local counters = redis.call('HMGET', K_COUNTERS, F_RECLAIMS, F_DEAD)
+return {redis.call('ZCARD', K_QUEUED), redis.call('SCARD', K_PROCESSING),
+  redis.call('ZCOUNT', K_WORKERS, '(' .. num(now()), '+inf'),
+  tonumber(counters[1] or '0'), tonumber(counters[2] or '0')}
+""",
+}
+
+SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in _LUA_BODIES.items()}
+assert set(SCRIPTS) == set(names.SCRIPT_NAMES)
