@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,20 +11,21 @@ from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.app import read_json, service
 from kolors_api.api.auth import authenticate
+from kolors_api.api.limits import parse_limit
 from kolors_api.errors import BadRequest, NotFound
 from kolors_api.jobs import ApiKey, make_key_record, new_key
 
 router = APIRouter()
 
-RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
-
-
 def parse_rate(value: Any, field: str = "rate_limit") -> str | None:
-    """`"N/min"` (also /s, /hour) or null."""
+    """`"N/min"` (also /s, /hour) with N ≥ 1, or null."""
     if value is None:
         return None
-    if not isinstance(value, str) or not RATE_RE.match(value) or int(RATE_RE.match(value)[1]) < 1:  # type: ignore[index]
-        raise BadRequest(f"{field}: must look like \"10/min\" or be null, got {value!r}")
+    try:
+        if not isinstance(value, str) or parse_limit(value).amount < 1:
+            raise ValueError(value)
+    except ValueError:
+        raise BadRequest(f"{field}: must look like \"10/min\" or be null, got {value!r}") from None
     return value.strip()
 
 
