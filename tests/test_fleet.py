@@ -260,3 +260,17 @@ def test_sigterm_drains_the_job_in_hand_and_leaves_the_queue_alone(fleet: Fleet,
     assert status(a, a.key, ids[0])["status"] == "COMPLETED"
     assert [status(a, a.key, i)["status"] for i in ids[1:]] == ["QUEUED", "QUEUED"]
     assert httpx.get(a.url + "/readyz").status_code == 503  # no worker left
+
+
+def test_the_queue_cap_answers_503_with_retry_after_and_charges_nothing(fleet: Fleet) -> None:
+    a = fleet.api({"KOLORS_API_QUEUE_CAP": "3"})
+    key_id, key = create_key(a, credits=10)
+    codes = [httpx.post(a.url + "/v2/kolors", headers={"x-api-key": key},
+                        json={"prompt": f"capped {i}", **SMALL}).status_code for i in range(3)]
+    full = httpx.post(a.url + "/v2/kolors", headers={"x-api-key": key}, json={"prompt": "one too many", **SMALL})
+    assert codes == [200, 200, 200]
+    assert full.status_code == 503 and full.json()["error"] == "queue is full (3 jobs waiting)"
+    assert int(full.headers["retry-after"]) >= 1
+    account = httpx.get(a.url + "/v1/account", headers={"x-api-key": key}).json()
+    assert account["credits"] == pytest.approx(10 - 3 * 0.02) and account["usage"]["requests"] == 3
+    assert "kolors_queue_depth 3.0" in httpx.get(a.url + "/metrics").text
