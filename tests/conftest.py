@@ -52,6 +52,12 @@ class LiveServer:
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"x-api-key": key or self.key}
 
+    def create_key(self, **fields: Any) -> dict[str, Any]:
+        """A new key made through the admin API (`{"name": "user", **fields}`): the 201 body."""
+        r = httpx.post(self.url + "/v1/admin/keys", json={"name": "user", **fields}, headers=self.headers())
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

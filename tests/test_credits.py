@@ -27,12 +27,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server.stop()
 
 
-def create_key(srv: LiveServer, **fields: Any) -> dict[str, Any]:
-    r = httpx.post(srv.url + "/v1/admin/keys", json={"name": "user", **fields}, headers=srv.headers())
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def account(srv: LiveServer, key: str) -> dict[str, Any]:
     r = httpx.get(srv.url + "/v1/account", headers={"x-api-key": key})
     assert r.status_code == 200, r.text
@@ -64,7 +58,7 @@ def assert_race_outcome(responses: list[httpx.Response], servers: list[LiveServe
 
 
 async def test_fifty_concurrent_submits_on_five_credits_accept_exactly_five(srv: LiveServer) -> None:
-    key = create_key(srv, credits=5)
+    key = srv.create_key(credits=5)
     responses = await submit_many([srv.url], key["key"], SEED, 50)
     assert_race_outcome(responses, [srv], key)
 
@@ -78,7 +72,7 @@ async def test_the_race_holds_across_two_api_processes_on_redis(redis_db: Any, t
     servers = [start_server("tiny", tmp_path / f"api{i}", extra=["--store", REDIS_DB_URL, "--no-worker"],
                             ready=False) for i in range(2)]
     try:
-        key = create_key(servers[0], credits=5)
+        key = servers[0].create_key(credits=5)
         responses = await submit_many([s.url for s in servers], key["key"], SEED, 50)
         assert_race_outcome(responses, servers, key)
         served_by = Counter(i % 2 for i, r in enumerate(responses) if r.status_code in (200, 406))
@@ -89,7 +83,7 @@ async def test_the_race_holds_across_two_api_processes_on_redis(redis_db: Any, t
 
 
 def test_a_cancelled_queued_job_is_refunded(srv: LiveServer) -> None:
-    key = create_key(srv, credits=3)
+    key = srv.create_key(credits=3)
     h = {"x-api-key": key["key"]}
     job = httpx.post(srv.url + "/v2/kolors", json=SEED, headers=h).json()
     assert account(srv, key["key"])["credits"] == 2
@@ -124,19 +118,19 @@ def test_price_is_images_times_steps_times_area(srv: LiveServer, shape: tuple[in
                                                  cost: float) -> None:
     n, steps, width, height = shape
     body = {"prompt": "a fox", "number_of_images": n, "steps": steps, "width": width, "height": height}
-    broke = create_key(srv, credits=0)
+    broke = srv.create_key(credits=0)
     r = httpx.post(srv.url + "/v2/kolors", json=body, headers={"x-api-key": broke["key"]})
     assert r.status_code == 406
     assert r.json() == {"error": f"insufficient credits: need {cost:g}, have 0"}
 
-    rich = create_key(srv, credits=100)
+    rich = srv.create_key(credits=100)
     r = httpx.post(srv.url + "/v2/kolors", json=body, headers={"x-api-key": rich["key"]})
     assert r.status_code == 200, r.text
     assert account(srv, rich["key"])["credits"] == pytest.approx(100 - cost)
 
 
 def test_a_refused_submit_takes_nothing(srv: LiveServer) -> None:
-    key = create_key(srv, credits=0.5)
+    key = srv.create_key(credits=0.5)
     h = {"x-api-key": key["key"]}
     assert httpx.post(srv.url + "/v2/kolors", json=SEED, headers=h).status_code == 406
     assert httpx.post(srv.url + "/v2/kolors", json={**SEED, "steps": 0}, headers=h).status_code == 400

@@ -87,9 +87,8 @@ def fleet(tiny_model: Path, tmp_path: Path, rdb: redis.Redis) -> Iterator[Fleet]
 
 
 def create_key(api: LiveServer, credits: float = 100.0) -> tuple[str, str]:
-    r = httpx.post(api.url + "/v1/admin/keys", headers=api.headers(), json={"name": "chaos", "credits": credits})
-    assert r.status_code == 201, r.text
-    return r.json()["id"], r.json()["key"]
+    made = api.create_key(name="chaos", credits=credits)
+    return made["id"], made["key"]
 
 
 def status(api: LiveServer, key: str, request_id: str) -> dict[str, object]:

@@ -31,12 +31,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server.stop()
 
 
-def create_key(srv: LiveServer, **fields: Any) -> dict[str, Any]:
-    r = httpx.post(srv.url + "/v1/admin/keys", json={"name": "user", **fields}, headers=srv.headers())
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
 def remaining(r: httpx.Response) -> tuple[int, int]:
     match = RATELIMIT.match(r.headers["RateLimit"])
     assert match, r.headers["RateLimit"]
@@ -44,7 +38,7 @@ def remaining(r: httpx.Response) -> tuple[int, int]:
 
 
 def test_ten_per_minute_accepts_ten_of_thirty(srv: LiveServer) -> None:
-    key = create_key(srv, rate_limit="10/min", credits=100)
+    key = srv.create_key(rate_limit="10/min", credits=100)
     with httpx.Client(base_url=srv.url, headers={"x-api-key": key["key"]}, timeout=30) as client:
         responses = [client.post("/v2/kolors", json=SMALL) for _ in range(30)]
         history = client.get("/v1/requests", params={"limit": "100"}).json()["data"]
@@ -66,7 +60,7 @@ def test_ten_per_minute_accepts_ten_of_thirty(srv: LiveServer) -> None:
 
 
 def test_a_key_without_a_rate_limit_gets_no_headers(srv: LiveServer) -> None:
-    key = create_key(srv)
+    key = srv.create_key()
     for _ in range(3):
         r = httpx.post(srv.url + "/v2/kolors", json=SMALL, headers={"x-api-key": key["key"]})
         assert r.status_code == 200
@@ -79,7 +73,7 @@ def test_a_key_without_a_rate_limit_gets_no_headers(srv: LiveServer) -> None:
     ("/v2/kolors", SMALL),
 ])
 def test_every_generation_route_shares_the_key_limit(srv: LiveServer, path: str, body: dict[str, Any]) -> None:
-    key = create_key(srv, rate_limit="1/min")
+    key = srv.create_key(rate_limit="1/min")
     h = {"x-api-key": key["key"]}
     assert httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h).status_code == 200
     r = httpx.post(srv.url + path, json=body, headers=h)
@@ -88,14 +82,14 @@ def test_every_generation_route_shares_the_key_limit(srv: LiveServer, path: str,
 
 
 def test_invalid_requests_do_not_use_the_quota(srv: LiveServer) -> None:
-    key = create_key(srv, rate_limit="1/min")
+    key = srv.create_key(rate_limit="1/min")
     h = {"x-api-key": key["key"]}
     assert httpx.post(srv.url + "/v2/kolors", json={**SMALL, "steps": 99}, headers=h).status_code == 400
     assert httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h).status_code == 200
 
 
 def test_a_patched_rate_limit_applies_at_once(srv: LiveServer) -> None:
-    key = create_key(srv, rate_limit="1/min")
+    key = srv.create_key(rate_limit="1/min")
     h = {"x-api-key": key["key"]}
     assert httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h).status_code == 200
     assert httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h).status_code == 429
@@ -105,7 +99,7 @@ def test_a_patched_rate_limit_applies_at_once(srv: LiveServer) -> None:
 
 
 def test_max_concurrency_refuses_a_second_job_while_one_is_queued(srv: LiveServer) -> None:
-    key = create_key(srv, max_concurrency=1, credits=10)
+    key = srv.create_key(max_concurrency=1, credits=10)
     h = {"x-api-key": key["key"]}
     first = httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h)
     assert first.status_code == 200
@@ -128,7 +122,7 @@ async def test_the_limit_holds_across_two_api_processes_on_redis(redis_db: Any, 
     servers = [start_server("tiny", tmp_path / f"api{i}", extra=["--store", REDIS_DB_URL, "--no-worker"],
                             ready=False) for i in range(2)]
     try:
-        key = create_key(servers[0], rate_limit="10/min")
+        key = servers[0].create_key(rate_limit="10/min")
         limits = httpx.Limits(max_connections=30, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits, headers={"x-api-key": key["key"]}) as client:
             responses = await asyncio.gather(*(client.post(f"{servers[i % 2].url}/v2/kolors", json=SMALL)
