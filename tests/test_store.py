@@ -243,6 +243,23 @@ async def test_credits_are_reserved_captured_and_refunded_through_the_ledger(sto
     assert sum(e.amount for e in ledger) == pytest.approx(record.credits)
 
 
+async def test_an_unlimited_key_is_metered_and_a_later_limit_keeps_balance_equal_to_the_ledger(
+        store: JobStore) -> None:
+    key = make_key_record("erin", new_key())  # credits None: unlimited
+    await store.add_key(key)
+    await store.submit(NewJob(model="kolors", params=params(), cost=2.0, key_id=key.id))
+    lease = await store.claim("w", 30, 0.1)
+    assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
+    assert [(e.kind, e.amount) for e in await store.ledger(key.id)] == [("reserve", -2.0), ("capture", 0.0)]
+    assert (await store.get_key(key.id)).credits is None  # type: ignore[union-attr]
+    limited = await store.update_key(key.id, credits=10.0)
+    assert limited is not None and limited.credits == 10.0
+    assert sum(e.amount for e in await store.ledger(key.id)) == pytest.approx(10.0)
+    topped = await store.update_key(key.id, add_credits=5)
+    assert topped is not None and topped.credits == 15.0
+    assert sum(e.amount for e in await store.ledger(key.id)) == pytest.approx(15.0)
+
+
 async def test_max_concurrency_and_queue_cap_refuse_without_storing(store: JobStore) -> None:
     key = make_key_record("bob", new_key(), max_concurrency=1)
     await store.add_key(key)

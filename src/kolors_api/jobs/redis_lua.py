@@ -286,7 +286,13 @@ if ARGV[4] ~= '' then
     redis.call('HDEL', kk, 'credits')
   else
     redis.call('HSET', kk, 'credits', num(new))
-    ledger(ARGV[3], '', 'topup', new - old, now())
+    -- the entry brings the ledger's sum to the new balance (also after a time without a limit,
+    -- when usage entries moved no balance)
+    local sum = 0
+    for _, raw in ipairs(redis.call('LRANGE', k_ledger(ARGV[3]), 0, -1)) do
+      sum = sum + tonumber(cjson.decode(raw).amount)
+    end
+    ledger(ARGV[3], '', 'topup', new - sum, now())
   end
 end
 return redis.call('HGETALL', kk)

@@ -516,8 +516,12 @@ class SQLiteStore:
                     new = changes["credits"] if "credits" in changes else (old or 0) + changes["add_credits"]
                     c.execute("UPDATE keys SET credits=? WHERE id=?", (new, key_id))
                     if new is not None:
+                        # the entry brings the ledger's sum to the new balance (also after a time
+                        # without a limit, when usage entries moved no balance)
+                        (total,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE key_id=?",
+                                             (key_id,)).fetchone()
                         c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                                  (key_id, "", "topup", new - (old or 0), now))
+                                  (key_id, "", "topup", new - total, now))
             return self._key("id", key_id)
         return await self._run(q)
 
