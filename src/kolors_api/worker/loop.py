@@ -59,6 +59,11 @@ class WorkerConfig:
     #: Test-only fault injection (env KOLORS_API_TEST_FAULTS); see `Worker._fault`.
     faults: str = field(default_factory=lambda: os.environ.get("KOLORS_API_TEST_FAULTS", ""))
 
+    @property
+    def alive_ttl(self) -> float:
+        """How long one liveness report counts: three missed heartbeats (at least 5 s)."""
+        return max(self.heartbeat_seconds * 3, 5.0)
+
 
 def load_engine(model: str, data_dir: Any, device: str | None) -> EngineLike:
     """Load the engine and run one small warm-up image, so the first job does not pay for
@@ -102,13 +107,12 @@ class Worker:
             # Loading takes seconds to minutes: off the event loop, on the engine's own thread.
             self.engine = await loop.run_in_executor(self._pool, self._engine_factory)
         self.state = WorkerState.IDLE
-        alive_ttl = max(self.config.heartbeat_seconds * 3, 5.0)
         last_alive = 0.0
         try:
             while not self._stopping.is_set():
                 try:
                     if time.monotonic() - last_alive > self.config.heartbeat_seconds:
-                        await self.store.worker_alive(self.id, alive_ttl)
+                        await self.store.worker_alive(self.id, self.config.alive_ttl)
                         last_alive = time.monotonic()
                     lease = await self.store.claim(self.id, self.config.lease_seconds, self.config.claim_timeout)
                 except Exception:
@@ -165,7 +169,7 @@ class Worker:
                     reason.append("lease lost")
                     abort.set()
                     return
-                await self.store.worker_alive(self.id, max(self.config.heartbeat_seconds * 3, 5.0))
+                await self.store.worker_alive(self.id, self.config.alive_ttl)
 
         safety = self.safety
         if safety is not None:
