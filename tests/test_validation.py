@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kolors_api.errors import STATUS, KolorsAPIError
+from kolors_api.errors import STATUS, STORE_ERRORS, KolorsAPIError, from_store
 from kolors_api.schema import validate
 from tests.conftest import LiveServer, start_server
 
@@ -148,7 +148,23 @@ def test_unknown_model_route_and_request_are_404(client: httpx.Client) -> None:
 
 def test_the_error_table_maps_every_exception_to_its_status() -> None:
     assert STATUS[KolorsAPIError] == 500
-    assert sorted(STATUS.values()) == [400, 401, 403, 404, 406, 413, 422, 429, 500, 503, 504]
+    assert sorted(STATUS.values()) == [400, 401, 403, 404, 406, 409, 413, 422, 429, 500, 503, 504]
+
+
+def test_every_store_outcome_maps_to_one_api_error() -> None:
+    import kolors_api.jobs as jobs
+
+    outcomes = {cls for cls in vars(jobs).values()
+                if isinstance(cls, type) and issubclass(cls, jobs.StoreError) and cls is not jobs.StoreError}
+    assert outcomes == set(STORE_ERRORS), "every store outcome has its row in errors.STORE_ERRORS"
+    samples = [(jobs.InsufficientFunds(1.0, 0.5), 406), (jobs.TooManyRunning(2), 429),
+               (jobs.QueueFull("queue is full"), 503), (jobs.AlreadyExists("key k"), 409)]
+    for exc, status in samples:
+        err = from_store(exc)
+        assert err.status == status and err.message == str(exc)
+    assert from_store(jobs.TooManyRunning(2)).headers["Retry-After"] == "1"
+    assert from_store(jobs.QueueFull("x")).headers["Retry-After"] == "5"
+    assert from_store(jobs.StoreError("unnamed")).status == 500
 
 
 def test_models_lists_kolors_with_its_schema(client: httpx.Client) -> None:
@@ -181,7 +197,7 @@ def test_metrics_count_requests_by_route_and_status(client: httpx.Client) -> Non
 
 
 def test_the_api_package_imports_no_torch() -> None:
-    code = ("import sys, kolors_api.api, kolors_api.cli, kolors_api.worker; "
+    code = ("import sys, kolors_api.api.app, kolors_api.cli, kolors_api.worker; "
             "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

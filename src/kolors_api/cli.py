@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kolors_api import __version__
+from kolors_api.cli_generate import add_arguments as add_generate_arguments
+from kolors_api.cli_generate import generate
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
@@ -34,7 +36,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kolors_api.api import create_app
+    from kolors_api.api.app import create_app
 
     settings = _settings(args, worker=not args.no_worker)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -74,10 +76,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from kolors_api.api.admin import parse_rate
+    from kolors_api.api.models import KeyCreate, parse_body
     from kolors_api.errors import BadRequest
     from kolors_api.jobs import make_key_record, make_store, new_key
 
+    fields: dict[str, Any] = {}
+    if args.keys_cmd == "create":
+        # The very rules of `POST /v1/admin/keys`.
+        try:
+            fields = parse_body(KeyCreate, {"name": args.name, "credits": args.credits, "rate_limit": args.rate_limit,
+                                            "max_concurrency": args.max_concurrency, "admin": args.admin}).model_dump()
+        except BadRequest as exc:
+            field, _, problem = exc.message.partition(": ")
+            print(f"error: --{field.replace('_', '-')}: {problem}", file=sys.stderr)
+            return 2
     settings = _settings(args)
     store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds)
 
@@ -85,14 +97,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         await store.open()
         try:
             if args.keys_cmd == "create":
-                try:
-                    rate = parse_rate(args.rate_limit, "--rate-limit")
-                except BadRequest as exc:
-                    print(exc.message, file=sys.stderr)
-                    return 2
                 key = new_key()
-                record = make_key_record(args.name, key, admin=args.admin, credits=args.credits,
-                                         rate_limit=rate, max_concurrency=args.max_concurrency)
+                record = make_key_record(fields.pop("name"), key, **fields)
                 await store.add_key(record)
                 print(key)
                 print(f"id={record.id} name={record.name} admin={record.admin} credits={record.credits}",
@@ -113,8 +119,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kolors_api.cli_generate import generate
-
     return generate(args)
 
 
@@ -170,21 +174,7 @@ def parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
 
     g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)")
-    g.add_argument("prompt")
-    g.add_argument("-o", "--output", default=None, help="output file (default kolors-<seed>.<format>)")
-    g.add_argument("--negative-prompt", dest="negative_prompt")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--cfg", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--scheduler")
-    g.add_argument("--format", dest="output_format", choices=["webp", "jpg", "png"])
-    g.add_argument("--quality", dest="output_quality", type=int)
-    g.add_argument("-n", "--number-of-images", dest="number_of_images", type=int)
-    g.add_argument("--base-url", dest="base_url", default=None)
-    g.add_argument("--api-key", dest="api_key", default=None)
-    g.add_argument("--no-progress", dest="no_progress", action="store_true")
+    add_generate_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline")

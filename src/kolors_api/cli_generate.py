@@ -27,13 +27,37 @@ import httpx
 from kolors_api.client import APIError, Client, InferenceFailed, KolorsAPIError
 
 MODEL = "kolors"
-#: argparse names that are request parameters (the rest steer the command).
-PARAMS = ("negative_prompt", "steps", "cfg", "seed", "width", "height", "scheduler", "output_format",
-          "output_quality", "number_of_images")
+#: The flags that are request parameters: (flags, argparse dest, type); the rest steer the command.
+PARAM_FLAGS: tuple[tuple[tuple[str, ...], str, type], ...] = (
+    (("--negative-prompt",), "negative_prompt", str),
+    (("--steps",), "steps", int),
+    (("--cfg",), "cfg", float),
+    (("--seed",), "seed", int),
+    (("--width",), "width", int),
+    (("--height",), "height", int),
+    (("--scheduler",), "scheduler", str),
+    (("--quality",), "output_quality", int),
+    (("-n", "--number-of-images"), "number_of_images", int),
+)
+PARAMS = (*(dest for _, dest, _ in PARAM_FLAGS), "output_format")
 SUFFIX_FORMATS = {".webp": "webp", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 POLL_INTERVAL_S = 0.25
 
 StatusHook = Callable[[dict[str, Any]], None]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `kolors-api generate` (the CLI's one definition of them)."""
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default=None, help="output file (default kolors-<seed>.<format>)")
+    for flags, dest, kind in PARAM_FLAGS:
+        parser.add_argument(*flags, dest=dest, type=kind, help=f"request parameter {dest}")
+    parser.add_argument("--format", dest="output_format", choices=("webp", "jpg", "png"),
+                        help="request parameter output_format (default: from -o's suffix, else webp)")
+    parser.add_argument("--base-url", dest="base_url", default=None,
+                        help="server URL (env KOLORS_API_BASE_URL, default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", dest="api_key", default=None, help="API key (env KOLORS_API_KEY)")
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -7,17 +7,22 @@
     ├── NotFound                        404 unknown model, route or request
     ├── InsufficientCredits             406
     ├── PayloadTooLarge                 413
+    ├── Conflict                        409 the store holds it already (a duplicate id or key)
     ├── JobFailed                       422 a FAILED job (body carries the status body)
     ├── RateLimited                     429 with Retry-After
     ├── Unavailable                     503 no worker / queue full, with Retry-After
     └── SyncTimeout                     504 a sync request outlived its deadline (carries request_id)
 
-Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]`.
+Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]`. The outcomes
+a job store reports (`kolors_api.jobs.StoreError`) become these errors through `STORE_ERRORS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from kolors_api.jobs.base import AlreadyExists, InsufficientFunds, QueueFull, StoreError, TooManyRunning
 
 
 class KolorsAPIError(Exception):
@@ -65,6 +70,10 @@ class PayloadTooLarge(KolorsAPIError):
     status = 413
 
 
+class Conflict(KolorsAPIError):
+    status = 409
+
+
 class JobFailed(KolorsAPIError):
     status = 422
 
@@ -92,9 +101,28 @@ STATUS: dict[type[KolorsAPIError], int] = {
         NotFound,
         InsufficientCredits,
         PayloadTooLarge,
+        Conflict,
         JobFailed,
         RateLimited,
         Unavailable,
         SyncTimeout,
     )
 }
+
+
+#: The one table from a store's outcome to the error the API answers with.
+STORE_ERRORS: dict[type[StoreError], Callable[[StoreError], KolorsAPIError]] = {
+    InsufficientFunds: lambda exc: InsufficientCredits(str(exc)),
+    TooManyRunning: lambda exc: RateLimited(str(exc), headers={"Retry-After": "1"}),
+    QueueFull: lambda exc: Unavailable(str(exc), headers={"Retry-After": "5"}),
+    AlreadyExists: lambda exc: Conflict(str(exc)),
+}
+
+
+def from_store(exc: StoreError) -> KolorsAPIError:
+    """The API error for a store's outcome (500 for one the table does not name)."""
+    for cls in type(exc).__mro__:
+        make = STORE_ERRORS.get(cls)
+        if make is not None:
+            return make(exc)
+    return KolorsAPIError()

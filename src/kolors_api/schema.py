@@ -1,14 +1,16 @@
 """The request parameters of the `kolors` model: names, ranges, defaults (DESIGN.md §2).
 
-Both the API (validation, pricing, the JSON Schema of `/v1/models`) and the worker (the engine's
-input) import this module; it has no heavy dependencies.
+One table, `PARAMS`, drives the three things that need them: validation (`validate`), the defaults
+of `GenerateParams`, and the JSON Schema that `GET /v1/models` serves (`json_schema`).
+
+Both the API and the worker import this module; it has no heavy dependencies.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kolors_api.errors import BadRequest
@@ -31,20 +33,61 @@ MAX_PROMPT = 2000
 
 
 @dataclass(frozen=True)
+class Param:
+    """One request parameter: its JSON type, default and range, and how it reads in the schema."""
+
+    name: str
+    kind: str  # "string" | "number" | "integer" | "enum"
+    default: Any = None
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    multiple_of: int | None = None
+    max_length: int | None = None
+    description: str = ""
+    #: Extra keywords of the JSON Schema (where the wire takes more than the resolved value does).
+    schema: dict[str, Any] = field(default_factory=dict)
+
+
+#: The one table of the `kolors` parameters, in Segmind's order.
+PARAMS: tuple[Param, ...] = (
+    Param("prompt", "string", max_length=MAX_PROMPT, schema={"minLength": 1},
+          description="What to draw; the text encoder sees at most 256 tokens."),
+    Param("negative_prompt", "string", "", max_length=MAX_PROMPT),
+    Param("cfg", "number", 6.0, 0, 20, description="Guidance scale."),
+    Param("seed", "integer", -1, 0, MAX_SEED, schema={"minimum": -1},
+          description="-1 or omitted: random; the seed used is returned."),
+    Param("steps", "integer", 25, 1, 50),
+    Param("width", "integer", 1024, 512, 2048, multiple_of=8),
+    Param("height", "integer", 1024, 512, 2048, multiple_of=8),
+    Param("number_of_images", "integer", 1, 1, 10, description="Image i uses seed+i."),
+    Param("scheduler", "enum", SCHEDULERS[0], choices=SCHEDULERS),
+    Param("output_format", "enum", "webp", choices=OUTPUT_FORMATS),
+    Param("output_quality", "integer", 80, 0, 100, description="webp/jpg quality; png is lossless."),
+)
+BY_NAME = {p.name: p for p in PARAMS}
+FIELDS = tuple(BY_NAME)
+
+
+def _default(name: str) -> Any:
+    return field(default=BY_NAME[name].default)
+
+
+@dataclass(frozen=True)
 class GenerateParams:
-    """One validated request; `seed` is always resolved (never -1)."""
+    """One validated request; `seed` is always resolved (never -1). Defaults come from `PARAMS`."""
 
     prompt: str
-    negative_prompt: str = ""
-    cfg: float = 6.0
+    negative_prompt: str = _default("negative_prompt")
+    cfg: float = _default("cfg")
     seed: int = 0
-    steps: int = 25
-    width: int = 1024
-    height: int = 1024
-    number_of_images: int = 1
-    scheduler: str = "EulerDiscreteScheduler"
-    output_format: str = "webp"
-    output_quality: int = 80
+    steps: int = _default("steps")
+    width: int = _default("width")
+    height: int = _default("height")
+    number_of_images: int = _default("number_of_images")
+    scheduler: str = _default("scheduler")
+    output_format: str = _default("output_format")
+    output_quality: int = _default("output_quality")
 
     @property
     def content_type(self) -> str:
@@ -69,104 +112,81 @@ def price(params: GenerateParams, unit_price: float = 1.0) -> float:
     return round(units * unit_price, 6)
 
 
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name}: must be an integer, got {_kind(value)}")
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _number(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{name}: must be a number, got {_kind(value)}")
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name}: must be between {lo:g} and {hi:g}, got {value}")
-    return float(value)
-
-
-def _str(name: str, value: Any, max_len: int) -> str:
-    if not isinstance(value, str):
-        raise BadRequest(f"{name}: must be a string, got {_kind(value)}")
-    if len(value) > max_len:
-        raise BadRequest(f"{name}: must be at most {max_len} characters, got {len(value)}")
-    return value
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise BadRequest(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _size(name: str, value: Any) -> int:
-    size = _int(name, value, 512, 2048)
-    if size % 8:
-        lo, hi = size - size % 8, size - size % 8 + 8
-        raise BadRequest(f"{name}: must be a multiple of 8, got {size} (nearest valid: {lo} or {hi})")
-    return size
-
-
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """The JSON type name of a decoded value, for error messages."""
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-FIELDS = ("prompt", "negative_prompt", "cfg", "seed", "steps", "width", "height", "number_of_images",
-          "scheduler", "output_format", "output_quality")
+def check(p: Param, value: Any) -> Any:
+    """`value` checked against its table entry; raises `BadRequest` naming the field."""
+    name = p.name
+    if p.kind == "enum":
+        if not isinstance(value, str) or value not in p.choices:
+            raise BadRequest(f"{name}: must be one of {', '.join(p.choices)}, got {value!r}")
+        return value
+    if p.kind == "string":
+        if not isinstance(value, str):
+            raise BadRequest(f"{name}: must be a string, got {kind_of(value)}")
+        if p.max_length is not None and len(value) > p.max_length:
+            raise BadRequest(f"{name}: must be at most {p.max_length} characters, got {len(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int if p.kind == "integer" else int | float):
+        raise BadRequest(f"{name}: must be {'an integer' if p.kind == 'integer' else 'a number'}, "
+                         f"got {kind_of(value)}")
+    if p.kind == "number" and not math.isfinite(value):
+        raise BadRequest(f"{name}: must be a number, got {kind_of(value)}")
+    assert p.lo is not None and p.hi is not None
+    if not p.lo <= value <= p.hi:
+        lo, hi = (f"{p.lo:g}", f"{p.hi:g}") if p.kind == "number" else (int(p.lo), int(p.hi))
+        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {value}")
+    if p.multiple_of and value % p.multiple_of:
+        lo = value - value % p.multiple_of
+        raise BadRequest(f"{name}: must be a multiple of {p.multiple_of}, got {value} "
+                         f"(nearest valid: {lo} or {lo + p.multiple_of})")
+    return float(value) if p.kind == "number" else value
 
 
 def validate(body: Any) -> GenerateParams:
-    """Check a request body against §2 and return the params, or raise `BadRequest` naming the field."""
+    """Check a request body against `PARAMS` and return the params, or raise `BadRequest` naming the field."""
     if not isinstance(body, dict):
-        raise BadRequest(f"body: must be a JSON object, got {_kind(body)}")
+        raise BadRequest(f"body: must be a JSON object, got {kind_of(body)}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise BadRequest(f"{', '.join(unknown)}: unknown field{'s' if len(unknown) > 1 else ''}")
     if "prompt" not in body:
         raise BadRequest("prompt: is required")
-    prompt = _str("prompt", body["prompt"], 10**9).strip()
-    if not prompt:
-        raise BadRequest("prompt: must not be empty")
-    if len(prompt) > MAX_PROMPT:
-        raise BadRequest(f"prompt: must be at most {MAX_PROMPT} characters, got {len(prompt)}")
-    seed = body.get("seed", -1)
-    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
-        seed = secrets.randbelow(MAX_SEED + 1)
-    return GenerateParams(
-        prompt=prompt,
-        negative_prompt=_str("negative_prompt", body.get("negative_prompt", ""), MAX_PROMPT),
-        cfg=_number("cfg", body.get("cfg", 6), 0, 20),
-        seed=_int("seed", seed, 0, MAX_SEED),
-        steps=_int("steps", body.get("steps", 25), 1, 50),
-        width=_size("width", body.get("width", 1024)),
-        height=_size("height", body.get("height", 1024)),
-        number_of_images=_int("number_of_images", body.get("number_of_images", 1), 1, 10),
-        scheduler=_choice("scheduler", body.get("scheduler", SCHEDULERS[0]), SCHEDULERS),
-        output_format=_choice("output_format", body.get("output_format", "webp"), OUTPUT_FORMATS),
-        output_quality=_int("output_quality", body.get("output_quality", 80), 0, 100),
-    )
+    values: dict[str, Any] = {}
+    for p in PARAMS:
+        value = body.get(p.name, p.default)
+        if p.name == "prompt":
+            value = check(Param("prompt", "string"), value).strip()
+            if not value:
+                raise BadRequest("prompt: must not be empty")
+        elif p.name == "seed" and (value is None or (type(value) is int and value == -1)):
+            value = secrets.randbelow(MAX_SEED + 1)
+        values[p.name] = check(p, value)
+    return GenerateParams(**values)
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a `kolors` request body (served by `GET /v1/models`)."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["prompt"],
-        "properties": {
-            "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT,
-                       "description": "What to draw; the text encoder sees at most 256 tokens."},
-            "negative_prompt": {"type": "string", "maxLength": MAX_PROMPT, "default": ""},
-            "cfg": {"type": "number", "minimum": 0, "maximum": 20, "default": 6},
-            "seed": {"type": "integer", "minimum": -1, "maximum": MAX_SEED, "default": -1,
-                     "description": "-1 or omitted: random; the seed used is returned."},
-            "steps": {"type": "integer", "minimum": 1, "maximum": 50, "default": 25},
-            "width": {"type": "integer", "minimum": 512, "maximum": 2048, "multipleOf": 8, "default": 1024},
-            "height": {"type": "integer", "minimum": 512, "maximum": 2048, "multipleOf": 8, "default": 1024},
-            "number_of_images": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-            "scheduler": {"type": "string", "enum": list(SCHEDULERS), "default": SCHEDULERS[0]},
-            "output_format": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": "webp"},
-            "output_quality": {"type": "integer", "minimum": 0, "maximum": 100, "default": 80},
-        },
-    }
+    properties: dict[str, Any] = {}
+    for p in PARAMS:
+        prop: dict[str, Any] = {"type": "string" if p.kind == "enum" else p.kind}
+        if p.choices:
+            prop["enum"] = list(p.choices)
+        if p.max_length is not None:
+            prop["maxLength"] = p.max_length
+        if p.lo is not None:
+            prop["minimum"] = p.lo if p.kind == "number" else int(p.lo)
+        if p.hi is not None:
+            prop["maximum"] = p.hi if p.kind == "number" else int(p.hi)
+        if p.multiple_of:
+            prop["multipleOf"] = p.multiple_of
+        if p.default is not None:
+            prop["default"] = p.default
+        if p.description:
+            prop["description"] = p.description
+        properties[p.name] = {**prop, **p.schema}
+    return {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": properties}

@@ -1,5 +1,5 @@
-"""The HTTP API (FastAPI). Importing it never imports torch."""
+"""The HTTP API (FastAPI). Importing it never imports torch.
 
-from kolors_api.api.app import Service, create_app
-
-__all__ = ["Service", "create_app"]
+`kolors_api.api.app.create_app` builds the application (the CLI's `serve` runs it); the routers
+take what they need from `kolors_api.api.deps`.
+"""

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -22,32 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api import __version__
+from kolors_api.api.admin import router as admin_router
+from kolors_api.api.deps import Service
+from kolors_api.api.generation import router as generation_router
 from kolors_api.api.limits import RateLimits
-from kolors_api.api.metrics import Metrics
+from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.signing import Signer
-from kolors_api.errors import (
-    BadRequest,
-    InsufficientCredits,
-    KolorsAPIError,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    Unavailable,
-)
-from kolors_api.jobs import (
-    ApiKey,
-    InsufficientFunds,
-    Job,
-    JobStore,
-    NewJob,
-    QueueFull,
-    TooManyRunning,
-    hash_key,
-    make_key_record,
-    make_store,
-    new_key,
-)
-from kolors_api.schema import MODELS, GenerateParams, price, validate
+from kolors_api.api.system import router as system_router
+from kolors_api.errors import KolorsAPIError
+from kolors_api.jobs import JobStore, make_store
 from kolors_api.settings import Settings
 
 log = logging.getLogger("kolors_api.api")
@@ -57,99 +37,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-
-
-@dataclass
-class Service:
-    """What every route needs: settings, the store, the URL signer, metrics, the embedded worker."""
-
-    settings: Settings
-    store: JobStore
-    metrics: Metrics = field(default_factory=Metrics)
-    signer: Signer | None = None
-    worker: Any = None
-    worker_task: asyncio.Task[None] | None = None
-    expiry_task: asyncio.Task[None] | None = None
-    #: Pre-submit checks (rate limits…): (request, key, params) -> None; they raise to refuse and may
-    #: leave headers for the answer in `request.state.extra_headers`.
-    admission: list[Callable[[Request, ApiKey, GenerateParams], Awaitable[None]]] = field(default_factory=list)
-
-    # -- submit, shared by v1 sync, v2 async and the OpenAI route
-    async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False,
-                     webhook: str | None = None, idempotency_key: str | None = None) -> Job:
-        """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
-        if model not in MODELS:
-            raise NotFound(f"unknown model: {model}")
-        params = validate(body)
-        for check in self.admission:
-            await check(request, key, params)
-        if sync and (await self.store.stats()).workers_alive < 1:
-            raise Unavailable("no worker alive", headers={"Retry-After": "10"})
-        new = NewJob(model=model, params=params.to_dict(), cost=price(params, self.settings.unit_price),
-                     key_id=key.id, webhook=webhook, idempotency_key=idempotency_key)
-        try:
-            return await self.store.submit(new, queue_cap=self.settings.queue_cap)
-        except InsufficientFunds as exc:
-            raise InsufficientCredits(str(exc)) from None
-        except TooManyRunning as exc:
-            raise RateLimited(str(exc), headers={"Retry-After": "1"}) from None
-        except QueueFull as exc:
-            raise Unavailable(str(exc), headers={"Retry-After": "5"}) from None
-
-    def base_url(self, request: Request) -> str:
-        return (self.settings.public_url or str(request.base_url)).rstrip("/")
-
-    def output_urls(self, request: Request, job: Job) -> list[str]:
-        assert self.signer is not None
-        base = self.base_url(request)
-        urls = []
-        for i in range(job.outputs):
-            path = f"/v2/requests/{job.id}/outputs/{i}.{job.ext}"
-            urls.append(f"{base}{path}?{self.signer.query(path, job.expires_at)}")
-        return urls
-
-    async def ensure_bootstrap_key(self) -> str | None:
-        """Env KOLORS_API_BOOTSTRAP_KEY sets the first admin key; with no key at all, make one.
-
-        Returns the new key when one was generated (the caller prints it once)."""
-        wanted = self.settings.bootstrap_key
-        if wanted:
-            if await self.store.key_by_hash(hash_key(wanted)) is None:
-                try:
-                    await self.store.add_key(make_key_record("bootstrap", wanted, admin=True))
-                except Exception:
-                    # Another replica starting at the same moment may have added it first.
-                    if await self.store.key_by_hash(hash_key(wanted)) is None:
-                        raise
-            return None
-        if await self.store.list_keys():
-            return None
-        key = new_key()
-        await self.store.add_key(make_key_record("admin", key, admin=True))
-        return key
-
-
-def service(request: Request) -> Service:
-    svc: Service = request.app.state.service
-    return svc
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes before reading them all."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body: larger than {limit} bytes")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise PayloadTooLarge(f"body: larger than {limit} bytes")
-    if not data.strip():
-        raise BadRequest("body: must be a JSON object, got nothing")
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise BadRequest("body: not valid JSON") from None
 
 
 def error_response(exc: KolorsAPIError) -> JSONResponse:
@@ -234,12 +121,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             response.headers.setdefault(name, value)
         return response
 
-    from kolors_api.api import admin, generation, openai_images, system
-
-    app.include_router(system.router)
-    app.include_router(admin.router)
-    app.include_router(openai_images.router)
-    app.include_router(generation.router)
+    for router in (system_router, admin_router, openai_router, generation_router):
+        app.include_router(router)
     if settings.cors_origins:
         # Off by default; keys travel in headers, never cookies, so no credentials.
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kolors_api.api.app import Service, read_json, service
 from kolors_api.api.auth import authenticate
-from kolors_api.errors import JobFailed, NotFound, SyncTimeout
-from kolors_api.jobs import ApiKey, Job, JobState
-from kolors_api.schema import CONTENT_TYPES
+from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep, failed
+from kolors_api.api.models import (
+    CancelBody,
+    ErrorBody,
+    ResultBody,
+    StatusBody,
+    Submitted,
+    SyncImages,
+    errors,
+    json_request,
+)
+from kolors_api.errors import NotFound
+from kolors_api.jobs import Job, JobState
+from kolors_api.schema import CONTENT_TYPES, MODELS, json_schema
 
 router = APIRouter()
+
+#: The Segmind request body, declared from the parameter table (the routes validate it themselves).
+KOLORS_BODY = json_request(json_schema())
+IMAGE = {"content": {ct: {"schema": {"type": "string", "format": "binary"}} for ct in CONTENT_TYPES.values()}}
 
 
 def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
@@ -31,109 +42,59 @@ def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
     return body
 
 
-def failed(job: Job) -> JobFailed:
-    return JobFailed(job.error or "failed", extra={"request_id": job.id, "status": "FAILED"})
-
-
-def links(svc: Service, request: Request, job: Job) -> dict[str, str]:
-    base = f"{svc.base_url(request)}/v2/requests/{job.id}"
-    return {"status_url": f"{base}/status", "response_url": base}
-
-
-async def own_job(svc: Service, key: ApiKey, job_id: str) -> Job:
-    """The caller's job (admins see all); anything else is 404, so ids of others do not leak."""
-    job = await svc.store.get(job_id)
-    if job is None or (job.key_id != key.id and not key.admin):
-        raise NotFound(f"unknown request: {job_id}")
-    return job
-
-
-async def wait_terminal(svc: Service, request: Request, job: Job) -> Job:
-    """Block until COMPLETED/FAILED, or raise 504 carrying the request_id at the sync deadline."""
-    deadline = time.monotonic() + svc.settings.sync_timeout_seconds
-    while not job.state.terminal:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SyncTimeout(
-                f"request {job.id} did not finish within {svc.settings.sync_timeout_seconds:g}s; "
-                "it goes on: fetch it from response_url",
-                extra={"request_id": job.id, "status": job.state.value, **links(svc, request, job)})
-        latest = await svc.store.wait(job.id, job.version, left)
-        if latest is None:
-            raise NotFound(f"unknown request: {job.id}")
-        job = latest
-    return job
-
-
-async def outputs(svc: Service, job: Job) -> list[bytes]:
-    images = await asyncio.gather(*(svc.store.read_output(job.id, i) for i in range(job.outputs)))
-    if any(img is None for img in images):
-        raise NotFound(f"unknown request: {job.id}")
-    return [img for img in images if img is not None]
+#: The model path parameter: `kolors` is the one model (any other name is a 404 naming it).
+ModelName = Annotated[str, Path(description="the model slug", json_schema_extra={"enum": list(MODELS)})]
 
 
 def wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
 
-@router.post("/v1/{model}", summary="Generate and return the image(s) (sync)")
-async def generate_sync(model: str, request: Request) -> Response:
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    body = await read_json(request, svc.settings.max_body_bytes)
-    job = await svc.submit(request, key, model, body, sync=True)
-    job = await wait_terminal(svc, request, job)
-    if job.state == JobState.FAILED:
-        raise failed(job)
-    images = await outputs(svc, job)
+SYNC_ERRORS = errors(400, 401, 403, 404, 406, 413, 422, 429, 503, 504)
+
+
+@router.post("/v1/{model}", summary="Generate and return the image(s) (sync)", openapi_extra=KOLORS_BODY,
+             response_model=SyncImages, responses={200: IMAGE, **SYNC_ERRORS})
+async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey,
+                        body: JsonBody) -> Response:
+    done = await svc.run_sync(request, key, model, body)
+    job = done.job
     headers = {
         "X-Request-Id": job.id,
         "X-Seed": str(job.seeds[0] if job.seeds else job.params["seed"]),
         "X-Inference-Time": f"{job.metrics.get('inference_time', 0.0):.4f}",
     }
-    if len(images) == 1 and not wants_json(request):
-        return Response(images[0], media_type=CONTENT_TYPES[job.ext], headers=headers)
-    return JSONResponse({
-        "request_id": job.id,
-        "images": [base64.b64encode(img).decode() for img in images],
-        "seeds": job.seeds,
-        "metrics": job.metrics,
-    }, headers=headers)
+    if len(done.images) == 1 and not wants_json(request):
+        return Response(done.images[0], media_type=CONTENT_TYPES[job.ext], headers=headers)
+    return JSONResponse({"request_id": job.id, "images": done.b64(), "seeds": job.seeds, "metrics": job.metrics},
+                        headers=headers)
 
 
-@router.post("/v2/{model}", summary="Submit an async request")
-async def submit_async(model: str, request: Request) -> Response:
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    body = await read_json(request, svc.settings.max_body_bytes)
+@router.post("/v2/{model}", summary="Submit an async request", openapi_extra=KOLORS_BODY,
+             response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 429, 503))
+async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     job = await svc.submit(request, key, model, body)
-    return JSONResponse({"request_id": job.id, "status": job.state.value, **links(svc, request, job)})
+    return JSONResponse({"request_id": job.id, "status": job.state.value, **svc.links(request, job)})
 
 
-async def polled_job(request: Request, request_id: str) -> tuple[Service, Job]:
-    """The caller's job for the two poll routes; a FAILED one is raised as 422."""
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    job = await own_job(svc, key, request_id)
+async def live_status(svc: ServiceDep, job: Job) -> dict[str, Any]:
+    """The status body with the queue position of a QUEUED job; a FAILED one is raised as 422."""
     if job.state == JobState.FAILED:
         raise failed(job)
-    return svc, job
-
-
-async def live_status(svc: Service, job: Job) -> dict[str, Any]:
     position = await svc.store.queue_position(job.id) if job.state == JobState.QUEUED else None
     return status_body(job, position)
 
 
-@router.get("/v2/requests/{request_id}/status", summary="Poll an async request")
-async def request_status(request_id: str, request: Request) -> Response:
-    svc, job = await polled_job(request, request_id)
-    return JSONResponse(await live_status(svc, job))
+@router.get("/v2/requests/{request_id}/status", summary="Poll an async request", response_model=StatusBody,
+            responses=errors(401, 403, 404, 422))
+async def request_status(request_id: str, svc: ServiceDep, key: CallerKey) -> Response:
+    return JSONResponse(await live_status(svc, await svc.own_job(key, request_id)))
 
 
-@router.get("/v2/requests/{request_id}", summary="Fetch the result of an async request")
-async def request_result(request_id: str, request: Request) -> Response:
-    svc, job = await polled_job(request, request_id)
+@router.get("/v2/requests/{request_id}", summary="Fetch the result of an async request", response_model=ResultBody,
+            responses={202: {"model": StatusBody, "description": "still running"}, **errors(401, 403, 404, 422)})
+async def request_result(request_id: str, request: Request, svc: ServiceDep, key: CallerKey) -> Response:
+    job = await svc.own_job(key, request_id)
     if job.state != JobState.COMPLETED:
         return JSONResponse(await live_status(svc, job), status_code=202)
     return JSONResponse({
@@ -146,18 +107,18 @@ async def request_result(request_id: str, request: Request) -> Response:
     })
 
 
-@router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)")
-async def request_output(request_id: str, name: str, request: Request) -> Response:
-    svc = service(request)
+@router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)",
+            responses={200: IMAGE, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+            openapi_extra={"parameters": [{"name": "exp", "in": "query", "schema": {"type": "string"}},
+                                          {"name": "sig", "in": "query", "schema": {"type": "string"}}]})
+async def request_output(request_id: str, name: str, request: Request, svc: ServiceDep) -> Response:
     assert svc.signer is not None
-    path = request.url.path
-    signature = svc.signer.check(path, request.query_params.get("exp"), request.query_params.get("sig"))
+    signature = svc.signer.check(request.url.path, request.query_params.get("exp"), request.query_params.get("sig"))
     if signature == "expired":
         raise NotFound(f"unknown request: {request_id}")
     if signature == "bad":
         # No valid signature: the owner's key (or an admin's) still opens it.
-        key = await authenticate(svc.store, request)
-        await own_job(svc, key, request_id)
+        await svc.own_job(await authenticate(svc.store, request), request_id)
     index, _, ext = name.partition(".")
     if not index.isdigit() or ext not in CONTENT_TYPES:
         raise NotFound(f"unknown output: {name}")
@@ -165,16 +126,14 @@ async def request_output(request_id: str, name: str, request: Request) -> Respon
     job = await svc.store.get(request_id)
     if data is None or job is None or job.ext != ext:
         raise NotFound(f"unknown output: {name}")
-    return Response(data, media_type=CONTENT_TYPES[ext],
-                    headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.post("/v2/requests/{request_id}/cancel", summary="Cancel a queued or running request")
-async def cancel_request(request_id: str, request: Request) -> Response:
+@router.post("/v2/requests/{request_id}/cancel", summary="Cancel a queued or running request",
+             response_model=CancelBody, responses=errors(401, 403, 404))
+async def cancel_request(request_id: str, svc: ServiceDep, key: CallerKey) -> Response:
     """A queued job ends FAILED "cancelled" at once (refunded); a running one stops at its next step."""
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    job = await own_job(svc, key, request_id)
+    job = await svc.own_job(key, request_id)
     if not job.state.terminal:
         job = await svc.store.request_cancel(job.id) or job
     body = status_body(job)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import re
 import time
 from typing import Any
 
@@ -10,67 +10,50 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kolors_api.api.app import read_json, service
-from kolors_api.api.auth import authenticate
-from kolors_api.api.generation import failed, outputs, wait_terminal
+from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep
+from kolors_api.api.models import ImageGenerationRequest, ImagesResponse, errors, parse_body, request_of, short
 from kolors_api.errors import BadRequest
-from kolors_api.jobs import JobState
 from kolors_api.schema import MODEL
 
 router = APIRouter()
 
-#: OpenAI fields that do not change a Kolors image; accepted so OpenAI client code runs unchanged.
-IGNORED = {"model", "quality", "style", "user", "background", "moderation"}
 #: Kolors parameters a caller may add beside the OpenAI ones.
-PASSTHROUGH = {"negative_prompt", "cfg", "seed", "steps", "scheduler"}
+PASSTHROUGH = ("negative_prompt", "cfg", "seed", "steps", "scheduler")
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
-def to_kolors(body: Any) -> tuple[dict[str, Any], str]:
-    """OpenAI body → (kolors body, response_format)."""
-    if not isinstance(body, dict):
-        raise BadRequest("body: must be a JSON object")
-    known = IGNORED | PASSTHROUGH | {"prompt", "n", "size", "response_format", "output_format",
-                                     "output_compression", "stream"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadRequest(f"{', '.join(unknown)}: unknown field{'s' if len(unknown) > 1 else ''}")
-    if body.get("stream"):
+def to_kolors(req: ImageGenerationRequest) -> dict[str, Any]:
+    """An OpenAI request → the `kolors` body (whose own validation checks the ranges)."""
+    if req.stream:
         raise BadRequest("stream: streaming is not supported")
-    out: dict[str, Any] = {k: body[k] for k in PASSTHROUGH | {"prompt"} if k in body}
-    if "n" in body and body["n"] is not None:
-        out["number_of_images"] = body["n"]
-    size = body.get("size") or "1024x1024"
+    out: dict[str, Any] = {"prompt": req.prompt}
+    out |= {name: getattr(req, name) for name in PASSTHROUGH if getattr(req, name) is not None}
+    if req.n is not None:
+        out["number_of_images"] = req.n
+    size = req.size or "1024x1024"
     if size != "auto":
-        w, sep, h = str(size).partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
-            raise BadRequest(f"size: must look like \"1024x1024\", got {size!r}")
-        out["width"], out["height"] = int(w), int(h)
-    fmt = body.get("output_format") or "png"
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise BadRequest(f"output_format: must be one of png, jpeg, webp, got {fmt!r}")
-    out["output_format"] = FORMATS[fmt]
-    if body.get("output_compression") is not None:
-        out["output_quality"] = body["output_compression"]
-    response_format = body.get("response_format") or "b64_json"
-    if not isinstance(response_format, str) or response_format not in ("b64_json", "url"):
-        raise BadRequest(f"response_format: must be b64_json or url, got {response_format!r}")
-    return out, response_format
+        match = SIZE.fullmatch(size)
+        if match is None:
+            raise BadRequest(f"size: must look like \"1024x1024\", got {short(size)}")
+        out["width"], out["height"] = int(match[1]), int(match[2])
+    out["output_format"] = FORMATS[req.output_format or "png"]
+    if req.output_compression is not None:
+        out["output_quality"] = req.output_compression
+    return out
 
 
-@router.post("/v1/images/generations", summary="OpenAI Images API: generate")
-async def images_generations(request: Request) -> Response:
-    svc = service(request)
-    key = await authenticate(svc.store, request)
-    kolors_body, response_format = to_kolors(await read_json(request, svc.settings.max_body_bytes))
-    job = await svc.submit(request, key, MODEL, kolors_body, sync=True)
-    job = await wait_terminal(svc, request, job)
-    if job.state == JobState.FAILED:
-        raise failed(job)
-    if response_format == "url":
+@router.post("/v1/images/generations", summary="OpenAI Images API: generate",
+             openapi_extra=request_of(ImageGenerationRequest), response_model=ImagesResponse,
+             responses=errors(400, 401, 403, 406, 413, 422, 429, 503, 504))
+async def images_generations(request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
+    req = parse_body(ImageGenerationRequest, body)
+    done = await svc.run_sync(request, key, MODEL, to_kolors(req))
+    job = done.job
+    if req.response_format == "url":
         data = [{"url": url} for url in svc.output_urls(request, job)]
     else:
-        data = [{"b64_json": base64.b64encode(img).decode()} for img in await outputs(svc, job)]
+        data = [{"b64_json": b64} for b64 in done.b64()]
     return JSONResponse({"created": int(time.time()), "data": data,
                          "output_format": {"jpg": "jpeg"}.get(job.ext, job.ext)},
                         headers={"X-Request-Id": job.id})

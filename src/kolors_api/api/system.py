@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kolors_api.api.app import service
+from kolors_api.api.deps import ServiceDep
+from kolors_api.api.models import Health, ModelList, Ready, errors
 from kolors_api.errors import Unavailable
 from kolors_api.schema import MODEL, GenerateParams, json_schema, price
 
 router = APIRouter()
 
 
-@router.get("/v1/models", summary="List models with their parameter JSON Schema")
-async def list_models(request: Request) -> Response:
-    svc = service(request)
+@router.get("/v1/models", summary="List models with their parameter JSON Schema", response_model=ModelList)
+async def list_models(svc: ServiceDep) -> Response:
     seed_price = price(GenerateParams(prompt="x"), svc.settings.unit_price)
     return JSONResponse({"object": "list", "data": [{
         "id": MODEL, "object": "model", "owned_by": "Kwai-Kolors",
@@ -25,14 +24,14 @@ async def list_models(request: Request) -> Response:
     }]})
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", summary="Liveness", response_model=Health)
 async def healthz() -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness: store reachable and a worker alive")
-async def readyz(request: Request) -> Response:
-    svc = service(request)
+@router.get("/readyz", summary="Readiness: store reachable and a worker alive", response_model=Ready,
+            responses=errors(503))
+async def readyz(svc: ServiceDep) -> Response:
     if not await svc.store.ping():
         raise Unavailable("store unreachable", headers={"Retry-After": "5"})
     stats = await svc.store.stats()
@@ -41,9 +40,9 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "workers": stats.workers_alive, "queued": stats.queued})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(request: Request) -> Response:
-    svc = service(request)
+@router.get("/metrics", summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(svc: ServiceDep) -> Response:
     stats = await svc.store.stats()
     m = svc.metrics
     m.queue_depth.set(stats.queued)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kolors_api.jobs.base import (
     TRANSITIONS,
+    AlreadyExists,
     ApiKey,
     InsufficientFunds,
     Job,
@@ -15,6 +16,7 @@ from kolors_api.jobs.base import (
     LedgerEntry,
     NewJob,
     QueueFull,
+    StoreError,
     StoreStats,
     TooManyRunning,
     can_transition,
@@ -24,8 +26,8 @@ from kolors_api.jobs.base import (
 )
 
 __all__ = [
-    "TRANSITIONS", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore", "Lease", "LedgerEntry",
-    "NewJob", "QueueFull", "StoreStats", "TooManyRunning", "can_transition", "hash_key",
+    "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore", "Lease",
+    "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning", "can_transition", "hash_key",
     "make_key_record", "new_key", "make_store",
 ]
 

@@ -163,18 +163,26 @@ def make_key_record(name: str, key: str, *, admin: bool = False, credits: float 
                   max_concurrency=max_concurrency, created_at=time.time())
 
 
-class InsufficientFunds(Exception):  # noqa: N818 - a store-level outcome, mapped by the API
+class StoreError(Exception):
+    """Base of the outcomes a store reports (the API maps them in `kolors_api.errors.from_store`)."""
+
+
+class AlreadyExists(StoreError):  # noqa: N818
+    """A job or key with this id (or key hash) is already stored."""
+
+
+class InsufficientFunds(StoreError):  # noqa: N818 - a store-level outcome, mapped by the API
     def __init__(self, need: float, have: float) -> None:
         super().__init__(f"insufficient credits: need {need:g}, have {have:g}")
         self.need = need
         self.have = have
 
 
-class QueueFull(Exception):  # noqa: N818
+class QueueFull(StoreError):  # noqa: N818
     pass
 
 
-class TooManyRunning(Exception):  # noqa: N818
+class TooManyRunning(StoreError):  # noqa: N818
     def __init__(self, limit: int) -> None:
         super().__init__(f"too many concurrent requests: the limit of this key is {limit}")
         self.limit = limit

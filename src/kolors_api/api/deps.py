@@ -1,0 +1,193 @@
+"""What the routes need, in one place: the `Service`, the body reader, and the FastAPI dependencies.
+
+Routes import this module (and `models`); nothing here imports a route or `app.py`, so the
+package has one direction: `app` → routers → `deps` → store, schema, errors.
+
+    ServiceDep   the app's Service
+    CallerKey    the caller's enabled API key (401/403 otherwise)
+    AdminKey     the same, and it must be an admin key (403 otherwise)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends
+from starlette.requests import Request
+
+from kolors_api.api.auth import authenticate
+from kolors_api.api.metrics import Metrics
+from kolors_api.api.signing import Signer
+from kolors_api.errors import BadRequest, JobFailed, NotFound, PayloadTooLarge, SyncTimeout, Unavailable, from_store
+from kolors_api.jobs import ApiKey, Job, JobState, JobStore, NewJob, StoreError, hash_key, make_key_record, new_key
+from kolors_api.schema import MODELS, GenerateParams, price, validate
+from kolors_api.settings import Settings
+
+#: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
+#: leave headers for the answer in `request.state.extra_headers`.
+Admission = Callable[[Request, ApiKey, GenerateParams], Awaitable[None]]
+
+
+@dataclass
+class Finished:
+    """A sync run that ended COMPLETED: the job and its images."""
+
+    job: Job
+    images: list[bytes]
+
+    def b64(self) -> list[str]:
+        return [base64.b64encode(img).decode() for img in self.images]
+
+
+@dataclass
+class Service:
+    """What every route needs: settings, the store, the URL signer, metrics, the embedded worker."""
+
+    settings: Settings
+    store: JobStore
+    metrics: Metrics = field(default_factory=Metrics)
+    signer: Signer | None = None
+    worker: Any = None
+    worker_task: asyncio.Task[None] | None = None
+    expiry_task: asyncio.Task[None] | None = None
+    admission: list[Admission] = field(default_factory=list)
+
+    # -- submit and the sync run, shared by v1 sync, v2 async and the OpenAI route
+    async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False) -> Job:
+        """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
+        if model not in MODELS:
+            raise NotFound(f"unknown model: {model}")
+        params = validate(body)
+        for check in self.admission:
+            await check(request, key, params)
+        if sync and (await self.store.stats()).workers_alive < 1:
+            raise Unavailable("no worker alive", headers={"Retry-After": "10"})
+        new = NewJob(model=model, params=params.to_dict(), cost=price(params, self.settings.unit_price),
+                     key_id=key.id)
+        try:
+            return await self.store.submit(new, queue_cap=self.settings.queue_cap)
+        except StoreError as exc:
+            raise from_store(exc) from None
+
+    async def run_sync(self, request: Request, key: ApiKey, model: str, body: Any) -> Finished:
+        """Submit, wait until the job ends (504 at the sync deadline), 422 when it FAILED, read the images."""
+        job = await self.submit(request, key, model, body, sync=True)
+        deadline = time.monotonic() + self.settings.sync_timeout_seconds
+        while not job.state.terminal:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SyncTimeout(
+                    f"request {job.id} did not finish within {self.settings.sync_timeout_seconds:g}s; "
+                    "it goes on: fetch it from response_url",
+                    extra={"request_id": job.id, "status": job.state.value, **self.links(request, job)})
+            latest = await self.store.wait(job.id, job.version, left)
+            if latest is None:
+                raise NotFound(f"unknown request: {job.id}")
+            job = latest
+        if job.state == JobState.FAILED:
+            raise failed(job)
+        images = await asyncio.gather(*(self.store.read_output(job.id, i) for i in range(job.outputs)))
+        if any(img is None for img in images):
+            raise NotFound(f"unknown request: {job.id}")
+        return Finished(job, [img for img in images if img is not None])
+
+    async def own_job(self, key: ApiKey, job_id: str) -> Job:
+        """The caller's job (admins see all); anything else is 404, so ids of others do not leak."""
+        job = await self.store.get(job_id)
+        if job is None or (job.key_id != key.id and not key.admin):
+            raise NotFound(f"unknown request: {job_id}")
+        return job
+
+    # -- absolute URLs
+    def base_url(self, request: Request) -> str:
+        return (self.settings.public_url or str(request.base_url)).rstrip("/")
+
+    def links(self, request: Request, job: Job) -> dict[str, str]:
+        base = f"{self.base_url(request)}/v2/requests/{job.id}"
+        return {"status_url": f"{base}/status", "response_url": base}
+
+    def output_urls(self, request: Request, job: Job) -> list[str]:
+        assert self.signer is not None
+        base = self.base_url(request)
+        urls = []
+        for i in range(job.outputs):
+            path = f"/v2/requests/{job.id}/outputs/{i}.{job.ext}"
+            urls.append(f"{base}{path}?{self.signer.query(path, job.expires_at)}")
+        return urls
+
+    async def ensure_bootstrap_key(self) -> str | None:
+        """Env KOLORS_API_BOOTSTRAP_KEY sets the first admin key; with no key at all, make one.
+
+        Returns the new key when one was generated (the caller prints it once)."""
+        wanted = self.settings.bootstrap_key
+        if wanted:
+            if await self.store.key_by_hash(hash_key(wanted)) is None:
+                try:
+                    await self.store.add_key(make_key_record("bootstrap", wanted, admin=True))
+                except StoreError:
+                    # Another replica starting at the same moment may have added it first.
+                    if await self.store.key_by_hash(hash_key(wanted)) is None:
+                        raise
+            return None
+        if await self.store.list_keys():
+            return None
+        key = new_key()
+        await self.store.add_key(make_key_record("admin", key, admin=True))
+        return key
+
+
+def failed(job: Job) -> JobFailed:
+    """A FAILED job as the 422 it is served as."""
+    return JobFailed(job.error or "failed", extra={"request_id": job.id, "status": "FAILED"})
+
+
+def service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+ServiceDep = Annotated[Service, Depends(service)]
+
+
+async def caller_key(request: Request, svc: ServiceDep) -> ApiKey:
+    return await authenticate(svc.store, request)
+
+
+async def admin_key(request: Request, svc: ServiceDep) -> ApiKey:
+    return await authenticate(svc.store, request, admin=True)
+
+
+CallerKey = Annotated[ApiKey, Depends(caller_key)]
+AdminKey = Annotated[ApiKey, Depends(admin_key)]
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    if not data.strip():
+        raise BadRequest("body: must be a JSON object, got nothing")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise BadRequest("body: not valid JSON") from None
+
+
+async def json_body(request: Request, svc: ServiceDep) -> Any:
+    """The request's JSON body (at most `max_body_bytes`), as a dependency."""
+    return await read_json(request, svc.settings.max_body_bytes)
+
+
+JsonBody = Annotated[Any, Depends(json_body)]
