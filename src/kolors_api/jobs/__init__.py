@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kolors_api.jobs.base import (
+    KEY_FIELDS,
     TRANSITIONS,
+    AlreadyExists,
     ApiKey,
     InsufficientFunds,
     Job,
@@ -15,6 +17,7 @@ from kolors_api.jobs.base import (
     LedgerEntry,
     NewJob,
     QueueFull,
+    StoreError,
     StoreStats,
     TooManyRunning,
     can_transition,
@@ -24,9 +27,9 @@ from kolors_api.jobs.base import (
 )
 
 __all__ = [
-    "TRANSITIONS", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore", "Lease", "LedgerEntry",
-    "NewJob", "QueueFull", "StoreStats", "TooManyRunning", "can_transition", "hash_key",
-    "make_key_record", "new_key", "make_store",
+    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore",
+    "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
+    "can_transition", "hash_key", "make_key_record", "new_key", "make_store",
 ]
 
 
