@@ -1,8 +1,9 @@
-"""The job store interface and its backends; `open_store` picks one from a URL."""
+"""The job store interface and its backends; `make_store` opens the one the settings name."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import overload
 
 from kolors_api.jobs.base import (
     KEY_FIELDS,
@@ -25,6 +26,7 @@ from kolors_api.jobs.base import (
     make_key_record,
     new_key,
 )
+from kolors_api.settings import Settings
 
 __all__ = [
     "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore",
@@ -33,14 +35,31 @@ __all__ = [
 ]
 
 
-def make_store(url: str, *, data_dir: Path, retention: float = 3600.0, max_deliveries: int = 3,
-               blob_dir: Path | None = None, recover: bool = False) -> JobStore:
-    """`sqlite` (or `sqlite:///path`) → SQLiteStore under data_dir; `redis://…` → RedisStore."""
-    if url.startswith("redis://") or url.startswith("rediss://") or url.startswith("unix://"):
+@overload
+def make_store(settings: Settings, *, recover: bool = False) -> JobStore: ...
+
+
+@overload
+def make_store(settings: str, *, data_dir: Path, retention: float = 3600.0, max_deliveries: int = 3,
+               blob_dir: Path | None = None, recover: bool = False) -> JobStore: ...
+
+
+def make_store(settings: Settings | str, *, recover: bool = False, data_dir: Path | None = None,
+               retention: float = 3600.0, max_deliveries: int = 3, blob_dir: Path | None = None) -> JobStore:
+    """The store of `settings.store`: SQLiteStore at `settings.sqlite_path()`, or RedisStore.
+
+    It reads store, data_dir, retention_seconds, max_deliveries and blob_dir. `recover=True` (the
+    `serve` process that runs the only worker) re-queues SQLite jobs left PROCESSING by a crash.
+    The older form `make_store(url, data_dir=…, retention=…, …)` still works, for now."""
+    if isinstance(settings, str):
+        settings = Settings(store=settings, data_dir=data_dir or Path(".kolors-api"), retention_seconds=retention,
+                            max_deliveries=max_deliveries, blob_dir=blob_dir)
+    if settings.fleet:
         from kolors_api.jobs.redis import RedisStore
 
-        return RedisStore(url, retention=retention, max_deliveries=max_deliveries, blob_dir=blob_dir)
+        return RedisStore(settings.store, retention=settings.retention_seconds,
+                          max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir)
     from kolors_api.jobs.sqlite import SQLiteStore
 
-    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else data_dir / "kolors-api.sqlite3"
-    return SQLiteStore(path, retention=retention, max_deliveries=max_deliveries, recover=recover)
+    return SQLiteStore(settings.sqlite_path(), retention=settings.retention_seconds,
+                       max_deliveries=settings.max_deliveries, recover=recover)
