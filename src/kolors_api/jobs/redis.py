@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 class RedisStore:
     """The fleet store. `blob_dir` (a directory every worker and API replica shares) keeps images as
-    files instead of in Redis."""
+    files instead of in Redis, laid out as for SQLite (`jobs/blobs.py`)."""
 
     #: Fallback re-check of `wait` and longest single block of `claim`, in seconds.
     recheck: float = 1.0
