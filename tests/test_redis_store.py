@@ -13,10 +13,11 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
-from kolors_api.jobs import InsufficientFunds, JobState, NewJob, make_key_record, new_key  # noqa: E402
+from kolors_api.jobs import AlreadyExists, InsufficientFunds, JobState, NewJob, make_key_record, new_key  # noqa: E402
 from kolors_api.jobs.redis import RedisStore  # noqa: E402
 from kolors_api.jobs.redis_keys import SCRIPT_CLAIM_ENTRY  # noqa: E402
 from tests.conftest import REDIS_URL  # noqa: E402
+from tests.store_helpers import delete_redis_keys  # noqa: E402
 
 MakeStore = Callable[..., Awaitable[RedisStore]]
 
@@ -45,7 +46,7 @@ async def make(raw: Any) -> AsyncIterator[MakeStore]:
         return store
 
     yield factory
-    await stores[0].delete_everything()
+    await delete_redis_keys(stores[0])
     for store in stores:
         await store.close()
     assert [k async for k in raw.scan_iter(match=stores[0].keys.everything)] == []
@@ -271,14 +272,29 @@ async def test_blob_dir_holds_only_the_lease_holders_files(make: MakeStore, raw:
     assert fresh is not None
     assert await worker_b.complete(fresh, [b"one", b"two"], "png", [1, 2], {})
     assert not await worker_a.complete(stale, [b"stale"], "png", [1], {})
-    assert sorted(p.relative_to(blobs).as_posix() for p in blobs.rglob("*") if p.is_file()) == [
-        f"{job.id}/{fresh.token}/0.png", f"{job.id}/{fresh.token}/1.png"]
+    assert sorted(p.relative_to(blobs).as_posix() for p in blobs.rglob("*")) == [
+        job.id, f"{job.id}/0.png", f"{job.id}/1.png"]
     assert await worker_a.read_output(job.id, 1) == b"two"
     assert await raw.exists(worker_a.keys.output(job.id, 0)) == 0  # not in Redis
     await asyncio.sleep(0.6)
     assert await worker_a.expire() == 1
     assert not (blobs / job.id).exists()
     assert await worker_b.read_output(job.id, 0) is None
+
+
+async def test_images_of_a_worker_that_died_before_moving_them_stay_readable_until_expiry(
+        make: MakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = tmp_path / "blobs"
+    worker, api = await make(blob_dir=blobs, retention=0.5), await make(blob_dir=blobs)
+    job = await api.submit(NewJob(model="kolors", params=params()))
+    lease = await worker.claim("w1", 30, 1)
+    assert lease is not None and worker.blobs is not None
+    monkeypatch.setattr(worker.blobs, "commit", lambda job_id, token: None)  # dies right after its commit
+    assert await worker.complete(lease, [b"one", b"two"], "png", [1, 2], {})
+    assert [await api.read_output(job.id, i) for i in range(2)] == [b"one", b"two"]
+    await asyncio.sleep(0.6)
+    assert await api.expire() == 1
+    assert not (blobs / job.id).exists()
 
 
 async def test_expire_sweeps_history_and_the_expiry_index(make: MakeStore, raw: Any) -> None:
@@ -315,5 +331,5 @@ async def test_keys_list_in_creation_order_and_credit_changes_are_ledgered(make:
     unlimited = await store.update_key(first.id, credits=None)
     assert unlimited is not None and unlimited.credits is None
     assert await store.update_key("missing", name="x") is None
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(AlreadyExists, match="exists"):
         await store.add_key(first)

@@ -212,3 +212,11 @@ def test_no_stack_trace_in_error_bodies(client: httpx.Client) -> None:
 def test_data_dir_holds_the_signing_secret(api_only: LiveServer) -> None:
     secret = Path(api_only.data_dir) / "secret.key"
     assert secret.exists() and len(secret.read_bytes()) == 32
+
+
+def test_the_admin_bodies_name_exactly_the_fields_a_store_changes() -> None:
+    from kolors_api.api.models import KeyCreate, KeyUpdate
+    from kolors_api.jobs import KEY_FIELDS
+
+    assert set(KeyUpdate.model_fields) == set(KEY_FIELDS) | {"credits", "add_credits"}
+    assert set(KeyCreate.model_fields) == set(KEY_FIELDS) - {"enabled"} | {"credits"}

@@ -54,8 +54,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     safety = build_safety(settings)  # a bad terms file or a missing `safety` extra fails here, at start-up
-    store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds,
-                       max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir)
+    store = make_store(settings)
 
     async def main() -> None:
         await store.open()
@@ -91,7 +90,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"error: --{field.replace('_', '-')}: {problem}", file=sys.stderr)
             return 2
     settings = _settings(args)
-    store = make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds)
+    store = make_store(settings)
 
     async def main() -> int:
         await store.open()

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The store URL prefix of an SQLite file anywhere (else `sqlite`: the file under data_dir).
+SQLITE_SCHEME = "sqlite:///"
+#: The store URL schemes of Redis (fleet mode).
+FLEET_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Settings(BaseSettings):
@@ -23,7 +28,8 @@ class Settings(BaseSettings):
     #: `tiny`, a local diffusers folder, or a Hugging Face repo id.
     model: str = "tiny"
     data_dir: Path = Path(".kolors-api")
-    #: `sqlite` (embedded default, under data_dir) or `redis://host:port/db`.
+    #: `sqlite` (embedded default, under data_dir), `sqlite:///relative.db` or `sqlite:////abs.db`, or
+    #: the fleet's Redis: `redis://host:port/db`, `rediss://…` (TLS), `unix:///path/to/redis.sock`.
     store: str = "sqlite"
     #: Run an in-process worker inside `serve`.
     worker: bool = True
@@ -60,8 +66,23 @@ class Settings(BaseSettings):
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
     nudenet_threshold: float = Field(0.6, ge=0, le=1)
 
-    def sqlite_path(self) -> Path:
-        return self.data_dir / "kolors-api.sqlite3"
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value == "sqlite" or (value.startswith(SQLITE_SCHEME) and len(value) > len(SQLITE_SCHEME)):
+            return value
+        if value.startswith(FLEET_SCHEMES):
+            return value
+        raise ValueError(f"expected sqlite, sqlite:///PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
+                         f"unix:///PATH/TO/redis.sock, got {value!r}")
 
-    def secret_path(self) -> Path:
-        return self.data_dir / "secret.key"
+    @property
+    def fleet(self) -> bool:
+        """True when the store is Redis (a fleet of API replicas and workers), False for SQLite."""
+        return self.store.startswith(FLEET_SCHEMES)
+
+    def sqlite_path(self) -> Path:
+        """The SQLite database file: the `sqlite:///` path, else `kolors-api.sqlite3` under data_dir."""
+        if self.store.startswith(SQLITE_SCHEME):
+            return Path(self.store[len(SQLITE_SCHEME):])
+        return self.data_dir / "kolors-api.sqlite3"

@@ -46,12 +46,10 @@ def error_response(exc: KolorsAPIError) -> JSONResponse:
 def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
     """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store."""
     settings = settings or Settings()
-    embedded = store is None and not settings.store.startswith(("redis://", "rediss://", "unix://"))
-    store = store or make_store(settings.store, data_dir=settings.data_dir, retention=settings.retention_seconds,
-                                max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir,
-                                recover=embedded and settings.worker)
+    embedded = store is None and not settings.fleet
+    store = store or make_store(settings, recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store)
-    svc.admission.append(RateLimits(settings.store))
+    svc.admission.append(RateLimits(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

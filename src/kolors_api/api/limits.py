@@ -37,6 +37,7 @@ from kolors_api.errors import RateLimited
 from kolors_api.jobs import ApiKey
 from kolors_api.jobs.redis_keys import DEFAULT_PREFIX
 from kolors_api.schema import GenerateParams
+from kolors_api.settings import Settings
 
 #: The policy name in the RateLimit headers.
 POLICY = "key"
@@ -56,20 +57,20 @@ def parse_limit(rate: str) -> RateLimitItem:
     return parse(f"{match[1]}/{_UNITS[match[2]]}")
 
 
-def storage_uri(store: str) -> str:
-    """The `limits` storage for a store URL: Redis for the fleet, process memory otherwise."""
-    if store.startswith(("redis://", "rediss://")):
-        return "async+" + store
-    if store.startswith("unix://"):
-        return "async+redis+" + store
-    return "async+memory://"
+def storage_uri(settings: Settings) -> str:
+    """The `limits` storage for the settings' store: its Redis in the fleet, process memory otherwise."""
+    if not settings.fleet:
+        return "async+memory://"
+    if settings.store.startswith("unix://"):
+        return "async+redis+" + settings.store
+    return "async+" + settings.store
 
 
 class RateLimits:
     """The admission check: `await limits(request, key, params)` raises RateLimited when over."""
 
-    def __init__(self, store: str) -> None:
-        uri = storage_uri(store)
+    def __init__(self, settings: Settings) -> None:
+        uri = storage_uri(settings)
         options: dict[str, Any] = {}
         if uri.startswith("async+redis"):
             # redis-py's asyncio client (the store's own dependency), not coredis.

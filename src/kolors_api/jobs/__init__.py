@@ -1,10 +1,9 @@
-"""The job store interface and its backends; `open_store` picks one from a URL."""
+"""The job store interface and its backends; `make_store` opens the one the settings name."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kolors_api.jobs.base import (
+    KEY_FIELDS,
     TRANSITIONS,
     AlreadyExists,
     ApiKey,
@@ -24,22 +23,26 @@ from kolors_api.jobs.base import (
     make_key_record,
     new_key,
 )
+from kolors_api.settings import Settings
 
 __all__ = [
-    "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore", "Lease",
-    "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning", "can_transition", "hash_key",
-    "make_key_record", "new_key", "make_store",
+    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore",
+    "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
+    "can_transition", "hash_key", "make_key_record", "new_key", "make_store",
 ]
 
 
-def make_store(url: str, *, data_dir: Path, retention: float = 3600.0, max_deliveries: int = 3,
-               blob_dir: Path | None = None, recover: bool = False) -> JobStore:
-    """`sqlite` (or `sqlite:///path`) → SQLiteStore under data_dir; `redis://…` → RedisStore."""
-    if url.startswith("redis://") or url.startswith("rediss://") or url.startswith("unix://"):
+def make_store(settings: Settings, *, recover: bool = False) -> JobStore:
+    """The store of `settings.store`: SQLiteStore at `settings.sqlite_path()`, or RedisStore.
+
+    It reads store, data_dir, retention_seconds, max_deliveries and blob_dir. `recover=True` (the
+    `serve` process that runs the only worker) re-queues SQLite jobs left PROCESSING by a crash."""
+    if settings.fleet:
         from kolors_api.jobs.redis import RedisStore
 
-        return RedisStore(url, retention=retention, max_deliveries=max_deliveries, blob_dir=blob_dir)
+        return RedisStore(settings.store, retention=settings.retention_seconds,
+                          max_deliveries=settings.max_deliveries, blob_dir=settings.blob_dir)
     from kolors_api.jobs.sqlite import SQLiteStore
 
-    path = Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else data_dir / "kolors-api.sqlite3"
-    return SQLiteStore(path, retention=retention, max_deliveries=max_deliveries, recover=recover)
+    return SQLiteStore(settings.sqlite_path(), retention=settings.retention_seconds,
+                       max_deliveries=settings.max_deliveries, recover=recover)

@@ -25,7 +25,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 
 class JobState(enum.StrEnum):
@@ -146,6 +146,8 @@ class StoreStats:
 
 
 KEY_PREFIX = "kol_"
+#: The fields of a key that `update_key` sets as they are (credits move through the ledger).
+KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
 
 
 def new_key() -> str:
@@ -164,11 +166,14 @@ def make_key_record(name: str, key: str, *, admin: bool = False, credits: float 
 
 
 class StoreError(Exception):
-    """Base of the outcomes a store reports (the API maps them in `kolors_api.errors.from_store`)."""
+    """A store refused a request, and changed nothing.
 
-
-class AlreadyExists(StoreError):  # noqa: N818
-    """A job or key with this id (or key hash) is already stored."""
+    StoreError
+    ├── InsufficientFunds  the key's credits do not cover the job's cost
+    ├── QueueFull          the queue holds `queue_cap` jobs already
+    ├── TooManyRunning     the key has `max_concurrency` jobs queued or running
+    └── AlreadyExists      a job id, key id or key hash that is taken
+    """
 
 
 class InsufficientFunds(StoreError):  # noqa: N818 - a store-level outcome, mapped by the API
@@ -188,9 +193,21 @@ class TooManyRunning(StoreError):  # noqa: N818
         self.limit = limit
 
 
+class AlreadyExists(StoreError):  # noqa: N818
+    pass
+
+
+def output_readable(job: Job | None, index: int) -> TypeGuard[Job]:
+    """The `read_output` guard of every backend: a COMPLETED job that has output `index`."""
+    return job is not None and job.state == JobState.COMPLETED and 0 <= index < job.outputs
+
+
 @runtime_checkable
 class JobStore(Protocol):
-    """The one interface the API and the worker loop are written against."""
+    """The one interface the API and the worker loop are written against.
+
+    A refusal raises a `StoreError` (InsufficientFunds, QueueFull, TooManyRunning, AlreadyExists)
+    and changes nothing; other exceptions (the backend unreachable) pass through as they are."""
 
     retention: float
 
@@ -206,8 +223,8 @@ class JobStore(Protocol):
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
         """Store and enqueue a job, reserving `new.cost` from `new.key_id` in the same atomic step.
 
-        Checks the key's max_concurrency in the same step. Raises InsufficientFunds, TooManyRunning
-        or QueueFull, and then nothing is stored."""
+        Checks the key's max_concurrency in the same step. Raises AlreadyExists (a taken job id),
+        QueueFull, TooManyRunning or InsufficientFunds, and then nothing is stored."""
         ...
 
     async def get(self, job_id: str) -> Job | None:
@@ -222,7 +239,9 @@ class JobStore(Protocol):
         """Return the job as soon as its version is above `after_version`, or when `timeout` passes."""
         ...
 
-    async def read_output(self, job_id: str, index: int) -> bytes | None: ...
+    async def read_output(self, job_id: str, index: int) -> bytes | None:
+        """Output image `index` of a COMPLETED job; None when there is none (or it expired)."""
+        ...
 
     async def request_cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once (refunded); flag a running one for the worker to stop."""
@@ -259,12 +278,15 @@ class JobStore(Protocol):
         ...
 
     # -- keys and credits
-    async def add_key(self, key: ApiKey) -> None: ...
+    async def add_key(self, key: ApiKey) -> None:
+        """Store a new key; raises AlreadyExists when its id or key_hash is taken (nothing stored)."""
+        ...
+
     async def key_by_hash(self, key_hash: str) -> ApiKey | None: ...
     async def get_key(self, key_id: str) -> ApiKey | None: ...
     async def list_keys(self) -> list[ApiKey]: ...
     async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
-        """Change name/enabled/admin/rate_limit/max_concurrency, `credits` (set) or `add_credits`."""
+        """Change the KEY_FIELDS, `credits` (set) or `add_credits`; None when there is no such key."""
         ...
 
     async def delete_key(self, key_id: str) -> bool: ...

@@ -25,9 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -39,7 +37,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from kolors_api.jobs import redis_keys as names
+from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
+    KEY_FIELDS,
+    AlreadyExists,
     ApiKey,
     InsufficientFunds,
     Job,
@@ -50,18 +51,18 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    output_readable,
 )
+from kolors_api.jobs.blobs import BlobDir
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
 
 log = logging.getLogger(__name__)
 
-_KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
-
 
 class RedisStore:
     """The fleet store. `blob_dir` (a directory every worker and API replica shares) keeps images as
-    files instead of in Redis."""
+    files instead of in Redis, laid out as for SQLite (`jobs/blobs.py`)."""
 
     #: Fallback re-check of `wait` and longest single block of `claim`, in seconds.
     recheck: float = 1.0
@@ -74,7 +75,7 @@ class RedisStore:
         self.url = url
         self.retention = retention
         self.max_deliveries = max_deliveries
-        self.blob_dir = Path(blob_dir) if blob_dir is not None else None
+        self.blobs = BlobDir(blob_dir) if blob_dir is not None else None
         self.keys = Keys(prefix)
         self._redis: Redis | None = None
         self._blocking: Redis | None = None
@@ -82,7 +83,7 @@ class RedisStore:
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters = Waiters()
 
     # -- plumbing
     async def open(self) -> None:
@@ -131,13 +132,6 @@ class RedisStore:
         except (RedisError, OSError):
             return False
 
-    async def delete_everything(self) -> None:
-        """Delete every key under this store's prefix (tests; tearing a deployment down)."""
-        r = await self._conn()
-        found = [key async for key in r.scan_iter(match=self.keys.everything, count=500)]
-        for i in range(0, len(found), 500):
-            await r.unlink(*found[i:i + 500])
-
     async def shared_secret(self) -> bytes:
         r = await self._conn()
         await r.set(self.keys.secret, secrets.token_bytes(32), nx=True)
@@ -158,7 +152,7 @@ class RedisStore:
         if status == "funds":
             raise InsufficientFunds(float(got[1]), float(got[2]))
         if status == "exists":
-            raise ValueError(f"job {new.id} already exists")
+            raise AlreadyExists(f"job {new.id} already exists")
         return _job(_hash(got[1:]))
 
     async def get(self, job_id: str) -> Job | None:
@@ -170,25 +164,8 @@ class RedisStore:
         return None if rank is None else int(rank)
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        deadline = time.monotonic() + timeout
         await self._listen()
-        ev = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(ev)
-        try:
-            while True:
-                ev.clear()  # before reading, so a change published meanwhile still wakes us
-                job = await self.get(job_id)
-                left = deadline - time.monotonic()
-                if job is None or job.version > after_version or left <= 0:
-                    return job
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), min(left, self.recheck))
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(ev)
-                if not waiters:
-                    del self._waiters[job_id]
+        return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
 
     async def _listen(self) -> None:
         """Start this store's one pattern subscription to every job's channel (once)."""
@@ -219,25 +196,21 @@ class RedisStore:
             if msg is None or _str(msg["type"]) != "pmessage":
                 continue
             job_id = self.keys.job_id_of_channel(_str(msg["channel"]))
-            for ev in self._waiters.get(job_id or "", ()):
-                ev.set()
+            if job_id is not None:
+                self._waiters.notify(job_id)
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         r = await self._conn()
         raw = _hash_of(await r.hgetall(self.keys.job(job_id)))
         job = _live(raw)
-        if job is None or job.state != JobState.COMPLETED or not 0 <= index < job.outputs:
+        if not output_readable(job, index):
             return None
         if "blob" not in raw:
             data = await r.get(self.keys.output(job_id, index))
             return data if isinstance(data, bytes) else None
-        if self.blob_dir is None:
+        if self.blobs is None:
             return None
-        path = self.blob_dir / job_id / raw["blob"] / f"{index}.{job.ext}"
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            return None
+        return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
 
     async def request_cancel(self, job_id: str) -> Job | None:
         got = await self._call(names.SCRIPT_CANCEL, job_id)
@@ -325,24 +298,16 @@ class RedisStore:
             return False  # already stale: do not even write the images
         blob = ""
         payload: list[bytes] = images
-        if self.blob_dir is not None:
-            # The files go to a folder of this lease, complete before the fenced commit points the
-            # record at it; a stale commit removes its folder again.
+        if self.blobs is not None:
+            # The record keeps the token: readers find the files of this delivery before they are
+            # moved into place (and if this worker dies before it moves them).
             blob, payload = lease.token, []
-            await asyncio.to_thread(self._write_blobs, lease.job.id, lease.token, images, ext)
+            await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
         ok = bool(await self._call(names.SCRIPT_COMPLETE, lease.job.id, lease.token, ext, json.dumps(seeds),
                                    json.dumps(metrics), blob, len(images), *payload))
-        if not ok and self.blob_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self.blob_dir / lease.job.id / lease.token, True)
+        if self.blobs is not None:
+            await asyncio.to_thread(self.blobs.commit if ok else self.blobs.discard, lease.job.id, lease.token)
         return ok
-
-    def _write_blobs(self, job_id: str, token: str, images: list[bytes], ext: str) -> None:
-        assert self.blob_dir is not None
-        tmp = self.blob_dir / job_id / f".{token}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(images):
-            (tmp / f"{i}.{ext}").write_bytes(data)
-        os.replace(tmp, self.blob_dir / job_id / token)
 
     async def fail(self, lease: Lease, error: str) -> bool:
         return bool(await self._call(names.SCRIPT_FAIL, lease.job.id, lease.token, error))
@@ -360,9 +325,9 @@ class RedisStore:
         while True:
             gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
-            if self.blob_dir is not None:
+            if self.blobs is not None:
                 for job_id in gone:
-                    await asyncio.to_thread(shutil.rmtree, self.blob_dir / job_id, True)
+                    await asyncio.to_thread(self.blobs.remove, job_id)
             if len(gone) < batch:
                 break
         # Consumers are per worker id: forget those long gone that hold nothing.
@@ -385,7 +350,7 @@ class RedisStore:
         credits = repr(float(key.credits)) if key.credits is not None else ""
         if not await self._call(names.SCRIPT_ADD_KEY, key.id, key.key_hash, repr(float(key.created_at)),
                                 credits, *fields):
-            raise ValueError(f"key {key.id} already exists")
+            raise AlreadyExists(f"key {key.id} already exists")
 
     async def key_by_hash(self, key_hash: str) -> ApiKey | None:
         key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
@@ -407,7 +372,7 @@ class RedisStore:
     async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
         sets: list[str] = []
         deletes: list[str] = []
-        for name in _KEY_FIELDS:
+        for name in KEY_FIELDS:
             if name in changes:
                 if changes[name] is None:
                     deletes.append(name)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import sqlite3
 import time
 import uuid
@@ -20,7 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
+    KEY_FIELDS,
+    AlreadyExists,
     ApiKey,
     InsufficientFunds,
     Job,
@@ -31,7 +33,9 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    output_readable,
 )
+from kolors_api.jobs.blobs import BlobDir
 
 T = TypeVar("T")
 
@@ -92,7 +96,6 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS dead_letters (job_id TEXT PRIMARY KEY, reason TEXT NOT NULL, at REAL NOT NULL);
 """
 
-_KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
 POLL = 0.25
 
 
@@ -103,13 +106,13 @@ class SQLiteStore:
     def __init__(self, path: Path, *, retention: float = 3600.0, max_deliveries: int = 3,
                  recover: bool = False) -> None:
         self.path = Path(path)
-        self.blob_dir = self.path.parent / "outputs"
+        self.blobs = BlobDir(self.path.parent / "outputs")
         self.retention = retention
         self.max_deliveries = max_deliveries
         self._recover = recover
         self._pool: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
 
     # -- plumbing
@@ -182,8 +185,7 @@ class SQLiteStore:
 
     def _notify(self, job_id: str | None = None, queue: bool = False) -> None:
         if job_id is not None:
-            for ev in self._waiters.get(job_id, ()):
-                ev.set()
+            self._waiters.notify(job_id)
         if queue and self._queue_event is not None:
             self._queue_event.set()
 
@@ -196,6 +198,8 @@ class SQLiteStore:
     def _submit(self, new: NewJob, queue_cap: int) -> Job:
         now = time.time()
         with self._tx() as c:
+            if c.execute("SELECT 1 FROM jobs WHERE id=?", (new.id,)).fetchone():
+                raise AlreadyExists(f"job {new.id} already exists")
             if queue_cap:
                 (queued,) = c.execute("SELECT COUNT(*) FROM jobs WHERE state='QUEUED'").fetchone()
                 if queued >= queue_cap:
@@ -243,36 +247,13 @@ class SQLiteStore:
         return await self._run(q)
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        deadline = time.monotonic() + timeout
-        ev = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(ev)
-        try:
-            while True:
-                job = await self.get(job_id)
-                left = deadline - time.monotonic()
-                if job is None or job.version > after_version or left <= 0:
-                    return job
-                ev.clear()
-                try:
-                    await asyncio.wait_for(ev.wait(), min(left, POLL * 4))
-                except TimeoutError:
-                    pass
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(ev)
-                if not waiters:
-                    del self._waiters[job_id]
+        return await self._waiters.wait(self.get, job_id, after_version, timeout, POLL * 4)
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         job = await self.get(job_id)
-        if job is None or job.state != JobState.COMPLETED or not 0 <= index < job.outputs:
+        if not output_readable(job, index):
             return None
-        path = self.blob_dir / job_id / f"{index}.{job.ext}"
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            return None
+        return await asyncio.to_thread(self.blobs.read, job_id, None, index, job.ext)
 
     async def request_cancel(self, job_id: str) -> Job | None:
         def q() -> Job | None:
@@ -378,24 +359,14 @@ class SQLiteStore:
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
-        final = self.blob_dir / lease.job.id
-        tmp = self.blob_dir / f".{lease.job.id}.{lease.token}"
-
-        def write() -> None:
-            tmp.mkdir(parents=True, exist_ok=True)
-            for i, data in enumerate(images):
-                (tmp / f"{i}.{ext}").write_bytes(data)
-
         def q() -> bool:
             now = time.time()
             with self._tx() as c:
                 row = self._holds(c, lease)
                 if row is None:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    self.blobs.discard(lease.job.id, lease.token)
                     return False
-                if final.exists():
-                    shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
+                self.blobs.commit(lease.job.id, lease.token)
                 c.execute(
                     "UPDATE jobs SET state='COMPLETED', outputs=?, ext=?, seeds=?, metrics=?, finished_at=?, "
                     "expires_at=?, lease_token=NULL, lease_until=NULL, step=total_steps, version=version+1 "
@@ -404,15 +375,16 @@ class SQLiteStore:
                 if row["key_id"] is not None and row["cost"]:
                     _ledger(c, row, "capture", 0.0)
                 return True
+
         def holds() -> bool:
             assert self._conn is not None
             return self._holds(self._conn, lease) is not None
 
         if not await self._run(holds):
             return False
-        # Files go to a folder of this delivery, written off the database thread (large images must
-        # not stall the API's queries), and renamed into place only by the fenced commit.
-        await asyncio.to_thread(write)
+        # Files are written off the database thread (large images must not stall the API's
+        # queries), and moved into place inside the fenced commit.
+        await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
         ok = await self._run(q)
         self._notify(lease.job.id)
         return ok
@@ -468,7 +440,7 @@ class SQLiteStore:
                 c.execute("DELETE FROM jobs WHERE expires_at<=?", (now,))
                 c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
             for job_id in ids:
-                shutil.rmtree(self.blob_dir / job_id, ignore_errors=True)
+                self.blobs.remove(job_id)
             return len(ids)
         return await self._run(q)
 
@@ -476,6 +448,8 @@ class SQLiteStore:
     async def add_key(self, key: ApiKey) -> None:
         def q() -> None:
             with self._tx() as c:
+                if c.execute("SELECT 1 FROM keys WHERE id=? OR key_hash=?", (key.id, key.key_hash)).fetchone():
+                    raise AlreadyExists(f"key {key.id} already exists")
                 c.execute("INSERT INTO keys(id, name, prefix, key_hash, admin, enabled, credits, rate_limit, "
                           "max_concurrency, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                           (key.id, key.name, key.prefix, key.key_hash, int(key.admin), int(key.enabled),
@@ -508,7 +482,7 @@ class SQLiteStore:
                 row = c.execute("SELECT * FROM keys WHERE id=?", (key_id,)).fetchone()
                 if row is None:
                     return None
-                for name in _KEY_FIELDS:
+                for name in KEY_FIELDS:
                     if name in changes:
                         c.execute(f"UPDATE keys SET {name}=? WHERE id=?", (changes[name], key_id))  # noqa: S608
                 if "credits" in changes or "add_credits" in changes:
