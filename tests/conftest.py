@@ -76,27 +76,31 @@ class LiveServer:
                 self.proc.wait()
 
 
-def start_process(args: list[str], data_dir: Path, env: dict[str, str] | None = None,
+def start_process(args: list[str], data_dir: Path, env: dict[str, str | None] | None = None,
                   log_name: str = "server.log") -> tuple[subprocess.Popen[bytes], Path]:
+    """Run `kolors-api ARGS` with the test environment updated by `env` (a None value removes the
+    variable: `{"KOLORS_API_BOOTSTRAP_KEY": None}` starts with no bootstrap key)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
     # PASSIVE: torch's OpenMP threads sleep instead of spinning, so servers that share the cores with
     # the test process (and with each other) do not starve it.
-    full_env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1",
-                "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    wanted = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1",
+              "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    full_env = {name: value for name, value in wanted.items() if value is not None}
     log = log_path.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "kolors_api.cli", *args], env=full_env,
                             stdout=log, stderr=subprocess.STDOUT)
     return proc, log_path
 
 
-def start_server(model: Path | str, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
+def start_server(model: Path | str, data_dir: Path, *, port: int | None = None,
+                 env: dict[str, str | None] | None = None,
                  extra: list[str] | None = None, ready: bool = True, log_name: str = "server.log") -> LiveServer:
     port = port or free_port()
     args = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--model", str(model), *(extra or [])]
     proc, log_path = start_process(args, data_dir, env, log_name)
     server = LiveServer(url=f"http://127.0.0.1:{port}", data_dir=data_dir, proc=proc, log_path=log_path,
-                        env=env or {})
+                        env={name: value for name, value in (env or {}).items() if value is not None})
     wait_up(server, ready=ready)
     return server
 
