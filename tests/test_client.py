@@ -1,5 +1,6 @@
-"""`kolors_api.client` against a live server (tiny model), plus the wire cases the server cannot
-yet be made to produce (a FAILED job), served by an httpx MockTransport speaking the same wire."""
+"""`kolors_api.client` against a live server (tiny model), FAILED jobs included (a prompt the
+built-in content screen blocks ends FAILED); a MockTransport only where a live server on loopback
+cannot stand in (a second host, for where the key is sent)."""
 
 from __future__ import annotations
 
@@ -261,40 +262,75 @@ def test_context_manager_closes_the_connection(server: LiveServer) -> None:
     assert c._http.is_closed
 
 
-# -- the wire cases a live server cannot produce yet (a MockTransport speaking §3)
+# -- FAILED jobs: the built-in content screen fails a blocked prompt, refunded, served as 422
+
+BLOCKED_PROMPT = "csam on a beach"
+BLOCKED_ERROR = 'content blocked: prompt contains a blocked term: "csam"'
+
+
+def assert_blocked(failed: InferenceFailed) -> None:
+    assert failed.detail == BLOCKED_ERROR
+    assert failed.status is None
+    assert failed.status_body["status"] == "FAILED"
+    assert failed.status_body["error"] == BLOCKED_ERROR
+    assert isinstance(failed.request_id, str) and len(failed.request_id) == 32
+
+
+def test_run_of_a_blocked_prompt_raises_inference_failed_with_the_server_reason(client: Client) -> None:
+    with pytest.raises(InferenceFailed) as info:
+        client.run("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+
+    assert_blocked(info.value)
+    assert client.job(info.value.request_id or "").status()["status"] == "FAILED"
+
+
+def test_run_sync_of_a_blocked_prompt_raises_inference_failed(client: Client) -> None:
+    with pytest.raises(InferenceFailed) as info:
+        client.run_sync("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+
+    assert_blocked(info.value)
+
+
+def test_wait_on_a_blocked_job_raises_inference_failed_and_result_returns_the_body(client: Client) -> None:
+    job = client.submit_async("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+
+    with pytest.raises(InferenceFailed) as info:
+        job.wait(timeout=120, interval=0.05)
+    status = job.status()  # a terminal body is a payload, even under 422
+    result = job.result()
+
+    assert_blocked(info.value)
+    assert info.value.request_id == job.request_id
+    assert status == {"request_id": job.request_id, "status": "FAILED", "error": BLOCKED_ERROR}
+    assert result["status"] == "FAILED" and result["error"] == BLOCKED_ERROR
+
+
+async def test_async_client_raises_inference_failed_on_a_blocked_prompt(server: LiveServer) -> None:
+    async with AsyncClient(api_key=server.key, base_url=server.url, timeout=120) as c:
+        with pytest.raises(InferenceFailed) as ran:
+            await c.run("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+        with pytest.raises(InferenceFailed) as ran_sync:
+            await c.run_sync("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+        job = await c.submit_async("kolors", prompt=BLOCKED_PROMPT, **SMALL)
+        with pytest.raises(InferenceFailed) as waited:
+            await job.wait(timeout=120, interval=0.05)
+        result = await job.result()
+
+    for info in (ran, ran_sync, waited):
+        assert_blocked(info.value)
+    assert waited.value.request_id == job.request_id
+    assert result["status"] == "FAILED" and result["error"] == BLOCKED_ERROR
+
+
+# -- what a live server on loopback cannot stand in for: a second host (MockTransport)
 
 
 def fake_server(seen: list[httpx.Request]) -> httpx.MockTransport:
-    failed = {"request_id": "r1", "status": "FAILED", "error": "engine error: out of memory"}
-
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        path = request.url.path
-        if path == "/v2/kolors":
-            base = "http://kolors.test/v2/requests/r1"
-            return httpx.Response(200, json={"request_id": "r1", "status": "QUEUED",
-                                             "status_url": base + "/status", "response_url": base})
-        if path in ("/v2/requests/r1/status", "/v2/requests/r1", "/v1/kolors"):
-            return httpx.Response(422, json=failed)
         return httpx.Response(200, content=b"img")
 
     return httpx.MockTransport(handle)
-
-
-def test_failed_job_served_as_422_raises_inference_failed() -> None:
-    seen: list[httpx.Request] = []
-    with Client(api_key="k", base_url="http://kolors.test/v1", transport=fake_server(seen)) as c:
-        job = c.submit_async("kolors", prompt="x")
-        assert job.status()["status"] == "FAILED"  # a terminal body is a payload, even under 422
-        assert job.result()["error"] == "engine error: out of memory"
-        with pytest.raises(InferenceFailed) as info:
-            job.wait(timeout=5)
-        with pytest.raises(InferenceFailed):
-            c.run_sync("kolors", prompt="x")
-
-    assert info.value.detail == "engine error: out of memory"
-    assert info.value.status_body["request_id"] == "r1"
-    assert all(r.headers["x-api-key"] == "k" for r in seen)
 
 
 def test_key_is_not_sent_to_another_host() -> None:
