@@ -177,3 +177,38 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the suite's own rules: what counts as slow, and no silent skips
+#: Fixtures that load the tiny model in a process of their own (directly or through a server or
+#: worker): a test that uses one is `slow`, and the fast lane (`pytest -m "not slow"`) leaves it out.
+SLOW_FIXTURES = {"tiny_model"}
+#: Modules slow as a whole (fuzzing runs hundreds of requests).
+SLOW_MODULES = {"test_schemathesis"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def _no_skips(report: pytest.CollectReport | pytest.TestReport) -> None:
+    """A skip is a failure unless KOLORS_API_ALLOW_SKIP=1: CI must not pass with tests left out."""
+    if report.skipped and not hasattr(report, "wasxfail") and os.environ.get("KOLORS_API_ALLOW_SKIP") != "1":
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and a skip is a failure here (KOLORS_API_ALLOW_SKIP=1 allows it): " \
+                          f"{report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _no_skips(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _no_skips(outcome.get_result())

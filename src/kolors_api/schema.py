@@ -112,6 +112,16 @@ def price(params: GenerateParams, unit_price: float = 1.0) -> float:
     return round(units * unit_price, 6)
 
 
+def decimal(text: str | None, max_digits: int = 18) -> int | None:
+    """`text` as a non-negative integer when it is 1..max_digits ASCII digits, else None.
+
+    The one parser for numbers that come from a URL, a query or a string field: `str.isdigit()`
+    alone also accepts "²" and other scripts' digits, which `int()` then refuses or reads."""
+    if not text or len(text) > max_digits or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def kind_of(value: Any) -> str:
     """The JSON type name of a decoded value, for error messages."""
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",

@@ -26,6 +26,7 @@ from kolors_api.api.models import (
 )
 from kolors_api.errors import BadRequest, NotFound
 from kolors_api.jobs import LedgerEntry, make_key_record, new_key
+from kolors_api.schema import decimal
 
 router = APIRouter()
 ADMIN_ERRORS = errors(400, 401, 403, 413)
@@ -98,9 +99,10 @@ async def account(svc: ServiceDep, key: CallerKey) -> Response:
                  "description": "next_cursor of the previous page"}]})
 async def history(request: Request, svc: ServiceDep, key: CallerKey) -> Response:
     raw = request.query_params.get("limit", "20")
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= 100:
+    limit = decimal(raw, 3)
+    if limit is None or not 1 <= limit <= 100:
         raise BadRequest(f"limit: must be an integer between 1 and 100, got {short(raw)}")
-    jobs, cursor = await svc.store.history(key.id, int(raw), request.query_params.get("cursor"))
+    jobs, cursor = await svc.store.history(key.id, limit, request.query_params.get("cursor"))
     return JSONResponse({"data": [{
         "request_id": j.id, "model": j.model, "status": j.state.value, "cost": j.cost,
         "created_at": j.created_at, "started_at": j.started_at, "finished_at": j.finished_at,

@@ -19,10 +19,11 @@ from kolors_api.api.models import (
     SyncImages,
     errors,
     json_request,
+    short,
 )
 from kolors_api.errors import NotFound
 from kolors_api.jobs import Job, JobState
-from kolors_api.schema import CONTENT_TYPES, MODELS, json_schema
+from kolors_api.schema import CONTENT_TYPES, MODELS, decimal, json_schema
 
 router = APIRouter()
 
@@ -119,13 +120,14 @@ async def request_output(request_id: str, name: str, request: Request, svc: Serv
     if signature == "bad":
         # No valid signature: the owner's key (or an admin's) still opens it.
         await svc.own_job(await authenticate(svc.store, request), request_id)
-    index, _, ext = name.partition(".")
-    if not index.isdigit() or ext not in CONTENT_TYPES:
-        raise NotFound(f"unknown output: {name}")
-    data = await svc.store.read_output(request_id, int(index))
+    stem, _, ext = name.partition(".")
+    index = decimal(stem, 3)
+    if index is None or ext not in CONTENT_TYPES:
+        raise NotFound(f"unknown output: {short(name)}")
+    data = await svc.store.read_output(request_id, index)
     job = await svc.store.get(request_id)
     if data is None or job is None or job.ext != ext:
-        raise NotFound(f"unknown output: {name}")
+        raise NotFound(f"unknown output: {short(name)}")
     return Response(data, media_type=CONTENT_TYPES[ext], headers={"Cache-Control": "private, max-age=3600"})
 
 

@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import time
 
+from kolors_api.schema import decimal
+
 
 class Signer:
     def __init__(self, secret: bytes) -> None:
@@ -21,6 +23,7 @@ class Signer:
 
     def check(self, path: str, exp: str | None, sig: str | None) -> str:
         """"ok", "expired" (authentic but past its time: the result is gone) or "bad"."""
-        if not exp or not sig or not exp.isdigit() or not hmac.compare_digest(self.sign(path, int(exp)), sig):
+        expires = decimal(exp)
+        if expires is None or not sig or not hmac.compare_digest(self.sign(path, expires), sig):
             return "bad"
-        return "ok" if int(exp) >= time.time() else "expired"
+        return "ok" if expires >= time.time() else "expired"
