@@ -46,14 +46,15 @@ def _engine_refused(settings: Any) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kolors_api.api.app import create_app
-
     settings = _settings(args, worker=not args.no_worker)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.worker and _engine_refused(settings):
         return 2
+
+    import uvicorn
+
+    from kolors_api.api.app import create_app
+
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=120)
