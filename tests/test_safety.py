@@ -336,7 +336,7 @@ def drawing_engine(settings: Settings) -> DrawingEngine:
 
 
 async def test_output_block_through_the_api_fails_refunds_and_stores_no_image(tmp_path: Path) -> None:
-    from kolors_api.api import create_app
+    from kolors_api.api.app import create_app
 
     settings = Settings(data_dir=tmp_path, bootstrap_key=ADMIN_KEY, engine=f"{__name__}:drawing_engine",
                         screeners="nudenet",
