@@ -14,12 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_process, start_server
+from tests.conftest import LiveServer, free_port, start_process, start_server
+from tests.engines import ENGINE_ENV
 
 redis = pytest.importorskip("redis")
 keys = pytest.importorskip("kolors_api.jobs.redis_keys")
 
-DB_URL = "redis://127.0.0.1:6379/13"
+# A db of its own; the env names another where several checkouts share one Redis.
+DB_URL = os.environ.get("KOLORS_API_TEST_FLEET_REDIS", "redis://127.0.0.1:6379/13")
 STREAM = keys.DEFAULT_PREFIX + keys.STREAM
 DEAD = keys.DEFAULT_PREFIX + keys.DEAD_LETTERS
 SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
@@ -49,11 +51,14 @@ class Fleet:
         self.apis.append(srv)
         return srv
 
-    def worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def worker(self, env: dict[str, str] | None = None, *, engine: str | None = None,
+               extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        """A `kolors-api worker`; `engine` names one of tests/engines.py."""
         n = len(self.workers)
+        engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
         proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model),
-                                 "--data-dir", str(self.root / f"worker{n}")], self.root / f"worker{n}",
-                                {**FAST_LEASE, **(env or {})}, "worker.log")
+                                 "--data-dir", str(self.root / f"worker{n}"), *engine_args, *extra],
+                                self.root / f"worker{n}", {**FAST_LEASE, **ENGINE_ENV, **(env or {})}, "worker.log")
         self.workers.append(proc)
         return proc
 
@@ -128,7 +133,7 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
                                                                                  rdb: redis.Redis) -> None:
     a, b = fleet.api(), fleet.api()
     # a little slowness per step so that the killed worker really is mid-job when the signal lands
-    w1, w2 = (fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.2"}) for _ in range(2))
+    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow") for _ in range(2))
     fleet.wait_workers(2)
     key_id, key = create_key(a)
 
@@ -182,10 +187,9 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
 
 def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fleet) -> None:
     a = fleet.api()
-    slow = {"KOLORS_API_TEST_FAULTS": "slow-step:2", "KOLORS_API_LEASE_SECONDS": "1",
-            "KOLORS_API_HEARTBEAT_SECONDS": "0.2"}
-    fleet.worker(slow)
-    fleet.worker(slow)
+    slow = {"KOLORS_TEST_STEP_SECONDS": "2", "KOLORS_API_LEASE_SECONDS": "1", "KOLORS_API_HEARTBEAT_SECONDS": "0.2"}
+    fleet.worker(slow, engine="slow")
+    fleet.worker(slow, engine="slow")
     fleet.wait_workers(2)
     r = httpx.post(a.url + "/v2/kolors", headers=a.headers(), json={"prompt": "slow but alive", **SMALL})
     request_id = r.json()["request_id"]
@@ -197,7 +201,7 @@ def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fl
 def test_a_poison_job_ends_failed_after_three_deliveries_in_the_dead_letters(fleet: Fleet,
                                                                            rdb: redis.Redis) -> None:
     a = fleet.api()
-    poison = {"KOLORS_API_TEST_FAULTS": "kill-on-claim:poison", "KOLORS_API_LEASE_SECONDS": "1"}
+    poison = {"KOLORS_API_LEASE_SECONDS": "1"}
     r = httpx.post(a.url + "/v2/kolors", headers=a.headers(), json={"prompt": "poison pill", **SMALL})
     request_id = r.json()["request_id"]
     deadline = time.monotonic() + 240
@@ -209,7 +213,7 @@ def test_a_poison_job_ends_failed_after_three_deliveries_in_the_dead_letters(fle
         if not fleet.workers or fleet.workers[-1].poll() is not None:
             if fleet.workers and fleet.workers[-1].returncode == -signal.SIGKILL:
                 kills += 1
-            fleet.worker(poison)
+            fleet.worker(poison, engine="kill_on_claim")
         time.sleep(0.2)
     assert body == {"request_id": request_id, "status": "FAILED", "error": "worker lost 3 times"}
     assert kills == 3
@@ -220,7 +224,7 @@ def test_a_poison_job_ends_failed_after_three_deliveries_in_the_dead_letters(fle
 
 def test_a_sync_request_on_replica_a_is_served_by_replica_b_while_it_runs(fleet: Fleet) -> None:
     a, b = fleet.api(), fleet.api()
-    fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.5"})
+    fleet.worker(engine="slow")
     fleet.wait_workers(1)
     answer: dict[str, httpx.Response] = {}
 
@@ -248,7 +252,7 @@ def test_a_sync_request_on_replica_a_is_served_by_replica_b_while_it_runs(fleet:
 
 def test_sigterm_drains_the_job_in_hand_and_leaves_the_queue_alone(fleet: Fleet, rdb: redis.Redis) -> None:
     a = fleet.api()
-    worker = fleet.worker({"KOLORS_API_TEST_FAULTS": "slow-step:0.5"})
+    worker = fleet.worker(engine="slow")
     fleet.wait_workers(1)
     ids = [httpx.post(a.url + "/v2/kolors", headers=a.headers(),
                       json={"prompt": f"drain {i}", **{**SMALL, "steps": 4}}).json()["request_id"] for i in range(3)]
@@ -273,3 +277,18 @@ def test_the_queue_cap_answers_503_with_retry_after_and_charges_nothing(fleet: F
     account = httpx.get(a.url + "/v1/account", headers={"x-api-key": key}).json()
     assert account["credits"] == pytest.approx(10 - 3 * 0.02) and account["usage"]["requests"] == 3
     assert "kolors_queue_depth 3.0" in httpx.get(a.url + "/metrics").text
+
+
+def test_a_worker_with_metrics_port_serves_its_job_durations(fleet: Fleet) -> None:
+    a = fleet.api()
+    port = free_port()
+    fleet.worker(extra=("--metrics-port", str(port)))
+    fleet.wait_workers(1)
+    r = httpx.post(a.url + "/v2/kolors", headers=a.headers(), json={"prompt": "measured", **SMALL})
+    request_id = r.json()["request_id"]
+    assert wait_all(a, a.key, [request_id], timeout=120)[request_id]["status"] == "COMPLETED"
+    wanted = 'kolors_job_duration_seconds_count{outcome="COMPLETED"} 1.0'
+    deadline = time.monotonic() + 30  # recorded just after the job is stored
+    while wanted not in (text := httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)

@@ -19,8 +19,9 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-import kolors_api.worker
-from kolors_api.safety import (
+from kolors_api.schema import GenerateParams
+from kolors_api.settings import Settings
+from kolors_api.worker.safety import (
     DEFAULT_BLOCKED_TERMS,
     NUDENET_CLASSES,
     NudeNetScreener,
@@ -29,8 +30,6 @@ from kolors_api.safety import (
     build_safety,
     normalize,
 )
-from kolors_api.schema import GenerateParams
-from kolors_api.settings import Settings
 
 from .conftest import ADMIN_KEY, LiveServer, start_process, start_server
 
@@ -331,12 +330,16 @@ class DrawingEngine:
         return Picture([draw(p.output_format) for _ in range(p.number_of_images)], p.seeds)
 
 
-async def test_output_block_through_the_api_fails_refunds_and_stores_no_image(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kolors_api.api import create_app
+def drawing_engine(settings: Settings) -> DrawingEngine:
+    """An engine factory (`Settings.engine = "tests.test_safety:drawing_engine"`)."""
+    return DrawingEngine()
 
-    monkeypatch.setattr(kolors_api.worker, "load_engine", lambda *args: DrawingEngine())
-    settings = Settings(data_dir=tmp_path, bootstrap_key=ADMIN_KEY, screeners="nudenet",
+
+async def test_output_block_through_the_api_fails_refunds_and_stores_no_image(tmp_path: Path) -> None:
+    from kolors_api.api.app import create_app
+
+    settings = Settings(data_dir=tmp_path, bootstrap_key=ADMIN_KEY, engine=f"{__name__}:drawing_engine",
+                        screeners="nudenet",
                         nudenet_classes="FACE_FEMALE,FACE_MALE", nudenet_threshold=0.5)
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)

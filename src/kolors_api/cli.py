@@ -33,13 +33,28 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
+def _engine_refused(settings: Any) -> bool:
+    """Refuse a bad `--engine` in one line before anything starts (its module is imported, not run)."""
+    from kolors_api.worker import EngineFactoryError, load_factory
+
+    try:
+        load_factory(settings.engine)
+    except EngineFactoryError as exc:
+        print(f"kolors-api: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, worker=not args.no_worker)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.worker and _engine_refused(settings):
+        return 2
+
     import uvicorn
 
     from kolors_api.api.app import create_app
 
-    settings = _settings(args, worker=not args.no_worker)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=120)
@@ -48,20 +63,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.jobs import make_store
-    from kolors_api.safety import build_safety
-    from kolors_api.worker import Worker, WorkerConfig, load_engine
+    from kolors_api.worker import make_worker
+    from kolors_api.worker.metrics import JobMetrics
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    safety = build_safety(settings)  # a bad terms file or a missing `safety` extra fails here, at start-up
+    if _engine_refused(settings):
+        return 2
+    metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
+    # A bad terms file or a missing `safety` extra fails here, at start-up, before the engine loads.
+    worker = make_worker(settings, store, on_job_done=metrics.observe if metrics else None)
+    if metrics is not None:
+        metrics.serve(args.metrics_port)
 
     async def main() -> None:
         await store.open()
-        worker = Worker(store, lambda: load_engine(settings.model, settings.data_dir, settings.device),
-                        WorkerConfig(lease_seconds=settings.lease_seconds,
-                                     heartbeat_seconds=settings.heartbeat_seconds),
-                        safety=safety)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
@@ -134,6 +151,11 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="sqlite (default) or redis://host:port/db")
 
 
+def _engine_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", help="engine factory, package.module:factory (default: the Kolors pipeline; "
+                                    "contract in kolors_api.worker.engines)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API.")
     ap.add_argument("--version", action="version", version=__version__)
@@ -146,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("--blob-dir", dest="blob_dir")
     s.add_argument("--no-worker", action="store_true", help="API only (fleet replica)")
+    _engine_flag(s)
     _store_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -153,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--model")
     w.add_argument("--device", help="e.g. cuda:0 (default: cuda if present, else cpu)")
     w.add_argument("--blob-dir", dest="blob_dir")
+    w.add_argument("--metrics-port", dest="metrics_port", type=int,
+                   help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port; off by default")
+    _engine_flag(w)
     _store_flags(w)
     w.set_defaults(func=cmd_worker)
 

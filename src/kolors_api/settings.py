@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     #: Run an in-process worker inside `serve`.
     worker: bool = True
     device: str | None = None
+    #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
+    #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.
+    engine: str = "kolors_api.worker.engines:kolors"
     blob_dir: Path | None = None
     #: Results (records and images) are kept this long, then 404.
     retention_seconds: float = Field(3600.0, gt=0)
@@ -56,11 +59,11 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     log_level: str = "info"
     #: Blocked prompt terms, one per line (`#` starts a comment line); replaces the built-in short
-    #: list (`kolors_api.safety.DEFAULT_BLOCKED_TERMS`). Read by the worker at start-up.
+    #: list (`kolors_api.worker.safety.DEFAULT_BLOCKED_TERMS`). Read by the worker at start-up.
     blocked_terms_file: Path | None = None
     #: Output screeners, comma-separated: `nudenet` (needs the optional `safety` extra). None by default.
     screeners: str = ""
-    #: NudeNet classes that block an image (comma-separated; see `kolors_api.safety.NUDENET_CLASSES`).
+    #: NudeNet classes that block an image (comma-separated; see `kolors_api.worker.safety.NUDENET_CLASSES`).
     nudenet_classes: str = ("FEMALE_GENITALIA_EXPOSED,MALE_GENITALIA_EXPOSED,FEMALE_BREAST_EXPOSED,"
                             "BUTTOCKS_EXPOSED,ANUS_EXPOSED")
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).

@@ -60,14 +60,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             print(f"Created an admin API key (shown only now): {created}", flush=True)  # noqa: T201
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         if settings.worker:
-            from kolors_api.safety import build_safety
-            from kolors_api.worker import Worker, WorkerConfig, load_engine
+            from kolors_api.worker import make_worker
 
-            svc.worker = Worker(
-                svc.store, lambda: load_engine(settings.model, settings.data_dir, settings.device),
-                WorkerConfig(lease_seconds=settings.lease_seconds, heartbeat_seconds=settings.heartbeat_seconds),
-                on_job_done=lambda seconds, outcome: svc.metrics.job_duration.labels(outcome).observe(seconds),
-                safety=build_safety(settings))
+            svc.worker = make_worker(
+                settings, svc.store,
+                on_job_done=lambda seconds, outcome: svc.metrics.job_duration.labels(outcome).observe(seconds))
             svc.worker_task = asyncio.create_task(svc.worker.run())
         try:
             yield

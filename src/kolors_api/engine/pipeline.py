@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from kolors_api.engine._util import import_untyped, quiet_progress_bars
 from kolors_api.engine.encode import encode_image
-from kolors_api.engine.tiny import import_untyped, quiet_progress_bars, resolve_model
 from kolors_api.schema import SCHEDULERS, GenerateParams
 
 # diffusers ships no usable types: a KolorsPipeline is `Any` here.
@@ -58,6 +58,16 @@ def make_scheduler_from_config(name: str, base_config: Any) -> Any:
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}") from None
     return getattr(import_untyped("diffusers"), class_name).from_config(base_config, **extra)
+
+
+def resolve_model(model: str, data_dir: Path) -> str:
+    """`tiny` -> the offline test model under `data_dir/models/tiny`, built on first use; anything
+    else (a local diffusers folder or a Hugging Face repo id) is returned unchanged."""
+    if model != "tiny":
+        return model
+    from kolors_api.engine.tiny import ensure_tiny_model  # the test-model builder, only when asked for
+
+    return str(ensure_tiny_model(data_dir))
 
 
 def _dtype_kwarg() -> str:

@@ -13,22 +13,21 @@ give byte-identical files.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-TINY_NAME = "tiny"
+from kolors_api.engine._util import import_untyped, quiet_progress_bars
+
+TINY_NAME = "tiny"  # the `--model` name that `pipeline.resolve_model` maps here
 # Bump when the architecture or the weights change: cached builds with another version are rebuilt.
 TINY_VERSION = 1
 MARKER = "kolors-api-tiny.json"
@@ -85,25 +84,6 @@ A child flying a kite on a windy beach, clouds, joyful, candid photography, wide
 Blurry, low quality, deformed hands, extra fingers, watermark, text, jpeg artifacts, ugly.
 Worst quality, low resolution, bad anatomy, cropped, out of frame, duplicate, noisy, grainy.
 """
-
-
-def import_untyped(module: str) -> Any:
-    """diffusers/transformers modules, imported lazily and typed `Any` (they ship no usable types)."""
-    return importlib.import_module(module)
-
-
-@contextmanager
-def quiet_progress_bars() -> Iterator[None]:
-    """Silence diffusers' and transformers' loading/saving progress bars (a server logs, it has no tty)."""
-    modules = ("diffusers.utils.logging", "transformers.utils.logging")
-    libraries = [lib for lib in map(import_untyped, modules) if lib.is_progress_bar_enabled()]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib in libraries:
-            lib.enable_progress_bar()
 
 
 def _train_tokenizer() -> bytes:
@@ -320,11 +300,8 @@ def build_tiny_model(path: Path, *, overwrite: bool = False) -> Path:
     return path
 
 
-def resolve_model(model: str, data_dir: Path) -> str:
-    """`tiny` -> the tiny model under `data_dir/models/tiny`, built on first use; anything else
-    (a local diffusers folder or a Hugging Face repo id) is returned unchanged."""
-    if model != TINY_NAME:
-        return model
+def ensure_tiny_model(data_dir: Path) -> Path:
+    """The tiny model under `data_dir/models/tiny`, built there on first use (`--model tiny`)."""
     target = Path(data_dir) / "models" / TINY_NAME
     if not is_tiny_model(target):
         tmp = _scratch_sibling(target, "build")
@@ -338,7 +315,7 @@ def resolve_model(model: str, data_dir: Path) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
         if not is_tiny_model(target):
             raise RuntimeError(f"could not put the tiny model in place at {target}")
-    return str(target)
+    return target
 
 
 def _scratch_sibling(path: Path, tag: str) -> Path:

@@ -1,5 +1,21 @@
-"""The worker: claims jobs from the store and runs them on the engine (torch is imported lazily)."""
+"""The worker: claims jobs from the store and runs them on the engine (torch is imported lazily).
 
-from kolors_api.worker.loop import JobAborted, Worker, WorkerConfig, WorkerState, load_engine
+`make_worker(settings, store)` builds one; `kolors_api.worker.engines` holds the engine factory
+contract (`--engine package.module:factory`); `kolors_api.worker.safety` screens prompts and images.
+"""
 
-__all__ = ["JobAborted", "Worker", "WorkerConfig", "WorkerState", "load_engine"]
+from kolors_api.worker.engines import EngineFactoryError, EngineLike, load_factory
+from kolors_api.worker.loop import TRANSITIONS, JobAborted, Worker, WorkerConfig, WorkerState
+from kolors_api.worker.make import make_worker
+
+__all__ = [
+    "TRANSITIONS",
+    "EngineFactoryError",
+    "EngineLike",
+    "JobAborted",
+    "Worker",
+    "WorkerConfig",
+    "WorkerState",
+    "load_factory",
+    "make_worker",
+]

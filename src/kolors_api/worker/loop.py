@@ -1,8 +1,9 @@
 """The worker loop, written once against the `JobStore` interface.
 
 claim ▸ run the engine (in a thread, so heartbeats and the event loop keep going) ▸ store ▸ ack.
-The same loop runs inside `serve` (embedded) and as `kolors-api worker` (fleet). This module does
-not import torch: the engine is handed in (or built by `load_engine`, which imports it lazily).
+The same loop runs inside `serve` (embedded) and as `kolors-api worker` (fleet), both built by
+`make_worker`. This module does not import torch: the engine comes from a factory, called on the
+engine's own thread (see `kolors_api.worker.engines`).
 """
 
 from __future__ import annotations
@@ -12,36 +13,43 @@ import contextlib
 import enum
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from kolors_api.jobs import JobStore, Lease
 from kolors_api.schema import GenerateParams
+from kolors_api.worker.engines import EngineLike
 
 log = logging.getLogger("kolors_api.worker")
 
 
 class WorkerState(enum.StrEnum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    DRAINING = "draining"
+    """Where a worker is in its life; the moves allowed are `TRANSITIONS`, each one logged."""
+
+    STARTING = "starting"  # loading the engine
+    IDLE = "idle"  # claiming
+    BUSY = "busy"  # running a job
+    DRAINING = "draining"  # stop() was called: the job in hand (if any) finishes, nothing more is claimed
     STOPPED = "stopped"
 
 
-class EngineLike(Protocol):
-    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any: ...
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.IDLE, WorkerState.DRAINING, WorkerState.STOPPED}),
+    WorkerState.IDLE: frozenset({WorkerState.BUSY, WorkerState.DRAINING, WorkerState.STOPPED}),
+    WorkerState.BUSY: frozenset({WorkerState.IDLE, WorkerState.DRAINING, WorkerState.STOPPED}),
+    WorkerState.DRAINING: frozenset({WorkerState.STOPPED}),
+    WorkerState.STOPPED: frozenset(),
+}
 
 
 class SafetyLike(Protocol):
-    """Content screening (see `kolors_api.safety`): each check returns a reason to block, or None."""
+    """Content screening (see `kolors_api.worker.safety`): each check returns a reason to block, or None."""
 
     def check_prompt(self, params: GenerateParams) -> str | None: ...
     def check_images(self, images: list[bytes]) -> str | None: ...
@@ -56,23 +64,11 @@ class WorkerConfig:
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     claim_timeout: float = 1.0
-    #: Test-only fault injection (env KOLORS_API_TEST_FAULTS); see `Worker._fault`.
-    faults: str = field(default_factory=lambda: os.environ.get("KOLORS_API_TEST_FAULTS", ""))
 
     @property
     def alive_ttl(self) -> float:
         """How long one liveness report counts: three missed heartbeats (at least 5 s)."""
         return max(self.heartbeat_seconds * 3, 5.0)
-
-
-def load_engine(model: str, data_dir: Any, device: str | None) -> EngineLike:
-    """Load the engine and run one small warm-up image, so the first job does not pay for
-    kernel selection and allocator growth (the worker reports alive only after this)."""
-    from kolors_api.engine import Engine  # torch lives behind this import
-
-    engine = Engine(model, data_dir=data_dir, device=device)
-    engine.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
-    return engine
 
 
 class Worker:
@@ -89,26 +85,38 @@ class Worker:
         self.config = config or WorkerConfig()
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.state = WorkerState.STARTING
-        self.jobs_done = 0
+        self.jobs_done = 0  # jobs taken to an end (stored or not), for the state log
         self._stopping = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         self._on_job_done = on_job_done
         self.safety = safety
 
+    def _enter(self, state: WorkerState) -> None:
+        old = self.state
+        if state == old:
+            return
+        if state not in TRANSITIONS[old]:
+            raise RuntimeError(f"worker {self.id}: no transition from {old} to {state}")
+        self.state = state
+        per_job = {old, state} == {WorkerState.IDLE, WorkerState.BUSY}
+        log.log(logging.DEBUG if per_job else logging.INFO, "worker %s: %s -> %s (%d jobs done)",
+                self.id, old, state, self.jobs_done)
+
     def stop(self) -> None:
         """Stop claiming; the job in hand completes."""
-        if self.state != WorkerState.STOPPED:
-            self.state = WorkerState.DRAINING
+        if self.state not in (WorkerState.DRAINING, WorkerState.STOPPED):
+            self._enter(WorkerState.DRAINING)
         self._stopping.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.engine is None:
-            # Loading takes seconds to minutes: off the event loop, on the engine's own thread.
-            self.engine = await loop.run_in_executor(self._pool, self._engine_factory)
-        self.state = WorkerState.IDLE
         last_alive = 0.0
         try:
+            if self.engine is None:
+                # Loading takes seconds to minutes: off the event loop, on the engine's own thread.
+                self.engine = await loop.run_in_executor(self._pool, self._engine_factory)
+            if not self._stopping.is_set():
+                self._enter(WorkerState.IDLE)
             while not self._stopping.is_set():
                 try:
                     if time.monotonic() - last_alive > self.config.heartbeat_seconds:
@@ -122,7 +130,8 @@ class Worker:
                     continue
                 if lease is None:
                     continue
-                self.state = WorkerState.BUSY
+                if not self._stopping.is_set():
+                    self._enter(WorkerState.BUSY)
                 try:
                     await self.process(lease)
                 except Exception:
@@ -130,9 +139,9 @@ class Worker:
                     log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
                 self.jobs_done += 1
                 if not self._stopping.is_set():
-                    self.state = WorkerState.IDLE
+                    self._enter(WorkerState.IDLE)
         finally:
-            self.state = WorkerState.STOPPED
+            self._enter(WorkerState.STOPPED)
             with contextlib.suppress(Exception):
                 await self.store.worker_alive(self.id, 0)
             self._pool.shutdown(wait=False)
@@ -144,7 +153,6 @@ class Worker:
         params = GenerateParams.from_dict(job.params)
         abort = threading.Event()
         reason: list[str] = []
-        self._fault("claim", params)
 
         async def report(step: int, total: int) -> None:
             if not await self.store.progress(lease, step, total):
@@ -157,7 +165,6 @@ class Worker:
                     abort.set()
 
         def on_step(step: int, total: int) -> None:
-            self._fault("step", params)
             if abort.is_set():
                 raise JobAborted(reason[0] if reason else "aborted")
             asyncio.run_coroutine_threadsafe(report(step, total), loop)
@@ -212,17 +219,3 @@ class Worker:
                 self._on_job_done(out.inference_time, "COMPLETED")
         else:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
-
-    def _fault(self, where: str, params: GenerateParams) -> None:
-        """Test-only seam, reached only through env KOLORS_API_TEST_FAULTS (comma-separated):
-        `kill-on-claim:<word>` / `kill-on-step:<word>` SIGKILL this process when a job whose prompt
-        contains <word> is claimed / steps; `fail-on-step:<word>` raises inside the engine (an
-        engine error); `slow-step:<seconds>` sleeps in every step."""
-        for fault in filter(None, self.config.faults.split(",")):
-            kind, _, arg = fault.partition(":")
-            if kind == f"kill-on-{where}" and arg in params.prompt:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if kind == "fail-on-step" and where == "step" and arg in params.prompt:
-                raise RuntimeError("injected fault")
-            if kind == "slow-step" and where == "step":
-                time.sleep(float(arg))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from kolors_api.schema import GenerateParams
     from kolors_api.settings import Settings
 
-log = logging.getLogger("kolors_api.safety")
+log = logging.getLogger("kolors_api.worker.safety")
 
 #: Used when no `blocked_terms_file` is configured: sexual content involving minors, which no
 #: deployment wants. Deliberately short; operators who want more write their own file.

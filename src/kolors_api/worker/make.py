@@ -1,0 +1,34 @@
+"""`make_worker`: the one way a worker is built, for `serve` (embedded) and `kolors-api worker` alike."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from kolors_api.jobs import JobStore
+from kolors_api.settings import Settings
+from kolors_api.worker.engines import load_factory
+from kolors_api.worker.loop import Worker, WorkerConfig
+from kolors_api.worker.safety import build_safety
+
+
+def make_worker(settings: Settings, store: JobStore, *,
+                on_job_done: Callable[[float, str], None] | None = None,
+                worker_id: str | None = None) -> Worker:
+    """The worker that `settings` describe, on `store`: the engine from `settings.engine` (loaded
+    when the worker runs), leases and heartbeats, content safety. `on_job_done(seconds, outcome)`
+    is called after each job stored COMPLETED (engine seconds), for metrics.
+
+    Everything that can be refused is refused here, before any engine loads: a bad engine path
+    (`EngineFactoryError`), a bad blocked-terms file or screener, a missing `safety` extra.
+
+    Example::
+
+        worker = make_worker(Settings(model="tiny"), store)
+        await worker.run()  # until worker.stop()
+    """
+    factory = load_factory(settings.engine)
+    safety = build_safety(settings)
+    config = WorkerConfig(lease_seconds=settings.lease_seconds, heartbeat_seconds=settings.heartbeat_seconds)
+    return Worker(store, functools.partial(factory, settings), config, worker_id=worker_id,
+                  on_job_done=on_job_done, safety=safety)

@@ -1,0 +1,82 @@
+"""Deliberately broken engines for the live tests: the real tiny Kolors engine, wrapped.
+
+A server or worker loads one with ``--engine tests.engines:NAME`` (each is an engine factory,
+see `kolors_api.worker.engines`); the child process imports ``tests`` from its working directory,
+the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wherever it runs.
+
+- `slow`: sleeps env ``KOLORS_TEST_STEP_SECONDS`` (default 0.5) after every step;
+- `failing`: raises ``RuntimeError("injected fault")`` at step 1 when the prompt holds "fail";
+- `kill_on_claim`: SIGKILLs its own process when asked for a prompt holding "poison";
+- `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kolors_api.schema import GenerateParams
+from kolors_api.settings import Settings
+from kolors_api.worker.engines import EngineLike, kolors
+
+#: Env for a child process that loads these engines: the repository root on its path.
+ENGINE_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                          os.environ.get("PYTHONPATH")]))}
+
+StepHook = Callable[[GenerateParams, int], None]
+
+
+class Wrapped:
+    """The real engine, with `before(params)` run before each job and `after_step(params, step)`
+    after each denoising step (before the worker's own step callback)."""
+
+    def __init__(self, inner: EngineLike, *, before: Callable[[GenerateParams], None] | None = None,
+                 after_step: StepHook | None = None) -> None:
+        self.inner = inner
+        self.before = before
+        self.after_step = after_step
+
+    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any:
+        if self.before is not None:
+            self.before(params)
+
+        def step(i: int, total: int) -> None:
+            if self.after_step is not None:
+                self.after_step(params, i)
+            if on_step is not None:
+                on_step(i, total)
+
+        return self.inner.generate(params, step)
+
+
+def _sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow(settings: Settings) -> Wrapped:
+    seconds = float(os.environ.get("KOLORS_TEST_STEP_SECONDS", "0.5"))
+    return Wrapped(kolors(settings), after_step=lambda params, i: time.sleep(seconds))
+
+
+def failing(settings: Settings) -> Wrapped:
+    def fault(params: GenerateParams, i: int) -> None:
+        if "fail" in params.prompt:
+            raise RuntimeError("injected fault")
+
+    return Wrapped(kolors(settings), after_step=fault)
+
+
+def kill_on_claim(settings: Settings) -> Wrapped:
+    return Wrapped(kolors(settings), before=lambda params: _sigkill() if "poison" in params.prompt else None)
+
+
+def kill_mid_step(settings: Settings) -> Wrapped:
+    def crash(params: GenerateParams, i: int) -> None:
+        if i == 2 and "crash" in params.prompt:
+            _sigkill()
+
+    return Wrapped(kolors(settings), after_step=crash)

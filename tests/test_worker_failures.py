@@ -1,0 +1,142 @@
+"""Worker failures end to end, on a real `serve` with the tiny model and a broken engine from tests/engines.py:
+a running job cancelled, an engine error through the segmind SDK, a crash mid-step, a bad `--engine`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from segmind import SegmindClient
+from segmind.exceptions import SegmindError
+from segmind.v2 import InferenceFailed
+
+from tests.conftest import LiveServer, start_server
+from tests.engines import ENGINE_ENV
+
+SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
+
+
+def serve_with(engine: str, tiny_model: Path, data_dir: Path) -> LiveServer:
+    return start_server(tiny_model, data_dir, env=ENGINE_ENV, extra=["--engine", f"tests.engines:{engine}"])
+
+
+def status(server: LiveServer, key: str, request_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}, timeout=10)
+    return dict(r.json())
+
+
+def wait_for(server: LiveServer, key: str, request_id: str, done: Any, timeout: float = 180) -> dict[str, Any]:
+    """Poll the status until `done(body)`; a terminal status that is not `done` fails at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = status(server, key, request_id)
+        if done(body):
+            return body
+        assert body["status"] not in ("COMPLETED", "FAILED"), body
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id}: condition never met; last status {body}\n{server.log()[-3000:]}")
+
+
+def finished(body: dict[str, Any]) -> bool:
+    return body["status"] in ("COMPLETED", "FAILED")
+
+
+def credits(server: LiveServer, key: str) -> float:
+    return float(httpx.get(server.url + "/v1/account", headers={"x-api-key": key}, timeout=10).json()["credits"])
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = serve_with("slow", tiny_model, tmp_path_factory.mktemp("slow"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def failing_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = serve_with("failing", tiny_model, tmp_path_factory.mktemp("failing"))
+    yield srv
+    srv.stop()
+
+
+def test_cancelling_a_running_job_fails_it_refunds_it_and_the_worker_goes_on(slow_server: LiveServer) -> None:
+    server = slow_server
+    key = server.create_key(credits=5)["key"]
+    r = httpx.post(server.url + "/v2/kolors", headers={"x-api-key": key},
+                   json={"prompt": "a long one", **SMALL, "steps": 40})
+    assert r.status_code == 200, r.text
+    request_id = r.json()["request_id"]
+    assert credits(server, key) < 5  # charged on submit
+    wait_for(server, key, request_id, lambda b: b["status"] == "PROCESSING" and b["progress"]["step"] >= 1)
+
+    r = httpx.post(f"{server.url}/v2/requests/{request_id}/cancel", headers={"x-api-key": key})
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+
+    body = wait_for(server, key, request_id, finished, timeout=60)
+    assert body == {"request_id": request_id, "status": "FAILED", "error": "cancelled"}
+    assert credits(server, key) == 5
+
+    r = httpx.post(server.url + "/v2/kolors", headers={"x-api-key": key}, json={"prompt": "the next one", **SMALL})
+    following = r.json()["request_id"]
+    assert wait_for(server, key, following, finished)["status"] == "COMPLETED"
+    assert credits(server, key) == pytest.approx(5 - 0.02)
+
+
+def test_an_engine_error_fails_the_job_and_the_segmind_sdk_sees_it(failing_server: LiveServer) -> None:
+    sdk = SegmindClient(api_key=failing_server.key, base_url=failing_server.v1, timeout=120)
+    with pytest.raises(SegmindError) as sync_err:
+        sdk.run_sync("kolors", prompt="please fail now", **SMALL)
+    assert sync_err.value.status == 422
+    assert sync_err.value.detail == "engine error: RuntimeError: injected fault"
+
+    job = sdk.submit_async("kolors", prompt="fail again", **SMALL)
+    with pytest.raises(InferenceFailed) as err:
+        job.wait(timeout=120, interval=0.1)
+    assert err.value.detail == "engine error: RuntimeError: injected fault"
+    assert err.value.status_body["status"] == "FAILED"
+    r = httpx.get(f"{failing_server.url}/v2/requests/{job.request_id}", headers=failing_server.headers())
+    assert r.status_code == 422 and r.json()["error"] == "engine error: RuntimeError: injected fault"
+
+    # The same worker, a prompt the engine does not trip on.
+    assert sdk.run("kolors", prompt="a quiet harbour", **SMALL)["status"] == "COMPLETED"
+
+
+def test_a_server_killed_mid_step_completes_the_job_after_restart(tiny_model: Path, tmp_path: Path) -> None:
+    server = serve_with("kill_mid_step", tiny_model, tmp_path)
+    try:
+        r = httpx.post(server.url + "/v2/kolors", headers=server.headers(),
+                       json={"prompt": "crash here", **SMALL, "steps": 4})
+        request_id = r.json()["request_id"]
+        assert server.proc.wait(timeout=120) == -signal.SIGKILL
+    finally:
+        server.stop()
+    port = int(server.url.rsplit(":", 1)[1])
+    server = start_server(tiny_model, tmp_path, port=port, log_name="server2.log")  # the real engine
+    try:
+        assert wait_for(server, server.key, request_id, finished)["status"] == "COMPLETED"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("command", "engine", "message"), [
+    ("serve", "no_such_module:factory",
+     "kolors-api: engine: cannot import 'no_such_module' (No module named 'no_such_module')"),
+    ("serve", "tests.engines:no_such_factory", "kolors-api: engine: 'tests.engines' has no callable 'no_such_factory'"),
+    ("serve", "tests.engines", "kolors-api: engine: 'tests.engines' is not of the form package.module:factory"),
+    ("worker", "no_such_module:factory",
+     "kolors-api: engine: cannot import 'no_such_module' (No module named 'no_such_module')"),
+])
+def test_a_bad_engine_path_refuses_to_start_in_one_line(command: str, engine: str, message: str,
+                                                        tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kolors_api.cli", command, "--engine", engine, "--data-dir",
+                        str(tmp_path)], env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [message]
