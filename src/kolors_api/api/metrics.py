@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kolors_api.worker.metrics import JOB_DURATION_BUCKETS
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -20,7 +22,7 @@ class Metrics:
                                   registry=self.registry)
         self.job_duration = Histogram(
             "kolors_job_duration_seconds", "Engine time per job (in-process worker)", ["outcome"],
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=self.registry)
+            buckets=JOB_DURATION_BUCKETS, registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
