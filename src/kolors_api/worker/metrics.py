@@ -1,7 +1,7 @@
 """Job-duration metrics of a standalone worker, served for Prometheus (`kolors-api worker --metrics-port`).
 
-prometheus_client comes with the `server` extra, not with `worker`: it is imported only when metrics
-are asked for, and its absence is then a start-up error that says so.
+prometheus_client comes with the `worker` and `server` extras; it is imported only when metrics are
+asked for, and its absence (a hand-made install) is then a start-up error that says so.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class JobMetrics:
         try:
             import prometheus_client
         except ImportError:
-            raise RuntimeError("--metrics-port needs prometheus-client (pip install 'kolors-api[server]' "
+            raise RuntimeError("--metrics-port needs prometheus-client (pip install 'kolors-api[worker]' "
                                "or prometheus-client)") from None
         self._prometheus: Any = prometheus_client
         self.registry = prometheus_client.CollectorRegistry()
