@@ -210,7 +210,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except ValueError as exc:
+        # pydantic's ValidationError (a ValueError): a flag or KOLORS_API_* setting the settings refuse.
+        errors = getattr(exc, "errors", None)
+        if type(exc).__name__ != "ValidationError" or errors is None:
+            raise
+        for error in errors(include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"kolors-api: {where} (flag --{where.replace('_', '-')}, env KOLORS_API_{where.upper()}): "
+                  f"{message}", file=sys.stderr)
+        return 2
     return code
 
 
