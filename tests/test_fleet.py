@@ -187,7 +187,8 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
 
 def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fleet) -> None:
     a = fleet.api()
-    slow = {"KOLORS_TEST_STEP_SECONDS": "2", "KOLORS_API_LEASE_SECONDS": "1", "KOLORS_API_HEARTBEAT_SECONDS": "0.2"}
+    # Each step outlasts the lease; ten heartbeats a lease keep it, even when a loaded machine delays some.
+    slow = {"KOLORS_TEST_STEP_SECONDS": "4", "KOLORS_API_LEASE_SECONDS": "2.5", "KOLORS_API_HEARTBEAT_SECONDS": "0.25"}
     fleet.worker(slow, engine="slow")
     fleet.worker(slow, engine="slow")
     fleet.wait_workers(2)
