@@ -180,11 +180,15 @@ def one_torch_thread() -> Iterator[None]:
 
 
 # -- the suite's own rules: what counts as slow, and no silent skips
-#: Fixtures that load the tiny model in a process of their own (directly or through a server or
-#: worker): a test that uses one is `slow`, and the fast lane (`pytest -m "not slow"`) leaves it out.
-SLOW_FIXTURES = {"tiny_model"}
-#: Modules slow as a whole (fuzzing runs hundreds of requests).
-SLOW_MODULES = {"test_schemathesis"}
+#: Fixtures that start a process of their own: the tiny model (built by the CLI, loaded by servers
+#: and workers) and the modules' API servers. A test that uses one is `slow`, and the fast lane
+#: (`pytest -m "not slow"`) leaves it out: what stays is in-process (stores on SQLite and Redis,
+#: schema, settings, signing, layout, client, engine).
+SLOW_FIXTURES = {"tiny_model", "srv", "api_only"}
+#: Modules slow as a whole: fuzzing runs hundreds of requests; the others start servers or the CLI
+#: in most tests.
+SLOW_MODULES = {"test_schemathesis", "test_cli_keys", "test_embedded_promises", "test_worker_failures",
+                "test_accounts", "test_credits", "test_rate_limits"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
