@@ -33,29 +33,24 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
-def _engine_refused(settings: Any) -> bool:
-    """Refuse a bad `--engine` in one line before anything starts (its module is imported, not run)."""
-    from kolors_api.worker import EngineFactoryError, load_factory
-
-    try:
-        load_factory(settings.engine)
-    except EngineFactoryError as exc:
-        print(f"kolors-api: {exc}", file=sys.stderr)
-        return True
-    return False
+def _refused(exc: Exception) -> int:
+    """A start-up refusal (a bad `--engine`) in one line; the exit status 2."""
+    print(f"kolors-api: {exc}", file=sys.stderr)
+    return 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, worker=not args.no_worker)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if settings.worker and _engine_refused(settings):
-        return 2
-
     import uvicorn
 
     from kolors_api.api.app import create_app
+    from kolors_api.worker import EngineFactoryError
 
-    app = create_app(settings)
+    settings = _settings(args, worker=not args.no_worker)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        app = create_app(settings)
+    except EngineFactoryError as exc:
+        return _refused(exc)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=120)
     return 0
@@ -63,17 +58,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.jobs import make_store
-    from kolors_api.worker import make_worker
+    from kolors_api.worker import EngineFactoryError, make_worker
     from kolors_api.worker.metrics import JobMetrics
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if _engine_refused(settings):
-        return 2
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
-    # A bad terms file or a missing `safety` extra fails here, at start-up, before the engine loads.
-    worker = make_worker(settings, store, on_job_done=metrics.observe if metrics else None)
+    # A bad engine path, terms file or a missing `safety` extra fails here, before the engine loads.
+    try:
+        worker = make_worker(settings, store, on_job_done=metrics.observe if metrics else None)
+    except EngineFactoryError as exc:
+        return _refused(exc)
     if metrics is not None:
         metrics.serve(args.metrics_port)
 

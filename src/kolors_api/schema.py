@@ -122,6 +122,12 @@ def decimal(text: str | None, max_digits: int = 18) -> int | None:
     return int(text)
 
 
+def unknown_fields(names: list[str]) -> BadRequest:
+    """The 400 for fields a body may not carry: ``"a, b: unknown fields"`` (sorted)."""
+    names = sorted(names)
+    return BadRequest(f"{', '.join(names)}: unknown field{'s' if len(names) > 1 else ''}")
+
+
 def kind_of(value: Any) -> str:
     """The JSON type name of a decoded value, for error messages."""
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
@@ -161,9 +167,9 @@ def validate(body: Any) -> GenerateParams:
     """Check a request body against `PARAMS` and return the params, or raise `BadRequest` naming the field."""
     if not isinstance(body, dict):
         raise BadRequest(f"body: must be a JSON object, got {kind_of(body)}")
-    unknown = sorted(set(body) - set(FIELDS))
+    unknown = set(body) - set(FIELDS)
     if unknown:
-        raise BadRequest(f"{', '.join(unknown)}: unknown field{'s' if len(unknown) > 1 else ''}")
+        raise unknown_fields(list(unknown))
     if "prompt" not in body:
         raise BadRequest("prompt: is required")
     values: dict[str, Any] = {}

@@ -50,6 +50,12 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     store = store or make_store(settings, recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store)
     svc.admission.append(RateLimits(settings))
+    if settings.worker:
+        # Built now, so a bad --engine or safety setting stops `serve` before it binds its port;
+        # the engine itself loads when the worker runs (this imports no torch).
+        from kolors_api.worker import make_worker
+
+        svc.worker = make_worker(settings, store, on_job_done=svc.metrics.jobs.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,12 +65,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         if created:
             print(f"Created an admin API key (shown only now): {created}", flush=True)  # noqa: T201
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
-        if settings.worker:
-            from kolors_api.worker import make_worker
-
-            svc.worker = make_worker(
-                settings, svc.store,
-                on_job_done=lambda seconds, outcome: svc.metrics.job_duration.labels(outcome).observe(seconds))
+        if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())
         try:
             yield

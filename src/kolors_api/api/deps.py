@@ -26,7 +26,7 @@ from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
 from kolors_api.errors import BadRequest, JobFailed, NotFound, PayloadTooLarge, SyncTimeout, Unavailable, from_store
 from kolors_api.jobs import ApiKey, Job, JobState, JobStore, NewJob, StoreError, hash_key, make_key_record, new_key
-from kolors_api.schema import MODELS, GenerateParams, price, validate
+from kolors_api.schema import MODELS, GenerateParams, decimal, price, validate
 from kolors_api.settings import Settings
 
 #: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
@@ -169,8 +169,8 @@ AdminKey = Annotated[ApiKey, Depends(admin_key)]
 
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, refusing more than `limit` bytes before reading them all."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    length = decimal(request.headers.get("content-length"))
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"body: larger than {limit} bytes")
     data = bytearray()
     async for chunk in request.stream():

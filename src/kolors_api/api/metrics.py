@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from kolors_api.worker.metrics import JOB_DURATION_BUCKETS
+from kolors_api.worker.metrics import JobMetrics
 
 
 class Metrics:
@@ -20,9 +20,8 @@ class Metrics:
                               registry=self.registry)
         self.dead_letters = Gauge("kolors_dead_letters_total", "Jobs failed after too many deliveries",
                                   registry=self.registry)
-        self.job_duration = Histogram(
-            "kolors_job_duration_seconds", "Engine time per job (in-process worker)", ["outcome"],
-            buckets=JOB_DURATION_BUCKETS, registry=self.registry)
+        #: The in-process worker's job durations (`kolors_job_duration_seconds`).
+        self.jobs = JobMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

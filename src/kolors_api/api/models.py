@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from kolors_api.api.limits import parse_limit
 from kolors_api.errors import BadRequest
-from kolors_api.schema import SCHEDULERS
+from kolors_api.schema import SCHEDULERS, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -35,8 +36,6 @@ def _fail(message: str) -> PydanticCustomError:
 
 def parse_rate(value: Any) -> str | None:
     """`"N/min"` (also /s, /hour) with N ≥ 1, or None; raises ValueError otherwise."""
-    from kolors_api.api.limits import parse_limit  # the `limits` parser, imported where it is needed
-
     if value is None:
         return None
     if not isinstance(value, str) or parse_limit(value).amount < 1:
@@ -157,9 +156,9 @@ def parse_body(model: type[M], data: Any) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
         if unknown:
-            raise BadRequest(f"{', '.join(unknown)}: unknown field{'s' if len(unknown) > 1 else ''}") from None
+            raise unknown_fields(unknown) from None
         first = errors[0]
         where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "body"
         message = first["msg"] if first["type"] == "kolors" else f"{first['msg'][:1].lower()}{first['msg'][1:]}"
