@@ -7,6 +7,7 @@ Examples::
     kolors-api keys create --name alice --credits 100 --rate-limit 10/min
     kolors-api generate "a red fox in the snow" -o fox.webp --steps 25
     kolors-api tiny-model ./tiny
+    kolors-api random-model --size full --device cuda   # the real shapes, random weights
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kolors_api import __version__
+from kolors_api.cli_engine import add_engine_options, add_random_model_command
 from kolors_api.cli_generate import add_arguments as add_generate_arguments
 from kolors_api.cli_generate import generate
 
@@ -160,11 +162,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
-    s.add_argument("--model", help="tiny, a local diffusers folder, or a Hugging Face repo id")
+    s.add_argument("--model", help="tiny, a local diffusers folder, a Hugging Face repo id, or random:small|full")
     s.add_argument("--device")
     s.add_argument("--blob-dir", dest="blob_dir")
     s.add_argument("--no-worker", action="store_true", help="API only (fleet replica)")
     _engine_flag(s)
+    add_engine_options(s)
     _store_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -175,6 +178,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port; off by default")
     _engine_flag(w)
+    add_engine_options(w)
     _store_flags(w)
     w.set_defaults(func=cmd_worker)
 
@@ -201,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline")
     t.add_argument("path")
     t.set_defaults(func=cmd_tiny_model)
+    add_random_model_command(sub)
     return ap
 
 

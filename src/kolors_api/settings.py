@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    #: `tiny`, a local diffusers folder, or a Hugging Face repo id.
+    #: `tiny`, a local diffusers folder, a Hugging Face repo id, or `random:small` / `random:full` (random
+    #: weights of the tiny or the real shapes, built in memory: benchmarks).
     model: str = "tiny"
     data_dir: Path = Path(".kolors-api")
     #: `sqlite` (embedded default, under data_dir), `sqlite:///relative.db` or `sqlite:////abs.db`, or
@@ -34,6 +36,19 @@ class Settings(BaseSettings):
     #: Run an in-process worker inside `serve`.
     worker: bool = True
     device: str | None = None
+    #: Weights' dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32.
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    #: torch.compile the UNet; the worker compiles it at start for each of `compile_shapes`.
+    compile: bool = False
+    #: Shapes compiled at start, comma-separated WIDTHxHEIGHT (others compile on first use).
+    compile_shapes: str = "1024x1024"
+    #: Another VAE, a diffusers folder or repo id: an fp16-safe one (force_upcast false, e.g.
+    #: madebyollin/sdxl-vae-fp16-fix) decodes in fp16 instead of fp32.
+    vae: str | None = None
+    #: Model CPU offload: each model is on the GPU only while it runs (cards of about 16 GB; slower).
+    offload: bool = False
+    #: Prompt embeddings cached on the device, in MiB (least recently used out; 0 = off).
+    prompt_cache_mb: int = Field(256, ge=0)
     #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
     #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.
     engine: str = "kolors_api.worker.engines:kolors"
@@ -69,6 +84,12 @@ class Settings(BaseSettings):
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
     nudenet_threshold: float = Field(0.6, ge=0, le=1)
 
+    @field_validator("compile_shapes")
+    @classmethod
+    def _shapes(cls, value: str) -> str:
+        compile_shapes(value)
+        return value
+
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
@@ -89,3 +110,18 @@ class Settings(BaseSettings):
         if self.store.startswith(SQLITE_SCHEME):
             return Path(self.store[len(SQLITE_SCHEME):])
         return self.data_dir / "kolors-api.sqlite3"
+
+
+def compile_shapes(value: str) -> tuple[tuple[int, int], ...]:
+    """`"1024x1024,768x1344"` -> ((1024, 1024), (768, 1344)); each side a multiple of 8 in 256..2048."""
+    shapes = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        width, sep, height = item.lower().partition("x")
+        if not (sep and width.isascii() and width.isdigit() and height.isascii() and height.isdigit()
+                and len(width) <= 4 and len(height) <= 4):
+            raise ValueError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {item[:40]!r}")
+        shape = (int(width), int(height))
+        if not all(256 <= side <= 2048 and side % 8 == 0 for side in shape):
+            raise ValueError(f"{item}: each side must be a multiple of 8 from 256 to 2048")
+        shapes.append(shape)
+    return tuple(shapes)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kolors_api.engine.encode import encode_image
-from kolors_api.engine.pipeline import Engine, GenerationOutput, resolve_model
+from kolors_api.engine.pipeline import Engine, EngineOptions, GenerationOutput, resolve_model
 
 if TYPE_CHECKING:
     from kolors_api.engine.tiny import build_tiny_model
 
-__all__ = ["Engine", "GenerationOutput", "build_tiny_model", "encode_image", "resolve_model"]
+__all__ = ["Engine", "EngineOptions", "GenerationOutput", "build_tiny_model", "encode_image", "resolve_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,8 @@ import torch
 
 from kolors_api.engine._util import import_untyped, quiet_progress_bars
 from kolors_api.engine.encode import encode_image
+from kolors_api.engine.prompt_cache import PromptCache
+from kolors_api.engine.random_weights import random_size
 from kolors_api.schema import SCHEDULERS, GenerateParams
 
 # diffusers ships no usable types: a KolorsPipeline is `Any` here.
@@ -43,12 +45,31 @@ if tuple(SCHEDULER_SPECS) != SCHEDULERS:  # pragma: no cover - a schema change m
     raise RuntimeError("engine scheduler table out of step with schema.SCHEDULERS")
 
 
+#: Weight dtypes by name (`EngineOptions.dtype`); "auto" is float16 on CUDA and float32 elsewhere.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: Images with more pixels than this are decoded tile by tile (the VAE's activations grow with area).
+TILED_DECODE_ABOVE = 1536 * 1536
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an `Engine` runs its pipeline (the settings of the same names)."""
+
+    dtype: str = "auto"  # "auto", or a key of DTYPES
+    compile: bool = False  # torch.compile the UNet, warmed up for `compile_shapes` by `warm_up`
+    compile_shapes: tuple[tuple[int, int], ...] = ((1024, 1024),)  # (width, height)
+    vae: str | None = None  # another VAE (an fp16-safe one runs in fp16 instead of fp32)
+    offload: bool = False  # keep each model on the CPU until it runs (cards of about 16 GB)
+    prompt_cache_mb: int = 256  # prompt embeddings kept on the device, least recently used out
+
+
 @dataclass
 class GenerationOutput:
     images: list[bytes]  # encoded per params.output_format / output_quality
     seeds: list[int]  # params.seeds
     content_type: str  # params.content_type
     inference_time: float  # seconds spent in the pipeline call + encoding
+    peak_memory_bytes: int | None = None  # the accelerator's peak allocation during the call (CUDA)
 
 
 def make_scheduler_from_config(name: str, base_config: Any) -> Any:
@@ -100,30 +121,91 @@ def load_pipeline(path: str, dtype: torch.dtype, *, try_fp16_variant: bool) -> P
         return pipeline_class.from_pretrained(path, **kwargs)
 
 
+def resolve_dtype(name: str, *, on_cuda: bool) -> torch.dtype:
+    """`EngineOptions.dtype` -> a torch dtype ("auto": float16 on CUDA, float32 elsewhere)."""
+    if name == "auto":
+        return torch.float16 if on_cuda else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected auto or one of {', '.join(DTYPES)}") from None
+
+
+def load_vae(path: str, dtype: torch.dtype) -> Any:
+    """An `AutoencoderKL` from a diffusers folder or repo (its own root or a `vae` subfolder)."""
+    autoencoder = import_untyped("diffusers").AutoencoderKL
+    kwargs: dict[str, Any] = {_dtype_kwarg(): dtype}
+    with quiet_progress_bars():
+        if Path(path, "vae", "config.json").is_file():
+            return autoencoder.from_pretrained(path, subfolder="vae", **kwargs)
+        return autoencoder.from_pretrained(path, **kwargs)
+
+
 class Engine:
     """A Kolors pipeline on one device: `generate(params)` -> encoded images."""
 
     def __init__(
-        self, model: str, *, data_dir: Path = Path(".kolors-api"), device: str | None = None
+        self, model: str, *, data_dir: Path = Path(".kolors-api"), device: str | None = None,
+        options: EngineOptions | None = None, pipeline: Pipeline | None = None,
     ) -> None:
+        """`pipeline`: an already loaded KolorsPipeline to run (benchmarks); `model` then only names it."""
         self.model = model
-        self.path = resolve_model(model, Path(data_dir))
+        self.options = options = options or EngineOptions()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = torch.device(self.device).type == "cuda"
-        dtype = torch.float16 if on_cuda else torch.float32
-        self.dtype_name = str(dtype).removeprefix("torch.")
-        pipe = load_pipeline(self.path, dtype, try_fp16_variant=on_cuda)
-        pipe.to(self.device)
+        self.on_cuda = torch.device(self.device).type == "cuda"
+        dtype = resolve_dtype(options.dtype, on_cuda=self.on_cuda)
+        size = random_size(model)
+        if pipeline is not None:
+            self.path, pipe = model, pipeline
+        elif size is not None:
+            self.path = model
+            from kolors_api.engine.random_weights import build_random_pipeline
+
+            pipe = build_random_pipeline(size, device="cpu" if options.offload else self.device, dtype=dtype)
+        else:
+            self.path = resolve_model(model, Path(data_dir))
+            pipe = load_pipeline(self.path, dtype, try_fp16_variant=self.on_cuda and dtype != torch.float32)
+        if options.vae:
+            pipe.register_modules(vae=load_vae(options.vae, dtype))
+        self.dtype_name = str(pipe.unet.dtype).removeprefix("torch.")
+        self.prompts = PromptCache(options.prompt_cache_mb * 2**20)
+        self.pipe = self._place(pipe)
+
+    def _place(self, pipe: Pipeline) -> Pipeline:
+        """Put the loaded pipeline on the device, tuned for it."""
+        if self.options.offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         # The pipeline would upcast an fp16 VAE to fp32 for every decode and back again, mutating
-        # the shared module mid-call; keep it in fp32 once (as the pipeline's upcast does) and
-        # decode ourselves instead.
+        # the shared module mid-call; keep a VAE that needs it in fp32 once (as the pipeline's
+        # upcast does) and decode ourselves instead. An fp16-safe VAE (`vae`) stays in fp16.
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(dtype=torch.float32)
+        if self.on_cuda:
+            # Convolutions in NHWC are what the tensor cores' kernels take without a transpose.
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+        log.info("engine %s on %s: %s, attention %s%s", self.model, self.device, self.dtype_name,
+                 ", ".join(sorted(processors)), ", compiled UNet" if self.options.compile else "")
+        if self.options.compile:
+            pipe.unet = torch.compile(pipe.unet)
         # On a GPU, decode one image at a time: ten 2048x2048 images decoded at once need tens of
         # GiB of activations. On CPU decode the batch at once, exactly as KolorsPipeline does.
-        self.decode_one_by_one = on_cuda
-        self.pipe = pipe
+        self.decode_one_by_one = self.on_cuda
+        return pipe
+
+    def warm_up(self) -> None:
+        """One small image (kernel selection and allocator growth are not the first job's), then,
+        with `compile`, one per compile shape (compilation is not a job's either)."""
+        self.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
+        if self.options.compile:
+            for width, height in self.options.compile_shapes:
+                started = time.perf_counter()
+                self.generate(GenerateParams(prompt="warm-up", steps=2, width=width, height=height))
+                log.info("compiled for %dx%d in %.1fs", width, height, time.perf_counter() - started)
 
     def make_scheduler(self, name: str) -> Any:
         """A fresh scheduler per call, from the loaded pipeline's scheduler config."""
@@ -151,6 +233,8 @@ class Engine:
         single-image run with seed+i and looks the same, but is not always bit-identical to it:
         batched kernels may round a few pixels differently."""
         start = time.perf_counter()
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         pipe = self._call_pipeline(self.make_scheduler(params.scheduler))
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in params.seeds]
 
@@ -160,14 +244,16 @@ class Engine:
             return {}
 
         with torch.inference_mode():
+            embeds = self.prompts.encode(
+                pipe, params.prompt, params.negative_prompt if params.cfg > 1 else None,
+                device=pipe._execution_device, max_sequence_length=MAX_SEQUENCE_LENGTH)
             latents = pipe(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
+                **embeds.pipeline_kwargs(params.number_of_images),
                 guidance_scale=params.cfg,
                 num_inference_steps=params.steps,
                 width=params.width,
                 height=params.height,
-                num_images_per_prompt=params.number_of_images,
+                num_images_per_prompt=1,
                 generator=generators,
                 output_type="latent",
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
@@ -181,6 +267,7 @@ class Engine:
             seeds=params.seeds,
             content_type=params.content_type,
             inference_time=time.perf_counter() - start,
+            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.on_cuda else None,
         )
 
     def _decode(self, pipe: Pipeline, latents: torch.Tensor) -> list[Any]:
@@ -188,7 +275,13 @@ class Engine:
         vae = pipe.vae
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
         latents = latents / vae.config.scaling_factor
-        if self.decode_one_by_one:
+        height, width = (8 * n for n in latents.shape[-2:])
+        if width * height > TILED_DECODE_ABOVE:
+            if hasattr(vae, "_hf_hook"):  # offloaded: `decode` would bring the VAE over, do it here
+                vae._hf_hook.pre_forward(vae)
+            parts = [vae.tiled_decode(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))]
+            image = torch.cat(parts)
+        elif self.decode_one_by_one:
             parts = [vae.decode(latents[i : i + 1], return_dict=False)[0] for i in range(len(latents))]
             image = torch.cat(parts)
         else:

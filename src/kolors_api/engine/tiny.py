@@ -236,21 +236,28 @@ def _scheduler() -> Any:
     )
 
 
+def components(scratch: Path) -> dict[str, Any]:
+    """The tiny pipeline's components (`KolorsPipeline(**components(...))`), on the CPU in fp32,
+    from torch's global RNG seeded here; the tokenizer is trained into `scratch`."""
+    torch.manual_seed(SEED)
+    tokenizer = _tokenizer(scratch)
+    return {
+        "vae": _vae(),
+        "text_encoder": _text_encoder(tokenizer.vocab_size),
+        "tokenizer": tokenizer,
+        "unet": _unet(),
+        "scheduler": _scheduler(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def _build_into(folder: Path) -> None:
     # Constructors draw their default init from torch's global RNG (then overwritten): seed it, and
     # leave the caller's RNG state as it was.
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as scratch:
-        torch.manual_seed(SEED)
-        tokenizer = _tokenizer(Path(scratch))
         pipe = import_untyped("diffusers").KolorsPipeline(
-            vae=_vae(),
-            text_encoder=_text_encoder(tokenizer.vocab_size),
-            tokenizer=tokenizer,
-            unet=_unet(),
-            scheduler=_scheduler(),
-            image_encoder=None,
-            feature_extractor=None,
-            force_zeros_for_empty_prompt=False,
+            **components(Path(scratch)), force_zeros_for_empty_prompt=False
         )
         for component in (pipe.vae, pipe.text_encoder, pipe.unet):
             for name, tensor in [*component.named_parameters(), *component.named_buffers()]:

@@ -80,10 +80,14 @@ def load_factory(path: str) -> EngineFactory:
 
 
 def kolors(settings: Settings) -> EngineLike:
-    """The default factory: the Kolors pipeline that `settings.model` names, on `settings.device`,
-    warmed up with one small image (kernel selection and allocator growth are not the first job's)."""
-    from kolors_api.engine import Engine  # torch lives behind this import
+    """The default factory: the Kolors pipeline that `settings.model` names, on `settings.device`, run
+    as the settings `dtype`, `compile`, `vae` and `offload` say, warmed up (`Engine.warm_up`)."""
+    from kolors_api.engine import Engine, EngineOptions  # torch lives behind this import
+    from kolors_api.settings import compile_shapes
 
-    engine = Engine(settings.model, data_dir=settings.data_dir, device=settings.device)
-    engine.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
+    options = EngineOptions(dtype=settings.dtype, compile=settings.compile, vae=settings.vae,
+                            offload=settings.offload, compile_shapes=compile_shapes(settings.compile_shapes),
+                            prompt_cache_mb=settings.prompt_cache_mb)
+    engine = Engine(settings.model, data_dir=settings.data_dir, device=settings.device, options=options)
+    engine.warm_up()
     return engine

@@ -213,6 +213,9 @@ class Worker:
             "queue_time": round(max(0.0, (job.started_at or started) - created), 4),
             "total_time": round(now - created, 4),
         }
+        peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
+        if peak is not None:
+            metrics["peak_memory_mb"] = round(peak / 2**20, 1)
         ext = params.output_format
         if await self.store.complete(lease, out.images, ext, out.seeds, metrics):
             if self._on_job_done is not None:

@@ -7,6 +7,7 @@ asked for, and its absence (a hand-made install) is then a start-up error that s
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 #: The histogram `kolors_job_duration_seconds` is labelled by outcome and uses these buckets (seconds).
@@ -28,6 +29,11 @@ class JobMetrics:
         self.job_duration = prometheus_client.Histogram(
             "kolors_job_duration_seconds", "Engine time per job", ["outcome"],
             buckets=JOB_DURATION_BUCKETS, registry=self.registry)
+        self.peak_memory = prometheus_client.Gauge(
+            "kolors_engine_peak_memory_bytes", "Peak CUDA memory allocated during the current or last job "
+            "(0 without CUDA)", registry=self.registry)
+        self.peak_memory.set_function(_cuda_peak_memory)
+        self.registry.register(_PromptCacheCollector(prometheus_client.metrics_core))
 
     def observe(self, seconds: float, outcome: str) -> None:
         self.job_duration.labels(outcome).observe(seconds)
@@ -35,3 +41,29 @@ class JobMetrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the pod
         """Serve `/metrics` on `host:port` from a daemon thread."""
         self._prometheus.start_http_server(port, addr=host, registry=self.registry)
+
+
+def _cuda_peak_memory() -> float:
+    """torch's peak CUDA allocation (the engine resets it per job); 0 where torch or CUDA is not in use.
+    Never imports torch: the API process of a fleet has none."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0.0
+    return float(torch.cuda.max_memory_allocated())
+
+
+class _PromptCacheCollector:
+    """`kolors_prompt_cache_hits_total` / `_misses_total`: the engine's prompt-embedding cache
+    (`kolors_api.engine.prompt_cache.STATS`), 0 until an engine runs in this process."""
+
+    def __init__(self, metrics_core: Any) -> None:
+        self._core = metrics_core
+
+    def collect(self) -> Any:
+        cache = sys.modules.get("kolors_api.engine.prompt_cache")
+        stats = cache.STATS if cache is not None else {"hits": 0, "misses": 0}
+        for name in ("hits", "misses"):
+            family = self._core.CounterMetricFamily(
+                f"kolors_prompt_cache_{name}", f"Prompt-embedding cache {name} of the engine")
+            family.add_metric([], stats[name])
+            yield family

@@ -1,0 +1,58 @@
+"""The engine's flags of `serve` and `worker`, and `kolors-api random-model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload` (settings of the same names)."""
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="weights' dtype (default auto: float16 on CUDA, float32 on CPU; env KOLORS_API_DTYPE)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet, compiled at start for --compile-shapes (env KOLORS_API_COMPILE)")
+    p.add_argument("--compile-shapes", dest="compile_shapes", metavar="WxH[,WxH...]",
+                   help="shapes compiled at start (default 1024x1024; env KOLORS_API_COMPILE_SHAPES)")
+    p.add_argument("--vae", help="another VAE, a diffusers folder or repo id; an fp16-safe one decodes in fp16 "
+                                 "(env KOLORS_API_VAE)")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="model CPU offload for cards of about 16 GB; slower (env KOLORS_API_OFFLOAD)")
+
+
+def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`kolors-api random-model --size full --device cuda`: build a random-weight pipeline in memory."""
+    r = sub.add_parser("random-model", help="build a random-weight Kolors pipeline in memory and report it",
+                       description="Builds the pipeline that --model random:SIZE serves (no files are written) "
+                                   "and prints its parameters, build time and memory as JSON. small: the tiny "
+                                   "model's shapes; full: Kwai-Kolors/Kolors-diffusers' (about 8.9 B parameters, "
+                                   "17.8 GB in float16).")
+    r.add_argument("--size", choices=("small", "full"), default="small", help="default small")
+    r.add_argument("--device", help="default: cuda if present, else cpu")
+    r.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="default auto: float16 on CUDA, float32 on CPU")
+    r.set_defaults(func=cmd_random_model)
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from kolors_api.engine.pipeline import resolve_dtype
+    from kolors_api.engine.random_weights import build_random_pipeline, parameter_counts
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, on_cuda=device.type == "cuda")
+    started = time.perf_counter()
+    pipe = build_random_pipeline(args.size, device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    counts = parameter_counts(pipe)
+    report = {
+        "model": f"random:{args.size}", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "parameters": counts, "total_parameters": sum(counts.values()),
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "cuda_allocated_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
