@@ -3,7 +3,8 @@ weights (`random:full`: Kolors' real shapes), in one run, on one set of weights:
 
 1. stock diffusers: `KolorsPipeline(...)(prompt, ...)` in fp16, as its docs show it;
 2. our `Engine`, default options (fp16, SDPA, channels_last, fp32 VAE decode), and its images/s at
-   batch 1, 2, 4, 8 (number_of_images), and one 2048² image (decoded in tiles);
+   batch 1, 2, 4, 8 (number_of_images), one 2048² image (decoded in tiles), and the VAE decode
+   alone in fp32 and bf16;
 3. our `Engine` with `--compile` (torch.compile of the UNet; compile time reported apart).
 
 Peak accelerator memory per row. Prints a table and writes JSON. `bench/gpu.sh` runs it on a GPU
@@ -15,6 +16,7 @@ machine without diffusers or network; on CPU try it with `--size small`:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import io
 import json
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-large", dest="large", action="store_false", help="skip the 2048x2048 row (tiled decode)")
+    ap.add_argument("--no-vae-rows", dest="vae_rows", action="store_false", help="skip timing the VAE decode alone")
     ap.add_argument("--out", default="bench/results/gpu.json")
     args = ap.parse_args()
     from diffusers import KolorsPipeline
@@ -135,6 +138,18 @@ def main() -> None:
         params = dataclasses.replace(SEED, number_of_images=batch)
         bench.run("kolors-api Engine" + (f", batch {batch}" if batch > 1 else ""),
                   lambda params=params: engine.generate(params), images=batch, warm_up=i == 0)
+
+    if args.vae_rows:  # where the decode's time goes: the fp32 VAE against a bf16 copy (same range as fp32)
+        latents = torch.randn(1, 4, SEED.height // 8, SEED.width // 8, device=args.device,
+                              generator=torch.Generator(args.device).manual_seed(0))
+        for vae_dtype in (torch.float32, torch.bfloat16):
+            vae = engine.pipe.vae if vae_dtype == torch.float32 else copy.deepcopy(engine.pipe.vae).to(vae_dtype)
+
+            def decode(vae: Any = vae, dtype: torch.dtype = vae_dtype) -> None:
+                with torch.inference_mode():
+                    vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)
+
+            bench.run(f"VAE decode, {str(vae_dtype).removeprefix('torch.')}", decode)
 
     if args.large:
         large = dataclasses.replace(SEED, width=2048, height=2048)

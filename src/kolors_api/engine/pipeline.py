@@ -191,6 +191,8 @@ class Engine:
         log.info("engine %s on %s: %s, attention %s%s", self.model, self.device, self.dtype_name,
                  ", ".join(sorted(processors)), ", compiled UNet" if self.options.compile else "")
         if self.options.compile:
+            # Inductor's shape reasoning logs a warning per guard it cannot evaluate: hundreds per compile.
+            logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
             pipe.unet = torch.compile(pipe.unet)
         # On a GPU, decode one image at a time: ten 2048x2048 images decoded at once need tens of
         # GiB of activations. On CPU decode the batch at once, exactly as KolorsPipeline does.
@@ -198,10 +200,12 @@ class Engine:
         return pipe
 
     def warm_up(self) -> None:
-        """One small image (kernel selection and allocator growth are not the first job's), then,
-        with `compile`, one per compile shape (compilation is not a job's either)."""
-        self.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
-        if self.options.compile:
+        """One small image (kernel selection and allocator growth are not the first job's) or, with
+        `compile`, one per compile shape (compilation is not a job's either; a shape compiled only to
+        warm up would cost minutes and turn the next compilation dynamic)."""
+        if not self.options.compile:
+            self.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
+        else:
             for width, height in self.options.compile_shapes:
                 started = time.perf_counter()
                 self.generate(GenerateParams(prompt="warm-up", steps=2, width=width, height=height))
