@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from kolors_api.jobs import JobStore, Lease
+from kolors_api.jobs import JobState, JobStore, Lease
+from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.engines import EngineLike
 
@@ -90,6 +91,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         self._on_job_done = on_job_done
         self.safety = safety
+        self.outage = Outage(log)
 
     def _enter(self, state: WorkerState) -> None:
         old = self.state
@@ -123,9 +125,14 @@ class Worker:
                         await self.store.worker_alive(self.id, self.config.alive_ttl)
                         last_alive = time.monotonic()
                     lease = await self.store.claim(self.id, self.config.lease_seconds, self.config.claim_timeout)
-                except Exception:
-                    # The store is unreachable for a moment: keep the worker, try again shortly.
-                    log.exception("worker %s: store error while claiming", self.id)
+                    self.outage.ok()
+                except Exception as exc:
+                    # The store is unreachable for a moment: keep the worker, try again shortly
+                    # (an outage is logged once, when it starts; anything else every time).
+                    if is_outage(exc):
+                        self.outage.failed(exc)
+                    else:
+                        log.exception("worker %s: store error while claiming", self.id)
                     await asyncio.sleep(1.0)
                     continue
                 if lease is None:
@@ -202,7 +209,7 @@ class Worker:
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            await self.store.fail(lease, f"engine error: {type(exc).__name__}: {exc}")
+            await self.store.fail(lease, engine_error(exc, job.id))
             return
         finally:
             hb.cancel()
@@ -215,7 +222,22 @@ class Worker:
         }
         ext = params.output_format
         if await self.store.complete(lease, out.images, ext, out.seeds, metrics):
+            # a cancel that came during the last step wins over the completion (FAILED "cancelled")
+            stored = await self.store.get(job.id)
+            state = stored.state if stored is not None else JobState.COMPLETED
+            if state == JobState.FAILED:
+                log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)
             if self._on_job_done is not None:
-                self._on_job_done(out.inference_time, "COMPLETED")
+                self._on_job_done(out.inference_time, state.value)
         else:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
+
+
+def engine_error(exc: BaseException, job_id: str) -> str:
+    """What a client reads when the engine fails: what to do about it; the exception text goes to
+    the log only (it names internals and may quote the prompt)."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text:
+        return ("engine error: out of memory for this request; try fewer images, fewer steps or a "
+                "smaller width and height")
+    return f"engine error: the model could not generate this request (logged on the server as job {job_id})"
