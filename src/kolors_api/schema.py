@@ -155,7 +155,7 @@ def bad_text(value: Any, where: str = "body") -> str | None:
             for k, v in item.items():
                 name = k if at == "body" else f"{at}.{k}"
                 if isinstance(k, str) and not _scalar(k):
-                    return f"{at} (a field name)"
+                    return at  # a field name: the object that holds it
                 stack.append((v, name if _scalar(name) else at))
         elif isinstance(item, list):
             stack.extend((v, at) for v in item)

@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
-            detail = f"not found: {request.url.path}"
+            detail = f"not found: {short(request.url.path)}"
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -101,7 +101,7 @@ class Service:
     async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False) -> Job:
         """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
         if model not in MODELS:
-            raise NotFound(f"unknown model: {model}")
+            raise NotFound(f"unknown model: {short(model)}")
         params = validate(body)
         cost = price(params, self.settings.unit_price)
         if key.credits is not None and micro(key.credits) < micro(cost):
