@@ -45,9 +45,11 @@ class Outage:
     success comes `settle` seconds after the last failure, so a flapping store (a lock that comes
     and goes) does not write a pair of lines per request."""
 
-    def __init__(self, log: logging.Logger, what: str = "job store", settle: float = 5.0) -> None:
+    def __init__(self, log: logging.Logger, what: str = "job store", settle: float = 5.0,
+                 meanwhile: str = "answering 503 until it is back") -> None:
         self.log = log
         self.what = what
+        self.meanwhile = meanwhile
         self.settle = settle
         self.since: float | None = None
         self.last: float = 0.0
@@ -63,8 +65,8 @@ class Outage:
         self.errors += 1
         if self.since is None:
             self.since = now
-            self.log.warning("%s unavailable: %s (answering 503 until it is back; not logged again)",
-                             self.what, describe(exc))
+            self.log.warning("%s unavailable: %s (%s; not logged again)", self.what, describe(exc),
+                             self.meanwhile)
 
     def ok(self) -> None:
         if self.since is None or time.monotonic() - self.last < self.settle:

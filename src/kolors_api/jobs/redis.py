@@ -191,7 +191,7 @@ class RedisStore:
             self._listener = asyncio.create_task(self._dispatch(pubsub))
 
     async def _dispatch(self, pubsub: PubSub) -> None:
-        events = Outage(log, "job events subscription")
+        events = Outage(log, "job events subscription", meanwhile="waiters poll every second until it is back")
         while True:
             try:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)

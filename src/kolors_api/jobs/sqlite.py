@@ -109,8 +109,10 @@ class SQLiteStore:
     re-queues jobs left PROCESSING by a process that died."""
 
     def __init__(self, path: Path, *, retention: float = 3600.0, max_deliveries: int = 3,
-                 recover: bool = False) -> None:
+                 recover: bool = False, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
+        #: How long a statement waits for another process's lock before "database is locked".
+        self.busy_timeout = busy_timeout
         self.blobs = BlobDir(self.path.parent / "outputs")
         self.retention = retention
         self.max_deliveries = max_deliveries
@@ -129,11 +131,11 @@ class SQLiteStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         conn.executescript(SCHEMA)
         self._conn = conn
         if self._recover:

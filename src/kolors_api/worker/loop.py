@@ -91,7 +91,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         self._on_job_done = on_job_done
         self.safety = safety
-        self.outage = Outage(log)
+        self.outage = Outage(log, meanwhile="retrying until it is back")
 
     def _enter(self, state: WorkerState) -> None:
         old = self.state
@@ -141,9 +141,14 @@ class Worker:
                     self._enter(WorkerState.BUSY)
                 try:
                     await self.process(lease)
-                except Exception:
+                except Exception as exc:
                     # The outcome could not be stored: the lease runs out and another delivery retries it.
-                    log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
+                    if is_outage(exc):
+                        self.outage.failed(exc)
+                        log.warning("worker %s: job %s could not be stored (store unavailable); it is "
+                                    "delivered again when its lease runs out", self.id, lease.job.id)
+                    else:
+                        log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
                 self.jobs_done += 1
                 if not self._stopping.is_set():
                     self._enter(WorkerState.IDLE)
@@ -179,11 +184,17 @@ class Worker:
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(self.config.heartbeat_seconds)
-                if not await self.store.heartbeat(lease, self.config.lease_seconds):
-                    reason.append("lease lost")
-                    abort.set()
-                    return
-                await self.store.worker_alive(self.id, self.config.alive_ttl)
+                try:
+                    if not await self.store.heartbeat(lease, self.config.lease_seconds):
+                        reason.append("lease lost")
+                        abort.set()
+                        return
+                    await self.store.worker_alive(self.id, self.config.alive_ttl)
+                except Exception as exc:
+                    # Keep working: if the store is back before the lease runs out, the job is kept.
+                    if not is_outage(exc):
+                        raise
+                    self.outage.failed(exc)
 
         safety = self.safety
         if safety is not None:
