@@ -30,6 +30,8 @@ def listed(data_dir: Path) -> list[dict[str, object]]:
     (["--rate-limit", "ten/min"], "--rate-limit: must look like \"10/min\""),
     (["--rate-limit", "0/min"], "--rate-limit: must look like \"10/min\""),
     (["--name", "   "], "--name: must be a non-empty string"),
+    (["--name", "\udcff"], "--name: must be valid Unicode text"),  # the byte 0xff in argv
+    (["--rate-limit", "99999999999999999999/s"], "--rate-limit: must look like \"10/min\""),
 ])
 def test_keys_create_refuses_what_the_admin_api_refuses_and_stores_nothing(tmp_path: Path, flags: list[str],
                                                                            words: str) -> None:

@@ -162,6 +162,15 @@ def bad_text(value: Any, where: str = "body") -> str | None:
     return None
 
 
+def check_text(value: Any) -> None:
+    """Raise `BadRequest` naming the field when decoded JSON (or CLI input) holds a lone surrogate:
+    JSON's ``\\ud800`` escapes and undecodable argv bytes decode to them, and no store, log or
+    encoder takes them."""
+    where = bad_text(value)
+    if where is not None:
+        raise BadRequest(f"{where}: must be valid Unicode text (a lone surrogate such as \\ud800)")
+
+
 def _scalar(text: str) -> bool:
     try:
         text.encode("utf-8")

@@ -49,7 +49,7 @@ from kolors_api.jobs import (
 )
 from kolors_api.jobs.base import micro
 from kolors_api.jobs.outage import Outage
-from kolors_api.schema import MODELS, GenerateParams, bad_text, decimal, price, short, validate
+from kolors_api.schema import MODELS, GenerateParams, check_text, decimal, price, short, validate
 from kolors_api.settings import Settings
 
 #: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
@@ -225,10 +225,7 @@ async def read_json(request: Request, limit: int) -> Any:
         body = json.loads(data)
     except (ValueError, RecursionError):
         raise BadRequest("body: not valid JSON") from None
-    where = bad_text(body)
-    if where is not None:
-        # JSON's \ud800 escapes decode to lone surrogates, which no store, log or encoder takes.
-        raise BadRequest(f"{where}: must be valid Unicode text (a lone surrogate escape such as \\ud800)")
+    check_text(body)
     return body
 
 

@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 from kolors_api.api.limits import MAX_QUOTA, parse_limit
 from kolors_api.errors import BadRequest
 from kolors_api.jobs.base import MAX_CREDITS
-from kolors_api.schema import SCHEDULERS, short, unknown_fields
+from kolors_api.schema import SCHEDULERS, check_text, short, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -149,6 +149,7 @@ def parse_body(model: type[M], data: Any) -> M:
     """`data` (decoded JSON) as `model`, or `BadRequest` naming the field(s) in the API's style."""
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
+    check_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
