@@ -133,6 +133,11 @@ def short(value: Any, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """`text` as it is, cut to `limit` characters (ids and names from a URL path, in messages)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 #: Characters that draw nothing but are neither whitespace nor format (Cf) characters to Python.
 _BLANKS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
 

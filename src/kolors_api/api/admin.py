@@ -25,7 +25,7 @@ from kolors_api.api.models import (
 from kolors_api.errors import BadRequest, NotFound, from_store
 from kolors_api.jobs import LedgerEntry, StoreError, make_key_record, new_key
 from kolors_api.jobs.base import credits_of, micro
-from kolors_api.schema import decimal, short
+from kolors_api.schema import clip, decimal, short
 
 router = APIRouter()
 ADMIN_ERRORS = errors(400, 401, 403, 413)
@@ -56,7 +56,7 @@ async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBo
     except StoreError as exc:
         raise from_store(exc) from None
     if record is None:
-        raise NotFound(f"unknown key: {short(key_id)}")
+        raise NotFound(f"unknown key: {clip(key_id)}")
     return JSONResponse(record.public())
 
 
@@ -64,7 +64,7 @@ async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBo
                responses=errors(401, 403, 404))
 async def delete_key(key_id: str, svc: ServiceDep, admin: AdminKey) -> Response:
     if not await svc.store.delete_key(key_id):
-        raise NotFound(f"unknown key: {short(key_id)}")
+        raise NotFound(f"unknown key: {clip(key_id)}")
     return JSONResponse({"id": key_id, "deleted": True})
 
 

@@ -30,7 +30,7 @@ from kolors_api.api.system import router as system_router
 from kolors_api.errors import BadRequest, KolorsAPIError, store_unavailable
 from kolors_api.jobs import JobStore, make_store
 from kolors_api.jobs.outage import is_outage
-from kolors_api.schema import short
+from kolors_api.schema import clip
 from kolors_api.settings import Settings
 
 log = logging.getLogger("kolors_api.api")
@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
-            detail = f"not found: {short(request.url.path)}"
+            detail = f"not found: {clip(request.url.path)}"
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         if hosts is not None and name not in hosts and request.url.path not in PROBES:
             # Absolute URLs (status_url, output URLs) are never built from a Host we do not know.
             response: Response = error_response(BadRequest(
-                f"Host: {short(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
+                f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
         else:
             try:
                 response = await call_next(request)

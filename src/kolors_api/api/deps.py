@@ -49,7 +49,7 @@ from kolors_api.jobs import (
 )
 from kolors_api.jobs.base import micro
 from kolors_api.jobs.outage import Outage
-from kolors_api.schema import MODELS, GenerateParams, check_text, decimal, price, short, validate
+from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, validate
 from kolors_api.settings import Settings
 
 #: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
@@ -101,7 +101,7 @@ class Service:
     async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False) -> Job:
         """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
         if model not in MODELS:
-            raise NotFound(f"unknown model: {short(model)}")
+            raise NotFound(f"unknown model: {clip(model)}")
         params = validate(body)
         cost = price(params, self.settings.unit_price)
         if key.credits is not None and micro(key.credits) < micro(cost):
@@ -143,7 +143,7 @@ class Service:
         """The caller's job (admins see all); anything else is 404, so ids of others do not leak."""
         job = await self.store.get(job_id)
         if job is None or (job.key_id != key.id and not key.admin):
-            raise NotFound(f"unknown request: {short(job_id)}")
+            raise NotFound(f"unknown request: {clip(job_id)}")
         return job
 
     # -- absolute URLs
