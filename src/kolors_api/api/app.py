@@ -162,8 +162,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         name = host_name(request.headers.get("host", ""))
-        if hosts is not None and name not in hosts and request.url.path not in PROBES:
-            # Absolute URLs (status_url, output URLs) are never built from a Host we do not know.
+        if hosts is not None and name and name not in hosts and request.url.path not in PROBES:
+            # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
+            # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
             response: Response = error_response(BadRequest(
                 f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
         else:
