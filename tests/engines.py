@@ -7,7 +7,9 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
 - `slow`: sleeps env ``KOLORS_TEST_STEP_SECONDS`` (default 0.5) after every step;
 - `failing`: raises ``RuntimeError("injected fault")`` at step 1 when the prompt holds "fail";
 - `kill_on_claim`: SIGKILLs its own process when asked for a prompt holding "poison";
-- `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash".
+- `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash";
+- `slow_finish`: sleeps env ``KOLORS_TEST_FINISH_SECONDS`` (default 2) after the last step, before
+  it hands the images back (a window for a cancel that comes "during the last step").
 """
 
 from __future__ import annotations
@@ -80,3 +82,14 @@ def kill_mid_step(settings: Settings) -> Wrapped:
             _sigkill()
 
     return Wrapped(kolors(settings), after_step=crash)
+
+
+class SlowFinish(Wrapped):
+    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any:
+        out = super().generate(params, on_step)
+        time.sleep(float(os.environ.get("KOLORS_TEST_FINISH_SECONDS", "2")))
+        return out
+
+
+def slow_finish(settings: Settings) -> Wrapped:
+    return SlowFinish(kolors(settings))

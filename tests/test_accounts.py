@@ -186,7 +186,7 @@ def test_account_reports_credits_limits_and_usage(admin: httpx.Client) -> None:
     assert body == {
         "id": user["id"], "name": "user", "admin": False, "credits": 9.5,
         "limits": {"rate_limit": "100/min", "max_concurrency": 5},
-        "usage": {"credits_spent": 0.5, "requests": 2, "running": 2},
+        "usage": {"credits_spent": 0, "credits_reserved": 0.5, "requests": 2, "running": 2},
     }
 
 

@@ -22,14 +22,16 @@ def listed(data_dir: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize(("flags", "words"), [
-    (["--credits", "nan"], "--credits: must be a number between 0 and 1e+12 or null, got nan"),
+    (["--credits", "nan"], "--credits: must be a finite number between 0 and 1e+09 or null, got nan"),
     (["--credits", "-1"], "--credits: must be a number between 0"),
-    (["--credits", "inf"], "--credits: must be a number"),
+    (["--credits", "inf"], "--credits: must be a finite number"),
     (["--max-concurrency", "-3"], "--max-concurrency: must be an integer between 1"),
     (["--max-concurrency", "0"], "--max-concurrency: must be an integer between 1"),
     (["--rate-limit", "ten/min"], "--rate-limit: must look like \"10/min\""),
     (["--rate-limit", "0/min"], "--rate-limit: must look like \"10/min\""),
     (["--name", "   "], "--name: must be a non-empty string"),
+    (["--name", "\udcff"], "--name: must be valid Unicode text"),  # the byte 0xff in argv
+    (["--rate-limit", "99999999999999999999/s"], "--rate-limit: must look like \"10/min\""),
 ])
 def test_keys_create_refuses_what_the_admin_api_refuses_and_stores_nothing(tmp_path: Path, flags: list[str],
                                                                            words: str) -> None:

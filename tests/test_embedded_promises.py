@@ -100,7 +100,8 @@ def test_kill_9_mid_job_then_restart_completes_it_and_charges_the_key_once(tiny_
 
         acct = account(server, key["key"])
         assert acct["credits"] == pytest.approx(10 - 2 - 0.02)
-        assert acct["usage"] == {"credits_spent": pytest.approx(2.02), "requests": 2, "running": 0}
+        assert acct["usage"] == {"credits_spent": pytest.approx(2.02), "credits_reserved": 0, "requests": 2,
+                                 "running": 0}
         history = httpx.get(server.url + "/v1/requests", headers=server.headers(key["key"])).json()["data"]
         assert {(h["request_id"], h["status"], h["cost"]) for h in history} == {
             (running, "COMPLETED", 2), (queued, "COMPLETED", 0.02)}
@@ -207,7 +208,8 @@ def test_the_unit_price_scales_what_a_request_costs(configured: LiveServer) -> N
     assert poll(configured, request_id, TERMINAL, key["key"])["status"] == "COMPLETED"
     acct = account(configured, key["key"])
     assert acct["credits"] == pytest.approx(10 - PRICED_COST)
-    assert acct["usage"] == {"credits_spent": pytest.approx(PRICED_COST), "requests": 1, "running": 0}
+    assert acct["usage"] == {"credits_spent": pytest.approx(PRICED_COST), "credits_reserved": 0, "requests": 1,
+                             "running": 0}
     history = httpx.get(configured.url + "/v1/requests", headers=configured.headers(key["key"])).json()["data"]
     assert [h["cost"] for h in history] == [pytest.approx(PRICED_COST)]
 

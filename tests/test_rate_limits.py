@@ -88,6 +88,19 @@ def test_invalid_requests_do_not_use_the_quota(srv: LiveServer) -> None:
     assert httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h).status_code == 200
 
 
+def test_requests_refused_for_credits_do_not_use_the_quota(srv: LiveServer) -> None:
+    key = srv.create_key(rate_limit="2/min", credits=0)
+    h = {"x-api-key": key["key"]}
+    for path, body in [("/v2/kolors", SMALL), ("/v1/kolors", SMALL),
+                       ("/v1/images/generations", {"prompt": "a fox", "size": "512x512", "steps": 1})] * 2:
+        r = httpx.post(srv.url + path, json=body, headers=h)
+        assert r.status_code == 406 and "RateLimit" not in r.headers, (path, r.text)
+    httpx.patch(f"{srv.url}/v1/admin/keys/{key['id']}", json={"add_credits": 1}, headers=srv.headers())
+    answers = [httpx.post(srv.url + "/v2/kolors", json=SMALL, headers=h) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429], "six 406s took no slot of the two"
+    assert remaining(answers[0])[0] == 1
+
+
 def test_a_patched_rate_limit_applies_at_once(srv: LiveServer) -> None:
     key = srv.create_key(rate_limit="1/min")
     h = {"x-api-key": key["key"]}

@@ -340,7 +340,8 @@ async def test_output_block_through_the_api_fails_refunds_and_stores_no_image(tm
 
     settings = Settings(data_dir=tmp_path, bootstrap_key=ADMIN_KEY, engine=f"{__name__}:drawing_engine",
                         screeners="nudenet",
-                        nudenet_classes="FACE_FEMALE,FACE_MALE", nudenet_threshold=0.5)
+                        nudenet_classes="FACE_FEMALE,FACE_MALE", nudenet_threshold=0.5,
+                        allowed_hosts="kolors.test")
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), \

@@ -14,6 +14,7 @@ import pytest
 
 from kolors_api.jobs import (
     AlreadyExists,
+    BalanceOutOfRange,
     InsufficientFunds,
     JobState,
     JobStore,
@@ -25,6 +26,7 @@ from kolors_api.jobs import (
     make_key_record,
     new_key,
 )
+from kolors_api.jobs.base import MAX_CREDITS, micro
 from tests.conftest import REDIS_URL
 from tests.store_helpers import StateWatch, delete_redis_keys
 
@@ -229,6 +231,60 @@ async def test_cancel_fails_a_queued_job_and_flags_a_running_one(store: JobStore
     assert flagged is not None and flagged.state == JobState.PROCESSING and flagged.cancel_requested
 
 
+async def test_a_cancel_that_came_before_the_completion_wins_and_is_refunded(store: JobStore) -> None:
+    key = make_key_record("frank", new_key(), credits=1.0)
+    await store.add_key(key)
+    job = await store.submit(NewJob(model="kolors", params=params(), cost=0.4, key_id=key.id))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.progress(lease, 2, 2)  # the last step
+    flagged = await store.request_cancel(job.id)
+    assert flagged is not None and flagged.cancel_requested and flagged.state == JobState.PROCESSING
+    # the worker had already finished the images: its completion stores the cancel instead
+    assert await store.complete(lease, [b"img"], "png", [1], {"inference_time": 1.0})
+    got = await store.get(job.id)
+    assert got is not None and (got.state, got.error, got.outputs) == (JobState.FAILED, "cancelled", 0)
+    assert await store.read_output(job.id, 0) is None
+    assert (await store.get_key(key.id)).credits == 1.0  # type: ignore[union-attr]
+    assert [e.kind for e in await store.ledger(key.id)] == ["topup", "reserve", "refund"]
+    assert not await store.complete(lease, [b"img"], "png", [1], {}), "the lease ended with the job"
+
+    # a cancel after the completion finds a finished job and flags nothing
+    done = await store.submit(NewJob(model="kolors", params=params(), cost=0.4, key_id=key.id))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.complete(lease, [b"img"], "png", [1], {})
+    late = await store.request_cancel(done.id)
+    assert late is not None and late.state == JobState.COMPLETED and not late.cancel_requested
+
+
+async def test_credits_move_exactly_in_micro_credits(store: JobStore) -> None:
+    key = make_key_record("gina", new_key(), credits=1.0)
+    await store.add_key(key)
+    jobs = [await store.submit(NewJob(model="kolors", params=params(), cost=0.1, key_id=key.id)) for _ in range(10)]
+    assert (await store.get_key(key.id)).credits == 0.0  # type: ignore[union-attr]
+    with pytest.raises(InsufficientFunds, match=r"^insufficient credits: need 0.1, have 0$"):
+        await store.submit(NewJob(model="kolors", params=params(), cost=0.1, key_id=key.id))
+    for job in jobs[:3]:
+        await store.request_cancel(job.id)
+    record = await store.get_key(key.id)
+    assert record is not None and record.credits == 0.3, "not 0.30000000000000004"
+    topped = await store.update_key(key.id, add_credits=57.68)
+    assert topped is not None and topped.credits == 57.98
+    assert sum(micro(e.amount) for e in await store.ledger(key.id)) == micro(57.98)
+
+
+@pytest.mark.parametrize("delta", [-1.000001, -5.0, MAX_CREDITS])
+async def test_add_credits_out_of_range_raises_and_changes_nothing(store: JobStore, delta: float) -> None:
+    key = make_key_record("hal", new_key(), credits=1.0)
+    await store.add_key(key)
+    with pytest.raises(BalanceOutOfRange, match="add_credits: would make the balance"):
+        await store.update_key(key.id, add_credits=delta, name="renamed", enabled=False)
+    record = await store.get_key(key.id)
+    assert record is not None and (record.credits, record.name, record.enabled) == (1.0, "hal", True)
+    assert [e.kind for e in await store.ledger(key.id)] == ["topup"]
+    emptied = await store.update_key(key.id, add_credits=-1.0)
+    assert emptied is not None and emptied.credits == 0.0
+
+
 async def test_credits_are_reserved_captured_and_refunded_through_the_ledger(store: JobStore) -> None:
     key = make_key_record("alice", new_key(), credits=3.0)
     await store.add_key(key)
@@ -303,6 +359,10 @@ async def test_history_is_the_callers_own_newest_first_with_a_cursor(store: JobS
     assert [j.id for j in page1] == ids[::-1][:3] and cursor is not None
     page2, cursor2 = await store.history(key.id, 3, cursor)
     assert [j.id for j in page2] == ids[::-1][3:] and cursor2 is None
+    # a cursor that is not a decimal numeral of at most 18 ASCII digits reads as "from the start"
+    for odd in ("²", "٣", "9" * 23, "-1", "1e3", ""):
+        page, _ = await store.history(key.id, 3, odd)
+        assert [j.id for j in page] == ids[::-1][:3], odd
 
 
 async def test_a_taken_job_id_or_key_raises_already_exists_and_changes_nothing(store: JobStore) -> None:

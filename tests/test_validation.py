@@ -99,7 +99,7 @@ def test_missing_prompt_and_unknown_fields_are_named(client: httpx.Client) -> No
     (b"[1, 2]", "body: must be a JSON object, got array"),
     (b"\"a cat\"", "body: must be a JSON object, got string"),
     (b"", "body: must be a JSON object"),
-    (b"{\"prompt\": \"x\", \"cfg\": NaN}", "cfg: must be a number"),
+    (b"{\"prompt\": \"x\", \"cfg\": NaN}", "cfg: must be a finite number, got nan"),
 ])
 def test_malformed_bodies_are_400(client: httpx.Client, content: bytes, words: str) -> None:
     r = client.post("/v2/kolors", content=content, headers={"content-type": "application/json"})

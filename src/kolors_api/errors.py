@@ -10,11 +10,13 @@
     ├── Conflict                        409 the store holds it already (a duplicate id or key)
     ├── JobFailed                       422 a FAILED job (body carries the status body)
     ├── RateLimited                     429 with Retry-After
-    ├── Unavailable                     503 no worker / queue full, with Retry-After
+    ├── Unavailable                     503 no worker / queue full / store unavailable, with Retry-After
     └── SyncTimeout                     504 a sync request outlived its deadline (carries request_id)
 
 Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]`. The outcomes
-a job store reports (`kolors_api.jobs.StoreError`) become these errors through `STORE_ERRORS`.
+a job store reports (`kolors_api.jobs.StoreError`) become these errors through `STORE_ERRORS`; a
+store that cannot be reached (`kolors_api.jobs.outage.is_outage`) is `store_unavailable()`. A message
+is cut at `MAX_MESSAGE` characters, so no answer echoes a whole body.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kolors_api.jobs.base import AlreadyExists, InsufficientFunds, QueueFull, StoreError, TooManyRunning
+from kolors_api.jobs.base import (
+    AlreadyExists,
+    BalanceOutOfRange,
+    InsufficientFunds,
+    QueueFull,
+    StoreError,
+    TooManyRunning,
+)
+
+#: The longest message an error answers with (values in it are cut to ~100 characters already).
+MAX_MESSAGE = 500
 
 
 class KolorsAPIError(Exception):
@@ -37,6 +49,8 @@ class KolorsAPIError(Exception):
         extra: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "…"
         super().__init__(message)
         self.message = message
         self.extra = dict(extra or {})
@@ -116,7 +130,13 @@ STORE_ERRORS: dict[type[StoreError], Callable[[StoreError], KolorsAPIError]] = {
     TooManyRunning: lambda exc: RateLimited(str(exc), headers={"Retry-After": "1"}),
     QueueFull: lambda exc: Unavailable(str(exc), headers={"Retry-After": "5"}),
     AlreadyExists: lambda exc: Conflict(str(exc)),
+    BalanceOutOfRange: lambda exc: BadRequest(str(exc)),
 }
+
+
+def store_unavailable() -> Unavailable:
+    """The answer while the job store cannot be reached (the cause goes to the log, once)."""
+    return Unavailable("store unavailable: try again shortly", headers={"Retry-After": "5"})
 
 
 def from_store(exc: StoreError) -> KolorsAPIError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,20 +113,82 @@ def price(params: GenerateParams, unit_price: float = 1.0) -> float:
     return round(units * unit_price, 6)
 
 
-def decimal(text: str | None, max_digits: int = 18) -> int | None:
-    """`text` as a non-negative integer when it is 1..max_digits ASCII digits, else None.
+def decimal(text: str | None, max_digits: int = 18, *, lo: int = 0, hi: int | None = None) -> int | None:
+    """`text` as an integer when it is 1..max_digits ASCII digits and within lo..hi, else None.
 
-    The one parser for numbers that come from a URL, a query or a string field: `str.isdigit()`
-    alone also accepts "²" and other scripts' digits, which `int()` then refuses or reads."""
+    The one parser for numbers that come from a URL, a query, a header or a string field:
+    `str.isdigit()` alone also accepts "²" and other scripts' digits, which `int()` then refuses or
+    reads, and `int()` of 5000 digits is slow and overflows SQLite and Redis integers."""
     if not text or len(text) > max_digits or not (text.isascii() and text.isdigit()):
         return None
-    return int(text)
+    value = int(text)
+    if value < lo or (hi is not None and value > hi):
+        return None
+    return value
+
+
+def short(value: Any, limit: int = 100) -> str:
+    """`repr(value)`, cut to `limit` characters: an error message never echoes a whole body."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """`text` as it is, cut to `limit` characters (ids and names from a URL path, in messages)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+#: Characters that draw nothing but are neither whitespace nor format (Cf) characters to Python.
+_BLANKS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` draws nothing: whitespace, format characters (\\u200b, \\ufeff…), controls."""
+    return all(ch.isspace() or ch in _BLANKS or unicodedata.category(ch) in ("Cf", "Cc", "Zs", "Zl", "Zp")
+               for ch in text)
+
+
+def bad_text(value: Any, where: str = "body") -> str | None:
+    """Where `value` (decoded JSON) holds a string that is not valid Unicode (a lone surrogate), or None."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if not _scalar(item):
+                return at
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                name = k if at == "body" else f"{at}.{k}"
+                if isinstance(k, str) and not _scalar(k):
+                    return at  # a field name: the object that holds it
+                stack.append((v, name if _scalar(name) else at))
+        elif isinstance(item, list):
+            stack.extend((v, at) for v in item)
+    return None
+
+
+def check_text(value: Any) -> None:
+    """Raise `BadRequest` naming the field when decoded JSON (or CLI input) holds a lone surrogate:
+    JSON's ``\\ud800`` escapes and undecodable argv bytes decode to them, and no store, log or
+    encoder takes them."""
+    where = bad_text(value)
+    if where is not None:
+        raise BadRequest(f"{where}: must be valid Unicode text (a lone surrogate such as \\ud800)")
+
+
+def _scalar(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def unknown_fields(names: list[str]) -> BadRequest:
     """The 400 for fields a body may not carry: ``"a, b: unknown fields"`` (sorted)."""
     names = sorted(names)
-    return BadRequest(f"{', '.join(names)}: unknown field{'s' if len(names) > 1 else ''}")
+    shown = [n if len(n) <= 100 else n[:100] + "…" for n in names[:10]] + (["…"] if len(names) > 10 else [])
+    return BadRequest(f"{', '.join(shown)}: unknown field{'s' if len(names) > 1 else ''}")
 
 
 def kind_of(value: Any) -> str:
@@ -139,7 +202,7 @@ def check(p: Param, value: Any) -> Any:
     name = p.name
     if p.kind == "enum":
         if not isinstance(value, str) or value not in p.choices:
-            raise BadRequest(f"{name}: must be one of {', '.join(p.choices)}, got {value!r}")
+            raise BadRequest(f"{name}: must be one of {', '.join(p.choices)}, got {short(value)}")
         return value
     if p.kind == "string":
         if not isinstance(value, str):
@@ -151,7 +214,7 @@ def check(p: Param, value: Any) -> Any:
         raise BadRequest(f"{name}: must be {'an integer' if p.kind == 'integer' else 'a number'}, "
                          f"got {kind_of(value)}")
     if p.kind == "number" and not math.isfinite(value):
-        raise BadRequest(f"{name}: must be a number, got {kind_of(value)}")
+        raise BadRequest(f"{name}: must be a finite number, got {value}")
     assert p.lo is not None and p.hi is not None
     if not p.lo <= value <= p.hi:
         lo, hi = (f"{p.lo:g}", f"{p.hi:g}") if p.kind == "number" else (int(p.lo), int(p.hi))
@@ -177,7 +240,7 @@ def validate(body: Any) -> GenerateParams:
         value = body.get(p.name, p.default)
         if p.name == "prompt":
             value = check(Param("prompt", "string"), value).strip()
-            if not value:
+            if is_blank(value):
                 raise BadRequest("prompt: must not be empty")
         elif p.name == "seed" and (value is None or (type(value) is int and value == -1)):
             value = secrets.randbelow(MAX_SEED + 1)

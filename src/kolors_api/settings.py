@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     bootstrap_key: str | None = None
     #: Public base URL for absolute links (status_url, output URLs); taken from the request if unset.
     public_url: str | None = None
+    #: Without `public_url`, absolute URLs are built from the request's Host only when it names this
+    #: server: the bind address, localhost, 127.0.0.1, ::1, or one of these (comma-separated; `*` =
+    #: any Host). Any other Host is refused with 400 (probes: /healthz, /readyz, /metrics are exempt).
+    allowed_hosts: str = ""
     #: Credits per seed-sized image (1024², 25 steps).
     unit_price: float = Field(1.0, ge=0)
     #: Origins allowed by CORS, comma-separated (`*` for any); empty (the default) = CORS off.

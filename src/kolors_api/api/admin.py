@@ -10,7 +10,6 @@ from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.deps import AdminKey, CallerKey, JsonBody, ServiceDep
 from kolors_api.api.models import (
-    MAX_AMOUNT,
     Account,
     History,
     KeyCreate,
@@ -22,11 +21,11 @@ from kolors_api.api.models import (
     errors,
     parse_body,
     request_of,
-    short,
 )
-from kolors_api.errors import BadRequest, NotFound
-from kolors_api.jobs import LedgerEntry, make_key_record, new_key
-from kolors_api.schema import decimal
+from kolors_api.errors import BadRequest, NotFound, from_store
+from kolors_api.jobs import LedgerEntry, StoreError, make_key_record, new_key
+from kolors_api.jobs.base import credits_of, micro
+from kolors_api.schema import clip, decimal, short
 
 router = APIRouter()
 ADMIN_ERRORS = errors(400, 401, 403, 413)
@@ -51,17 +50,13 @@ async def list_keys(svc: ServiceDep, admin: AdminKey) -> Response:
               openapi_extra=request_of(KeyUpdate), response_model=KeyPublic, responses=errors(400, 401, 403, 404, 413))
 async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBody) -> Response:
     fields = parse_body(KeyUpdate, body).model_dump(exclude_unset=True)
-    current = await svc.store.get_key(key_id)
-    if current is None:
-        raise NotFound(f"unknown key: {key_id}")
-    add = fields.get("add_credits")
-    if add is not None and "credits" not in fields:
-        balance = (current.credits or 0) + add
-        if balance < 0 or balance > MAX_AMOUNT:
-            raise BadRequest(f"add_credits: would make the balance {balance:g}, outside 0..{MAX_AMOUNT:g}")
-    record = await svc.store.update_key(key_id, **fields)
+    try:
+        # the store bounds `add_credits` in the same transaction as the write (no race with submits)
+        record = await svc.store.update_key(key_id, **fields)
+    except StoreError as exc:
+        raise from_store(exc) from None
     if record is None:
-        raise NotFound(f"unknown key: {key_id}")
+        raise NotFound(f"unknown key: {clip(key_id)}")
     return JSONResponse(record.public())
 
 
@@ -69,13 +64,26 @@ async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBo
                responses=errors(401, 403, 404))
 async def delete_key(key_id: str, svc: ServiceDep, admin: AdminKey) -> Response:
     if not await svc.store.delete_key(key_id):
-        raise NotFound(f"unknown key: {key_id}")
+        raise NotFound(f"unknown key: {clip(key_id)}")
     return JSONResponse({"id": key_id, "deleted": True})
 
 
 def _usage(ledger: list[LedgerEntry]) -> dict[str, Any]:
-    spent = -sum(e.amount for e in ledger if e.kind in ("reserve", "refund"))
-    return {"credits_spent": round(spent, 6), "requests": sum(1 for e in ledger if e.kind == "reserve")}
+    """Spent (captured: COMPLETED jobs) apart from reserved (jobs still queued or running)."""
+    reserved: dict[str, int] = {}
+    settled: set[str] = set()
+    for e in ledger:
+        if e.kind == "reserve":
+            reserved[e.request_id] = reserved.get(e.request_id, 0) - micro(e.amount)
+        elif e.kind == "capture":
+            settled.add(e.request_id)
+        elif e.kind == "refund":
+            reserved.pop(e.request_id, None)
+            settled.add(e.request_id)
+    spent = sum(u for rid, u in reserved.items() if rid in settled)
+    held = sum(u for rid, u in reserved.items() if rid not in settled)
+    return {"credits_spent": credits_of(spent), "credits_reserved": credits_of(held),
+            "requests": sum(1 for e in ledger if e.kind == "reserve")}
 
 
 @router.get("/v1/account", summary="The caller's credits, limits and usage", response_model=Account,
@@ -102,7 +110,10 @@ async def history(request: Request, svc: ServiceDep, key: CallerKey) -> Response
     limit = decimal(raw, 3)
     if limit is None or not 1 <= limit <= 100:
         raise BadRequest(f"limit: must be an integer between 1 and 100, got {short(raw)}")
-    jobs, cursor = await svc.store.history(key.id, limit, request.query_params.get("cursor"))
+    raw_cursor = request.query_params.get("cursor")
+    if raw_cursor is not None and decimal(raw_cursor) is None:
+        raise BadRequest(f"cursor: must be the next_cursor of a previous page, got {short(raw_cursor)}")
+    jobs, cursor = await svc.store.history(key.id, limit, raw_cursor)
     return JSONResponse({"data": [{
         "request_id": j.id, "model": j.model, "status": j.state.value, "cost": j.cost,
         "created_at": j.created_at, "started_at": j.started_at, "finished_at": j.finished_at,

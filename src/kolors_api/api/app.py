@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
@@ -26,8 +27,10 @@ from kolors_api.api.limits import RateLimits
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.signing import Signer
 from kolors_api.api.system import router as system_router
-from kolors_api.errors import KolorsAPIError
+from kolors_api.errors import BadRequest, KolorsAPIError, store_unavailable
 from kolors_api.jobs import JobStore, make_store
+from kolors_api.jobs.outage import is_outage
+from kolors_api.schema import clip
 from kolors_api.settings import Settings
 
 log = logging.getLogger("kolors_api.api")
@@ -39,8 +42,58 @@ SECURITY_HEADERS = {
 }
 
 
+#: Routes that build no URL and that probes and scrapers reach by IP: no Host check.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+_SIG = re.compile(r"(?<=[?&])sig=[^&]*(&|$)")
+
+
 def error_response(exc: KolorsAPIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def unexpected(svc: Service, request: Request, exc: Exception) -> JSONResponse:
+    """An exception no handler answered: 503 when the store is out (logged once per outage), else 500."""
+    if is_outage(exc):
+        svc.outage_seen(exc)
+        return error_response(store_unavailable())
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The Host names absolute URLs may be built from, or None when any will do (PUBLIC_URL set, or `*`)."""
+    if settings.public_url:
+        return None
+    extra = {h.strip().lower().strip("[]") for h in settings.allowed_hosts.split(",") if h.strip()}
+    if "*" in extra:
+        return None
+    return frozenset({settings.host.lower().strip("[]"), "localhost", "127.0.0.1", "::1"} | extra)
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without the port (`[::1]:8000` → `::1`)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    name, _, port = header.rpartition(":")
+    return name if name and port.isascii() and port.isdigit() else header
+
+
+class RedactSignatures(logging.Filter):
+    """uvicorn's access log line without the `sig` of signed output URLs (they work as bearer tokens)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "sig=" in args[2]:
+            path = _SIG.sub("", args[2]).rstrip("?&")
+            record.args = (*args[:2], path, *args[3:])
+        return True
+
+
+def _redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSignatures) for f in access.filters):
+        access.addFilter(RedactSignatures())
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
@@ -50,6 +103,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     store = store or make_store(settings, recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store)
     svc.admission.append(RateLimits(settings))
+    hosts = allowed_hosts(settings)
+    _redact_access_log()
     if settings.worker:
         # Built now, so a bad --engine or safety setting stops `serve` before it binds its port;
         # the engine itself loads when the worker runs (this imports no torch).
@@ -71,6 +126,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             yield
         finally:
             svc.expiry_task.cancel()
+            if svc.probe_task is not None:
+                svc.probe_task.cancel()
             if svc.worker is not None and svc.worker_task is not None:
                 svc.worker.stop()  # the job in hand finishes; queued jobs stay queued
                 with contextlib.suppress(Exception):
@@ -89,7 +146,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
-            detail = f"not found: {request.url.path}"
+            detail = f"not found: {clip(request.url.path)}"
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -100,16 +157,21 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error"}, status_code=500)
+        return unexpected(svc, request, exc)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("internal error on %s %s", request.method, request.url.path)
-            response = JSONResponse({"error": "internal error"}, status_code=500)
+        name = host_name(request.headers.get("host", ""))
+        if hosts is not None and name and name not in hosts and request.url.path not in PROBES:
+            # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
+            # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
+            response: Response = error_response(BadRequest(
+                f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:
+                response = unexpected(svc, request, exc)
         route = request.scope.get("route")
         svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
                                     str(response.status_code)).inc()
@@ -135,6 +197,9 @@ async def _expire_loop(svc: Service) -> None:
         await asyncio.sleep(interval)
         try:
             await svc.store.expire()
-        except Exception:
-            log.exception("expiry sweep failed")
+        except Exception as exc:
+            if is_outage(exc):
+                svc.outage_seen(exc)
+            else:
+                log.exception("expiry sweep failed")
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,9 +26,30 @@ from starlette.requests import Request
 from kolors_api.api.auth import authenticate
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
-from kolors_api.errors import BadRequest, JobFailed, NotFound, PayloadTooLarge, SyncTimeout, Unavailable, from_store
-from kolors_api.jobs import ApiKey, Job, JobState, JobStore, NewJob, StoreError, hash_key, make_key_record, new_key
-from kolors_api.schema import MODELS, GenerateParams, decimal, price, validate
+from kolors_api.errors import (
+    BadRequest,
+    JobFailed,
+    NotFound,
+    PayloadTooLarge,
+    SyncTimeout,
+    Unavailable,
+    from_store,
+)
+from kolors_api.jobs import (
+    ApiKey,
+    InsufficientFunds,
+    Job,
+    JobState,
+    JobStore,
+    NewJob,
+    StoreError,
+    hash_key,
+    make_key_record,
+    new_key,
+)
+from kolors_api.jobs.base import micro
+from kolors_api.jobs.outage import Outage
+from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, validate
 from kolors_api.settings import Settings
 
 #: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
@@ -57,19 +80,38 @@ class Service:
     worker_task: asyncio.Task[None] | None = None
     expiry_task: asyncio.Task[None] | None = None
     admission: list[Admission] = field(default_factory=list)
+    #: The store's outage, logged once (see `kolors_api.jobs.outage`), and the task that sees it end.
+    outage: Outage = field(default_factory=lambda: Outage(logging.getLogger("kolors_api.api")))
+    probe_task: asyncio.Task[None] | None = None
+
+    def outage_seen(self, exc: BaseException) -> None:
+        """Note an outage error (the first one logs) and watch, by pinging, for the store's return."""
+        self.outage.failed(exc)
+        if self.probe_task is None or self.probe_task.done():
+            self.probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while self.outage.down:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                if await self.store.ping():
+                    self.outage.ok()
 
     # -- submit and the sync run, shared by v1 sync, v2 async and the OpenAI route
     async def submit(self, request: Request, key: ApiKey, model: str, body: Any, *, sync: bool = False) -> Job:
         """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
         if model not in MODELS:
-            raise NotFound(f"unknown model: {model}")
+            raise NotFound(f"unknown model: {clip(model)}")
         params = validate(body)
+        cost = price(params, self.settings.unit_price)
+        if key.credits is not None and micro(key.credits) < micro(cost):
+            # Refused before the rate limits count it (the store checks again, atomically).
+            raise from_store(InsufficientFunds(cost, key.credits))
         for check in self.admission:
             await check(request, key, params)
         if sync and (await self.store.stats()).workers_alive < 1:
             raise Unavailable("no worker alive", headers={"Retry-After": "10"})
-        new = NewJob(model=model, params=params.to_dict(), cost=price(params, self.settings.unit_price),
-                     key_id=key.id)
+        new = NewJob(model=model, params=params.to_dict(), cost=cost, key_id=key.id)
         try:
             return await self.store.submit(new, queue_cap=self.settings.queue_cap)
         except StoreError as exc:
@@ -101,7 +143,7 @@ class Service:
         """The caller's job (admins see all); anything else is 404, so ids of others do not leak."""
         job = await self.store.get(job_id)
         if job is None or (job.key_id != key.id and not key.admin):
-            raise NotFound(f"unknown request: {job_id}")
+            raise NotFound(f"unknown request: {clip(job_id)}")
         return job
 
     # -- absolute URLs
@@ -180,9 +222,11 @@ async def read_json(request: Request, limit: int) -> Any:
     if not data.strip():
         raise BadRequest("body: must be a JSON object, got nothing")
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, RecursionError):
         raise BadRequest("body: not valid JSON") from None
+    check_text(body)
+    return body
 
 
 async def json_body(request: Request, svc: ServiceDep) -> Any:

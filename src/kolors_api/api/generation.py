@@ -19,11 +19,10 @@ from kolors_api.api.models import (
     SyncImages,
     errors,
     json_request,
-    short,
 )
 from kolors_api.errors import NotFound
 from kolors_api.jobs import Job, JobState
-from kolors_api.schema import CONTENT_TYPES, MODELS, decimal, json_schema
+from kolors_api.schema import CONTENT_TYPES, MODELS, clip, decimal, json_schema, short
 
 router = APIRouter()
 
@@ -116,7 +115,7 @@ async def request_output(request_id: str, name: str, request: Request, svc: Serv
     assert svc.signer is not None
     signature = svc.signer.check(request.url.path, request.query_params.get("exp"), request.query_params.get("sig"))
     if signature == "expired":
-        raise NotFound(f"unknown request: {request_id}")
+        raise NotFound(f"unknown request: {clip(request_id)}")
     if signature == "bad":
         # No valid signature: the owner's key (or an admin's) still opens it.
         await svc.own_job(await authenticate(svc.store, request), request_id)

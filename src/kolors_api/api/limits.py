@@ -33,10 +33,10 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from starlette.requests import Request
 
-from kolors_api.errors import RateLimited
+from kolors_api.errors import Forbidden, RateLimited
 from kolors_api.jobs import ApiKey
 from kolors_api.jobs.redis_keys import DEFAULT_PREFIX
-from kolors_api.schema import GenerateParams
+from kolors_api.schema import GenerateParams, decimal
 from kolors_api.settings import Settings
 
 #: The policy name in the RateLimit headers.
@@ -44,17 +44,21 @@ POLICY = "key"
 #: Names of the rate limit entries in Redis (under the store's default prefix).
 REDIS_PREFIX = DEFAULT_PREFIX + "ratelimit"
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+#: The most requests one window may allow: every hit is an entry of the moving window (in Redis,
+#: one list element), so the quota bounds what one key can store; the period is one of the units.
+MAX_QUOTA = 100_000
+_RATE = re.compile(r"^\s*([0-9]{1,6})\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
           "minute": "minute", "h": "hour", "hour": "hour"}
 
 
 def parse_limit(rate: str) -> RateLimitItem:
     """``"10/min"`` (the form `kolors-api keys create --rate-limit` and the admin API accept) → item."""
-    match = _RATE.match(rate)
-    if match is None:
-        raise ValueError(f"rate limit: must look like \"10/min\", got {rate!r}")
-    return parse(f"{match[1]}/{_UNITS[match[2]]}")
+    match = _RATE.match(rate) if isinstance(rate, str) and len(rate) <= 40 else None
+    amount = decimal(match[1], 6, lo=1, hi=MAX_QUOTA) if match is not None else None
+    if match is None or amount is None:
+        raise ValueError(f"rate limit: must look like \"10/min\" (1 to {MAX_QUOTA} per s, min or hour)")
+    return parse(f"{amount}/{_UNITS[match[2]]}")
 
 
 def storage_uri(settings: Settings) -> str:
@@ -88,7 +92,11 @@ class RateLimits:
     async def __call__(self, request: Request, key: ApiKey, params: GenerateParams) -> None:
         if key.rate_limit is None:
             return
-        item = self.item(key.rate_limit)
+        try:
+            item = self.item(key.rate_limit)
+        except ValueError:
+            # Stored before the bounds existed: the key is refused until an admin sets a valid limit.
+            raise Forbidden("this key's rate_limit is not valid; an admin must set a new one") from None
         allowed = await self.limiter.hit(item, key.id)
         reset_at, remaining = await self.limiter.get_window_stats(item, key.id)
         # Seconds until the oldest hit in the window leaves it, i.e. until a slot frees.

@@ -2,7 +2,7 @@
 
 Request bodies are read by hand (`deps.read_json`: a size limit before parsing, our own 400s) and
 checked with `parse_body(Model, data)`, which names the field in the one error style of the API
-(``"credits: must be a number between 0 and 1e+12 or null, got 'x'"``). The Segmind body has its
+(``"credits: must be a number between 0 and 1e+09 or null, got 'x'"``). The Segmind body has its
 own table in `kolors_api.schema`; its JSON Schema is declared on the routes from there.
 """
 
@@ -14,20 +14,16 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from kolors_api.api.limits import parse_limit
+from kolors_api.api.limits import MAX_QUOTA, parse_limit
 from kolors_api.errors import BadRequest
-from kolors_api.schema import SCHEDULERS, unknown_fields
+from kolors_api.jobs.base import MAX_CREDITS
+from kolors_api.schema import SCHEDULERS, check_text, short, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
 
-#: The largest credit amount or concurrency a key may hold (keeps every value finite and storable).
-MAX_AMOUNT = 1e12
-
-
-def short(value: Any, limit: int = 100) -> str:
-    """`repr(value)`, cut to `limit` characters: an error message never echoes a whole body."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+#: The largest credit amount or concurrency a key may hold (keeps every value finite and exact in
+#: micro-credits: see `kolors_api.jobs.base.MAX_CREDITS`).
+MAX_AMOUNT = MAX_CREDITS
 
 
 def _fail(message: str) -> PydanticCustomError:
@@ -47,7 +43,8 @@ def _rate(value: Any) -> str | None:
     try:
         return parse_rate(value)
     except ValueError:
-        raise _fail(f"must look like \"10/min\" or be null, got {short(value)}") from None
+        raise _fail(f"must look like \"10/min\" (1 to {MAX_QUOTA} per s, min or hour) or be null, "
+                    f"got {short(value)}") from None
 
 
 def _amount(lo: float, *, integer: bool = False, nullable: bool = True) -> BeforeValidator:
@@ -58,7 +55,7 @@ def _amount(lo: float, *, integer: bool = False, nullable: bool = True) -> Befor
             return None
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= MAX_AMOUNT:
-            kind = "an integer" if integer else "a number"
+            kind = "an integer" if integer else "a finite number" if ok and not math.isfinite(value) else "a number"
             raise _fail(f"must be {kind} between {lo:g} and {MAX_AMOUNT:g}{' or null' if nullable else ''}, "
                         f"got {short(value)}")
         return value
@@ -152,6 +149,7 @@ def parse_body(model: type[M], data: Any) -> M:
     """`data` (decoded JSON) as `model`, or `BadRequest` naming the field(s) in the API's style."""
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
+    check_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -275,7 +273,8 @@ class KeyDeleted(BaseModel):
 
 
 class Usage(BaseModel):
-    credits_spent: float
+    credits_spent: float = Field(description="captured by COMPLETED requests")
+    credits_reserved: float = Field(description="held by requests still queued or running")
     requests: int
     running: int
 

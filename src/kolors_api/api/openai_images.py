@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep
-from kolors_api.api.models import ImageGenerationRequest, ImagesResponse, errors, parse_body, request_of, short
+from kolors_api.api.models import ImageGenerationRequest, ImagesResponse, errors, parse_body, request_of
 from kolors_api.errors import BadRequest
-from kolors_api.schema import MODEL
+from kolors_api.schema import MODEL, short
 
 router = APIRouter()
 

@@ -7,6 +7,7 @@ from kolors_api.jobs.base import (
     TRANSITIONS,
     AlreadyExists,
     ApiKey,
+    BalanceOutOfRange,
     InsufficientFunds,
     Job,
     JobState,
@@ -26,8 +27,8 @@ from kolors_api.jobs.base import (
 from kolors_api.settings import Settings
 
 __all__ = [
-    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "InsufficientFunds", "Job", "JobState", "JobStore",
-    "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
+    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "BalanceOutOfRange", "InsufficientFunds", "Job",
+    "JobState", "JobStore", "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
     "can_transition", "hash_key", "make_key_record", "new_key", "make_store",
 ]
 

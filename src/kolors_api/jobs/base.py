@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -145,6 +146,29 @@ class StoreStats:
     dead_letters: int = 0
 
 
+#: The largest balance (and top-up) a key may hold, in credits. Inside the stores credits move as
+#: integer micro-credits (`micro`): 1e9 credits is 1e15 micro-credits, below 2^53, so they stay exact
+#: also as the doubles of SQLite REAL columns and of Redis' Lua.
+MAX_CREDITS = 1e9
+MICRO = 1_000_000
+
+
+def micro(credits: float) -> int:
+    """Credits as integer micro-credits (the stores' arithmetic: exact, no `57.980000000000004`)."""
+    return math.floor(credits * MICRO + 0.5)  # the rounding of the Lua scripts too
+
+
+def credits_of(micros: int) -> float:
+    """Integer micro-credits as credits (the nearest double; it prints as its shortest decimal)."""
+    return micros / MICRO
+
+
+def show(credits: float) -> str:
+    """Credits for a message: rounded to micro-credits, no exponent, no trailing zeros (`57.98`, `0`)."""
+    text = f"{credits_of(micro(credits)):.6f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
 KEY_PREFIX = "kol_"
 #: The fields of a key that `update_key` sets as they are (credits move through the ledger).
 KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
@@ -172,13 +196,14 @@ class StoreError(Exception):
     ├── InsufficientFunds  the key's credits do not cover the job's cost
     ├── QueueFull          the queue holds `queue_cap` jobs already
     ├── TooManyRunning     the key has `max_concurrency` jobs queued or running
-    └── AlreadyExists      a job id, key id or key hash that is taken
+    ├── AlreadyExists      a job id, key id or key hash that is taken
+    └── BalanceOutOfRange  `add_credits` would take the balance below 0 or above MAX_CREDITS
     """
 
 
 class InsufficientFunds(StoreError):  # noqa: N818 - a store-level outcome, mapped by the API
     def __init__(self, need: float, have: float) -> None:
-        super().__init__(f"insufficient credits: need {need:g}, have {have:g}")
+        super().__init__(f"insufficient credits: need {show(need)}, have {show(have)}")
         self.need = need
         self.have = have
 
@@ -195,6 +220,12 @@ class TooManyRunning(StoreError):  # noqa: N818
 
 class AlreadyExists(StoreError):  # noqa: N818
     pass
+
+
+class BalanceOutOfRange(StoreError):  # noqa: N818
+    def __init__(self, balance: float) -> None:
+        super().__init__(f"add_credits: would make the balance {show(balance)}, outside 0..{MAX_CREDITS:g}")
+        self.balance = balance
 
 
 def output_readable(job: Job | None, index: int) -> TypeGuard[Job]:
@@ -262,7 +293,11 @@ class JobStore(Protocol):
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
-        """Store outputs and mark COMPLETED (captures the credits); False if the lease is stale."""
+        """Store outputs and mark COMPLETED (captures the credits); False if the lease is stale.
+
+        A cancel requested before (`request_cancel` on the running job) wins, in the same atomic
+        step: the job ends FAILED "cancelled", refunded, and the images are dropped (True: the
+        outcome was stored)."""
         ...
 
     async def fail(self, lease: Lease, error: str) -> bool:
@@ -286,7 +321,11 @@ class JobStore(Protocol):
     async def get_key(self, key_id: str) -> ApiKey | None: ...
     async def list_keys(self) -> list[ApiKey]: ...
     async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
-        """Change the KEY_FIELDS, `credits` (set) or `add_credits`; None when there is no such key."""
+        """Change the KEY_FIELDS, `credits` (set) or `add_credits`; None when there is no such key.
+
+        `add_credits` is bounded in the same atomic step as the write: a balance that would leave
+        0..MAX_CREDITS raises BalanceOutOfRange and nothing changes (a concurrent submit cannot
+        slip between the check and the write)."""
         ...
 
     async def delete_key(self, key_id: str) -> bool: ...

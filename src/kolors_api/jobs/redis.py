@@ -42,6 +42,7 @@ from kolors_api.jobs.base import (
     KEY_FIELDS,
     AlreadyExists,
     ApiKey,
+    BalanceOutOfRange,
     InsufficientFunds,
     Job,
     JobState,
@@ -51,11 +52,15 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    credits_of,
+    micro,
     output_readable,
 )
 from kolors_api.jobs.blobs import BlobDir
+from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
+from kolors_api.schema import decimal
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +191,13 @@ class RedisStore:
             self._listener = asyncio.create_task(self._dispatch(pubsub))
 
     async def _dispatch(self, pubsub: PubSub) -> None:
+        events = Outage(log, "job events subscription", meanwhile="waiters poll every second until it is back")
         while True:
             try:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                events.ok()
             except (RedisError, OSError) as exc:  # the fallback re-check covers the gap
-                log.warning("job events subscription: %s; retrying", exc)
+                events.failed(exc)
                 await asyncio.sleep(0.5)
                 continue
             if msg is None or _str(msg["type"]) != "pmessage":
@@ -218,7 +225,8 @@ class RedisStore:
 
     async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         r = await self._conn()
-        before = f"({int(cursor)}" if cursor and cursor.isdigit() else "+inf"
+        start = decimal(cursor)
+        before = f"({start}" if start is not None else "+inf"
         page: list[tuple[Job, int]] = []
         more = False
         while not more:
@@ -303,11 +311,12 @@ class RedisStore:
             # moved into place (and if this worker dies before it moves them).
             blob, payload = lease.token, []
             await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
-        ok = bool(await self._call(names.SCRIPT_COMPLETE, lease.job.id, lease.token, ext, json.dumps(seeds),
+        got = int(await self._call(names.SCRIPT_COMPLETE, lease.job.id, lease.token, ext, json.dumps(seeds),
                                    json.dumps(metrics), blob, len(images), *payload))
         if self.blobs is not None:
-            await asyncio.to_thread(self.blobs.commit if ok else self.blobs.discard, lease.job.id, lease.token)
-        return ok
+            keep = self.blobs.commit if got == 1 else self.blobs.discard
+            await asyncio.to_thread(keep, lease.job.id, lease.token)
+        return got != 0
 
     async def fail(self, lease: Lease, error: str) -> bool:
         return bool(await self._call(names.SCRIPT_FAIL, lease.job.id, lease.token, error))
@@ -343,11 +352,12 @@ class RedisStore:
         fields: list[str] = ["id", key.id, "name", key.name, "prefix", key.prefix, "key_hash", key.key_hash,
                              "admin", _encode(key.admin), "enabled", _encode(key.enabled),
                              "created_at", repr(float(key.created_at))]
-        for name, value in (("credits", key.credits), ("rate_limit", key.rate_limit),
+        exact = None if key.credits is None else credits_of(micro(key.credits))
+        for name, value in (("credits", exact), ("rate_limit", key.rate_limit),
                             ("max_concurrency", key.max_concurrency)):
             if value is not None:
                 fields += [name, _encode(value)]
-        credits = repr(float(key.credits)) if key.credits is not None else ""
+        credits = repr(exact) if exact is not None else ""
         if not await self._call(names.SCRIPT_ADD_KEY, key.id, key.key_hash, repr(float(key.created_at)),
                                 credits, *fields):
             raise AlreadyExists(f"key {key.id} already exists")
@@ -385,7 +395,10 @@ class RedisStore:
         elif "add_credits" in changes:
             mode, value = "add", repr(float(changes["add_credits"]))
         got = await self._call(names.SCRIPT_UPDATE_KEY, key_id, mode, value, len(sets) // 2, *sets, *deletes)
-        return _key(_hash(got)) if got else None
+        status = _str(got[0])
+        if status == "range":
+            raise BalanceOutOfRange(float(got[1]))
+        return _key(_hash(got[1:])) if status == "ok" else None
 
     async def delete_key(self, key_id: str) -> bool:
         return bool(await self._call(names.SCRIPT_DELETE_KEY, key_id))

@@ -6,16 +6,22 @@ Each script is `redis_keys.LUA_KEYS` (the key names) + `_LUA_COMMON` (shared hel
 from __future__ import annotations
 
 from kolors_api.jobs import redis_keys as names
+from kolors_api.jobs.base import MAX_CREDITS, MICRO
 
 # ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
 # arguments start at ARGV[3].
-_LUA_COMMON = r"""
+_LUA_COMMON = f"""
+local MICRO, MAX_MICRO = {MICRO}, {int(MAX_CREDITS * MICRO)}
+""" + r"""
 local RETENTION = tonumber(ARGV[2])
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function num(x) return string.format('%.17g', x) end
+-- credits move as integer micro-credits (exact in a double below 2^53; see base.MAX_CREDITS)
+local function micro(x) return math.floor(tonumber(x) * MICRO + 0.5) end
+local function credits(u) return num(u / MICRO) end
 local function with_status(status, list)
   table.insert(list, 1, status)
   return list
@@ -58,9 +64,9 @@ local function fail_job(id, err, t)
   finish(id, {'state', 'FAILED', 'error', err}, t)
   local kid, cost = h[1], tonumber(h[2] or '0')
   if kid and cost ~= 0 and h[3] == '1' then
-    local credits = redis.call('HGET', k_key(kid), 'credits')
-    if credits then redis.call('HSET', k_key(kid), 'credits', num(tonumber(credits) + cost)) end
-    ledger(kid, id, 'refund', cost, t)
+    local have = redis.call('HGET', k_key(kid), 'credits')
+    if have then redis.call('HSET', k_key(kid), 'credits', credits(micro(have) + micro(cost))) end
+    ledger(kid, id, 'refund', micro(cost) / MICRO, t)
   end
   publish(id)
 end
@@ -99,12 +105,12 @@ if kid ~= '' then
     return {'too_many', key[2]}
   end
   if key[1] then
-    local have = tonumber(key[1])
-    if have + 1e-9 < cost then return {'funds', num(cost), num(have)} end
-    redis.call('HSET', k_key(kid), 'credits', num(have - cost))
+    local have, need = micro(key[1]), micro(cost)
+    if have < need then return {'funds', num(cost), credits(have)} end
+    redis.call('HSET', k_key(kid), 'credits', credits(have - need))
   end
   -- unlimited keys get the entry too (their usage), without a balance to move
-  ledger(kid, id, 'reserve', -cost, t)
+  ledger(kid, id, 'reserve', -micro(cost) / MICRO, t)
   reserved = '1'
 end
 if redis.call('EXISTS', K_STREAM) == 0 then
@@ -194,11 +200,18 @@ redis.call('HINCRBY', jk, 'version', 1)
 publish(ARGV[3])
 return 1
 """,
-    # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob)
+    # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob).
+    # Returns 0 (stale lease), 1 (COMPLETED) or 2 (a cancel came first: FAILED "cancelled").
     names.SCRIPT_COMPLETE: r"""
 local id = ARGV[3]
-local h = redis.call('HMGET', k_job(id), 'state', 'lease_token', 'key_id', 'cost', 'total_steps')
+local h = redis.call('HMGET', k_job(id), 'state', 'lease_token', 'key_id', 'cost', 'total_steps',
+  'cancel_requested')
 if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+if h[6] == '1' then
+  -- a cancel acknowledged before this completion wins: FAILED "cancelled", refunded
+  fail_job(id, 'cancelled', now())
+  return 2
+end
 local t, n = now(), tonumber(ARGV[9])
 local fields = {'state', 'COMPLETED', 'outputs', n, 'ext', ARGV[5], 'seeds', ARGV[6], 'metrics', ARGV[7],
   'step', h[5] or '0'}
@@ -268,7 +281,15 @@ return 1
     # then the fields to delete
     names.SCRIPT_UPDATE_KEY: r"""
 local kk = k_key(ARGV[3])
-if redis.call('EXISTS', kk) == 0 then return {} end
+if redis.call('EXISTS', kk) == 0 then return {'none'} end
+local new = nil
+if ARGV[4] == 'add' then
+  -- checked here, in the script that writes it: no submit can come between
+  new = micro(redis.call('HGET', kk, 'credits') or '0') + micro(ARGV[5])
+  if new < 0 or new > MAX_MICRO then return {'range', credits(new)} end
+elseif ARGV[4] == 'set' and ARGV[5] ~= '' then
+  new = micro(ARGV[5])
+end
 local i = 7
 for _ = 1, tonumber(ARGV[6]) do
   redis.call('HSET', kk, ARGV[i], ARGV[i + 1])
@@ -279,23 +300,20 @@ while i <= #ARGV do
   i = i + 1
 end
 if ARGV[4] ~= '' then
-  local old = tonumber(redis.call('HGET', kk, 'credits') or '0')
-  local new = nil
-  if ARGV[4] == 'add' then new = old + tonumber(ARGV[5]) elseif ARGV[5] ~= '' then new = tonumber(ARGV[5]) end
   if new == nil then
     redis.call('HDEL', kk, 'credits')
   else
-    redis.call('HSET', kk, 'credits', num(new))
+    redis.call('HSET', kk, 'credits', credits(new))
     -- the entry brings the ledger's sum to the new balance (also after a time without a limit,
     -- when usage entries moved no balance)
     local sum = 0
     for _, raw in ipairs(redis.call('LRANGE', k_ledger(ARGV[3]), 0, -1)) do
-      sum = sum + tonumber(cjson.decode(raw).amount)
+      sum = sum + micro(cjson.decode(raw).amount)
     end
-    ledger(ARGV[3], '', 'topup', new - sum, now())
+    ledger(ARGV[3], '', 'topup', (new - sum) / MICRO, now())
   end
 end
-return redis.call('HGETALL', kk)
+return with_status('ok', redis.call('HGETALL', kk))
 """,
     # ARGV: id
     names.SCRIPT_DELETE_KEY: r"""

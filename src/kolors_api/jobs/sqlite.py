@@ -22,8 +22,10 @@ from typing import Any, TypeVar
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
     KEY_FIELDS,
+    MAX_CREDITS,
     AlreadyExists,
     ApiKey,
+    BalanceOutOfRange,
     InsufficientFunds,
     Job,
     JobState,
@@ -33,9 +35,12 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    credits_of,
+    micro,
     output_readable,
 )
 from kolors_api.jobs.blobs import BlobDir
+from kolors_api.schema import decimal
 
 T = TypeVar("T")
 
@@ -104,8 +109,10 @@ class SQLiteStore:
     re-queues jobs left PROCESSING by a process that died."""
 
     def __init__(self, path: Path, *, retention: float = 3600.0, max_deliveries: int = 3,
-                 recover: bool = False) -> None:
+                 recover: bool = False, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
+        #: How long a statement waits for another process's lock before "database is locked".
+        self.busy_timeout = busy_timeout
         self.blobs = BlobDir(self.path.parent / "outputs")
         self.retention = retention
         self.max_deliveries = max_deliveries
@@ -124,11 +131,11 @@ class SQLiteStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         conn.executescript(SCHEMA)
         self._conn = conn
         if self._recover:
@@ -213,12 +220,13 @@ class SQLiteStore:
                     if running >= key["max_concurrency"]:
                         raise TooManyRunning(key["max_concurrency"])
                 if key is not None and key["credits"] is not None:
-                    if key["credits"] + 1e-9 < new.cost:
+                    have, need = micro(key["credits"]), micro(new.cost)
+                    if have < need:
                         raise InsufficientFunds(new.cost, key["credits"])
-                    c.execute("UPDATE keys SET credits=credits-? WHERE id=?", (new.cost, new.key_id))
+                    c.execute("UPDATE keys SET credits=? WHERE id=?", (credits_of(have - need), new.key_id))
                 # unlimited keys get the entry too (their usage), without a balance to move
                 c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                          (new.key_id, new.id, "reserve", -new.cost, now))
+                          (new.key_id, new.id, "reserve", -credits_of(micro(new.cost)), now))
             c.execute(
                 "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
                 "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
@@ -273,7 +281,8 @@ class SQLiteStore:
     async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         def q() -> tuple[list[Job], str | None]:
             assert self._conn is not None
-            before = int(cursor) if cursor and cursor.isdigit() else 2**62
+            start = decimal(cursor)
+            before = 2**62 if start is None else start
             rows = self._conn.execute(
                 "SELECT * FROM jobs WHERE key_id=? AND seq<? AND (expires_at IS NULL OR expires_at>?) "
                 "ORDER BY seq DESC LIMIT ?", (key_id, before, time.time(), limit + 1)).fetchall()
@@ -363,9 +372,13 @@ class SQLiteStore:
             now = time.time()
             with self._tx() as c:
                 row = self._holds(c, lease)
-                if row is None:
+                if row is None or row["cancel_requested"]:
                     self.blobs.discard(lease.job.id, lease.token)
-                    return False
+                    if row is None:
+                        return False
+                    # a cancel acknowledged before this completion wins: FAILED "cancelled", refunded
+                    self._finish_failed(c, row, "cancelled")
+                    return True
                 self.blobs.commit(lease.job.id, lease.token)
                 c.execute(
                     "UPDATE jobs SET state='COMPLETED', outputs=?, ext=?, seeds=?, metrics=?, finished_at=?, "
@@ -396,9 +409,11 @@ class SQLiteStore:
                   (error, now, now + self.retention, row["id"]))
         reserved = c.execute("SELECT 1 FROM ledger WHERE request_id=? AND kind='reserve'", (row["id"],))
         if row["key_id"] is not None and row["cost"] and reserved.fetchone():
-            c.execute("UPDATE keys SET credits=credits+? WHERE id=? AND credits IS NOT NULL",
-                      (row["cost"], row["key_id"]))
-            _ledger(c, row, "refund", row["cost"])
+            key = c.execute("SELECT credits FROM keys WHERE id=?", (row["key_id"],)).fetchone()
+            if key is not None and key["credits"] is not None:
+                c.execute("UPDATE keys SET credits=? WHERE id=?",
+                          (credits_of(micro(key["credits"]) + micro(row["cost"])), row["key_id"]))
+            _ledger(c, row, "refund", credits_of(micro(row["cost"])))
 
     async def fail(self, lease: Lease, error: str) -> bool:
         def q() -> bool:
@@ -453,10 +468,11 @@ class SQLiteStore:
                 c.execute("INSERT INTO keys(id, name, prefix, key_hash, admin, enabled, credits, rate_limit, "
                           "max_concurrency, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                           (key.id, key.name, key.prefix, key.key_hash, int(key.admin), int(key.enabled),
-                           key.credits, key.rate_limit, key.max_concurrency, key.created_at))
+                           None if key.credits is None else credits_of(micro(key.credits)), key.rate_limit,
+                           key.max_concurrency, key.created_at))
                 if key.credits:
                     c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                              (key.id, "", "topup", key.credits, time.time()))
+                              (key.id, "", "topup", credits_of(micro(key.credits)), time.time()))
         await self._run(q)
 
     def _key(self, where: str, arg: str) -> ApiKey | None:
@@ -482,20 +498,27 @@ class SQLiteStore:
                 row = c.execute("SELECT * FROM keys WHERE id=?", (key_id,)).fetchone()
                 if row is None:
                     return None
+                new: int | None = None
+                if "credits" in changes:
+                    new = None if changes["credits"] is None else micro(changes["credits"])
+                elif "add_credits" in changes:
+                    # checked here, in the transaction that writes it: no submit can come between
+                    new = micro(row["credits"] or 0) + micro(changes["add_credits"])
+                    if not 0 <= new <= micro(MAX_CREDITS):
+                        raise BalanceOutOfRange(credits_of(new))
                 for name in KEY_FIELDS:
                     if name in changes:
                         c.execute(f"UPDATE keys SET {name}=? WHERE id=?", (changes[name], key_id))  # noqa: S608
                 if "credits" in changes or "add_credits" in changes:
-                    old = row["credits"]
-                    new = changes["credits"] if "credits" in changes else (old or 0) + changes["add_credits"]
-                    c.execute("UPDATE keys SET credits=? WHERE id=?", (new, key_id))
+                    c.execute("UPDATE keys SET credits=? WHERE id=?",
+                              (None if new is None else credits_of(new), key_id))
                     if new is not None:
                         # the entry brings the ledger's sum to the new balance (also after a time
                         # without a limit, when usage entries moved no balance)
-                        (total,) = c.execute("SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE key_id=?",
-                                             (key_id,)).fetchone()
+                        total = sum(micro(a) for (a,) in c.execute("SELECT amount FROM ledger WHERE key_id=?",
+                                                                  (key_id,)))
                         c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                                  (key_id, "", "topup", new - total, now))
+                                  (key_id, "", "topup", credits_of(new - total), now))
             return self._key("id", key_id)
         return await self._run(q)
 

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from kolors_api.jobs import JobStore, Lease
+from kolors_api.jobs import JobState, JobStore, Lease
+from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.engines import EngineLike
 
@@ -90,6 +91,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         self._on_job_done = on_job_done
         self.safety = safety
+        self.outage = Outage(log, meanwhile="retrying until it is back")
 
     def _enter(self, state: WorkerState) -> None:
         old = self.state
@@ -123,9 +125,14 @@ class Worker:
                         await self.store.worker_alive(self.id, self.config.alive_ttl)
                         last_alive = time.monotonic()
                     lease = await self.store.claim(self.id, self.config.lease_seconds, self.config.claim_timeout)
-                except Exception:
-                    # The store is unreachable for a moment: keep the worker, try again shortly.
-                    log.exception("worker %s: store error while claiming", self.id)
+                    self.outage.ok()
+                except Exception as exc:
+                    # The store is unreachable for a moment: keep the worker, try again shortly
+                    # (an outage is logged once, when it starts; anything else every time).
+                    if is_outage(exc):
+                        self.outage.failed(exc)
+                    else:
+                        log.exception("worker %s: store error while claiming", self.id)
                     await asyncio.sleep(1.0)
                     continue
                 if lease is None:
@@ -134,9 +141,14 @@ class Worker:
                     self._enter(WorkerState.BUSY)
                 try:
                     await self.process(lease)
-                except Exception:
+                except Exception as exc:
                     # The outcome could not be stored: the lease runs out and another delivery retries it.
-                    log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
+                    if is_outage(exc):
+                        self.outage.failed(exc)
+                        log.warning("worker %s: job %s could not be stored (store unavailable); it is "
+                                    "delivered again when its lease runs out", self.id, lease.job.id)
+                    else:
+                        log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
                 self.jobs_done += 1
                 if not self._stopping.is_set():
                     self._enter(WorkerState.IDLE)
@@ -172,11 +184,17 @@ class Worker:
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(self.config.heartbeat_seconds)
-                if not await self.store.heartbeat(lease, self.config.lease_seconds):
-                    reason.append("lease lost")
-                    abort.set()
-                    return
-                await self.store.worker_alive(self.id, self.config.alive_ttl)
+                try:
+                    if not await self.store.heartbeat(lease, self.config.lease_seconds):
+                        reason.append("lease lost")
+                        abort.set()
+                        return
+                    await self.store.worker_alive(self.id, self.config.alive_ttl)
+                except Exception as exc:
+                    # Keep working: if the store is back before the lease runs out, the job is kept.
+                    if not is_outage(exc):
+                        raise
+                    self.outage.failed(exc)
 
         safety = self.safety
         if safety is not None:
@@ -202,7 +220,7 @@ class Worker:
             return
         except Exception as exc:
             log.exception("job %s failed", job.id)
-            await self.store.fail(lease, f"engine error: {type(exc).__name__}: {exc}")
+            await self.store.fail(lease, engine_error(exc, job.id))
             return
         finally:
             hb.cancel()
@@ -218,7 +236,22 @@ class Worker:
             metrics["peak_memory_mb"] = round(peak / 2**20, 1)
         ext = params.output_format
         if await self.store.complete(lease, out.images, ext, out.seeds, metrics):
+            # a cancel that came during the last step wins over the completion (FAILED "cancelled")
+            stored = await self.store.get(job.id)
+            state = stored.state if stored is not None else JobState.COMPLETED
+            if state == JobState.FAILED:
+                log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)
             if self._on_job_done is not None:
-                self._on_job_done(out.inference_time, "COMPLETED")
+                self._on_job_done(out.inference_time, state.value)
         else:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
+
+
+def engine_error(exc: BaseException, job_id: str) -> str:
+    """What a client reads when the engine fails: what to do about it; the exception text goes to
+    the log only (it names internals and may quote the prompt)."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text:
+        return ("engine error: out of memory for this request; try fewer images, fewer steps or a "
+                "smaller width and height")
+    return f"engine error: the model could not generate this request (logged on the server as job {job_id})"
