@@ -7,7 +7,9 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
 - `slow`: sleeps env ``KOLORS_TEST_STEP_SECONDS`` (default 0.5) after every step;
 - `failing`: raises ``RuntimeError("injected fault")`` at step 1 when the prompt holds "fail";
 - `kill_on_claim`: SIGKILLs its own process when asked for a prompt holding "poison";
-- `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash".
+- `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash";
+- `unloadable`: raises ``OSError("injected: weights not fully cached")`` while loading, as
+  `from_pretrained` does when the weights are neither cached nor reachable.
 """
 
 from __future__ import annotations
@@ -80,3 +82,7 @@ def kill_mid_step(settings: Settings) -> Wrapped:
             _sigkill()
 
     return Wrapped(kolors(settings), after_step=crash)
+
+
+def unloadable(settings: Settings) -> Wrapped:
+    raise OSError("injected: weights not fully cached")

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,41 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
+#: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
+EXTRAS = {"redis": "redis", "fastapi": "server", "uvicorn": "server", "starlette": "server",
+          "pydantic_settings": "server", "prometheus_client": "server", "limits": "server", "rich": "server",
+          "diffusers": "worker", "transformers": "worker", "sentencepiece": "worker", "accelerate": "worker",
+          "PIL": "worker", "numpy": "worker"}
+
+
+def where_data_lives(settings: Any) -> str:
+    """One line for the start-up log: the store, where images go, and whether a worker runs here."""
+    worker = f"in-process worker on, model {settings.model}" if settings.worker else "no in-process worker"
+    if settings.fleet:
+        url = re.sub(r"//[^@/]*@", "//***@", settings.store)  # no password in the log
+        images = f"images under {Path(settings.blob_dir).resolve()}" if settings.blob_dir else "images in Redis"
+        return f"store {url} (fleet), {images}; {worker}"
+    db = settings.sqlite_path().resolve()
+    return f"data in {db.parent} (store {db.name}, images under outputs/); {worker}"
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> int | None:
+    """A module of an extra that is not installed: one line naming the extra, exit 2 (else None)."""
+    top = (exc.name or "").partition(".")[0]
+    if top == "torch":
+        print("kolors-api: torch is not installed; install it first (pip install torch==2.13.0, or the CUDA "
+              "build for your driver), then pip install -e '.[worker]'", file=sys.stderr)
+        return 2
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    need = "fleet mode (a redis:// store) needs" if extra == "redis" else "this command needs"
+    print(f"kolors-api: {need} the `{extra}` extra, which is not installed (module {top!r} is missing): "
+          f"pip install -e '.[{extra}]' in the checkout, or pip install 'kolors-api[{extra}] @ git+URL'",
+          file=sys.stderr)
+    return 2
+
+
 def _refused(exc: Exception) -> int:
     """A start-up refusal (a bad `--engine`) in one line; the exit status 2."""
     print(f"kolors-api: {exc}", file=sys.stderr)
@@ -45,15 +81,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kolors_api.api.app import create_app
     from kolors_api.worker import EngineFactoryError
 
-    settings = _settings(args, worker=not args.no_worker)
+    # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
+    settings = _settings(args, **({"worker": False} if args.no_worker else {}))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(settings)
     except EngineFactoryError as exc:
         return _refused(exc)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=120)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=120))
+    svc = app.state.service
+    # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.
+    svc.on_worker_death = lambda cause: setattr(server, "should_exit", True)
+    logging.getLogger("kolors_api").info("kolors-api %s: %s", __version__, where_data_lives(settings))
+    server.run()
+    if svc.worker_error is not None:
+        print(f"kolors-api: the in-process worker died: {svc.worker_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -155,7 +200,7 @@ def _engine_flag(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API.")
     ap.add_argument("--version", action="version", version=__version__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd")
 
     s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)")
     s.add_argument("--host")
@@ -206,8 +251,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd is None:
+        parser().print_help()
+        return 0
     try:
         code: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        missing = _missing_extra(exc)
+        if missing is None:
+            raise
+        return missing
     except ValueError as exc:
         # pydantic's ValidationError (a ValueError): a flag or KOLORS_API_* setting the settings refuse.
         errors = getattr(exc, "errors", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())
+            svc.worker_task.add_done_callback(functools.partial(_worker_ended, svc))
         try:
             yield
         finally:
@@ -127,6 +129,22 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                            expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-Id",
                                            "X-Seed", "X-Inference-Time"])
     return app
+
+
+def _worker_ended(svc: Service, task: asyncio.Task[None]) -> None:
+    """The in-process worker's task ended: unless the server stopped it, it died. Say why in the log,
+    in `/readyz` and `/metrics`, and let `svc.on_worker_death` end the process (a supervisor restarts
+    it) rather than serve on without a worker."""
+    if task.cancelled() or (svc.worker is not None and svc.worker.stopping):
+        return
+    exc = task.exception()
+    cause = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned without being stopped"
+    svc.worker_error = cause
+    svc.metrics.embedded_worker.set(0)
+    log.error("the in-process worker died: %s; the server shuts down so that its supervisor restarts it",
+              cause, exc_info=exc)
+    if svc.on_worker_death is not None:
+        svc.on_worker_death(cause)
 
 
 async def _expire_loop(svc: Service) -> None:
