@@ -148,6 +148,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"error: --{field.replace('_', '-')}: {problem}", file=sys.stderr)
             return 2
     settings = _settings(args)
+    if not settings.fleet and not settings.sqlite_path().exists() and not getattr(args, "init", False):
+        # Never a fresh store by accident: its keys would be unknown to the server that runs elsewhere.
+        print(f"kolors-api: no store at {settings.sqlite_path().resolve()}; pass the server's --data-dir or "
+              f"--store (env KOLORS_API_DATA_DIR / KOLORS_API_STORE), or `keys create --init` to make a new "
+              f"one", file=sys.stderr)
+        return 2
     store = make_store(settings)
 
     async def main() -> int:
@@ -163,11 +169,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
             elif args.keys_cmd == "list":
                 for k in await store.list_keys():
                     print(json.dumps(k.public()))
-            elif args.keys_cmd == "revoke":
-                if await store.update_key(args.id, enabled=False) is None:
+            elif args.keys_cmd in ("disable", "enable", "revoke"):
+                enabled = args.keys_cmd == "enable"
+                if await store.update_key(args.id, enabled=enabled) is None:
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
-                print(f"revoked {args.id}")
+                print(f"{'enabled' if enabled else 'disabled'} {args.id}")
+            elif args.keys_cmd == "delete":
+                if not await store.delete_key(args.id):
+                    print(f"unknown key: {args.id}", file=sys.stderr)
+                    return 1
+                print(f"deleted {args.id}")
             return 0
         finally:
             await store.close()
@@ -187,64 +199,101 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(text: str, name: str, default: str) -> str:
+    """A flag's help: what it does, its default and the env var of the same setting."""
+    return f"{text} (default {default}; env KOLORS_API_{name.upper()})"
+
+
 def _store_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", dest="data_dir", help="data folder (default ./.kolors-api)")
-    p.add_argument("--store", help="sqlite (default) or redis://host:port/db")
+    p.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help=_setting("data folder: the SQLite store, its images and the tiny model", "data_dir",
+                                 "./.kolors-api"))
+    p.add_argument("--store", metavar="URL",
+                   help=_setting("sqlite (under --data-dir), sqlite:///PATH, or the fleet's redis://host:port/db "
+                                 "(needs the `redis` extra)", "store", "sqlite"))
 
 
-def _engine_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", help="engine factory, package.module:factory (default: the Kolors pipeline; "
-                                    "contract in kolors_api.worker.engines)")
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=_setting("tiny, a local diffusers folder, or a Hugging Face repo id such as "
+                                            "Kwai-Kolors/Kolors-diffusers", "model", "tiny"))
+    p.add_argument("--device", help=_setting("torch device, e.g. cuda:0 or cpu", "device",
+                                             "cuda in fp16 if present, else cpu"))
+    p.add_argument("--engine", metavar="MODULE:FACTORY",
+                   help=_setting("engine factory (contract in kolors_api.worker.engines)", "engine",
+                                 "kolors_api.worker.engines:kolors, the Kolors pipeline"))
+    p.add_argument("--blob-dir", dest="blob_dir", metavar="DIR",
+                   help=_setting("fleet: a folder shared by every worker and API replica for the images",
+                                 "blob_dir", "none: images in Redis"))
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API.")
+    """The `kolors-api` argument parser (every flag says what it does, its default and its env var)."""
+    ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API "
+                                 "(Segmind- and OpenAI-compatible). Every setting is also an env var "
+                                 "KOLORS_API_*; see docs/settings.md.")
     ap.add_argument("--version", action="version", version=__version__)
-    sub = ap.add_subparsers(dest="cmd")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--model", help="tiny, a local diffusers folder, or a Hugging Face repo id")
-    s.add_argument("--device")
-    s.add_argument("--blob-dir", dest="blob_dir")
-    s.add_argument("--no-worker", action="store_true", help="API only (fleet replica)")
-    _engine_flag(s)
+    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)",
+                       description="Run the API server; embedded by default (SQLite and images under --data-dir, "
+                                   "one in-process worker).")
+    s.add_argument("--host", help=_setting("address to listen on (0.0.0.0: every interface)", "host", "127.0.0.1"))
+    s.add_argument("--port", type=int, help=_setting("port to listen on", "port", "8000"))
+    s.add_argument("--no-worker", action="store_true",
+                   help="API only, no in-process worker (a fleet replica; env KOLORS_API_WORKER=false)")
+    _worker_flags(s)
     _store_flags(s)
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run a GPU worker against a shared store")
-    w.add_argument("--model")
-    w.add_argument("--device", help="e.g. cuda:0 (default: cuda if present, else cpu)")
-    w.add_argument("--blob-dir", dest="blob_dir")
-    w.add_argument("--metrics-port", dest="metrics_port", type=int,
-                   help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port; off by default")
-    _engine_flag(w)
+    w = sub.add_parser("worker", help="run a GPU worker against a shared store",
+                       description="Run one worker (one per GPU) against a shared store (fleet: --store redis://…).")
+    w.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port (default off)")
+    _worker_flags(w)
     _store_flags(w)
     w.set_defaults(func=cmd_worker)
 
-    k = sub.add_parser("keys", help="manage API keys offline")
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ks.add_parser("create", help="create a key (printed once)")
-    kc.add_argument("--name", required=True)
+    k = sub.add_parser("keys", help="manage API keys straight in the store",
+                       description="Manage API keys straight in the store, with or without a server running. "
+                                   "Pass the server's --data-dir/--store; no store is ever created but by "
+                                   "`keys create --init`.")
+    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,disable,enable,delete}")
+    kc = ks.add_parser("create", help="create a key (printed once)", description="Create a key; it is printed "
+                                      "once on stdout, its id, name, admin flag and credits on stderr.")
+    kc.add_argument("--name", required=True, help="a name for the key (required)")
     kc.add_argument("--credits", type=float, default=None, help="credits (default unlimited)")
-    kc.add_argument("--rate-limit", dest="rate_limit", default=None, help="e.g. 10/min")
-    kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None)
-    kc.add_argument("--admin", action="store_true")
+    kc.add_argument("--rate-limit", dest="rate_limit", default=None, metavar="N/PERIOD",
+                    help="requests per s, min or hour, e.g. 10/min (default no limit)")
+    kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None, metavar="N",
+                    help="queued + running jobs at once (default no cap)")
+    kc.add_argument("--admin", action="store_true", help="an admin key (may manage keys; default a user key)")
+    kc.add_argument("--init", action="store_true",
+                    help="create the store if there is none yet (default: refuse, naming the path)")
     _store_flags(kc)
-    kl = ks.add_parser("list", help="list keys (never the keys themselves)")
+    kl = ks.add_parser("list", help="list keys (never the keys themselves)",
+                       description="List keys, one JSON object a line (never the keys themselves).")
     _store_flags(kl)
-    kr = ks.add_parser("revoke", help="disable a key")
+    for name, what in (("disable", "disable a key: it then answers 403 (`keys enable` undoes it)"),
+                       ("enable", "enable a disabled key again"),
+                       ("delete", "delete a key for good (as DELETE /v1/admin/keys/{id})")):
+        kd = ks.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        kd.add_argument("id", help="the key's id (from `keys list`)")
+        _store_flags(kd)
+    # `revoke`, the old name of `disable`: still accepted, no longer listed.
+    kr = ks.add_parser("revoke")
     kr.add_argument("id")
     _store_flags(kr)
     k.set_defaults(func=cmd_keys)
 
-    g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)")
+    g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)",
+                       description="Generate images through a running server (v2 submit and poll, with a "
+                                   "progress bar).")
     add_generate_arguments(g)
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline")
-    t.add_argument("path")
+    t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline",
+                       description="Build the offline random-weight test pipeline (the `tiny` model) at PATH.")
+    t.add_argument("path", metavar="PATH", help="folder to write the diffusers pipeline to")
     t.set_defaults(func=cmd_tiny_model)
     return ap
 
