@@ -64,7 +64,7 @@ def _missing_extra(exc: ModuleNotFoundError) -> int | None:
         return None
     need = "fleet mode (a redis:// store) needs" if extra == "redis" else "this command needs"
     print(f"kolors-api: {need} the `{extra}` extra, which is not installed (module {top!r} is missing): "
-          f"pip install -e '.[{extra}]' in the checkout, or pip install 'kolors-api[{extra}] @ git+URL'",
+          f"pip install -e '.[{extra}]' in the checkout",
           file=sys.stderr)
     return 2
 
