@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", dest="base_url", default=None,
                         help="server URL (env KOLORS_API_BASE_URL, default http://127.0.0.1:8000)")
     parser.add_argument("--api-key", dest="api_key", default=None, help="API key (env KOLORS_API_KEY; no default)")
-    parser.add_argument("--no-progress", dest="no_progress", action="store_true", 
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true",
                         help="no progress bar (default: a bar on a terminal)")
 
 

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -24,10 +25,11 @@ from kolors_api.api.admin import router as admin_router
 from kolors_api.api.deps import Service
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.limits import RateLimits
+from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.signing import Signer
 from kolors_api.api.system import router as system_router
-from kolors_api.errors import KolorsAPIError
+from kolors_api.errors import KolorsAPIError, openai_error
 from kolors_api.jobs import JobStore, make_store
 from kolors_api.settings import Settings
 
@@ -40,8 +42,23 @@ SECURITY_HEADERS = {
 }
 
 
-def error_response(exc: KolorsAPIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def error_json(request: Request, status: int, message: str, *, extra: dict[str, Any] | None = None,
+               headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error answer: `{"error": message, **extra}` (Segmind's shape), or OpenAI's error object on
+    the OpenAI route (its SDK shows `message`), `param` naming the request field that is wrong."""
+    body: dict[str, Any]
+    if request.url.path == OPENAI_PATH:
+        field, sep, _ = message.partition(": ")
+        param = OPENAI_PARAMS.get(field, field) if sep and field.replace("_", "").isalnum() and status == 400 \
+            else None
+        body = {**(extra or {}), **openai_error(status, message, param)}
+    else:
+        body = {**(extra or {}), "error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(request: Request, exc: KolorsAPIError) -> JSONResponse:
+    return error_json(request, exc.status, exc.message, extra=exc.extra, headers=exc.headers)
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
@@ -85,25 +102,25 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
 
     @app.exception_handler(KolorsAPIError)
     async def _api_error(request: Request, exc: KolorsAPIError) -> Response:
-        return error_response(exc)
+        return error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             detail = f"not found: {request.url.path}"
-        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+        return error_json(request, exc.status_code, detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
+        return error_json(request, 400, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal error"}, status_code=500)
+        return error_json(request, 500, "internal error")
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -111,7 +128,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             response = await call_next(request)
         except Exception:
             log.exception("internal error on %s %s", request.method, request.url.path)
-            response = JSONResponse({"error": "internal error"}, status_code=500)
+            response = error_json(request, 500, "internal error")
         route = request.scope.get("route")
         svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
                                     str(response.status_code)).inc()
