@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
 from kolors_api.api.deps import Service
+from kolors_api.api.docs import add_docs
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.limits import RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
@@ -96,8 +97,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                     await asyncio.wait_for(svc.worker_task, 120)
             await svc.store.close()
 
-    app = FastAPI(title="kolors-api", version=__version__, lifespan=lifespan,
+    # /docs is served from the package's own Swagger UI assets (offline); no ReDoc (it needs a CDN).
+    app = FastAPI(title="kolors-api", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Segmind- and OpenAI-compatible text-to-image API for Kolors.")
+    add_docs(app)
     app.state.service = svc
 
     @app.exception_handler(KolorsAPIError)
