@@ -240,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help=_setting("address to listen on (0.0.0.0: every interface)", "host", "127.0.0.1"))
     s.add_argument("--port", type=int, help=_setting("port to listen on", "port", "8000"))
     s.add_argument("--no-worker", action="store_true",
-                   help="API only, no in-process worker (a fleet replica; env KOLORS_API_WORKER=false)")
+                   help="API only, no in-process worker: a fleet replica (default off: a worker runs "
+                        "here; env KOLORS_API_WORKER=false does the same)")
     _worker_flags(s)
     _store_flags(s)
     s.set_defaults(func=cmd_serve)
