@@ -64,13 +64,12 @@ def _missing_extra(exc: ModuleNotFoundError) -> int | None:
         return None
     need = "fleet mode (a redis:// store) needs" if extra == "redis" else "this command needs"
     print(f"kolors-api: {need} the `{extra}` extra, which is not installed (module {top!r} is missing): "
-          f"pip install -e '.[{extra}]' in the checkout",
-          file=sys.stderr)
+          f"pip install -e '.[{extra}]' in the checkout", file=sys.stderr)
     return 2
 
 
 def _refused(exc: Exception) -> int:
-    """A start-up refusal (a bad `--engine`) in one line; the exit status 2."""
+    """A start-up refusal (a bad `--engine`, a `--model` that cannot be loaded) in one line; exit status 2."""
     print(f"kolors-api: {exc}", file=sys.stderr)
     return 2
 
