@@ -130,3 +130,33 @@ def test_fleet_mode_without_the_redis_extra_says_which_extra_in_one_line(tmp_pat
     assert out.stderr.strip() == (
         "kolors-api: fleet mode (a redis:// store) needs the `redis` extra, which is not installed (module "
         "'redis' is missing): pip install -e '.[redis]' in the checkout")
+
+
+@pytest.mark.parametrize(("status", "words"), [
+    (401, "has no repo Kwai-Kolors/Kolors-nope that this machine may read (HTTP 401); check the name"),
+    (500, "is not in the Hugging Face cache"),
+])
+def test_a_repo_the_hub_refuses_is_refused_with_what_the_hub_said(tmp_path: Path, status: int, words: str) -> None:
+    import http.server
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 - the http.server hook
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+        line = one_line(serve(tmp_path, "--model", "Kwai-Kolors/Kolors-nope",
+                              env={"HF_HUB_OFFLINE": None, "HF_ENDPOINT": endpoint,
+                                   "HF_HUB_CACHE": str(tmp_path / "hf-cache")}))
+    finally:
+        hub.shutdown()
+    assert words in line and endpoint in line
+    if status == 500:
+        assert "answered HTTP 500" in line

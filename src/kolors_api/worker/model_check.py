@@ -13,6 +13,7 @@ imports no torch and takes at most about `HUB_TIMEOUT` seconds:
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -66,11 +67,16 @@ def _check_repo(repo: str) -> None:
     url = f"{constants.ENDPOINT.rstrip('/')}/{repo}/resolve/main/model_index.json"
     token = huggingface_hub.get_token()
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    quiet = logging.getLogger("httpx")  # the refusal is the one line; no request log before it
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         answer = httpx.head(url, headers=headers, timeout=HUB_TIMEOUT, follow_redirects=False)
     except httpx.HTTPError as exc:
         raise ModelNotFound(f"model: {repo} is {where} and the hub at {constants.ENDPOINT} cannot be reached "
                             f"({type(exc).__name__}: {exc or 'no answer'}); {WHAT_TO_DO}") from None
+    finally:
+        quiet.setLevel(level)
     if answer.status_code in (401, 403, 404):
         raise ModelNotFound(f"model: the hub at {constants.ENDPOINT} has no repo {repo} that this machine may "
                             f"read (HTTP {answer.status_code}); check the name, or log in (HF_TOKEN) for a "
