@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from pathlib import Path
 
 from kolors_api.worker.engines import EngineFactoryError
@@ -70,13 +71,26 @@ def _check_repo(repo: str) -> None:
     quiet = logging.getLogger("httpx")  # the refusal is the one line; no request log before it
     level = quiet.level
     quiet.setLevel(logging.WARNING)
+    # httpx's timeout does not bound the name lookup: the request runs on a daemon thread, and the
+    # check waits for it at most HUB_TIMEOUT (+1 s) all told.
+    outcome: list[httpx.Response | Exception] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(httpx.head(url, headers=headers, timeout=HUB_TIMEOUT, follow_redirects=False))
+        except Exception as exc:  # reported below, as one line
+            outcome.append(exc)
+
+    thread = threading.Thread(target=ask, name="kolors-hub-check", daemon=True)
     try:
-        answer = httpx.head(url, headers=headers, timeout=HUB_TIMEOUT, follow_redirects=False)
-    except httpx.HTTPError as exc:
-        raise ModelNotFound(f"model: {repo} is {where} and the hub at {constants.ENDPOINT} cannot be reached "
-                            f"({type(exc).__name__}: {exc or 'no answer'}); {WHAT_TO_DO}") from None
+        thread.start()
+        thread.join(HUB_TIMEOUT + 1)
     finally:
         quiet.setLevel(level)
+    answer = outcome[0] if outcome else TimeoutError(f"no answer in {HUB_TIMEOUT + 1:g} s")
+    if isinstance(answer, Exception):
+        raise ModelNotFound(f"model: {repo} is {where} and the hub at {constants.ENDPOINT} cannot be reached "
+                            f"({type(answer).__name__}: {answer or 'no answer'}); {WHAT_TO_DO}")
     if answer.status_code in (401, 403, 404):
         raise ModelNotFound(f"model: the hub at {constants.ENDPOINT} has no repo {repo} that this machine may "
                             f"read (HTTP {answer.status_code}); check the name, or log in (HF_TOKEN) for a "
