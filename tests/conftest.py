@@ -188,7 +188,7 @@ SLOW_FIXTURES = {"tiny_model", "srv", "api_only"}
 #: Modules slow as a whole: fuzzing runs hundreds of requests; the others start servers or the CLI
 #: in most tests.
 SLOW_MODULES = {"test_schemathesis", "test_cli_keys", "test_embedded_promises", "test_worker_failures",
-                "test_accounts", "test_credits", "test_rate_limits"}
+                "test_accounts", "test_credits", "test_rate_limits", "test_startup"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,6 +10,8 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
 - `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash";
 - `slow_finish`: sleeps env ``KOLORS_TEST_FINISH_SECONDS`` (default 2) after the last step, before
   it hands the images back (a window for a cancel that comes "during the last step").
+- `unloadable`: raises ``OSError("injected: weights not fully cached")`` while loading, as
+  `from_pretrained` does when the weights are neither cached nor reachable.
 """
 
 from __future__ import annotations
@@ -93,3 +95,7 @@ class SlowFinish(Wrapped):
 
 def slow_finish(settings: Settings) -> Wrapped:
     return SlowFinish(kolors(settings))
+
+
+def unloadable(settings: Settings) -> Wrapped:
+    raise OSError("injected: weights not fully cached")

@@ -425,7 +425,7 @@ def test_keda_scales_the_worker_deployment_on_the_job_stream() -> None:
     assert target.get("kind", "Deployment") == "Deployment"
     assert so["metadata"]["namespace"] == worker["metadata"]["namespace"]
     low, high = so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]
-    # >= 1: submit and /readyz need a live worker, so from zero nothing would ever be queued
+    # >= 1: the API pods' readiness (/readyz) needs a live worker (async submits would queue from zero)
     assert 1 <= low < high
 
     triggers = so["spec"]["triggers"]

@@ -80,9 +80,12 @@ def test_a_tampered_or_missing_signature_needs_the_owners_key(short_retention: L
     poll(server, request_id, {"COMPLETED"})
     url = httpx.get(f"{server.url}/v2/requests/{request_id}", headers=server.headers()).json()["output"][0]
     assert httpx.get(url).status_code == 200
-    assert httpx.get(url.replace("sig=", "sig=0")).status_code == 401
+    tampered = httpx.get(url.replace("sig=", "sig=0"))
+    assert tampered.status_code == 401
+    assert tampered.json()["error"].startswith("invalid output URL signature: use the URL from the result")
     bare = url.split("?")[0]
-    assert httpx.get(bare).status_code == 401
+    unsigned = httpx.get(bare)
+    assert unsigned.status_code == 401 and unsigned.json()["error"].startswith("unsigned output URL: ")
     assert httpx.get(bare, headers=server.headers()).status_code == 200
 
 

@@ -26,10 +26,9 @@ from kolors_api.engine.random_weights import (
     build_random_pipeline,
     full_modules,
     parameter_counts,
-    random_size,
 )
 from kolors_api.schema import GenerateParams
-from kolors_api.settings import Settings, compile_shapes
+from kolors_api.settings import Settings, compile_shapes, random_model_size
 
 PARAMS = GenerateParams(prompt="a red fox in the snow", steps=3, width=256, height=256, seed=7, number_of_images=2)
 
@@ -80,10 +79,10 @@ def test_random_small_is_the_tiny_model_without_files(tiny_engine: Engine) -> No
 
 
 def test_random_model_names() -> None:
-    assert [random_size(name) for name in ("random:small", "random:full", "tiny", "random")] == [
+    assert [random_model_size(name) for name in ("random:small", "random:full", "tiny", "random")] == [
         "small", "full", None, None]
     with pytest.raises(ValueError, match="random:small, random:full"):
-        random_size("random:huge")
+        random_model_size("random:huge")
     with pytest.raises(ValueError, match="random model size"):
         build_random_pipeline("huge", device="cpu", dtype=torch.float32)
 
@@ -133,6 +132,10 @@ def test_cli_engine_flags_and_random_model(tmp_path) -> None:  # type: ignore[no
     assert bad.returncode == 2
     assert "compile_shapes (flag --compile-shapes, env KOLORS_API_COMPILE_SHAPES)" in bad.stderr
     assert "multiple of 8" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run([*run, "worker", "--model", "random:huge", "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "the random models are random:small, random:full" in unknown.stderr
     made = subprocess.run([*run, "random-model", "--size", "small", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr

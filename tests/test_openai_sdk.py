@@ -43,11 +43,25 @@ def test_same_seed_through_openai_and_segmind_routes_gives_the_same_png(oai: Ope
     assert base64.b64decode(res.data[0].b64_json or "") == segmind.content
 
 
-def test_errors_surface_as_openai_exceptions(oai: OpenAI, server: LiveServer) -> None:
+def test_errors_surface_as_openai_exceptions_with_their_message(oai: OpenAI, server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         oai.images.generate(prompt="x", size="100x100")
-    # our error body is {"error": "<text>"}; the SDK exposes that text as .body
-    assert err.value.status_code == 400 and "width: must be between 512 and 2048" in str(err.value.body)
+    # OpenAI's error shape: the SDK shows the message, and its fields come through.
+    assert err.value.status_code == 400 and "width: must be between 512 and 2048" in str(err.value)
+    assert err.value.body == {"message": err.value.body["message"], "type": "invalid_request_error",  # type: ignore
+                              "param": "size", "code": None}
+    assert err.value.type == "invalid_request_error" and err.value.param == "size"
     bad = OpenAI(api_key="kol_wrong", base_url=server.v1, max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as auth:
         bad.images.generate(prompt="x")
+    assert "invalid API key" in str(auth.value) and auth.value.code == "invalid_api_key"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        oai.images.generate(prompt="x", extra_body={"colour": "red"})
+    assert "colour" in str(unknown.value)
+
+
+def test_the_segmind_routes_keep_their_flat_error_shape(server: LiveServer) -> None:
+    r = httpx.post(server.v1 + "/kolors", headers=server.headers(), json={"prompt": "x", "width": 100})
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    r = httpx.post(server.v1 + "/kolors", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json() == {"error": "missing API key: send x-api-key or Authorization: Bearer"}

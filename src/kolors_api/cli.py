@@ -16,13 +16,14 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from kolors_api import __version__
-from kolors_api.cli_engine import add_engine_options, add_random_model_command
+from kolors_api.cli_engine import add_engine_options, add_random_model_command, setting_help
 from kolors_api.cli_generate import add_arguments as add_generate_arguments
 from kolors_api.cli_generate import generate
 
@@ -35,8 +36,42 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
+#: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
+EXTRAS = {"redis": "redis", "fastapi": "server", "uvicorn": "server", "starlette": "server",
+          "pydantic_settings": "server", "prometheus_client": "server", "limits": "server", "rich": "server",
+          "diffusers": "worker", "transformers": "worker", "sentencepiece": "worker", "accelerate": "worker",
+          "PIL": "worker", "numpy": "worker"}
+
+
+def where_data_lives(settings: Any) -> str:
+    """One line for the start-up log: the store, where images go, and whether a worker runs here."""
+    worker = f"in-process worker on, model {settings.model}" if settings.worker else "no in-process worker"
+    if settings.fleet:
+        url = re.sub(r"//[^@/]*@", "//***@", settings.store)  # no password in the log
+        images = f"images under {Path(settings.blob_dir).resolve()}" if settings.blob_dir else "images in Redis"
+        return f"store {url} (fleet), {images}; {worker}"
+    db = settings.sqlite_path().resolve()
+    return f"data in {db.parent} (store {db.name}, images under outputs/); {worker}"
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> int | None:
+    """A module of an extra that is not installed: one line naming the extra, exit 2 (else None)."""
+    top = (exc.name or "").partition(".")[0]
+    if top == "torch":
+        print("kolors-api: torch is not installed; install it first (pip install torch==2.13.0, or the CUDA "
+              "build for your driver), then pip install -e '.[worker]'", file=sys.stderr)
+        return 2
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    need = "fleet mode (a redis:// store) needs" if extra == "redis" else "this command needs"
+    print(f"kolors-api: {need} the `{extra}` extra, which is not installed (module {top!r} is missing): "
+          f"pip install -e '.[{extra}]' in the checkout", file=sys.stderr)
+    return 2
+
+
 def _refused(exc: Exception) -> int:
-    """A start-up refusal (a bad `--engine`) in one line; the exit status 2."""
+    """A start-up refusal (a bad `--engine`, a `--model` that cannot be loaded) in one line; exit status 2."""
     print(f"kolors-api: {exc}", file=sys.stderr)
     return 2
 
@@ -47,15 +82,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kolors_api.api.app import create_app
     from kolors_api.worker import EngineFactoryError
 
-    settings = _settings(args, worker=not args.no_worker)
+    # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
+    settings = _settings(args, **({"worker": False} if args.no_worker else {}))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(settings)
     except EngineFactoryError as exc:
         return _refused(exc)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=120)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=120))
+    svc = app.state.service
+    # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.
+    svc.on_worker_death = lambda cause: setattr(server, "should_exit", True)
+    logging.getLogger("kolors_api").info("kolors-api %s: %s", __version__, where_data_lives(settings))
+    server.run()
+    if svc.worker_error is not None:
+        print(f"kolors-api: the in-process worker died: {svc.worker_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -105,6 +149,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"error: --{field.replace('_', '-')}: {problem}", file=sys.stderr)
             return 2
     settings = _settings(args)
+    if not settings.fleet and not settings.sqlite_path().exists() and not getattr(args, "init", False):
+        # Never a fresh store by accident: its keys would be unknown to the server that runs elsewhere.
+        print(f"kolors-api: no store at {settings.sqlite_path().resolve()}; pass the server's --data-dir or "
+              f"--store (env KOLORS_API_DATA_DIR / KOLORS_API_STORE), or `keys create --init` to make a new "
+              f"one", file=sys.stderr)
+        return 2
     store = make_store(settings)
 
     async def main() -> int:
@@ -120,11 +170,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
             elif args.keys_cmd == "list":
                 for k in await store.list_keys():
                     print(json.dumps(k.public()))
-            elif args.keys_cmd == "revoke":
-                if await store.update_key(args.id, enabled=False) is None:
+            elif args.keys_cmd in ("disable", "enable", "revoke"):
+                enabled = args.keys_cmd == "enable"
+                if await store.update_key(args.id, enabled=enabled) is None:
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
-                print(f"revoked {args.id}")
+                print(f"{'enabled' if enabled else 'disabled'} {args.id}")
+            elif args.keys_cmd == "delete":
+                if not await store.delete_key(args.id):
+                    print(f"unknown key: {args.id}", file=sys.stderr)
+                    return 1
+                print(f"deleted {args.id}")
             return 0
         finally:
             await store.close()
@@ -145,65 +201,98 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", dest="data_dir", help="data folder (default ./.kolors-api)")
-    p.add_argument("--store", help="sqlite (default) or redis://host:port/db")
+    p.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help=setting_help("data folder: the SQLite store, its images and the tiny model", "data_dir",
+                                 "./.kolors-api"))
+    p.add_argument("--store", metavar="URL",
+                   help=setting_help("sqlite (under --data-dir), sqlite:///PATH, or the fleet's redis://host:port/db "
+                                 "(needs the `redis` extra)", "store", "sqlite"))
 
 
-def _engine_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", help="engine factory, package.module:factory (default: the Kolors pipeline; "
-                                    "contract in kolors_api.worker.engines)")
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=setting_help("tiny, a local diffusers folder, a Hugging Face repo id such as "
+                                            "Kwai-Kolors/Kolors-diffusers, or random:small|full (random weights, "
+                                            "benchmarks)", "model", "tiny"))
+    p.add_argument("--device", help=setting_help("torch device, e.g. cuda:0 or cpu", "device",
+                                             "cuda in fp16 if present, else cpu"))
+    p.add_argument("--engine", metavar="MODULE:FACTORY",
+                   help=setting_help("engine factory (contract in kolors_api.worker.engines)", "engine",
+                                 "kolors_api.worker.engines:kolors, the Kolors pipeline"))
+    p.add_argument("--blob-dir", dest="blob_dir", metavar="DIR",
+                   help=setting_help("fleet: a folder shared by every worker and API replica for the images",
+                                 "blob_dir", "none: images in Redis"))
+    add_engine_options(p)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API.")
+    """The `kolors-api` argument parser (every flag says what it does, its default and its env var)."""
+    ap = argparse.ArgumentParser(prog="kolors-api", description="Self-hosted Kolors text-to-image API "
+                                 "(Segmind- and OpenAI-compatible). Every setting is also an env var "
+                                 "KOLORS_API_*; see docs/settings.md.")
     ap.add_argument("--version", action="version", version=__version__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--model", help="tiny, a local diffusers folder, a Hugging Face repo id, or random:small|full")
-    s.add_argument("--device")
-    s.add_argument("--blob-dir", dest="blob_dir")
-    s.add_argument("--no-worker", action="store_true", help="API only (fleet replica)")
-    _engine_flag(s)
-    add_engine_options(s)
+    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)",
+                       description="Run the API server; embedded by default (SQLite and images under --data-dir, "
+                                   "one in-process worker).")
+    s.add_argument("--host", help=setting_help("address to listen on (0.0.0.0: every interface)", "host", "127.0.0.1"))
+    s.add_argument("--port", type=int, help=setting_help("port to listen on", "port", "8000"))
+    s.add_argument("--no-worker", action="store_true",
+                   help="API only, no in-process worker: a fleet replica (default off: a worker runs "
+                        "here; env KOLORS_API_WORKER=false does the same)")
+    _worker_flags(s)
     _store_flags(s)
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run a GPU worker against a shared store")
-    w.add_argument("--model")
-    w.add_argument("--device", help="e.g. cuda:0 (default: cuda if present, else cpu)")
-    w.add_argument("--blob-dir", dest="blob_dir")
-    w.add_argument("--metrics-port", dest="metrics_port", type=int,
-                   help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port; off by default")
-    _engine_flag(w)
-    add_engine_options(w)
+    w = sub.add_parser("worker", help="run a GPU worker against a shared store",
+                       description="Run one worker (one per GPU) against a shared store (fleet: --store redis://…).")
+    w.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics (kolors_job_duration_seconds) on this port (default off)")
+    _worker_flags(w)
     _store_flags(w)
     w.set_defaults(func=cmd_worker)
 
-    k = sub.add_parser("keys", help="manage API keys offline")
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ks.add_parser("create", help="create a key (printed once)")
-    kc.add_argument("--name", required=True)
+    k = sub.add_parser("keys", help="manage API keys straight in the store",
+                       description="Manage API keys straight in the store, with or without a server running. "
+                                   "Pass the server's --data-dir/--store; no store is ever created but by "
+                                   "`keys create --init`.")
+    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,disable,enable,delete}")
+    kc = ks.add_parser("create", help="create a key (printed once)", description="Create a key; it is printed "
+                                      "once on stdout, its id, name, admin flag and credits on stderr.")
+    kc.add_argument("--name", required=True, help="a name for the key (required)")
     kc.add_argument("--credits", type=float, default=None, help="credits (default unlimited)")
-    kc.add_argument("--rate-limit", dest="rate_limit", default=None, help="e.g. 10/min")
-    kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None)
-    kc.add_argument("--admin", action="store_true")
+    kc.add_argument("--rate-limit", dest="rate_limit", default=None, metavar="N/PERIOD",
+                    help="requests per s, min or hour, e.g. 10/min (default no limit)")
+    kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None, metavar="N",
+                    help="queued + running jobs at once (default no cap)")
+    kc.add_argument("--admin", action="store_true", help="an admin key (may manage keys; default a user key)")
+    kc.add_argument("--init", action="store_true",
+                    help="create the store if there is none yet (default: refuse, naming the path)")
     _store_flags(kc)
-    kl = ks.add_parser("list", help="list keys (never the keys themselves)")
+    kl = ks.add_parser("list", help="list keys (never the keys themselves)",
+                       description="List keys, one JSON object a line (never the keys themselves).")
     _store_flags(kl)
-    kr = ks.add_parser("revoke", help="disable a key")
+    for name, what in (("disable", "disable a key: it then answers 403 (`keys enable` undoes it)"),
+                       ("enable", "enable a disabled key again"),
+                       ("delete", "delete a key for good (as DELETE /v1/admin/keys/{id})")):
+        kd = ks.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        kd.add_argument("id", help="the key's id (from `keys list`)")
+        _store_flags(kd)
+    # `revoke`, the old name of `disable`: still accepted, no longer listed.
+    kr = ks.add_parser("revoke")
     kr.add_argument("id")
     _store_flags(kr)
     k.set_defaults(func=cmd_keys)
 
-    g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)")
+    g = sub.add_parser("generate", help="generate an image through a server (KOLORS_API_BASE_URL)",
+                       description="Generate images through a running server (v2 submit and poll, with a "
+                                   "progress bar).")
     add_generate_arguments(g)
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline")
-    t.add_argument("path")
+    t = sub.add_parser("tiny-model", help="build the offline random-weight test pipeline",
+                       description="Build the offline random-weight test pipeline (the `tiny` model) at PATH.")
+    t.add_argument("path", metavar="PATH", help="folder to write the diffusers pipeline to")
     t.set_defaults(func=cmd_tiny_model)
     add_random_model_command(sub)
     return ap
@@ -211,8 +300,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd is None:
+        parser().print_help()
+        return 0
     try:
         code: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        missing = _missing_extra(exc)
+        if missing is None:
+            raise
+        return missing
     except ValueError as exc:
         # pydantic's ValidationError (a ValueError): a flag or KOLORS_API_* setting the settings refuse.
         errors = getattr(exc, "errors", None)

@@ -7,18 +7,25 @@ import json
 import time
 
 
+def setting_help(text: str, name: str, default: str) -> str:
+    """A flag's help: what it does, its default and the env var of the same setting."""
+    return f"{text} (default {default}; env KOLORS_API_{name.upper()})"
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload` (settings of the same names)."""
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
-                   help="weights' dtype (default auto: float16 on CUDA, float32 on CPU; env KOLORS_API_DTYPE)")
+                   help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the UNet, compiled at start for --compile-shapes (env KOLORS_API_COMPILE)")
+                   help=setting_help("torch.compile the UNet, compiled at start for --compile-shapes", "compile",
+                                     "off"))
     p.add_argument("--compile-shapes", dest="compile_shapes", metavar="WxH[,WxH...]",
-                   help="shapes compiled at start (default 1024x1024; env KOLORS_API_COMPILE_SHAPES)")
-    p.add_argument("--vae", help="another VAE, a diffusers folder or repo id; an fp16-safe one decodes in fp16 "
-                                 "(env KOLORS_API_VAE)")
+                   help=setting_help("shapes compiled at start; others compile on first use", "compile_shapes",
+                                     "1024x1024"))
+    p.add_argument("--vae", help=setting_help("another VAE, a diffusers folder or repo id; an fp16-safe one "
+                                              "decodes in fp16", "vae", "the model's own"))
     p.add_argument("--offload", action="store_true", default=None,
-                   help="model CPU offload for cards of about 16 GB; slower (env KOLORS_API_OFFLOAD)")
+                   help=setting_help("model CPU offload for cards of about 16 GB; slower", "offload", "off"))
 
 
 def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

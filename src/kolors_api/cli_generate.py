@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from kolors_api.client import APIError, Client, InferenceFailed, KolorsAPIError
+from kolors_api.schema import GenerateParams
 
 MODEL = "kolors"
 #: The flags that are request parameters: (flags, argparse dest, type); the rest steer the command.
@@ -48,16 +49,18 @@ StatusHook = Callable[[dict[str, Any]], None]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `kolors-api generate` (the CLI's one definition of them)."""
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="the prompt (request parameter prompt)")
     parser.add_argument("-o", "--output", default=None, help="output file (default kolors-<seed>.<format>)")
     for flags, dest, kind in PARAM_FLAGS:
-        parser.add_argument(*flags, dest=dest, type=kind, help=f"request parameter {dest}")
+        default = "random" if dest == "seed" else getattr(GenerateParams, dest) or "empty"
+        parser.add_argument(*flags, dest=dest, type=kind, help=f"request parameter {dest} (server default {default})")
     parser.add_argument("--format", dest="output_format", choices=("webp", "jpg", "png"),
                         help="request parameter output_format (default: from -o's suffix, else webp)")
     parser.add_argument("--base-url", dest="base_url", default=None,
                         help="server URL (env KOLORS_API_BASE_URL, default http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", dest="api_key", default=None, help="API key (env KOLORS_API_KEY)")
-    parser.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--api-key", dest="api_key", default=None, help="API key (env KOLORS_API_KEY; no default)")
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true",
+                        help="no progress bar (default: a bar on a terminal)")
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@
     ├── Unavailable                     503 no worker / queue full / store unavailable, with Retry-After
     └── SyncTimeout                     504 a sync request outlived its deadline (carries request_id)
 
-Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]`. The outcomes
+Handlers raise; the API turns an exception into `{"error": ...}` with `STATUS[type]` (on the OpenAI
+route into OpenAI's `{"error": {"message", "type", "param", "code"}}`, see `openai_error`). The outcomes
 a job store reports (`kolors_api.jobs.StoreError`) become these errors through `STORE_ERRORS`; a
 store that cannot be reached (`kolors_api.jobs.outage.is_outage`) is `store_unavailable()`. A message
 is cut at `MAX_MESSAGE` characters, so no answer echoes a whole body.
@@ -146,3 +147,25 @@ def from_store(exc: StoreError) -> KolorsAPIError:
         if make is not None:
             return make(exc)
     return KolorsAPIError()
+
+
+#: OpenAI's error `type` and `code` by HTTP status (what its SDKs and gateways read).
+OPENAI_KINDS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    406: ("insufficient_quota", "insufficient_quota"),
+    409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("server_error", "job_failed"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object: `{"error": {"message", "type", "param", "code"}}`."""
+    kind, code = OPENAI_KINDS.get(status, ("server_error", None))
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

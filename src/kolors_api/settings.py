@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The store URL prefix of an SQLite file anywhere (else `sqlite`: the file under data_dir).
 SQLITE_SCHEME = "sqlite:///"
+#: `--model random:SIZE`: random weights of the tiny (small) or the real (full) shapes, built in memory
+#: by `kolors_api.engine.random_weights` (benchmarks).
+RANDOM_MODEL_SIZES = ("small", "full")
 #: The store URL schemes of Redis (fleet mode).
 FLEET_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -129,3 +132,15 @@ def compile_shapes(value: str) -> tuple[tuple[int, int], ...]:
             raise ValueError(f"{item}: each side must be a multiple of 8 from 256 to 2048")
         shapes.append(shape)
     return tuple(shapes)
+
+
+def random_model_size(model: str) -> str | None:
+    """`random:full` -> "full" (likewise "small"); None for a model that is not random; ValueError
+    for another size."""
+    if not model.startswith("random:"):
+        return None
+    size = model.removeprefix("random:")
+    if size not in RANDOM_MODEL_SIZES:
+        names = ", ".join(f"random:{s}" for s in RANDOM_MODEL_SIZES)
+        raise ValueError(f"model {model[:60]!r}: the random models are {names}")
+    return size

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -22,12 +24,14 @@ from starlette.responses import JSONResponse, Response
 from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
 from kolors_api.api.deps import Service
+from kolors_api.api.docs import add_docs
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.limits import RateLimits
+from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.signing import Signer
 from kolors_api.api.system import router as system_router
-from kolors_api.errors import BadRequest, KolorsAPIError, store_unavailable
+from kolors_api.errors import BadRequest, KolorsAPIError, openai_error, store_unavailable
 from kolors_api.jobs import JobStore, make_store
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import clip
@@ -47,17 +51,32 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SIG = re.compile(r"(?<=[?&])sig=[^&]*(&|$)")
 
 
-def error_response(exc: KolorsAPIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def error_json(request: Request, status: int, message: str, *, extra: dict[str, Any] | None = None,
+               headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An error answer: `{"error": message, **extra}` (Segmind's shape), or OpenAI's error object on
+    the OpenAI route (its SDK shows `message`), `param` naming the request field that is wrong."""
+    body: dict[str, Any]
+    if request.url.path == OPENAI_PATH:
+        field, sep, _ = message.partition(": ")
+        param = OPENAI_PARAMS.get(field, field) if sep and field.replace("_", "").isalnum() and status == 400 \
+            else None
+        body = {**(extra or {}), **openai_error(status, message, param)}
+    else:
+        body = {**(extra or {}), "error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(request: Request, exc: KolorsAPIError) -> JSONResponse:
+    return error_json(request, exc.status, exc.message, extra=exc.extra, headers=exc.headers)
 
 
 def unexpected(svc: Service, request: Request, exc: Exception) -> JSONResponse:
     """An exception no handler answered: 503 when the store is out (logged once per outage), else 500."""
     if is_outage(exc):
         svc.outage_seen(exc)
-        return error_response(store_unavailable())
+        return error_response(request, store_unavailable())
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse({"error": "internal error"}, status_code=500)
+    return error_json(request, 500, "internal error")
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str] | None:
@@ -122,6 +141,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())
+            svc.worker_task.add_done_callback(functools.partial(_worker_ended, svc))
         try:
             yield
         finally:
@@ -134,26 +154,28 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                     await asyncio.wait_for(svc.worker_task, 120)
             await svc.store.close()
 
-    app = FastAPI(title="kolors-api", version=__version__, lifespan=lifespan,
+    # /docs is served from the package's own Swagger UI assets (offline); no ReDoc (it needs a CDN).
+    app = FastAPI(title="kolors-api", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Segmind- and OpenAI-compatible text-to-image API for Kolors.")
+    add_docs(app)
     app.state.service = svc
 
     @app.exception_handler(KolorsAPIError)
     async def _api_error(request: Request, exc: KolorsAPIError) -> Response:
-        return error_response(exc)
+        return error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             detail = f"not found: {clip(request.url.path)}"
-        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+        return error_json(request, exc.status_code, detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
+        return error_json(request, 400, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
@@ -165,7 +187,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         if hosts is not None and name and name not in hosts and request.url.path not in PROBES:
             # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
             # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
-            response: Response = error_response(BadRequest(
+            response: Response = error_response(request, BadRequest(
                 f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
         else:
             try:
@@ -189,6 +211,22 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                            expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-Id",
                                            "X-Seed", "X-Inference-Time"])
     return app
+
+
+def _worker_ended(svc: Service, task: asyncio.Task[None]) -> None:
+    """The in-process worker's task ended: unless the server stopped it, it died. Say why in the log,
+    in `/readyz` and `/metrics`, and let `svc.on_worker_death` end the process (a supervisor restarts
+    it) rather than serve on without a worker."""
+    if task.cancelled() or (svc.worker is not None and svc.worker.stopping):
+        return
+    exc = task.exception()
+    cause = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned without being stopped"
+    svc.worker_error = cause
+    svc.metrics.embedded_worker.set(0)
+    log.error("the in-process worker died: %s; the server shuts down so that its supervisor restarts it",
+              cause, exc_info=exc)
+    if svc.on_worker_death is not None:
+        svc.on_worker_death(cause)
 
 
 async def _expire_loop(svc: Service) -> None:

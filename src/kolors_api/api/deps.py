@@ -78,6 +78,10 @@ class Service:
     signer: Signer | None = None
     worker: Any = None
     worker_task: asyncio.Task[None] | None = None
+    #: Why the in-process worker died (None while it runs, or when there is none); `/readyz` says it.
+    worker_error: str | None = None
+    #: Called with that cause when the in-process worker dies (`serve` shuts the server down, exit 1).
+    on_worker_death: Callable[[str], None] | None = None
     expiry_task: asyncio.Task[None] | None = None
     admission: list[Admission] = field(default_factory=list)
     #: The store's outage, logged once (see `kolors_api.jobs.outage`), and the task that sees it end.

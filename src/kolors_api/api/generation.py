@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kolors_api.api.auth import authenticate
+from kolors_api.api.auth import authenticate, presented_key
 from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep, failed
 from kolors_api.api.models import (
     CancelBody,
@@ -20,7 +20,7 @@ from kolors_api.api.models import (
     errors,
     json_request,
 )
-from kolors_api.errors import NotFound
+from kolors_api.errors import NotFound, Unauthorized
 from kolors_api.jobs import Job, JobState
 from kolors_api.schema import CONTENT_TYPES, MODELS, clip, decimal, json_schema, short
 
@@ -118,6 +118,10 @@ async def request_output(request_id: str, name: str, request: Request, svc: Serv
         raise NotFound(f"unknown request: {clip(request_id)}")
     if signature == "bad":
         # No valid signature: the owner's key (or an admin's) still opens it.
+        if presented_key(request) is None:
+            what = "invalid output URL signature" if request.query_params.get("sig") else "unsigned output URL"
+            raise Unauthorized(f"{what}: use the URL from the result as it is (with exp and sig), or send the "
+                               f"owner's API key")
         await svc.own_job(await authenticate(svc.store, request), request_id)
     stem, _, ext = name.partition(".")
     index = decimal(stem, 3)

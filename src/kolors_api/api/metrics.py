@@ -20,6 +20,9 @@ class Metrics:
                               registry=self.registry)
         self.dead_letters = Gauge("kolors_dead_letters_total", "Jobs failed after too many deliveries",
                                   registry=self.registry)
+        self.embedded_worker = Gauge("kolors_embedded_worker_up",
+                                     "1 while serve's in-process worker runs; 0 when it died or there is none",
+                                     registry=self.registry)
         #: The in-process worker's job durations (`kolors_job_duration_seconds`).
         self.jobs = JobMetrics(self.registry)
 

@@ -338,9 +338,24 @@ class Ready(Health):
     queued: int
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route: these error statuses, each with the `ErrorBody` shape."""
-    return {code: {"model": ErrorBody} for code in codes}
+class OpenAIErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """An error on the OpenAI route, in OpenAI's shape (its SDK shows `error.message`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: OpenAIErrorObject
+
+
+def errors(*codes: int, body: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: these error statuses, each with the `ErrorBody` shape (or `body`)."""
+    return {code: {"model": body} for code in codes}
 
 
 def json_request(schema: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep
-from kolors_api.api.models import ImageGenerationRequest, ImagesResponse, errors, parse_body, request_of
+from kolors_api.api.models import (
+    ImageGenerationRequest,
+    ImagesResponse,
+    OpenAIErrorBody,
+    errors,
+    parse_body,
+    request_of,
+)
 from kolors_api.errors import BadRequest
 from kolors_api.schema import MODEL, short
 
@@ -21,6 +28,9 @@ router = APIRouter()
 PASSTHROUGH = ("negative_prompt", "cfg", "seed", "steps", "scheduler")
 FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+OPENAI_PATH = "/v1/images/generations"
+#: The OpenAI request field behind a `kolors` field an error names (the error's `param`).
+OPENAI_PARAMS = {"number_of_images": "n", "width": "size", "height": "size", "output_quality": "output_compression"}
 
 
 def to_kolors(req: ImageGenerationRequest) -> dict[str, Any]:
@@ -43,9 +53,9 @@ def to_kolors(req: ImageGenerationRequest) -> dict[str, Any]:
     return out
 
 
-@router.post("/v1/images/generations", summary="OpenAI Images API: generate",
+@router.post(OPENAI_PATH, summary="OpenAI Images API: generate",
              openapi_extra=request_of(ImageGenerationRequest), response_model=ImagesResponse,
-             responses=errors(400, 401, 403, 406, 413, 422, 429, 503, 504))
+             responses=errors(400, 401, 403, 406, 413, 422, 429, 503, 504, body=OpenAIErrorBody))
 async def images_generations(request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     req = parse_body(ImageGenerationRequest, body)
     done = await svc.run_sync(request, key, MODEL, to_kolors(req))

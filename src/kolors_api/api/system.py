@@ -34,6 +34,8 @@ async def healthz() -> Response:
 async def readyz(svc: ServiceDep) -> Response:
     if not await svc.store.ping():
         raise Unavailable("store unreachable", headers={"Retry-After": "5"})
+    if svc.worker_error is not None:
+        raise Unavailable(f"the in-process worker died: {svc.worker_error}", headers={"Retry-After": "5"})
     stats = await svc.store.stats()
     if stats.workers_alive < 1:
         raise Unavailable("no worker alive", headers={"Retry-After": "5"})
@@ -50,4 +52,6 @@ async def metrics(svc: ServiceDep) -> Response:
     m.workers.set(stats.workers_alive)
     m.reclaims.set(stats.reclaims)
     m.dead_letters.set(stats.dead_letters)
+    task = svc.worker_task
+    m.embedded_worker.set(1 if task is not None and not task.done() else 0)
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

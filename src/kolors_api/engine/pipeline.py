@@ -18,8 +18,8 @@ import torch
 from kolors_api.engine._util import import_untyped, quiet_progress_bars
 from kolors_api.engine.encode import encode_image
 from kolors_api.engine.prompt_cache import PromptCache
-from kolors_api.engine.random_weights import random_size
 from kolors_api.schema import SCHEDULERS, GenerateParams
+from kolors_api.settings import random_model_size
 
 # diffusers ships no usable types: a KolorsPipeline is `Any` here.
 Pipeline = Any
@@ -154,7 +154,7 @@ class Engine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.on_cuda = torch.device(self.device).type == "cuda"
         dtype = resolve_dtype(options.dtype, on_cuda=self.on_cuda)
-        size = random_size(model)
+        size = random_model_size(model)
         if pipeline is not None:
             self.path, pipe = model, pipeline
         elif size is not None:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from kolors_api.engine._util import import_untyped
+from kolors_api.settings import RANDOM_MODEL_SIZES
 
-PREFIX = "random:"
-SIZES = ("small", "full")
+SIZES = RANDOM_MODEL_SIZES
 
 #: unet/config.json of Kwai-Kolors/Kolors-diffusers (the keys that differ from diffusers' defaults).
 FULL_UNET: dict[str, Any] = {
@@ -53,16 +53,6 @@ FULL_TEXT_ENCODER: dict[str, Any] = {
     "post_layer_norm": True, "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True,
     "fp32_residual_connection": False, "layernorm_epsilon": 1e-5, "use_cache": True,
 }
-
-
-def random_size(model: str) -> str | None:
-    """`random:full` -> "full" (likewise "small"); None for any other model name."""
-    if not model.startswith(PREFIX):
-        return None
-    size = model.removeprefix(PREFIX)
-    if size not in SIZES:
-        raise ValueError(f"model {model!r}: the random sizes are {', '.join(PREFIX + s for s in SIZES)}")
-    return size
 
 
 def full_modules() -> dict[str, Any]:

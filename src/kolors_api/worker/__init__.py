@@ -7,15 +7,18 @@ contract (`--engine package.module:factory`); `kolors_api.worker.safety` screens
 from kolors_api.worker.engines import EngineFactoryError, EngineLike, load_factory
 from kolors_api.worker.loop import TRANSITIONS, JobAborted, Worker, WorkerConfig, WorkerState
 from kolors_api.worker.make import make_worker
+from kolors_api.worker.model_check import ModelNotFound, check_model
 
 __all__ = [
     "TRANSITIONS",
     "EngineFactoryError",
     "EngineLike",
     "JobAborted",
+    "ModelNotFound",
     "Worker",
     "WorkerConfig",
     "WorkerState",
+    "check_model",
     "load_factory",
     "make_worker",
 ]

@@ -58,6 +58,8 @@ class EngineLike(Protocol):
 
 
 EngineFactory = Callable[["Settings"], EngineLike]
+#: `Settings.engine` by default: the Kolors pipeline that `Settings.model` names.
+DEFAULT_ENGINE = "kolors_api.worker.engines:kolors"
 
 
 class EngineFactoryError(ValueError):

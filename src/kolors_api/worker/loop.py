@@ -104,6 +104,11 @@ class Worker:
         log.log(logging.DEBUG if per_job else logging.INFO, "worker %s: %s -> %s (%d jobs done)",
                 self.id, old, state, self.jobs_done)
 
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Stop claiming; the job in hand completes."""
         if self.state not in (WorkerState.DRAINING, WorkerState.STOPPED):

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from kolors_api.jobs import JobStore
 from kolors_api.settings import Settings
-from kolors_api.worker.engines import load_factory
+from kolors_api.worker.engines import DEFAULT_ENGINE, load_factory
 from kolors_api.worker.loop import Worker, WorkerConfig
+from kolors_api.worker.model_check import check_model
 from kolors_api.worker.safety import build_safety
 
 
@@ -20,7 +21,8 @@ def make_worker(settings: Settings, store: JobStore, *,
     is called after each job stored COMPLETED (engine seconds), for metrics.
 
     Everything that can be refused is refused here, before any engine loads: a bad engine path
-    (`EngineFactoryError`), a bad blocked-terms file or screener, a missing `safety` extra.
+    (`EngineFactoryError`), a model the default engine cannot load (`ModelNotFound`: no such folder,
+    a repo neither cached nor reachable), a bad blocked-terms file or screener, a missing `safety` extra.
 
     Example::
 
@@ -28,6 +30,8 @@ def make_worker(settings: Settings, store: JobStore, *,
         await worker.run()  # until worker.stop()
     """
     factory = load_factory(settings.engine)
+    if settings.engine == DEFAULT_ENGINE:
+        check_model(settings.model)
     safety = build_safety(settings)
     config = WorkerConfig(lease_seconds=settings.lease_seconds, heartbeat_seconds=settings.heartbeat_seconds)
     return Worker(store, functools.partial(factory, settings), config, worker_id=worker_id,

@@ -1,0 +1,57 @@
+"""What the docs promise about themselves: `/docs` works offline, every setting is documented, the
+licence is there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+
+from kolors_api.api.app import create_app
+from kolors_api.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_docs_serves_swagger_ui_from_the_package_with_no_url_outside_the_server(tmp_path: Path) -> None:
+    app = create_app(Settings(worker=False, data_dir=tmp_path, allowed_hosts="kolors.test"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kolors.test") as http:
+        page = await http.get("/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "/openapi.json" in page.text
+        # Offline: the page names no other host (no CDN), and everything it loads is served here.
+        assert re.findall(r"https?://[^\s\"'<>]+", page.text) == []
+        assets = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text)
+        assert {a.split("?")[0] for a in assets} == {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css",
+                                                     "/docs/assets/favicon-32x32.png"}
+        for asset in assets:
+            r = await http.get(asset)
+            assert r.status_code == 200 and len(r.content) > 500, asset
+        js = await http.get("/docs/assets/swagger-ui-bundle.js")
+        assert "javascript" in js.headers["content-type"] and b"SwaggerUIBundle" in js.content
+        assert (await http.get("/openapi.json")).json()["info"]["title"] == "kolors-api"
+        assert (await http.get("/redoc")).status_code == 404  # ReDoc would need a CDN
+
+
+def test_every_setting_is_documented_in_docs_settings_md_and_readme() -> None:
+    fields = set(Settings.model_fields)
+    settings_md = (ROOT / "docs" / "settings.md").read_text().split("## Client side")[0]
+    # docs/settings.md: one table row per setting, `KOLORS_API_NAME`, and no row for a setting that is not there.
+    rows = {name.lower() for name in re.findall(r"^\| `KOLORS_API_([A-Z_]+)`", settings_md, re.M)}
+    assert rows == fields
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    assert {name.lower() for name in re.findall(r"`([A-Z][A-Z_]*[A-Z])`", section)} == fields
+
+
+def test_the_licence_is_the_apache_2_0_text_that_pyproject_names() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 11000
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_cancel_route_is_documented() -> None:
+    for doc in ("README.md", "docs/api.md"):
+        assert re.search(r"POST \S*/v2/requests/\S+/cancel", (ROOT / doc).read_text()), doc
