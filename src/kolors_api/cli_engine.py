@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 
 def setting_help(text: str, name: str, default: str) -> str:
@@ -36,30 +35,16 @@ def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: 
                                    "model's shapes; full: Kwai-Kolors/Kolors-diffusers' (about 8.9 B parameters, "
                                    "17.8 GB in float16).")
     r.add_argument("--size", choices=("small", "full"), default="small", help="default small")
-    r.add_argument("--device", help="default: cuda if present, else cpu")
-    r.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="default auto: float16 on CUDA, float32 on CPU")
+    r.add_argument("--device", help=setting_help("torch device", "device", "cuda if present, else cpu"))
+    r.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+                   help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     r.set_defaults(func=cmd_random_model)
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
-    import torch
+    from kolors_api.engine.random_weights import build_report
+    from kolors_api.settings import Settings
 
-    from kolors_api.engine.pipeline import resolve_dtype
-    from kolors_api.engine.random_weights import build_random_pipeline, parameter_counts
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(args.dtype, on_cuda=device.type == "cuda")
-    started = time.perf_counter()
-    pipe = build_random_pipeline(args.size, device=device, dtype=dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    counts = parameter_counts(pipe)
-    report = {
-        "model": f"random:{args.size}", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "parameters": counts, "total_parameters": sum(counts.values()),
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "cuda_allocated_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None,
-    }
-    print(json.dumps(report, indent=2))
+    settings = Settings(**{k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+    print(json.dumps(build_report(args.size, device=settings.device, dtype=settings.dtype), indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""Helpers for working with diffusers and transformers, which ship no usable types."""
+"""Helpers for working with diffusers and transformers, which ship no usable types, and dtypes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 
 def import_untyped(module: str) -> Any:
@@ -25,3 +27,17 @@ def quiet_progress_bars() -> Iterator[None]:
     finally:
         for lib in libraries:
             lib.enable_progress_bar()
+
+
+#: Weight dtypes by name (`EngineOptions.dtype`); "auto" is float16 on CUDA and float32 elsewhere.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, *, on_cuda: bool) -> torch.dtype:
+    """`EngineOptions.dtype` -> a torch dtype ("auto": float16 on CUDA, float32 elsewhere)."""
+    if name == "auto":
+        return torch.float16 if on_cuda else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected auto or one of {', '.join(DTYPES)}") from None

@@ -1,7 +1,8 @@
 """The engine: a loaded Kolors pipeline that turns `GenerateParams` into encoded images.
 
 One `Engine` holds the weights; every `generate` call builds its own scheduler and a shallow
-`KolorsPipeline` around the shared components, so concurrent calls share no mutable state.
+`KolorsPipeline` around the shared components, so concurrent calls share no mutable state but the
+prompt-embedding cache (`prompt_cache`, locked).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kolors_api.engine._util import import_untyped, quiet_progress_bars
+from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
 from kolors_api.engine.prompt_cache import PromptCache
 from kolors_api.schema import SCHEDULERS, GenerateParams
@@ -45,8 +46,6 @@ if tuple(SCHEDULER_SPECS) != SCHEDULERS:  # pragma: no cover - a schema change m
     raise RuntimeError("engine scheduler table out of step with schema.SCHEDULERS")
 
 
-#: Weight dtypes by name (`EngineOptions.dtype`); "auto" is float16 on CUDA and float32 elsewhere.
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Images with more pixels than this are decoded tile by tile (the VAE's activations grow with area).
 TILED_DECODE_ABOVE = 1536 * 1536
 
@@ -119,16 +118,6 @@ def load_pipeline(path: str, dtype: torch.dtype, *, try_fp16_variant: bool) -> P
             except (OSError, ValueError) as exc:
                 log.info("no fp16 variant of %s (%s); loading the default weights", path, exc)
         return pipeline_class.from_pretrained(path, **kwargs)
-
-
-def resolve_dtype(name: str, *, on_cuda: bool) -> torch.dtype:
-    """`EngineOptions.dtype` -> a torch dtype ("auto": float16 on CUDA, float32 elsewhere)."""
-    if name == "auto":
-        return torch.float16 if on_cuda else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r}: expected auto or one of {', '.join(DTYPES)}") from None
 
 
 def load_vae(path: str, dtype: torch.dtype) -> Any:

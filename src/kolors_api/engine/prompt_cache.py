@@ -9,6 +9,7 @@ process (`kolors_prompt_cache_*` in /metrics).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class PromptCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
+        self._lock = threading.Lock()  # concurrent `generate` calls share one engine's cache
         self._entries: OrderedDict[tuple[str, str | None, int], PromptEmbeds] = OrderedDict()
 
     def __len__(self) -> int:
@@ -59,21 +61,24 @@ class PromptCache:
                max_sequence_length: int) -> PromptEmbeds:
         """Embeddings of `prompt` and, when `negative` is not None (guidance on), of `negative`."""
         key = (prompt, negative, max_sequence_length)
-        cached = self._entries.get(key)
-        if cached is not None:
-            self._entries.move_to_end(key)
-            STATS["hits"] += 1
-            return cached
-        STATS["misses"] += 1
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None:
+                self._entries.move_to_end(key)
+                STATS["hits"] += 1
+                return cached
+            STATS["misses"] += 1
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=negative is not None, negative_prompt=negative,
             max_sequence_length=max_sequence_length)
         embeds = PromptEmbeds(prompt_embeds, pooled, negative_embeds, negative_pooled)
         if embeds.nbytes <= self.max_bytes:
-            self._entries[key] = embeds
-            self.bytes += embeds.nbytes
-            while self.bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self.bytes -= dropped.nbytes
+            with self._lock:
+                if key not in self._entries:  # another call may have encoded it meanwhile
+                    self._entries[key] = embeds
+                    self.bytes += embeds.nbytes
+                while self.bytes > self.max_bytes:
+                    _, dropped = self._entries.popitem(last=False)
+                    self.bytes -= dropped.nbytes
         return embeds

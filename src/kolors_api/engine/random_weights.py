@@ -14,12 +14,13 @@ same 256 tokens, so the cost is the real one. It makes noise, not pictures.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kolors_api.engine._util import import_untyped
+from kolors_api.engine._util import import_untyped, resolve_dtype
 from kolors_api.settings import RANDOM_MODEL_SIZES
 
 SIZES = RANDOM_MODEL_SIZES
@@ -134,3 +135,21 @@ def parameter_counts(pipe: Any) -> dict[str, int]:
     parts = pipe if isinstance(pipe, dict) else pipe.components
     return {name: sum(p.numel() for p in module.parameters())
             for name, module in parts.items() if isinstance(module, torch.nn.Module)}
+
+
+def build_report(size: str, *, device: str | None, dtype: str) -> dict[str, Any]:
+    """Build `random:size` on `device` (default cuda if present) in `dtype` ("auto" or a name) and
+    say what it took: parameters per component, seconds, device memory (`kolors-api random-model`)."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, on_cuda=target.type == "cuda")
+    started = time.perf_counter()
+    pipe = build_random_pipeline(size, device=target, dtype=torch_dtype)
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)
+    counts = parameter_counts(pipe)
+    return {
+        "model": f"random:{size}", "device": str(target), "dtype": str(torch_dtype).removeprefix("torch."),
+        "parameters": counts, "total_parameters": sum(counts.values()),
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "cuda_allocated_bytes": torch.cuda.memory_allocated(target) if target.type == "cuda" else None,
+    }
