@@ -1,9 +1,12 @@
 """Async submit throughput and latency of the API for the SQLite and the Redis store.
 
 Starts `kolors-api serve --no-worker` for each store (so jobs stay queued and only the API and the
-store are measured), fires N v2 submits from C concurrent clients, prints one table and writes JSON.
+store are measured), fires v2 submits from C concurrent clients, prints one table and writes JSON.
+The load comes from `wrk` (Debian's package) when it is installed — a Python client saturates
+before the server does — else from an httpx client firing N requests.
 
-    .venv/bin/python bench/serving.py --requests 2000 --concurrency 32
+    .venv/bin/python bench/serving.py --concurrency 32 --seconds 10     # wrk
+    .venv/bin/python bench/serving.py --load httpx --requests 2000 --concurrency 32
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -80,6 +84,36 @@ async def fire(url: str, n: int, concurrency: int) -> tuple[list[float], float, 
         return latencies, time.perf_counter() - t0, errors
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = "%s"
+"""
+
+
+def wrk(url: str, seconds: int, concurrency: int) -> dict[str, float]:
+    """`wrk` POSTing BODY to /v2/kolors: requests/s, latency percentiles (ms) and non-2xx answers."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % (json.dumps(BODY), KEY))
+    threads = max(1, min(concurrency, (os.cpu_count() or 2) // 2))
+    subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", script.name, url + "/v2/kolors"],  # warm-up
+                   capture_output=True, check=True)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s",
+                          script.name, url + "/v2/kolors"], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+    def latency(p: str) -> float:
+        value, unit = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()  # type: ignore[union-attr]
+        return round(float(value) * units[unit], 2)
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    return {"throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            "p50_ms": latency("50"), "p99_ms": latency("99"), "errors": int(non2xx.group(1)) if non2xx else 0,
+            "requests": int(total.group(1)) if total else 0}
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -87,7 +121,9 @@ def pct(values: list[float], p: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--load", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx")
+    ap.add_argument("--seconds", type=int, default=10, help="wrk: seconds of load")
+    ap.add_argument("--requests", type=int, default=1000, help="httpx: requests to fire")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--out", default="bench/results/serving.json")
@@ -101,23 +137,27 @@ def main() -> None:
         data_dir = Path(tempfile.mkdtemp(prefix="kolors-bench-"))
         proc, url, startup = start(store, data_dir)
         try:
-            lat, wall, errors = asyncio.run(fire(url, args.requests, args.concurrency))
-            rows.append({"store": name, "requests": args.requests, "concurrency": args.concurrency,
-                         "throughput_rps": round(args.requests / wall, 1), "p50_ms": round(pct(lat, 50) * 1000, 2),
-                         "p99_ms": round(pct(lat, 99) * 1000, 2), "mean_ms": round(statistics.mean(lat) * 1000, 2),
-                         "errors": errors, "startup_s": round(startup, 2), "rss_mb": round(rss_mb(proc.pid), 1)})
+            row: dict[str, object] = {"store": name, "load": args.load, "concurrency": args.concurrency}
+            if args.load == "wrk":
+                row |= wrk(url, args.seconds, args.concurrency)
+            else:
+                lat, wall, errors = asyncio.run(fire(url, args.requests, args.concurrency))
+                row |= {"requests": args.requests, "throughput_rps": round(args.requests / wall, 1),
+                        "p50_ms": round(pct(lat, 50) * 1000, 2), "p99_ms": round(pct(lat, 99) * 1000, 2),
+                        "mean_ms": round(statistics.mean(lat) * 1000, 2), "errors": errors}
+            rows.append(row | {"startup_s": round(startup, 2), "rss_mb": round(rss_mb(proc.pid), 1)})
         finally:
             proc.terminate()
             proc.wait()
             shutil.rmtree(data_dir, ignore_errors=True)
             if name == "redis":
                 redis.Redis.from_url(args.redis).flushdb()
-    base = rows[0]["throughput_rps"]
+    base = float(rows[0]["throughput_rps"])  # type: ignore[arg-type]
     print(f"{'store':8} {'req':>6} {'conc':>5} {'rps':>8} {'x sqlite':>9} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} "
           f"{'start s':>8} {'rss MB':>7}")
     for r in rows:
         print(f"{r['store']:8} {r['requests']:>6} {r['concurrency']:>5} {r['throughput_rps']:>8} "
-              f"{r['throughput_rps'] / base:>9.2f} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>4} "
+              f"{float(r['throughput_rps']) / base:>9.2f} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>4} "
               f"{r['startup_s']:>8} {r['rss_mb']:>7}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
