@@ -93,6 +93,25 @@ def start_process(args: list[str], data_dir: Path, env: dict[str, str | None] | 
     return proc, log_path
 
 
+def job_status(server: LiveServer, key: str, request_id: str) -> dict[str, Any]:
+    """`GET /v2/requests/{id}/status` with `key`, as a dict."""
+    r = httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}, timeout=10)
+    return dict(r.json())
+
+
+def wait_for_status(server: LiveServer, key: str, request_id: str, done: Any, *, timeout: float = 180,
+                    interval: float = 0.05) -> dict[str, Any]:
+    """Poll the status until `done(body)`; a terminal status that is not `done` fails at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = job_status(server, key, request_id)
+        if done(body):
+            return body
+        assert body["status"] not in ("COMPLETED", "FAILED"), body
+        time.sleep(interval)
+    raise AssertionError(f"{request_id}: condition never met; last status {body}\n{server.log()[-3000:]}")
+
+
 def start_server(model: Path | str, data_dir: Path, *, port: int | None = None,
                  env: dict[str, str | None] | None = None,
                  extra: list[str] | None = None, ready: bool = True, log_name: str = "server.log") -> LiveServer:

@@ -7,7 +7,6 @@ images. A cancel after the completion answers `cancel_requested: false` and the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, flushed_redis, start_server
+from tests.conftest import LiveServer, flushed_redis, start_server, wait_for_status
 from tests.engines import ENGINE_ENV
 
 SMALL = {"prompt": "a fox", "steps": 3, "width": 512, "height": 512}  # costs 0.03
@@ -36,20 +35,6 @@ def server(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> 
         next(redis_db, None)  # empties the db again
 
 
-def status(server: LiveServer, key: str, request_id: str) -> dict[str, Any]:
-    return dict(httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}).json())
-
-
-def wait(server: LiveServer, key: str, request_id: str, done: Any, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = status(server, key, request_id)
-        if done(body):
-            return body
-        time.sleep(0.02)
-    raise AssertionError(f"never: last status {body}")
-
-
 def last_step(body: dict[str, Any]) -> bool:
     assert body["status"] in ("QUEUED", "PROCESSING"), body
     progress = body.get("progress") or {}
@@ -65,10 +50,11 @@ def test_a_cancel_during_the_last_step_fails_the_job_and_refunds_it(server: Live
     h = {"x-api-key": key}
     for round_ in range(3):
         request_id = httpx.post(server.url + "/v2/kolors", json=SMALL, headers=h).json()["request_id"]
-        wait(server, key, request_id, last_step)
+        wait_for_status(server, key, request_id, last_step, timeout=120, interval=0.02)
         answer = httpx.post(f"{server.url}/v2/requests/{request_id}/cancel", headers=h).json()
         assert answer["status"] == "PROCESSING" and answer["cancel_requested"] is True, answer
-        final = wait(server, key, request_id, lambda b: b["status"] in ("COMPLETED", "FAILED"))
+        final = wait_for_status(server, key, request_id, lambda b: b["status"] in ("COMPLETED", "FAILED"),
+                                timeout=120, interval=0.02)
         assert final == {"request_id": request_id, "status": "FAILED", "error": "cancelled"}, round_
         result = httpx.get(f"{server.url}/v2/requests/{request_id}", headers=h)
         assert result.status_code == 422 and result.json()["error"] == "cancelled"
@@ -77,7 +63,8 @@ def test_a_cancel_during_the_last_step_fails_the_job_and_refunds_it(server: Live
 
     # After the completion, a cancel is too late and says so.
     request_id = httpx.post(server.url + "/v2/kolors", json=SMALL, headers=h).json()["request_id"]
-    wait(server, key, request_id, lambda b: b["status"] == "COMPLETED")
+    wait_for_status(server, key, request_id, lambda b: b["status"] == "COMPLETED", timeout=120,
+                    interval=0.02)
     late = httpx.post(f"{server.url}/v2/requests/{request_id}/cancel", headers=h).json()
     assert late == {"request_id": request_id, "status": "COMPLETED", "cancel_requested": False}
     assert account(server, key)["credits"] == 0.97

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from segmind.exceptions import SegmindError
 from segmind.v2 import InferenceFailed
 
 from tests.conftest import LiveServer, start_server
+from tests.conftest import wait_for_status as wait_for
 from tests.engines import ENGINE_ENV
 
 SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
@@ -26,23 +26,6 @@ SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
 
 def serve_with(engine: str, tiny_model: Path, data_dir: Path) -> LiveServer:
     return start_server(tiny_model, data_dir, env=ENGINE_ENV, extra=["--engine", f"tests.engines:{engine}"])
-
-
-def status(server: LiveServer, key: str, request_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}, timeout=10)
-    return dict(r.json())
-
-
-def wait_for(server: LiveServer, key: str, request_id: str, done: Any, timeout: float = 180) -> dict[str, Any]:
-    """Poll the status until `done(body)`; a terminal status that is not `done` fails at once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = status(server, key, request_id)
-        if done(body):
-            return body
-        assert body["status"] not in ("COMPLETED", "FAILED"), body
-        time.sleep(0.05)
-    raise AssertionError(f"{request_id}: condition never met; last status {body}\n{server.log()[-3000:]}")
 
 
 def finished(body: dict[str, Any]) -> bool:
