@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -33,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+# The seed request and stock diffusers' call of it: the same as bench/engine.py's (this folder is on
+# sys.path when a script in it runs).
+from engine import SEED, stock  # noqa: E402
+
 from kolors_api.engine import Engine, EngineOptions  # noqa: E402
 from kolors_api.engine.random_weights import build_random_pipeline, parameter_counts  # noqa: E402
-from kolors_api.schema import GenerateParams  # noqa: E402
-
-SEED = GenerateParams(prompt="In this lively 2D illustration, three animated boys are seen joyfully playing on a beach",
-                      seed=441234134, steps=25, width=1024, height=1024, cfg=6.0)
 
 
 class Bench:
@@ -89,19 +88,6 @@ class Bench:
         self.out.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=2))
 
 
-def stock_call(pipe: Any, device: str) -> Callable[[], bytes]:
-    """Stock diffusers, as its Kolors docs call it (the pipeline upcasts its fp16 VAE itself)."""
-    def call() -> bytes:
-        generator = torch.Generator(device=device).manual_seed(SEED.seed)
-        with torch.inference_mode():
-            image = pipe(prompt=SEED.prompt, guidance_scale=SEED.cfg, num_inference_steps=SEED.steps,
-                         width=SEED.width, height=SEED.height, generator=generator).images[0]
-        buf = io.BytesIO()
-        image.save(buf, format="WEBP", quality=80)
-        return buf.getvalue()
-    return call
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=("small", "full"), default="full")
@@ -128,10 +114,9 @@ def main() -> None:
     bench.meta = {"size": args.size, "device": args.device, "device_name": name, "dtype": str(dtype),
                   "torch": torch.__version__, "build_s": build_s, "parameters": counts, "cpu_count": os.cpu_count()}
 
-    stock = KolorsPipeline(**pipe.components, force_zeros_for_empty_prompt=False)
-    stock.set_progress_bar_config(disable=True)
-    bench.run("stock diffusers", stock_call(stock, args.device))
-    del stock
+    stock_pipe = KolorsPipeline(**pipe.components, force_zeros_for_empty_prompt=False)
+    stock_pipe.set_progress_bar_config(disable=True)
+    bench.run("stock diffusers", lambda: stock(stock_pipe, args.device))
 
     engine = Engine(f"random:{args.size}", device=args.device, pipeline=pipe)
     for i, batch in enumerate(int(b) for b in args.batches.split(",") if b):
