@@ -41,3 +41,17 @@ def resolve_dtype(name: str, *, on_cuda: bool) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype {name!r}: expected auto or one of {', '.join(DTYPES)}") from None
+
+
+def init_rule(module: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[float | None, float]:
+    """How the offline models (`tiny`, `random:*`) set a parameter: `(constant, 0)`, or `(None, std)`
+    for a zero-mean normal. Biases 0, norm weights 1, embeddings N(0, 1), every other weight
+    N(0, 1/fan_in) (keeps activations at unit scale)."""
+    if name == "bias":
+        return 0.0, 0.0
+    if "norm" in type(module).__name__.lower():
+        return 1.0, 0.0
+    if isinstance(module, torch.nn.Embedding):
+        return None, 1.0
+    fan_in = param[0].numel() if param.ndim > 1 else param.numel()
+    return None, fan_in**-0.5

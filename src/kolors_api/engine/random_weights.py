@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kolors_api.engine._util import import_untyped, resolve_dtype
+from kolors_api.engine._util import import_untyped, init_rule, resolve_dtype
 from kolors_api.settings import RANDOM_MODEL_SIZES
 
 SIZES = RANDOM_MODEL_SIZES
@@ -70,21 +70,15 @@ def full_modules() -> dict[str, Any]:
 
 def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  generator: torch.Generator) -> None:
-    """Replace every `meta` parameter by one drawn on `device`: norm weights 1, biases 0, embeddings
-    N(0, 1), other weights N(0, 1/fan_in) (activations stay at unit scale, as in the tiny model)."""
+    """Replace every `meta` parameter by one drawn on `device` by the tiny model's rule (`init_rule`)."""
     for _, module in model.named_modules():
-        is_norm = "norm" in type(module).__name__.lower()
         for name, param in list(module.named_parameters(recurse=False)):
+            constant, std = init_rule(module, name, param)
             tensor = torch.empty(param.shape, device=device, dtype=dtype)
-            if name == "bias":
-                tensor.zero_()
-            elif is_norm:
-                tensor.fill_(1.0)
-            elif isinstance(module, torch.nn.Embedding):
-                tensor.normal_(0.0, 1.0, generator=generator)
+            if constant is not None:
+                tensor.fill_(constant)
             else:
-                fan_in = param[0].numel() if param.ndim > 1 else param.numel()
-                tensor.normal_(0.0, fan_in**-0.5, generator=generator)
+                tensor.normal_(0.0, std, generator=generator)
             setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
     leftover = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if leftover:

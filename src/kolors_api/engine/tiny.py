@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kolors_api.engine._util import import_untyped, quiet_progress_bars
+from kolors_api.engine._util import import_untyped, init_rule, quiet_progress_bars
 
 TINY_NAME = "tiny"  # the `--model` name that `pipeline.resolve_model` maps here
 # Bump when the architecture or the weights change: cached builds with another version are rebuilt.
@@ -117,22 +117,16 @@ def _normal(shape: tuple[int, ...], rng: np.random.Generator, std: float) -> tor
 
 
 def _init_parameters(model: torch.nn.Module, seed: int) -> None:
-    """Write every parameter explicitly, in a fixed order: norm weights 1, biases 0, embeddings
-    N(0, 1), every other weight N(0, 1/fan_in) (keeps activations at unit scale)."""
+    """Write every parameter explicitly (`init_rule`), in a fixed order, from numpy's generator."""
     rng = np.random.default_rng(seed)
     for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
-        is_norm = "norm" in type(module).__name__.lower()
         for name, param in sorted(module.named_parameters(recurse=False), key=lambda item: item[0]):
+            constant, std = init_rule(module, name, param)
             with torch.no_grad():
-                if name == "bias":
-                    param.zero_()
-                elif is_norm:
-                    param.fill_(1.0)
-                elif isinstance(module, torch.nn.Embedding):
-                    param.copy_(_normal(tuple(param.shape), rng, 1.0))
+                if constant is not None:
+                    param.fill_(constant)
                 else:
-                    fan_in = param[0].numel() if param.ndim > 1 else param.numel()
-                    param.copy_(_normal(tuple(param.shape), rng, fan_in**-0.5))
+                    param.copy_(_normal(tuple(param.shape), rng, std))
 
 
 def _tokenizer(folder: Path) -> Any:
