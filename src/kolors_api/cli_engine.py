@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+#: `--dtype` (the setting `dtype`; the names of `kolors_api.engine._util.DTYPES`, which imports torch).
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+
 
 def setting_help(text: str, name: str, default: str) -> str:
     """A flag's help: what it does, its default and the env var of the same setting."""
@@ -13,7 +16,7 @@ def setting_help(text: str, name: str, default: str) -> str:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload` (settings of the same names)."""
-    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     p.add_argument("--compile", action="store_true", default=None,
                    help=setting_help("torch.compile the UNet, compiled at start for --compile-shapes", "compile",
@@ -36,7 +39,7 @@ def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: 
                                    "17.8 GB in float16).")
     r.add_argument("--size", choices=("small", "full"), default="small", help="default small")
     r.add_argument("--device", help=setting_help("torch device", "device", "cuda if present, else cpu"))
-    r.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+    r.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     r.set_defaults(func=cmd_random_model)
 

@@ -23,8 +23,6 @@ import torch
 from kolors_api.engine._util import import_untyped, init_rule, resolve_dtype
 from kolors_api.settings import RANDOM_MODEL_SIZES
 
-SIZES = RANDOM_MODEL_SIZES
-
 #: unet/config.json of Kwai-Kolors/Kolors-diffusers (the keys that differ from diffusers' defaults).
 FULL_UNET: dict[str, Any] = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4,
@@ -120,7 +118,7 @@ def build_random_pipeline(size: str, *, device: str | torch.device, dtype: torch
             module = components[name].to(device)
             components[name] = module if dtype == torch.float32 else module.to(dtype)
     else:
-        raise ValueError(f"unknown random model size {size!r}; expected one of {', '.join(SIZES)}")
+        raise ValueError(f"unknown random model size {size!r}; expected one of {', '.join(RANDOM_MODEL_SIZES)}")
     return import_untyped("diffusers").KolorsPipeline(**components, force_zeros_for_empty_prompt=False)
 
 
