@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -25,6 +25,7 @@ import httpx
 from kolors_api.client._client import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_POLL_TIMEOUT_S,
+    RETRIED_STATUSES,
     KeyAuth,
     default_headers,
     error_of,
@@ -37,7 +38,16 @@ from kolors_api.client._client import (
     root_url,
     terminal_tolerant,
 )
-from kolors_api.client._exceptions import InferenceFailed, InferenceTimeout
+from kolors_api.client._events import (
+    MAX_RECONNECTS,
+    RECONNECT_DELAY_S,
+    STREAM_READ_TIMEOUT_S,
+    Event,
+    EventParser,
+    events_url,
+    resume_headers,
+)
+from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
 
 __all__ = ["AsyncClient", "AsyncioJob"]
 
@@ -90,6 +100,44 @@ class AsyncioJob:
             if now >= deadline:
                 raise InferenceTimeout(self.request_id, now - start)
             await asyncio.sleep(min(interval, deadline - now))
+
+
+    async def events(self, *, previews: bool = False) -> AsyncIterator[Event]:
+        """The job's events as they happen, until `completed` or `failed`: `AsyncJob.events`, awaited.
+
+        Example::
+
+            async for event in job.events(previews=True):
+                print(event.event, event.data.get("step"), event.preview is not None)
+        """
+        parser = EventParser()
+        failures = 0
+        timeout = httpx.Timeout(self._client.timeout, read=max(self._client.timeout, STREAM_READ_TIMEOUT_S))
+        while True:
+            try:
+                async with self._client._http.stream("GET", events_url(self.response_url, previews),
+                                                     headers=resume_headers(parser), timeout=timeout) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise_for_status(response)
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is not None:
+                            failures = 0
+                            yield event
+                            if event.terminal:
+                                return
+                error: Exception = KolorsAPIError(0, f"the event stream of {self.request_id} ended early")
+            except httpx.TransportError as exc:
+                error = exc
+            except APIError as exc:
+                if exc.status not in RETRIED_STATUSES:
+                    raise
+                error = exc
+            failures += 1
+            if failures > MAX_RECONNECTS:
+                raise error
+            await asyncio.sleep(RECONNECT_DELAY_S * failures)
 
 
 class AsyncClient:

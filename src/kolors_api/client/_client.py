@@ -21,13 +21,22 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from kolors_api.client._events import (
+    MAX_RECONNECTS,
+    RECONNECT_DELAY_S,
+    STREAM_READ_TIMEOUT_S,
+    Event,
+    EventParser,
+    events_url,
+    resume_headers,
+)
 from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
 
 __all__ = [
@@ -47,6 +56,9 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_POLL_TIMEOUT_S = 600.0
 #: The states a v2 job ends in; a body announcing one is a payload even under HTTP 422.
 TERMINAL_STATES = ("COMPLETED", "FAILED")
+
+#: HTTP statuses after which a dropped event stream is reopened (the store or a replica was away).
+RETRIED_STATUSES = (502, 503, 504)
 
 #: Called with every status body `wait()` reads (QUEUED with queue_position, PROCESSING with progress).
 StatusCallback = Callable[[dict[str, Any]], None]
@@ -108,6 +120,50 @@ class AsyncJob:
             if now >= deadline:
                 raise InferenceTimeout(self.request_id, now - start)
             time.sleep(min(interval, deadline - now))
+
+
+    def events(self, *, previews: bool = False) -> Iterator[Event]:
+        """The job's events as they happen (server-sent events), until `completed` or `failed`.
+
+        `previews=True`: progress events carry a small preview image (`Event.preview`) every few
+        steps. A dropped stream is reopened with Last-Event-ID, so nothing that matters is missed;
+        after `MAX_RECONNECTS` failed tries in a row the last error is raised (`APIError` for an
+        HTTP error such as 404, an `httpx.TransportError` for a broken connection).
+
+        Example::
+
+            for event in job.events():
+                print(event.event, event.data.get("step"))
+            result = event.data          # the last one is completed (the result body) or failed
+        """
+        parser = EventParser()
+        failures = 0
+        timeout = httpx.Timeout(self._client.timeout, read=max(self._client.timeout, STREAM_READ_TIMEOUT_S))
+        while True:
+            try:
+                with self._client._http.stream("GET", events_url(self.response_url, previews),
+                                               headers=resume_headers(parser), timeout=timeout) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise_for_status(response)
+                    for line in response.iter_lines():
+                        event = parser.feed(line)
+                        if event is not None:
+                            failures = 0
+                            yield event
+                            if event.terminal:
+                                return
+                error: Exception = KolorsAPIError(0, f"the event stream of {self.request_id} ended early")
+            except httpx.TransportError as exc:
+                error = exc
+            except APIError as exc:
+                if exc.status not in RETRIED_STATUSES:
+                    raise
+                error = exc
+            failures += 1
+            if failures > MAX_RECONNECTS:
+                raise error
+            time.sleep(RECONNECT_DELAY_S * failures)
 
 
 class Client:
