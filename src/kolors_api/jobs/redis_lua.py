@@ -200,7 +200,7 @@ if ARGV[7] then
   -- the latest preview, written before the change is published (a woken watcher finds it)
   local pk = k_preview(ARGV[3])
   redis.call('HSET', pk, 'step', ARGV[5], 'data', ARGV[7])
-  redis.call('EXPIRE', pk, math.max(1, math.ceil(RETENTION)))
+  redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
 end
 redis.call('HINCRBY', jk, 'version', 1)
 publish(ARGV[3])
