@@ -25,7 +25,6 @@ import httpx
 from kolors_api.client._client import (
     DEFAULT_POLL_INTERVAL_S,
     DEFAULT_POLL_TIMEOUT_S,
-    RETRIED_STATUSES,
     KeyAuth,
     default_headers,
     error_of,
@@ -38,16 +37,8 @@ from kolors_api.client._client import (
     root_url,
     terminal_tolerant,
 )
-from kolors_api.client._events import (
-    MAX_RECONNECTS,
-    RECONNECT_DELAY_S,
-    STREAM_READ_TIMEOUT_S,
-    Event,
-    EventParser,
-    events_url,
-    resume_headers,
-)
-from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
+from kolors_api.client._events import Event, Follow
+from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout
 
 __all__ = ["AsyncClient", "AsyncioJob"]
 
@@ -110,34 +101,23 @@ class AsyncioJob:
             async for event in job.events(previews=True):
                 print(event.event, event.data.get("step"), event.preview is not None)
         """
-        parser = EventParser()
-        failures = 0
-        timeout = httpx.Timeout(self._client.timeout, read=max(self._client.timeout, STREAM_READ_TIMEOUT_S))
+        follow = Follow(self.request_id, self.response_url, previews, self._client.timeout)
         while True:
+            error: Exception | None = None
             try:
-                async with self._client._http.stream("GET", events_url(self.response_url, previews),
-                                                     headers=resume_headers(parser), timeout=timeout) as response:
+                async with self._client._http.stream("GET", follow.url, headers=follow.headers,
+                                                     timeout=follow.timeout) as response:
                     if not response.is_success:
                         await response.aread()
                         raise_for_status(response)
                     async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is not None:
-                            failures = 0
+                        if (event := follow.feed(line)) is not None:
                             yield event
                             if event.terminal:
                                 return
-                error: Exception = KolorsAPIError(0, f"the event stream of {self.request_id} ended early")
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, APIError) as exc:
                 error = exc
-            except APIError as exc:
-                if exc.status not in RETRIED_STATUSES:
-                    raise
-                error = exc
-            failures += 1
-            if failures > MAX_RECONNECTS:
-                raise error
-            await asyncio.sleep(RECONNECT_DELAY_S * failures)
+            await asyncio.sleep(follow.retry_after(error))
 
 
 class AsyncClient:

@@ -28,15 +28,7 @@ from typing import Any
 
 import httpx
 
-from kolors_api.client._events import (
-    MAX_RECONNECTS,
-    RECONNECT_DELAY_S,
-    STREAM_READ_TIMEOUT_S,
-    Event,
-    EventParser,
-    events_url,
-    resume_headers,
-)
+from kolors_api.client._events import Event, Follow
 from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
 
 __all__ = [
@@ -56,9 +48,6 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_POLL_TIMEOUT_S = 600.0
 #: The states a v2 job ends in; a body announcing one is a payload even under HTTP 422.
 TERMINAL_STATES = ("COMPLETED", "FAILED")
-
-#: HTTP statuses after which a dropped event stream is reopened (the store or a replica was away).
-RETRIED_STATUSES = (502, 503, 504)
 
 #: Called with every status body `wait()` reads (QUEUED with queue_position, PROCESSING with progress).
 StatusCallback = Callable[[dict[str, Any]], None]
@@ -136,34 +125,23 @@ class AsyncJob:
                 print(event.event, event.data.get("step"))
             result = event.data          # the last one is completed (the result body) or failed
         """
-        parser = EventParser()
-        failures = 0
-        timeout = httpx.Timeout(self._client.timeout, read=max(self._client.timeout, STREAM_READ_TIMEOUT_S))
+        follow = Follow(self.request_id, self.response_url, previews, self._client.timeout)
         while True:
+            error: Exception | None = None
             try:
-                with self._client._http.stream("GET", events_url(self.response_url, previews),
-                                               headers=resume_headers(parser), timeout=timeout) as response:
+                with self._client._http.stream("GET", follow.url, headers=follow.headers,
+                                               timeout=follow.timeout) as response:
                     if not response.is_success:
                         response.read()
                         raise_for_status(response)
                     for line in response.iter_lines():
-                        event = parser.feed(line)
-                        if event is not None:
-                            failures = 0
+                        if (event := follow.feed(line)) is not None:
                             yield event
                             if event.terminal:
                                 return
-                error: Exception = KolorsAPIError(0, f"the event stream of {self.request_id} ended early")
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, APIError) as exc:
                 error = exc
-            except APIError as exc:
-                if exc.status not in RETRIED_STATUSES:
-                    raise
-                error = exc
-            failures += 1
-            if failures > MAX_RECONNECTS:
-                raise error
-            time.sleep(RECONNECT_DELAY_S * failures)
+            time.sleep(follow.retry_after(error))
 
 
 class Client:

@@ -14,11 +14,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from kolors_api.client._exceptions import APIError, KolorsAPIError
+
 #: The events that end a stream.
 TERMINAL_EVENTS = ("completed", "failed")
 #: Tries in a row to reopen a dropped stream before giving up; the n-th waits n × RECONNECT_DELAY_S.
 MAX_RECONNECTS = 5
 RECONNECT_DELAY_S = 0.5
+#: HTTP statuses after which a dropped stream is reopened (the store or a replica was away).
+RETRIED_STATUSES = (502, 503, 504)
 #: Read timeout of a stream: the server sends a keep-alive comment every 15 s on an idle one.
 STREAM_READ_TIMEOUT_S = 60.0
 
@@ -88,10 +94,33 @@ class EventParser:
         return Event(name, body if isinstance(body, dict) else {"data": body}, self.last_id)
 
 
-def events_url(response_url: str, previews: bool) -> str:
-    return f"{response_url}/events" + ("?previews=1" if previews else "")
+class Follow:
+    """One `events()` call: where the stream is (for Last-Event-ID) and the reconnect rule."""
 
+    def __init__(self, request_id: str, response_url: str, previews: bool, timeout: float) -> None:
+        self.request_id = request_id
+        self.url = f"{response_url}/events" + ("?previews=1" if previews else "")
+        self.timeout = httpx.Timeout(timeout, read=max(timeout, STREAM_READ_TIMEOUT_S))
+        self.parser = EventParser()
+        self.failures = 0
 
-def resume_headers(parser: EventParser | None) -> dict[str, str]:
-    last = parser.last_id if parser is not None else None
-    return {"Last-Event-ID": last, "Accept": "text/event-stream"} if last else {"Accept": "text/event-stream"}
+    @property
+    def headers(self) -> dict[str, str]:
+        last = self.parser.last_id
+        return {"Accept": "text/event-stream", **({"Last-Event-ID": last} if last else {})}
+
+    def feed(self, line: str) -> Event | None:
+        event = self.parser.feed(line)
+        if event is not None:
+            self.failures = 0
+        return event
+
+    def retry_after(self, error: Exception | None) -> float:
+        """Seconds to wait before reopening a stream that broke with `error` (None: it ended before
+        its terminal event); raises instead when it is not to be retried, or was tried enough."""
+        if isinstance(error, APIError) and error.status not in RETRIED_STATUSES:
+            raise error
+        self.failures += 1
+        if self.failures > MAX_RECONNECTS:
+            raise error or KolorsAPIError(0, f"the event stream of {self.request_id} keeps ending early")
+        return RECONNECT_DELAY_S * self.failures
