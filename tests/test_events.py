@@ -258,3 +258,89 @@ def test_cli_generate_draws_its_bar_from_the_event_stream(srv: LiveServer, tmp_p
     assert (tmp_path / "light.webp").read_bytes()[8:12] == b"WEBP"
     assert route_count(srv, "/v2/requests/{request_id}/events") == streams + 1
     assert route_count(srv, "/v2/requests/{request_id}/status") == polls  # no polling
+
+
+class CuttingProxy:
+    """A loopback HTTP proxy in front of `upstream`: everything passes, but each event stream is cut
+    after its first event (`mode="cut"`, as a flaky network does) or answered 404 (`mode="404"`, as
+    a server without the route does)."""
+
+    def __init__(self, upstream: str, mode: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.forward()
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.forward()
+
+            def forward(self) -> None:
+                events = "/events" in self.path
+                if events:
+                    proxy.streams += 1
+                    if mode == "404":
+                        self.send_response(404)
+                        self.end_headers()
+                        self.wfile.write(b'{"error": "unknown route"}')
+                        return
+                length = int(self.headers.get("content-length") or 0)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
+                with httpx.stream(self.command, upstream + self.path, headers=headers,
+                                  content=self.rfile.read(length) if length else None, timeout=60) as r:
+                    self.send_response(r.status_code)
+                    for name, value in r.headers.items():
+                        if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                            self.send_header(name, value)
+                    self.end_headers()
+                    for chunk in r.iter_raw():
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        if events and b"\n\n" in chunk:
+                            return  # cut after the first event
+
+        self.streams = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_client_events_resume_with_last_event_id_when_the_connection_is_cut(srv: LiveServer) -> None:
+    proxy = CuttingProxy(srv.url, "cut")
+    try:
+        with Client(api_key=srv.key, base_url=proxy.url) as client:
+            job = client.submit_async("kolors", **JOB, steps=20)
+            events = list(job.events())
+    finally:
+        proxy.close()
+
+    assert events[-1].event == "completed" and events[-1].data["request_id"] == job.request_id
+    assert proxy.streams >= 3  # cut after each event, and reopened each time
+    got = steps([Frame(int(e.id or 0), e.event, e.data) for e in events])
+    assert len(got) >= 2 and got == sorted(set(got))  # resumed where it was, never back
+    ids = [int(e.id or 0) for e in events]
+    assert ids == sorted(set(ids))
+
+
+def test_cli_generate_polls_when_the_server_has_no_event_stream(srv: LiveServer, tmp_path: Path) -> None:
+    proxy = CuttingProxy(srv.url, "404")
+    try:
+        proc = generate(srv, "a lighthouse", "-o", "light.webp", "--steps", "2", "--width", "512", "--height",
+                        "512", "--base-url", proxy.url, cwd=tmp_path)
+    finally:
+        proxy.close()
+
+    assert proc.returncode == 0, proc.stderr
+    assert proxy.streams == 1
+    assert (tmp_path / "light.webp").read_bytes()[8:12] == b"WEBP"

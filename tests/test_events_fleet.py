@@ -145,3 +145,19 @@ def test_a_store_outage_ends_the_stream_and_a_new_one_is_503(tmp_path: Path) -> 
             assert set(r.json()) == {"error"}
     finally:
         redis_server.stop()
+
+
+def test_watchers_that_hang_up_on_a_job_that_never_moves_leave_nothing_behind(tmp_path: Path) -> None:
+    settings = Settings(worker=False, data_dir=tmp_path, bootstrap_key=ADMIN_KEY)
+    with InProcess(settings) as srv:
+        rid = submit(srv)  # no worker: nothing will ever wake its watchers
+        svc = srv.server.config.app.state.service
+        for _ in range(5):
+            with httpx.stream("GET", f"{srv.url}/v2/requests/{rid}/events", headers={"x-api-key": ADMIN_KEY},
+                              timeout=30) as r:
+                assert "event: queued" in next(r.iter_text())
+        deadline = time.monotonic() + 10
+        while (svc.metrics.event_streams._value.get() or rid in svc.store._waiters) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.metrics.event_streams._value.get() == 0
+        assert rid not in svc.store._waiters  # no task left waiting on the job
