@@ -189,9 +189,11 @@ async def request_events(request_id: str, request: Request, svc: ServiceDep, key
     previews = wants_previews(request.query_params.get("previews"))
     version, kind = parse_event_id(request.headers.get("last-event-id"))
     job = await svc.own_job(key, request_id)
-    # What a reconnecting client saw: its version (never beyond the job's) and the state its last
-    # event told; a version it saw already is not told again.
+    if version > job.version:
+        version, kind = -1, None  # not an event of this job (it never had that version): start afresh
+    # What a reconnecting client saw: its version and the state its last event told; a version it
+    # saw already is not told again.
     told = {"queued": JobState.QUEUED, "started": JobState.PROCESSING, "progress": JobState.PROCESSING}
-    watch = Watch(svc, request, previews, version=min(version, job.version), state=told.get(kind or ""))
+    watch = Watch(svc, request, previews, version=version, state=told.get(kind or ""))
     return StreamingResponse(_counted(svc, stream(watch, job)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
