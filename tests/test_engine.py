@@ -156,7 +156,7 @@ def test_decoding_one_by_one_matches_the_batch(engine: Engine) -> None:
 def test_on_step_reports_every_step(engine: Engine) -> None:
     for scheduler in ("EulerDiscreteScheduler", "UniPCMultistepScheduler"):
         calls: list[tuple[int, int]] = []
-        engine.generate(params(steps=4, scheduler=scheduler), on_step=lambda s, t: calls.append((s, t)))
+        engine.generate(params(steps=4, scheduler=scheduler), on_step=lambda s, t, preview: calls.append((s, t)))
         assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
@@ -166,7 +166,7 @@ def test_on_step_exception_aborts_and_propagates(engine: Engine) -> None:
 
     calls: list[int] = []
 
-    def cancel_at_2(step: int, total: int) -> None:
+    def cancel_at_2(step: int, total: int, preview: object = None) -> None:
         calls.append(step)
         if step == 2:
             raise Cancelled("cancelled")
