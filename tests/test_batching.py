@@ -46,14 +46,14 @@ class Recorder:
     def batch_limits(self) -> BatchLimits:
         return self.inner.batch_limits()
 
-    def _slow(self, on_step: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-        def step(i: int, total: int) -> None:
+    def _slow(self, on_step: Callable[..., None] | None) -> Callable[..., None]:
+        def step(i: int, total: int, preview: Any = None) -> None:
             time.sleep(self.step_seconds)
             if on_step is not None:
-                on_step(i, total)
+                on_step(i, total, preview)
         return step
 
-    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any:
+    def generate(self, params: GenerateParams, on_step: Callable[..., None] | None = None) -> Any:
         self.calls.append([params.prompt])
         return self.inner.generate(params, self._slow(on_step))
 

@@ -287,23 +287,31 @@ def test_a_job_whose_step_callback_raises_is_dropped_alone(engine: Engine) -> No
 
     steps: list[int] = []
 
-    def stop_at_2(step: int, total: int) -> None:
+    def stop_at_2(step: int, total: int, preview: Any = None) -> None:
         if step == 2:
             raise Stop("cancelled")
 
-    def count(step: int, total: int) -> None:
+    previews: list[bytes] = []
+
+    def count(step: int, total: int, preview: Any = None) -> None:
         steps.append(step)
+        previews.append(preview())
 
     jobs = [params(seed=1, steps=4), params(seed=2, steps=4)]
     a, b = engine.generate_batch([(jobs[0], stop_at_2), (jobs[1], count)])
     assert isinstance(a, Stop) and isinstance(b, GenerationOutput)
     assert steps == [1, 2, 3, 4]  # the other job ran to its end
+    # its previews are of its own first image: those of a run of its own
+    alone_previews: list[bytes] = []
+    engine.generate(jobs[1], lambda step, total, preview: alone_previews.append(preview()))
+    for ours, theirs in zip(previews, alone_previews, strict=True):
+        assert np.abs(pixels(ours).astype(int) - pixels(theirs).astype(int)).mean() < 1
     alone = pixels(engine.generate(jobs[1]).images[0]).astype(int)
     assert np.abs(pixels(b.images[0]).astype(int) - alone).max() <= 1
     # when every job is dropped, the call stops at once
     seen: list[int] = []
 
-    def stop_both(step: int, total: int) -> None:
+    def stop_both(step: int, total: int, preview: Any = None) -> None:
         seen.append(step)
         raise Stop("lease lost")
 
