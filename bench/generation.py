@@ -37,13 +37,18 @@ def body(i: int, size: int, steps: int) -> dict[str, Any]:
             "steps": steps}
 
 
-def stock_sequential(model: str, size: int, steps: int, n: int) -> float:
-    """Wall seconds for `n` requests one after another through stock diffusers (webp q80 each)."""
-    import torch
+def stock_pipeline(model: str) -> Any:
     from diffusers import KolorsPipeline
 
     pipe = KolorsPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stock_sequential(pipe: Any, size: int, steps: int, n: int) -> float:
+    """Wall seconds for `n` requests one after another through stock diffusers (webp q80 each)."""
+    import torch
+
     started = time.perf_counter()
     for i in range(n):
         b = body(i, size, steps)
@@ -126,9 +131,11 @@ def main() -> None:
         results.setdefault(name, {})[n] = min(walls)
         print(f"  {name:34} {n} requests: {min(walls):7.2f}s best of {[round(w, 2) for w in walls]}", flush=True)
 
-    stock_sequential(model, size, steps, 1)  # warm-up
+    pipe = stock_pipeline(model)
+    stock_sequential(pipe, size, steps, 1)  # warm-up
     for n in levels:
-        best("stock diffusers, one after another", n, lambda n=n: stock_sequential(model, size, steps, n))
+        best("stock diffusers, one after another", n, lambda n=n: stock_sequential(pipe, size, steps, n))
+    del pipe
 
     async def v1(client: httpx.AsyncClient, i: int) -> httpx.Response:
         return await client.post("/v1/kolors", json=body(i, size, steps))

@@ -18,6 +18,7 @@ from kolors_api.jobs import Job, JobState, JobStore, NewJob, make_key_record, ne
 from kolors_api.jobs.batching import BatchLimits
 from kolors_api.schema import GenerateParams
 from kolors_api.worker import Worker, WorkerConfig
+from kolors_api.worker.batch import CALLS
 from tests.test_store import drop, make
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,12 +101,15 @@ async def test_queued_jobs_of_one_shape_share_a_call_and_each_keeps_its_own_outc
     key = make_key_record("batch", new_key(), credits=100.0)
     await store.add_key(key)
     recorder = Recorder(engine)
+    before = dict(CALLS)
     ids = await submit_all(store, job_params("x1"), job_params("y1", width=320), job_params("x2", number_of_images=2),
                            job_params("x3", output_format="png", negative_prompt="dull"),
                            job_params("y2", width=320), key_id=key.id)
     async with running(store, recorder, max_batch_images=8):
         jobs = [await wait_for(store, i, terminal) for i in ids]
     assert recorder.calls == [["x1", "x2", "x3"], ["y1", "y2"]]
+    # the engine-call counters of /metrics (kolors_engine_call_*): 2 calls, 5 jobs, 6 images
+    assert {name: CALLS[name] - before[name] for name in CALLS} == {"calls": 2, "jobs": 5, "images": 6}
     assert [j.state for j in jobs] == [JobState.COMPLETED] * 5
     assert [j.outputs for j in jobs] == [1, 1, 2, 1, 1]
     assert jobs[2].seeds == [2, 3] and jobs[3].ext == "png" and jobs[0].ext == "webp"

@@ -25,6 +25,16 @@ class JobAborted(Exception):  # noqa: N818
 CANCELLED = "cancelled"
 LEASE_LOST = "lease lost"
 
+#: Engine calls of the process's workers, and the jobs and images they ran (jobs / calls: the mean
+#: batch): `kolors_engine_calls_total`, `kolors_engine_call_jobs_total`, `kolors_engine_call_images_total`.
+CALLS = {"calls": 0, "jobs": 0, "images": 0}
+
+
+def count_call(runs: list[JobRun]) -> None:
+    CALLS["calls"] += 1
+    CALLS["jobs"] += len(runs)
+    CALLS["images"] += sum(run.params.number_of_images for run in runs)
+
 
 class JobRun:
     """A claimed job while the engine runs it."""

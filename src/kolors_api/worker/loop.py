@@ -25,7 +25,7 @@ from kolors_api.jobs import JobState, JobStore, Lease
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
-from kolors_api.worker.batch import CANCELLED, JobAborted, JobRun
+from kolors_api.worker.batch import CANCELLED, JobAborted, JobRun, count_call
 from kolors_api.worker.engines import EngineLike
 
 log = logging.getLogger("kolors_api.worker")
@@ -229,6 +229,8 @@ class Worker:
         if not runs:
             return _nothing()
         hb = asyncio.create_task(self._heartbeats(runs))
+        count_call(runs)
+        log.debug("worker %s: %d job(s) in one engine call: %s", self.id, len(runs), " ".join(r.job.id for r in runs))
         assert self.engine is not None
         engine = self.engine
         if len(runs) == 1:

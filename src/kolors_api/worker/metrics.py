@@ -54,7 +54,8 @@ def _cuda_peak_memory() -> float:
 
 class _PromptCacheCollector:
     """`kolors_prompt_cache_hits_total` / `_misses_total`: the engine's prompt-embedding cache
-    (`kolors_api.engine.prompt_cache.STATS`), 0 until an engine runs in this process."""
+    (`kolors_api.engine.prompt_cache.STATS`), 0 until an engine runs in this process; and the engine
+    calls of the workers with the jobs and images they ran (`kolors_api.worker.batch.CALLS`)."""
 
     def __init__(self, metrics_core: Any) -> None:
         self._core = metrics_core
@@ -66,4 +67,12 @@ class _PromptCacheCollector:
             family = self._core.CounterMetricFamily(
                 f"kolors_prompt_cache_{name}", f"Prompt-embedding cache {name} of the engine")
             family.add_metric([], stats[name])
+            yield family
+        batch = sys.modules.get("kolors_api.worker.batch")
+        calls = batch.CALLS if batch is not None else {"calls": 0, "jobs": 0, "images": 0}
+        for name, metric, text in (("calls", "kolors_engine_calls", "Engine calls (one batch each)"),
+                                   ("jobs", "kolors_engine_call_jobs", "Jobs run by engine calls"),
+                                   ("images", "kolors_engine_call_images", "Images made by engine calls")):
+            family = self._core.CounterMetricFamily(metric, text)
+            family.add_metric([], calls[name])
             yield family
