@@ -69,8 +69,15 @@ class GenerationOutput:
     images: list[bytes]  # encoded per params.output_format / output_quality
     seeds: list[int]  # params.seeds
     content_type: str  # params.content_type
-    inference_time: float  # seconds spent in the pipeline call + encoding
+    inference_time: float  # seconds spent in the pipeline call (and encoding, unless deferred)
     peak_memory_bytes: int | None = None  # the accelerator's peak allocation during the call (CUDA)
+    #: With `generate_batch(..., defer_encoding=True)`: `images` is empty until `encode()` (any thread)
+    #: returns them, so the engine can take the next batch meanwhile.
+    encode: Callable[[], list[bytes]] | None = None
+
+
+def _encoder(images: list[Any], params: GenerateParams) -> Callable[[], list[bytes]]:
+    return lambda: [encode_image(image, params.output_format, params.output_quality) for image in images]
 
 
 def make_scheduler_from_config(name: str, base_config: Any) -> Any:
@@ -244,8 +251,15 @@ class Engine:
             raise out
         return out
 
+    @property
+    def defer_encoding(self) -> bool:
+        """Whether the worker should encode images off the engine thread (`generate_batch`'s
+        `defer_encoding`): on a GPU the CPU is free while the next batch denoises; on CPU encoding
+        would take cores from it (bench/generation.py measures both)."""
+        return self.on_cuda
+
     def generate_batch(
-        self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]]
+        self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]], *, defer_encoding: bool = False,
     ) -> list[GenerationOutput | BaseException]:
         """Run several requests of one shape (`jobs.batching.SHAPE_FIELDS`) in one pipeline call.
 
@@ -255,7 +269,7 @@ class Engine:
         image). A job whose `on_step` raises is dropped from the outputs (its rows still run to the
         end of the call; no scheduler can lose batch rows mid-run) and gets that exception as its
         result; the call stops early only when every job was dropped. An error of the pipeline
-        itself is every job's result."""
+        itself is every job's result. `defer_encoding`: each output's `encode()` encodes its images."""
         first = jobs[0][0]
         for params, _ in jobs[1:]:
             if shape(params.to_dict()) != shape(first.to_dict()):
@@ -306,10 +320,10 @@ class Engine:
                     if n in dropped:
                         outputs.append(dropped[n])
                         continue
-                    encoded = [encode_image(image, params.output_format, params.output_quality)
-                               for image in self._decode(pipe, rows)]
-                    outputs.append(GenerationOutput(images=encoded, seeds=params.seeds,
-                                                    content_type=params.content_type, inference_time=0.0))
+                    encode = _encoder(self._decode(pipe, rows), params)
+                    outputs.append(GenerationOutput(images=[] if defer_encoding else encode(), seeds=params.seeds,
+                                                    content_type=params.content_type, inference_time=0.0,
+                                                    encode=encode if defer_encoding else None))
         except Exception as exc:
             return [dropped.get(n, exc) for n in range(len(jobs))]
         elapsed = time.perf_counter() - start

@@ -233,7 +233,12 @@ class Worker:
         log.debug("worker %s: %d job(s) in one engine call: %s", self.id, len(runs), " ".join(r.job.id for r in runs))
         assert self.engine is not None
         engine = self.engine
-        if len(runs) == 1:
+        generate_batch = getattr(engine, "generate_batch", None)
+        if generate_batch is not None:
+            batch = [(run.params, run.on_step) for run in runs]
+            deferred = {"defer_encoding": True} if getattr(engine, "defer_encoding", False) else {}
+            outs = await loop.run_in_executor(self._pool, lambda: generate_batch(batch, **deferred))
+        else:
             run = runs[0]
 
             def one() -> list[Any]:
@@ -242,9 +247,6 @@ class Worker:
                 except Exception as exc:
                     return [exc]
             outs = await loop.run_in_executor(self._pool, one)
-        else:
-            batch = [(run.params, run.on_step) for run in runs]
-            outs = await loop.run_in_executor(self._pool, lambda: engine.generate_batch(batch))  # type: ignore[attr-defined]
         return self._finish(runs, outs, hb)
 
     async def _heartbeats(self, runs: list[JobRun]) -> None:
@@ -291,9 +293,11 @@ class Worker:
             log.error("job %s failed", job.id, exc_info=out)
             await self.store.fail(lease, engine_error(out, job.id))
             return
+        loop = asyncio.get_running_loop()
+        if getattr(out, "encode", None) is not None:  # encoded here, while the engine runs the next batch
+            out.images = await loop.run_in_executor(self._post, out.encode)
         if self.safety is not None:
-            blocked = await asyncio.get_running_loop().run_in_executor(self._post, self.safety.check_images,
-                                                                       out.images)
+            blocked = await loop.run_in_executor(self._post, self.safety.check_images, out.images)
             if blocked:
                 await self.store.fail(lease, f"content blocked: {blocked}")
                 return
