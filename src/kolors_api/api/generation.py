@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.auth import authenticate, presented_key
-from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep, failed
+from kolors_api.api.deps import CallerKey, JsonBody, Service, ServiceDep, failed
 from kolors_api.api.models import (
     CancelBody,
     ErrorBody,
@@ -17,6 +17,7 @@ from kolors_api.api.models import (
     StatusBody,
     Submitted,
     SyncImages,
+    WebhookAttempts,
     errors,
     json_request,
 )
@@ -40,6 +41,17 @@ def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
     if job.state == JobState.FAILED:
         body["error"] = job.error or "failed"
     return body
+
+
+def result_body(svc: Service, request: Request | None, job: Job) -> dict[str, Any]:
+    """The body of a COMPLETED job's result (output URLs signed; absolute from PUBLIC_URL or `request`)."""
+    return {"request_id": job.id, "status": job.state.value, "output": svc.output_urls(request, job),
+            "seeds": job.seeds, "metrics": job.metrics, "input": job.params}
+
+
+def webhook_body(svc: Service, job: Job) -> dict[str, Any]:
+    """What a webhook delivery sends: the result body once COMPLETED, else the status body."""
+    return result_body(svc, None, job) if job.state == JobState.COMPLETED else status_body(job)
 
 
 #: The model path parameter: `kolors` is the one model (any other name is a 404 naming it).
@@ -74,7 +86,8 @@ async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key
              response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 429, 503))
 async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     job = await svc.submit(request, key, model, body)
-    return JSONResponse({"request_id": job.id, "status": job.state.value, **svc.links(request, job)})
+    # the same answer for a repeated Idempotency-Key (`Idempotent-Replayed: true`), whatever the job did since
+    return JSONResponse({"request_id": job.id, "status": JobState.QUEUED.value, **svc.links(request, job)})
 
 
 async def live_status(svc: ServiceDep, job: Job) -> dict[str, Any]:
@@ -97,14 +110,15 @@ async def request_result(request_id: str, request: Request, svc: ServiceDep, key
     job = await svc.own_job(key, request_id)
     if job.state != JobState.COMPLETED:
         return JSONResponse(await live_status(svc, job), status_code=202)
-    return JSONResponse({
-        "request_id": job.id,
-        "status": job.state.value,
-        "output": svc.output_urls(request, job),
-        "seeds": job.seeds,
-        "metrics": job.metrics,
-        "input": job.params,
-    })
+    return JSONResponse(result_body(svc, request, job))
+
+
+@router.get("/v2/requests/{request_id}/webhooks", summary="The webhook delivery attempts of a request",
+            response_model=WebhookAttempts, responses=errors(401, 403, 404))
+async def request_webhooks(request_id: str, svc: ServiceDep, key: CallerKey) -> Response:
+    """Every try of every delivery, oldest first: time, event, HTTP status, latency, error."""
+    job = await svc.own_job(key, request_id)
+    return JSONResponse({"request_id": job.id, "data": [a.to_dict() for a in await svc.store.webhook_attempts(job.id)]})
 
 
 @router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)",

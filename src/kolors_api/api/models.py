@@ -291,6 +291,27 @@ class Account(BaseModel):
     credits: float | None
     limits: Limits
     usage: Usage
+    webhook_secret: str = Field(description="The `whsec_` secret that signs this key's webhooks (Standard Webhooks)")
+
+
+class WebhookSecret(BaseModel):
+    id: str
+    webhook_secret: str
+
+
+class WebhookAttempt(BaseModel):
+    delivery_id: str = Field(description="the `webhook-id` of the delivery (the same for each try)")
+    event: Literal["start", "progress", "completed", "failed"]
+    attempt: int
+    at: float
+    status: int | None = Field(description="the receiver's HTTP status; null when no answer came")
+    latency: float
+    error: str | None
+
+
+class WebhookAttempts(BaseModel):
+    request_id: str
+    data: list[WebhookAttempt]
 
 
 class HistoryItem(BaseModel):
