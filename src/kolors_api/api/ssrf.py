@@ -55,8 +55,9 @@ def why_blocked(ip: IP) -> str | None:
         (ip.is_link_local, "a link-local address"),
         (ip.is_multicast, "a multicast address"),
         (isinstance(ip, ipaddress.IPv4Address) and ip in CGNAT, "a carrier-grade NAT address"),
+        (ip.is_reserved, "a reserved address"),
         (ip.is_private, "a private address"),
-        (ip.is_reserved or not ip.is_global, "a reserved address"),
+        (not ip.is_global, "a reserved address"),
     )
     return next((why for hit, why in checks if hit), None)
 
