@@ -174,7 +174,7 @@ def test_malformed_webhook_fields_are_refused_naming_the_field(client: TestClien
 
 def test_the_models_schema_names_the_webhook_fields(client: TestClient) -> None:
     props = client.get("/v1/models", headers=H).json()["data"][0]["parameters"]["properties"]
-    assert props["webhook"]["format"] == "uri"
+    assert props["webhook"]["type"] == "string"
     assert props["webhook_events_filter"]["items"]["enum"] == ["start", "progress", "completed", "failed"]
 
 

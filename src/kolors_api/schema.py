@@ -251,7 +251,7 @@ def validate(body: Any) -> GenerateParams:
 
 #: The fields of a submit body beside the model's parameters (the JSON Schema of each).
 WEBHOOK_FIELDS: dict[str, dict[str, Any]] = {
-    "webhook": {"type": "string", "format": "uri", "maxLength": 2048,
+    "webhook": {"type": "string", "maxLength": 2048,
                 "description": "An http(s) URL to POST the request's status body to (signed per Standard "
                                "Webhooks); addresses of private networks are refused."},
     "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
