@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import pytest
 from standardwebhooks import Webhook
 from starlette.testclient import TestClient
@@ -250,10 +251,10 @@ def test_refused_webhooks_are_400_at_submit_and_never_dialled(tmp_path: Path) ->
             trip6.close()
 
 
-async def _dial(url: str, resolve: Any) -> int:
-    import httpcore
-
-    async with httpcore.AsyncConnectionPool(network_backend=GuardedBackend(Policy("127.0.0.1"), resolve)) as pool:
+async def _dial(url: str, resolve: Any, policy: Policy | None = None) -> int:
+    """POST to `url` through the guarded network backend of the delivery runner."""
+    async with httpcore.AsyncConnectionPool(network_backend=GuardedBackend(policy or Policy("127.0.0.1"),
+                                                                           resolve)) as pool:
         r = await pool.request("POST", url, content=b"{}")
         return int(r.status)
 
@@ -289,17 +290,9 @@ async def test_an_allow_listed_name_is_reached() -> None:
         await check_webhook_url(url, Policy("hooks.internal"), resolve)
         with pytest.raises(Blocked, match="hooks.internal resolves to 127.0.0.1, a loopback address"):
             await check_webhook_url(url, Policy(""), resolve)
-        assert await asyncio.to_thread(asyncio.run, _dial_policy(url, Policy("hooks.internal"), resolve)) == 200
+        assert await asyncio.to_thread(asyncio.run, _dial(url, resolve, Policy("hooks.internal"))) == 200
     finally:
         receiver.close()
-
-
-async def _dial_policy(url: str, policy: Policy, resolve: Any) -> int:
-    import httpcore
-
-    async with httpcore.AsyncConnectionPool(network_backend=GuardedBackend(policy, resolve)) as pool:
-        r = await pool.request("POST", url, content=b"{}")
-        return int(r.status)
 
 
 # -- Idempotency-Key

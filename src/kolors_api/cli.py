@@ -261,7 +261,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Manage API keys straight in the store, with or without a server running. "
                                    "Pass the server's --data-dir/--store; no store is ever created but by "
                                    "`keys create --init`.")
-    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,disable,enable,delete,rotate-webhook-secret}")
+    ks = k.add_subparsers(dest="keys_cmd", required=True,
+                          metavar="{create,list,disable,enable,delete,rotate-webhook-secret}")
     kc = ks.add_parser("create", help="create a key (printed once)", description="Create a key; it is printed "
                                       "once on stdout, its id, name, admin flag and credits on stderr.")
     kc.add_argument("--name", required=True, help="a name for the key (required)")

@@ -144,7 +144,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
-                               delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve)
+                               delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve,
+                               outage=svc.outage_seen)
         svc.webhook_task = asyncio.create_task(runner.run())
         if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())

@@ -32,7 +32,7 @@ from standardwebhooks import Webhook
 from kolors_api import __version__
 from kolors_api.api.ssrf import Blocked, GuardedBackend, Policy, Resolver, system_resolve
 from kolors_api.jobs import Job, JobStore, WebhookAttempt, WebhookDelivery
-from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.outage import is_outage
 
 log = logging.getLogger("kolors_api.webhooks")
 
@@ -48,9 +48,11 @@ def sign(secret: str, message_id: str, body: str, at: float | None = None) -> di
 
 
 class WebhookRunner:
-    """Delivers the store's due webhooks until cancelled; `body_of(job)` is what a delivery sends."""
+    """Delivers the store's due webhooks until cancelled; `body_of(job)` is what a delivery sends,
+    `outage(exc)` is told when the store cannot be reached (the API logs that once, for all its users)."""
 
     def __init__(self, store: JobStore, body_of: Callable[[Job], dict[str, Any]], *, policy: Policy,
+                 outage: Callable[[BaseException], None],
                  delays: tuple[float, ...], resolve: Resolver = system_resolve,
                  poll: float = 0.5, lease: float = 60.0, batch: int = 16, timeout: float = TIMEOUT) -> None:
         self.store = store
@@ -62,16 +64,18 @@ class WebhookRunner:
         self.timeout = timeout
         self.pool = httpcore.AsyncConnectionPool(network_backend=GuardedBackend(policy, resolve), retries=0,
                                                  max_keepalive_connections=0)
-        self.outage = Outage(log, "webhook outbox", meanwhile="deliveries wait in the store")
+        self.outage = outage
 
     async def run(self) -> None:
         try:
             while True:
                 try:
                     due = await self.store.claim_webhooks(self.lease, self.batch)
-                    self.outage.ok()
-                except Exception as exc:
-                    self.outage.failed(exc)
+                except Exception as exc:  # deliveries wait in the store meanwhile
+                    if is_outage(exc):
+                        self.outage(exc)
+                    else:
+                        log.exception("claiming webhook deliveries failed")
                     due = []
                 if not due:
                     await asyncio.sleep(self.poll)
