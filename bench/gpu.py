@@ -3,8 +3,8 @@ weights (`random:full`: Kolors' real shapes), in one run, on one set of weights:
 
 1. stock diffusers: `KolorsPipeline(...)(prompt, ...)` in fp16, as its docs show it;
 2. our `Engine`, default options (fp16, SDPA, channels_last, fp32 VAE decode), and its images/s at
-   batch 1, 2, 4, 8 (number_of_images), one 2048² image (decoded in tiles), and the VAE decode
-   alone in fp32 and bf16;
+   batch 1, 2, 4, 8 (number_of_images), 4 and 8 one-image jobs in one call (`generate_batch`, the
+   worker's batching), one 2048² image (decoded in tiles), and the VAE decode alone in fp32 and bf16;
 3. our `Engine` with `--compile` (torch.compile of the UNet; compile time reported apart).
 
 Peak accelerator memory per row. Prints a table and writes JSON. `bench/gpu.sh` runs it on a GPU
@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--size", choices=("small", "full"), default="full")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--batches", default="1,2,4,8", help="number_of_images of one request")
+    ap.add_argument("--job-batches", default="4,8", help="one-image jobs run together (the worker's batching)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-large", dest="large", action="store_false", help="skip the 2048x2048 row (tiled decode)")
     ap.add_argument("--no-vae-rows", dest="vae_rows", action="store_false", help="skip timing the VAE decode alone")
@@ -123,6 +124,13 @@ def main() -> None:
         params = dataclasses.replace(SEED, number_of_images=batch)
         bench.run("kolors-api Engine" + (f", batch {batch}" if batch > 1 else ""),
                   lambda params=params: engine.generate(params), images=batch, warm_up=i == 0)
+
+    for batch in (int(b) for b in args.job_batches.split(",") if b):
+        # what the worker's batching runs: `batch` one-image jobs, each its own prompt and seed
+        jobs = [(dataclasses.replace(SEED, prompt=f"{SEED.prompt}, variant {k}", seed=SEED.seed + 1000 * k), None)
+                for k in range(batch)]
+        bench.run(f"Engine, {batch} jobs batched", lambda jobs=jobs: engine.generate_batch(jobs), images=batch,
+                  warm_up=False)
 
     if args.vae_rows:  # where the decode's time goes: the fp32 VAE against a bf16 copy (same range as fp32)
         latents = torch.randn(1, 4, SEED.height // 8, SEED.width // 8, device=args.device,
@@ -154,11 +162,11 @@ def main() -> None:
     base = bench.rows[0]["median_s"]
     print(f"\nseed request {SEED.width}x{SEED.height}, {SEED.steps} steps, cfg {SEED.cfg}: random:{args.size} "
           f"on {name}, {dtype}, repeats {args.repeats}")
-    print(f"{'path':22} {'images':>6} {'median s':>9} {'min s':>7} {'img/s':>7} {'x stock':>8} {'peak GiB':>9}")
+    print(f"{'path':28} {'images':>6} {'median s':>9} {'min s':>7} {'img/s':>7} {'x stock':>8} {'peak GiB':>9}")
     for row in bench.rows:
         speedup = base / (row["median_s"] / row["images"])
         peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
-        print(f"{row['path']:22} {row['images']:>6} {row['median_s']:>9.3f} {row['min_s']:>7.3f} "
+        print(f"{row['path']:28} {row['images']:>6} {row['median_s']:>9.3f} {row['min_s']:>7.3f} "
               f"{row['images_per_s']:>7.3f} {speedup:>8.2f} {peak:>9}")
     bench.save()
     print(f"wrote {bench.out}")

@@ -15,7 +15,8 @@ def setting_help(text: str, name: str, default: str) -> str:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload` (settings of the same names)."""
+    """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload`, `--max-batch-images`,
+    `--max-batch-megapixels`, `--batch-wait-ms` (settings of the same names)."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     p.add_argument("--compile", action="store_true", default=None,
@@ -28,6 +29,15 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                                               "decodes in fp16", "vae", "the model's own"))
     p.add_argument("--offload", action="store_true", default=None,
                    help=setting_help("model CPU offload for cards of about 16 GB; slower", "offload", "off"))
+    p.add_argument("--max-batch-images", dest="max_batch_images", type=int, metavar="N",
+                   help=setting_help("images per engine call: queued jobs of one shape run together; 1 = off",
+                                     "max_batch_images", "0: sized for the device"))
+    p.add_argument("--max-batch-megapixels", dest="max_batch_megapixels", type=float, metavar="MP",
+                   help=setting_help("images x pixels per engine call, in millions", "max_batch_megapixels",
+                                     "0: sized for the device"))
+    p.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=int, metavar="MS",
+                   help=setting_help("how long a job waits for company of its shape before its call starts",
+                                     "batch_wait_ms", "0: batch only what is queued"))
 
 
 def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     offload: bool = False
     #: Prompt embeddings cached on the device, in MiB (least recently used out; 0 = off).
     prompt_cache_mb: int = Field(256, ge=0)
+    #: Images per engine call: queued jobs of one shape run together (0 = sized for the device; 1 = off).
+    max_batch_images: int = Field(0, ge=0, le=256)
+    #: Images × pixels per engine call, in millions (0 = sized for the device).
+    max_batch_megapixels: float = Field(0.0, ge=0, le=1000)
+    #: How long a claimed job waits for company of its shape before its call starts (0 = not at all).
+    batch_wait_ms: int = Field(0, ge=0, le=60000)
     #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
     #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.
     engine: str = "kolors_api.worker.engines:kolors"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
 from kolors_api.engine.prompt_cache import PromptCache
+from kolors_api.jobs.batching import BatchLimits, shape
 from kolors_api.schema import SCHEDULERS, GenerateParams
 from kolors_api.settings import random_model_size
 
@@ -200,6 +201,18 @@ class Engine:
                 self.generate(GenerateParams(prompt="warm-up", steps=2, width=width, height=height))
                 log.info("compiled for %dx%d in %.1fs", width, height, time.perf_counter() - started)
 
+    def batch_limits(self) -> BatchLimits:
+        """How large a call this engine takes by default (the worker's batching; settings override):
+        on CPU 8 images, four 1024² images of pixels; on a GPU by its memory (the real model at 1024²
+        needs about 18 GiB of weights and 0.6 GiB more per image); no batching when offloaded."""
+        if self.options.offload:
+            return BatchLimits()
+        megapixel_images = 4
+        if self.on_cuda:
+            free_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30 - 24
+            megapixel_images = max(1, min(16, int(free_gib // 2)))
+        return BatchLimits(max_images=max(8, megapixel_images), max_pixels=megapixel_images * 1024 * 1024)
+
     def make_scheduler(self, name: str) -> Any:
         """A fresh scheduler per call, from the loaded pipeline's scheduler config."""
         return make_scheduler_from_config(name, self.pipe.scheduler.config)
@@ -225,43 +238,92 @@ class Engine:
         Same params, same device: same bytes. Image i of a batch starts from the same noise as a
         single-image run with seed+i and looks the same, but is not always bit-identical to it:
         batched kernels may round a few pixels differently."""
+        out = self.generate_batch([(params, on_step)])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def generate_batch(
+        self, jobs: Sequence[tuple[GenerateParams, Callable[[int, int], None] | None]]
+    ) -> list[GenerationOutput | BaseException]:
+        """Run several requests of one shape (`jobs.batching.SHAPE_FIELDS`) in one pipeline call.
+
+        Each job keeps its own prompts, seeds (image i from seed+i: its own generators, so also the
+        stochastic schedulers draw its noise as a run of its own would), number of images and output
+        format. A job whose `on_step` raises is dropped from the outputs (its rows still run to the
+        end of the call; no scheduler can lose batch rows mid-run) and gets that exception as its
+        result; the call stops early only when every job was dropped. An error of the pipeline
+        itself is every job's result."""
+        first = jobs[0][0]
+        for params, _ in jobs[1:]:
+            if shape(params.to_dict()) != shape(first.to_dict()):
+                raise ValueError("generate_batch: jobs of different shapes cannot share a pipeline call")
         start = time.perf_counter()
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        pipe = self._call_pipeline(self.make_scheduler(params.scheduler))
-        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in params.seeds]
+        pipe = self._call_pipeline(self.make_scheduler(first.scheduler))
+        generators = [torch.Generator(device=self.device).manual_seed(seed)
+                      for params, _ in jobs for seed in params.seeds]
+        dropped: dict[int, BaseException] = {}
+        watched = [n for n, (_, on_step) in enumerate(jobs) if on_step is not None]
 
         def step_end(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if on_step is not None:
-                on_step(i + 1, p.num_timesteps)
+            for n in watched:
+                on_step = jobs[n][1]
+                if n not in dropped and on_step is not None:
+                    try:
+                        on_step(i + 1, p.num_timesteps)
+                    except Exception as exc:
+                        dropped[n] = exc
+            if len(dropped) == len(jobs):
+                raise dropped[min(dropped)]
             return {}
 
-        with torch.inference_mode():
-            embeds = self.prompts.encode(
-                pipe, params.prompt, params.negative_prompt if params.cfg > 1 else None,
-                device=pipe._execution_device, max_sequence_length=MAX_SEQUENCE_LENGTH)
-            latents = pipe(
-                **embeds.pipeline_kwargs(params.number_of_images),
-                guidance_scale=params.cfg,
-                num_inference_steps=params.steps,
-                width=params.width,
-                height=params.height,
-                num_images_per_prompt=1,
-                generator=generators,
-                output_type="latent",
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                callback_on_step_end=step_end if on_step is not None else None,
-                callback_on_step_end_tensor_inputs=[],
-            ).images
-            images = self._decode(pipe, latents)
-        encoded = [encode_image(image, params.output_format, params.output_quality) for image in images]
-        return GenerationOutput(
-            images=encoded,
-            seeds=params.seeds,
-            content_type=params.content_type,
-            inference_time=time.perf_counter() - start,
-            peak_memory_bytes=torch.cuda.max_memory_allocated(self.device) if self.on_cuda else None,
-        )
+        try:
+            with torch.inference_mode():
+                latents = pipe(
+                    **self._embeddings(pipe, [params for params, _ in jobs]),
+                    guidance_scale=first.cfg,
+                    num_inference_steps=first.steps,
+                    width=first.width,
+                    height=first.height,
+                    num_images_per_prompt=1,
+                    generator=generators,
+                    output_type="latent",
+                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    callback_on_step_end=step_end if watched else None,
+                    callback_on_step_end_tensor_inputs=[],
+                ).images
+                outputs: list[GenerationOutput | BaseException] = []
+                row = 0
+                for n, (params, _) in enumerate(jobs):
+                    rows = latents[row : row + params.number_of_images]
+                    row += params.number_of_images
+                    if n in dropped:
+                        outputs.append(dropped[n])
+                        continue
+                    encoded = [encode_image(image, params.output_format, params.output_quality)
+                               for image in self._decode(pipe, rows)]
+                    outputs.append(GenerationOutput(images=encoded, seeds=params.seeds,
+                                                    content_type=params.content_type, inference_time=0.0))
+        except Exception as exc:
+            return [dropped.get(n, exc) for n in range(len(jobs))]
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) if self.on_cuda else None
+        for out in outputs:
+            if isinstance(out, GenerationOutput):
+                out.inference_time, out.peak_memory_bytes = elapsed, peak
+        return outputs
+
+    def _embeddings(self, pipe: Pipeline, jobs: list[GenerateParams]) -> dict[str, Any]:
+        """The pipeline's embedding arguments for every image of `jobs`, in order (prompt cache first)."""
+        parts = [self.prompts.encode(pipe, params.prompt, params.negative_prompt if params.cfg > 1 else None,
+                                     device=pipe._execution_device, max_sequence_length=MAX_SEQUENCE_LENGTH)
+                 .pipeline_kwargs(params.number_of_images) for params in jobs]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: None if parts[0][name] is None else torch.cat([part[name] for part in parts])
+                for name in parts[0]}
 
     def _decode(self, pipe: Pipeline, latents: torch.Tensor) -> list[Any]:
         """Latents -> PIL images, as KolorsPipeline does it (its VAE may be kept in fp32 here)."""

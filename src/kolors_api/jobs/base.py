@@ -30,6 +30,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
+from kolors_api.jobs.batching import BatchBuilder
+
 
 class JobState(enum.StrEnum):
     QUEUED = "QUEUED"
@@ -352,6 +354,11 @@ class JobStore(Protocol):
     # -- jobs: worker side
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
         """Take the oldest queued job (or one whose lease ran out), waiting up to `timeout`."""
+        ...
+
+    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+        """Claim, oldest first, queued jobs that fit `batch` (`kolors_api.jobs.batching`: same shape,
+        within its budget), adding each to it; each gets a lease of its own. May return []."""
         ...
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:

@@ -59,6 +59,7 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
+from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_hooks import RedisHooks
@@ -274,9 +275,35 @@ class RedisStore(RedisHooks):
                 return None
             for entry, job_id in await self._read_new(worker_id, min(left, self.recheck)):
                 got = await self._call(names.SCRIPT_CLAIM_ENTRY, worker_id, token, lease_ms, horizon_ms,
-                                       entry, job_id)
+                                       entry, job_id, self.max_deliveries)
                 if _str(got[0]) == "ok":
                     return _lease(got, token, worker_id)
+
+    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+        # Read the oldest queued jobs, then claim each that fits with a script fenced on its state
+        # (another worker may take it meanwhile); its stream entry follows when it is read.
+        r = await self._conn()
+        ids = [_str(i) for i in await r.zrange(self.keys.queued, 0, batch.limits.window - 1)]
+        if not ids:
+            return []
+        async with r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.keys.job(job_id), "params")
+            raw = await pipe.execute()
+        lease_ms, horizon_ms = repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)
+        leases: list[Lease] = []
+        for job_id, text in zip(ids, raw, strict=True):
+            if batch.full:
+                break
+            params = json.loads(text) if text else None
+            if params is None or not batch.fits(params):
+                continue
+            token = uuid.uuid4().hex
+            got = await self._call(names.SCRIPT_CLAIM_QUEUED, worker_id, token, lease_ms, horizon_ms, job_id)
+            if _str(got[0]) == "ok":
+                leases.append(_lease(got, token, worker_id))
+                batch.add(params)
+        return leases
 
     async def _read_new(self, worker_id: str, wait: float) -> list[tuple[str, str]]:
         """XREADGROUP … BLOCK for one new entry: [(entry id, job id)] or []."""

@@ -88,6 +88,18 @@ local function take(id, entry, worker, token, lease_ms, horizon, t)
   publish(id)
   return with_status('ok', redis.call('HGETALL', jk))
 end
+-- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
+local function reclaim(id, entry, state, deliveries, worker, token, lease_ms, horizon, max_deliveries, t)
+  if state == 'PROCESSING' then redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1) end
+  if deliveries >= max_deliveries then
+    local reason = 'worker lost ' .. deliveries .. ' times'
+    fail_job(id, reason, t)
+    redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
+    redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
+    return {'none'}
+  end
+  return take(id, entry, worker, token, lease_ms, horizon, t)
+end
 """
 
 _LUA_BODIES: dict[str, str] = {
@@ -167,16 +179,8 @@ for _ = 1, 1000 do
           'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
       elseif h[1] == 'PROCESSING' or h[1] == 'QUEUED' then
         -- QUEUED here: read by a worker that died before its claim script ran
-        if h[1] == 'PROCESSING' then redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1) end
-        local deliveries = tonumber(h[4])
-        if deliveries >= max_deliveries then
-          local reason = 'worker lost ' .. deliveries .. ' times'
-          fail_job(id, reason, t)
-          redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
-          redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
-        else
-          return take(id, entry, worker, token, lease_ms, horizon, t)
-        end
+        local got = reclaim(id, entry, h[1], tonumber(h[4]), worker, token, lease_ms, horizon, max_deliveries, t)
+        if got[1] == 'ok' then return got end
       else
         ack(entry)  -- the job ended or went: nothing to deliver
       end
@@ -186,14 +190,34 @@ for _ = 1, 1000 do
 end
 return {'none'}
 """,
-    # ARGV: worker, token, lease_ms, horizon_ms, entry, job id
+    # ARGV: worker, token, lease_ms, horizon_ms, entry, job id, max_deliveries
     names.SCRIPT_CLAIM_ENTRY: r"""
-local entry, id = ARGV[7], ARGV[8]
-if redis.call('HGET', k_job(id), 'state') ~= 'QUEUED' then
+local entry, id, horizon, t = ARGV[7], ARGV[8], tonumber(ARGV[6]), now()
+local h = redis.call('HMGET', k_job(id), 'state', 'lease_until', 'lease_worker', 'deliveries')
+if h[1] == 'PROCESSING' then
+  -- claimed into a batch (`claim_queued`) before its entry was read
+  if h[2] and tonumber(h[2]) > t then
+    -- its holder keeps it: the entry joins the holder's pending list, where heartbeats keep it fresh
+    redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, entry,
+      'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
+    return {'none'}
+  end
+  return reclaim(id, entry, h[1], tonumber(h[4]), ARGV[3], ARGV[4], tonumber(ARGV[5]), horizon,
+    tonumber(ARGV[9]), t)
+end
+if h[1] ~= 'QUEUED' then
   ack(entry)  -- cancelled (or gone) after it was queued
   return {'none'}
 end
-return take(id, entry, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now())
+return take(id, entry, ARGV[3], ARGV[4], tonumber(ARGV[5]), horizon, t)
+""",
+    # ARGV: worker, token, lease_ms, horizon_ms, job id
+    names.SCRIPT_CLAIM_QUEUED: r"""
+local id = ARGV[7]
+local h = redis.call('HMGET', k_job(id), 'state', 'entry')
+if h[1] ~= 'QUEUED' then return {'none'} end
+-- its stream entry is read later, by any worker: SCRIPT_CLAIM_ENTRY then hands it to this one
+return take(id, h[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now())
 """,
     # ARGV: id, token, lease_ms, horizon_ms
     names.SCRIPT_HEARTBEAT: r"""

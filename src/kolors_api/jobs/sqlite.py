@@ -29,7 +29,6 @@ from kolors_api.jobs.base import (
     BalanceOutOfRange,
     InsufficientFunds,
     Job,
-    JobState,
     Lease,
     LedgerEntry,
     NewJob,
@@ -42,7 +41,9 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
+from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir
+from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, key_of, ledger_entry, take
 from kolors_api.schema import decimal
 
 T = TypeVar("T")
@@ -146,9 +147,9 @@ class SQLiteStore(hooks.SQLiteHooks):
                 c.execute("UPDATE jobs SET state='QUEUED', lease_token=NULL, lease_worker=NULL, "
                           "lease_until=NULL, version=version+1 WHERE state='PROCESSING'")
 
-    def _tx(self) -> _Tx:
+    def _tx(self) -> Tx:
         assert self._conn is not None
-        return _Tx(self._conn)
+        return Tx(self._conn)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -246,7 +247,7 @@ class SQLiteStore(hooks.SQLiteHooks):
         row = self._q1("SELECT * FROM jobs WHERE id=?", job_id)
         if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
             return None
-        return _job(row)
+        return job_of(row)
 
     async def get(self, job_id: str) -> Job | None:
         return await self._run(self._get, job_id)
@@ -294,7 +295,7 @@ class SQLiteStore(hooks.SQLiteHooks):
                 "ORDER BY seq DESC LIMIT ?", (key_id, before, time.time(), limit + 1)).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
-            return [_job(r) for r in rows], (str(rows[-1]["seq"]) if more and rows else None)
+            return [job_of(r) for r in rows], (str(rows[-1]["seq"]) if more and rows else None)
         return await self._run(q)
 
     # -- jobs: worker side
@@ -330,23 +331,34 @@ class SQLiteStore(hooks.SQLiteHooks):
                 if row is None:
                     return None, failed
                 if row["state"] == "PROCESSING":
-                    _bump(c, "reclaims")
+                    bump(c, "reclaims")
                 if row["deliveries"] >= self.max_deliveries:
                     reason = f"worker lost {row['deliveries']} times"
                     self._finish_failed(c, row, reason)
                     c.execute("INSERT OR REPLACE INTO dead_letters(job_id, reason, at) VALUES (?,?,?)",
                               (row["id"], reason, now))
-                    _bump(c, "dead_letters")
+                    bump(c, "dead_letters")
                     failed.append(row["id"])
                     continue
-                token = uuid.uuid4().hex
-                c.execute(
-                    "UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, "
-                    "lease_worker=?, lease_until=?, started_at=?, step=0, version=version+1 WHERE id=?",
-                    (token, worker_id, now + lease_seconds, now, row["id"]))
-                hooks.enqueue(c, row["id"], "start")
-                job = _job(c.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone())
-                return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries), failed
+                return take(c, row["id"], worker_id, now, lease_seconds), failed
+
+    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+        def q() -> list[Lease]:
+            with self._tx() as c:
+                now, leases = time.time(), []
+                for row in c.execute("SELECT id, params FROM jobs WHERE state='QUEUED' ORDER BY seq LIMIT ?",
+                                     (batch.limits.window,)).fetchall():
+                    if batch.full:
+                        break
+                    params = json.loads(row["params"])
+                    if batch.fits(params):
+                        leases.append(take(c, row["id"], worker_id, now, lease_seconds))
+                        batch.add(params)
+                return leases
+        leases = await self._run(q)
+        for lease in leases:
+            self._notify(lease.job.id)
+        return leases
 
     def _holds(self, c: sqlite3.Connection, lease: Lease) -> sqlite3.Row | None:
         row: sqlite3.Row | None = c.execute(
@@ -396,7 +408,7 @@ class SQLiteStore(hooks.SQLiteHooks):
                                    now + self.retention, lease.job.id))
                 hooks.enqueue(c, lease.job.id, "completed")
                 if row["key_id"] is not None and row["cost"]:
-                    _ledger(c, row, "capture", 0.0)
+                    ledger_entry(c, row, "capture", 0.0)
                 return True
 
         def holds() -> bool:
@@ -424,7 +436,7 @@ class SQLiteStore(hooks.SQLiteHooks):
             if key is not None and key["credits"] is not None:
                 c.execute("UPDATE keys SET credits=? WHERE id=?",
                           (credits_of(micro(key["credits"]) + micro(row["cost"])), row["key_id"]))
-            _ledger(c, row, "refund", credits_of(micro(row["cost"])))
+            ledger_entry(c, row, "refund", credits_of(micro(row["cost"])))
 
     async def fail(self, lease: Lease, error: str) -> bool:
         def q() -> bool:
@@ -489,7 +501,7 @@ class SQLiteStore(hooks.SQLiteHooks):
 
     def _key(self, where: str, arg: str) -> ApiKey | None:
         row = self._q1(f"SELECT * FROM keys WHERE {where}=?", arg)  # noqa: S608 - fixed column names
-        return _key(row) if row is not None else None
+        return key_of(row) if row is not None else None
 
     async def key_by_hash(self, key_hash: str) -> ApiKey | None:
         return await self._run(self._key, "key_hash", key_hash)
@@ -500,7 +512,7 @@ class SQLiteStore(hooks.SQLiteHooks):
     async def list_keys(self) -> list[ApiKey]:
         def q() -> list[ApiKey]:
             assert self._conn is not None
-            return [_key(r) for r in self._conn.execute("SELECT * FROM keys ORDER BY created_at")]
+            return [key_of(r) for r in self._conn.execute("SELECT * FROM keys ORDER BY created_at")]
         return await self._run(q)
 
     async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
@@ -554,46 +566,3 @@ class SQLiteStore(hooks.SQLiteHooks):
                            key_id)
             return int(row[0]) if row else 0
         return await self._run(q)
-
-
-class _Tx:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-def _bump(c: sqlite3.Connection, name: str) -> None:
-    c.execute("INSERT INTO counters(name, value) VALUES (?, 1) "
-              "ON CONFLICT(name) DO UPDATE SET value=value+1", (name,))
-
-
-def _ledger(c: sqlite3.Connection, row: sqlite3.Row, kind: str, amount: float) -> None:
-    c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-              (row["key_id"], row["id"], kind, amount, time.time()))
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"], model=row["model"], params=json.loads(row["params"]), state=JobState(row["state"]),
-        created_at=row["created_at"], key_id=row["key_id"], cost=row["cost"], started_at=row["started_at"],
-        finished_at=row["finished_at"], step=row["step"], total_steps=row["total_steps"], error=row["error"],
-        outputs=row["outputs"], ext=row["ext"], seeds=json.loads(row["seeds"]),
-        metrics=json.loads(row["metrics"]), deliveries=row["deliveries"],
-        cancel_requested=bool(row["cancel_requested"]), version=row["version"],
-        expires_at=row["expires_at"] or 0.0,
-    )
-
-
-def _key(row: sqlite3.Row) -> ApiKey:
-    return ApiKey(id=row["id"], name=row["name"], prefix=row["prefix"], key_hash=row["key_hash"],
-                  admin=bool(row["admin"]), enabled=bool(row["enabled"]), credits=row["credits"],
-                  rate_limit=row["rate_limit"], max_concurrency=row["max_concurrency"],
-                  created_at=row["created_at"])

@@ -14,20 +14,24 @@ import enum
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kolors_api.jobs import JobState, JobStore, Lease
+from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
+from kolors_api.worker.batch import CANCELLED, JobAborted, JobRun
 from kolors_api.worker.engines import EngineLike
 
 log = logging.getLogger("kolors_api.worker")
+
+#: How often `batch_wait_ms` looks for more queued jobs of the head's shape, in seconds.
+BATCH_WAIT_POLL = 0.01
 
 
 class WorkerState(enum.StrEnum):
@@ -56,15 +60,17 @@ class SafetyLike(Protocol):
     def check_images(self, images: list[bytes]) -> str | None: ...
 
 
-class JobAborted(Exception):  # noqa: N818
-    """Raised from the step callback to stop the engine: lease lost or job cancelled."""
-
-
 @dataclass
 class WorkerConfig:
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     claim_timeout: float = 1.0
+    #: Images per engine call (0: the engine's `batch_limits()`, sized for its device; 1: no batching).
+    max_batch_images: int = 0
+    #: Images × pixels per engine call, in millions (0: the engine's default).
+    max_batch_megapixels: float = 0.0
+    #: How long a claimed job waits for company before its call starts (0: batch what is queued).
+    batch_wait_ms: int = 0
 
     @property
     def alive_ttl(self) -> float:
@@ -89,6 +95,8 @@ class Worker:
         self.jobs_done = 0  # jobs taken to an end (stored or not), for the state log
         self._stopping = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
+        # Output screening off the engine thread: the next batch denoises meanwhile.
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-screen")
         self._on_job_done = on_job_done
         self.safety = safety
         self.outage = Outage(log, meanwhile="retrying until it is back")
@@ -115,13 +123,26 @@ class Worker:
             self._enter(WorkerState.DRAINING)
         self._stopping.set()
 
+    def batch_limits(self) -> BatchLimits:
+        """How many jobs one engine call may take: the configured limits, else the engine's own
+        (`batch_limits()`, sized for its device); 1 for an engine without `generate_batch`."""
+        if not hasattr(self.engine, "generate_batch"):
+            return BatchLimits()
+        engine_limits = getattr(self.engine, "batch_limits", None)
+        default = engine_limits() if callable(engine_limits) else BatchLimits()
+        config = self.config
+        return BatchLimits(max_images=config.max_batch_images or default.max_images,
+                           max_pixels=round(config.max_batch_megapixels * 1e6) or default.max_pixels)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         last_alive = 0.0
+        finishing: asyncio.Task[None] | None = None
         try:
             if self.engine is None:
                 # Loading takes seconds to minutes: off the event loop, on the engine's own thread.
                 self.engine = await loop.run_in_executor(self._pool, self._engine_factory)
+            limits = self.batch_limits()
             if not self._stopping.is_set():
                 self._enter(WorkerState.IDLE)
             while not self._stopping.is_set():
@@ -134,113 +155,152 @@ class Worker:
                 except Exception as exc:
                     # The store is unreachable for a moment: keep the worker, try again shortly
                     # (an outage is logged once, when it starts; anything else every time).
-                    if is_outage(exc):
-                        self.outage.failed(exc)
-                    else:
-                        log.exception("worker %s: store error while claiming", self.id)
+                    self._store_error(exc, "while claiming")
                     await asyncio.sleep(1.0)
                     continue
                 if lease is None:
                     continue
                 if not self._stopping.is_set():
                     self._enter(WorkerState.BUSY)
-                try:
-                    await self.process(lease)
-                except Exception as exc:
-                    # The outcome could not be stored: the lease runs out and another delivery retries it.
-                    if is_outage(exc):
-                        self.outage.failed(exc)
-                        log.warning("worker %s: job %s could not be stored (store unavailable); it is "
-                                    "delivered again when its lease runs out", self.id, lease.job.id)
-                    else:
-                        log.exception("worker %s: job %s could not be stored", self.id, lease.job.id)
-                self.jobs_done += 1
+                leases = [lease, *await self._company(lease, limits)]
+                finish = await self.process_batch(leases)
+                # Storing this batch overlaps the next one's denoising (one batch in flight).
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.create_task(finish)
                 if not self._stopping.is_set():
                     self._enter(WorkerState.IDLE)
         finally:
+            if finishing is not None:
+                with contextlib.suppress(Exception):
+                    await finishing
             self._enter(WorkerState.STOPPED)
             with contextlib.suppress(Exception):
                 await self.store.worker_alive(self.id, 0)
             self._pool.shutdown(wait=False)
+            self._post.shutdown(wait=False)
+
+    def _store_error(self, exc: BaseException, doing: str) -> None:
+        if is_outage(exc):
+            self.outage.failed(exc)
+        else:
+            log.error("worker %s: store error %s", self.id, doing, exc_info=exc)
+
+    async def _company(self, head: Lease, limits: BatchLimits) -> list[Lease]:
+        """Queued jobs that can share the head's pipeline call: those queued now, and with
+        `batch_wait_ms` those that come within that time (never holding the head back longer)."""
+        if not limits.batching:
+            return []
+        batch = BatchBuilder(limits, head.job.params)
+        deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+        leases: list[Lease] = []
+        while True:
+            try:
+                leases += await self.store.claim_compatible(self.id, self.config.lease_seconds, batch)
+            except Exception as exc:
+                self._store_error(exc, "while batching")  # the head runs without company
+                return leases
+            left = deadline - time.monotonic()
+            if batch.full or left <= 0:
+                return leases
+            await asyncio.sleep(min(left, BATCH_WAIT_POLL))
 
     async def process(self, lease: Lease) -> None:
         """Run one claimed job to COMPLETED or FAILED (unless its lease is lost)."""
+        await (await self.process_batch([lease]))
+
+    async def process_batch(self, leases: list[Lease]) -> Coroutine[Any, Any, None]:
+        """Run claimed jobs of one shape in one engine call; returns the coroutine that screens and
+        stores their outcomes (the caller runs it while the engine takes the next batch)."""
         loop = asyncio.get_running_loop()
-        job = lease.job
-        params = GenerateParams.from_dict(job.params)
-        abort = threading.Event()
-        reason: list[str] = []
-
-        async def report(step: int, total: int) -> None:
-            if not await self.store.progress(lease, step, total):
-                reason.append("lease lost")
-                abort.set()
-            else:
-                current = await self.store.get(job.id)
-                if current is not None and current.cancel_requested:
-                    reason.append("cancelled")
-                    abort.set()
-
-        def on_step(step: int, total: int) -> None:
-            if abort.is_set():
-                raise JobAborted(reason[0] if reason else "aborted")
-            asyncio.run_coroutine_threadsafe(report(step, total), loop)
-
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(self.config.heartbeat_seconds)
-                try:
-                    if not await self.store.heartbeat(lease, self.config.lease_seconds):
-                        reason.append("lease lost")
-                        abort.set()
-                        return
-                    await self.store.worker_alive(self.id, self.config.alive_ttl)
-                except Exception as exc:
-                    # Keep working: if the store is back before the lease runs out, the job is kept.
-                    if not is_outage(exc):
-                        raise
-                    self.outage.failed(exc)
-
+        runs = [JobRun(self.store, lease, loop) for lease in leases]
         safety = self.safety
         if safety is not None:
-            blocked = await loop.run_in_executor(self._pool, safety.check_prompt, params)
+            for run in runs:
+                blocked = await loop.run_in_executor(self._pool, safety.check_prompt, run.params)
+                if blocked:
+                    await self._store(run, self.store.fail(run.lease, f"content blocked: {blocked}"))
+                    run.done = True
+        runs = [run for run in runs if not run.done]
+        if not runs:
+            return _nothing()
+        hb = asyncio.create_task(self._heartbeats(runs))
+        assert self.engine is not None
+        engine = self.engine
+        if len(runs) == 1:
+            run = runs[0]
+
+            def one() -> list[Any]:
+                try:
+                    return [engine.generate(run.params, run.on_step)]
+                except Exception as exc:
+                    return [exc]
+            outs = await loop.run_in_executor(self._pool, one)
+        else:
+            batch = [(run.params, run.on_step) for run in runs]
+            outs = await loop.run_in_executor(self._pool, lambda: engine.generate_batch(batch))  # type: ignore[attr-defined]
+        return self._finish(runs, outs, hb)
+
+    async def _heartbeats(self, runs: list[JobRun]) -> None:
+        """Renew every lease of a batch until its outcome is stored."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            try:
+                for run in runs:
+                    await run.heartbeat(self.config.lease_seconds)
+                await self.store.worker_alive(self.id, self.config.alive_ttl)
+            except Exception as exc:
+                # Keep working: if the store is back before the lease runs out, the job is kept.
+                if not is_outage(exc):
+                    raise
+                self.outage.failed(exc)
+
+    async def _finish(self, runs: list[JobRun], outs: list[Any], hb: asyncio.Task[None]) -> None:
+        try:
+            for run, out in zip(runs, outs, strict=True):
+                await self._store(run, self._outcome(run, out))
+                run.done = True
+        finally:
+            hb.cancel()
+
+    async def _store(self, run: JobRun, outcome: Awaitable[Any]) -> None:
+        """Await a job's outcome; when the store fails, the lease runs out and another delivery retries it."""
+        try:
+            await outcome
+        except Exception as exc:
+            self._store_error(exc, f"storing job {run.job.id}")
+            log.warning("worker %s: job %s could not be stored; it is delivered again when its lease runs out",
+                        self.id, run.job.id)
+        self.jobs_done += 1
+
+    async def _outcome(self, run: JobRun, out: Any) -> None:
+        """Store what the engine made of one job: COMPLETED, FAILED, or nothing (lease lost)."""
+        job, lease = run.job, run.lease
+        if isinstance(out, JobAborted):
+            if str(out) == CANCELLED:
+                await self.store.fail(lease, CANCELLED)
+            log.warning("job %s aborted: %s", job.id, out)
+            return
+        if isinstance(out, BaseException):
+            log.error("job %s failed", job.id, exc_info=out)
+            await self.store.fail(lease, engine_error(out, job.id))
+            return
+        if self.safety is not None:
+            blocked = await asyncio.get_running_loop().run_in_executor(self._post, self.safety.check_images,
+                                                                       out.images)
             if blocked:
                 await self.store.fail(lease, f"content blocked: {blocked}")
                 return
-        hb = asyncio.create_task(heartbeat())
-        started = time.time()
-        try:
-            assert self.engine is not None
-            engine = self.engine
-            out = await loop.run_in_executor(self._pool, lambda: engine.generate(params, on_step))
-            if safety is not None:
-                blocked = await loop.run_in_executor(self._pool, safety.check_images, out.images)
-                if blocked:
-                    await self.store.fail(lease, f"content blocked: {blocked}")
-                    return
-        except JobAborted as exc:
-            if str(exc) == "cancelled":
-                await self.store.fail(lease, "cancelled")
-            log.warning("job %s aborted: %s", job.id, exc)
-            return
-        except Exception as exc:
-            log.exception("job %s failed", job.id)
-            await self.store.fail(lease, engine_error(exc, job.id))
-            return
-        finally:
-            hb.cancel()
         now = time.time()
-        created = job.created_at
         metrics = {
             "inference_time": round(out.inference_time, 4),
-            "queue_time": round(max(0.0, (job.started_at or started) - created), 4),
-            "total_time": round(now - created, 4),
+            "queue_time": round(max(0.0, (job.started_at or now) - job.created_at), 4),
+            "total_time": round(now - job.created_at, 4),
         }
         peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
         if peak is not None:
             metrics["peak_memory_mb"] = round(peak / 2**20, 1)
-        ext = params.output_format
-        if await self.store.complete(lease, out.images, ext, out.seeds, metrics):
+        if await self.store.complete(lease, out.images, run.params.output_format, out.seeds, metrics):
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
             stored = await self.store.get(job.id)
             state = stored.state if stored is not None else JobState.COMPLETED
@@ -250,6 +310,10 @@ class Worker:
                 self._on_job_done(out.inference_time, state.value)
         else:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def engine_error(exc: BaseException, job_id: str) -> str:

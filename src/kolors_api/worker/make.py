@@ -33,6 +33,9 @@ def make_worker(settings: Settings, store: JobStore, *,
     if settings.engine == DEFAULT_ENGINE:
         check_model(settings.model)
     safety = build_safety(settings)
-    config = WorkerConfig(lease_seconds=settings.lease_seconds, heartbeat_seconds=settings.heartbeat_seconds)
+    config = WorkerConfig(lease_seconds=settings.lease_seconds, heartbeat_seconds=settings.heartbeat_seconds,
+                          max_batch_images=settings.max_batch_images,
+                          max_batch_megapixels=settings.max_batch_megapixels,
+                          batch_wait_ms=settings.batch_wait_ms)
     return Worker(store, functools.partial(factory, settings), config, worker_id=worker_id,
                   on_job_done=on_job_done, safety=safety)

@@ -1,0 +1,66 @@
+"""One claimed job inside a worker's pipeline call: its lease, its progress, its way out.
+
+A worker runs a batch of jobs (one, or several of one shape: `kolors_api.jobs.batching`) in one
+engine call. Each job keeps its own lease, progress reports, cancellation and outcome: `JobRun`
+holds them. Its `on_step` is what the engine calls after each denoising step, on the engine's
+thread; it raises `JobAborted` once the job must stop (cancelled, or its lease lost), and the
+engine then drops that job alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from kolors_api.jobs import JobStore, Lease
+from kolors_api.schema import GenerateParams
+
+
+class JobAborted(Exception):  # noqa: N818
+    """Raised from the step callback to stop the engine: lease lost or job cancelled."""
+
+
+CANCELLED = "cancelled"
+LEASE_LOST = "lease lost"
+
+
+class JobRun:
+    """A claimed job while the engine runs it."""
+
+    def __init__(self, store: JobStore, lease: Lease, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.lease = lease
+        self.job = lease.job
+        self.params = GenerateParams.from_dict(lease.job.params)
+        self.loop = loop
+        self.abort = threading.Event()
+        self.reason = ""
+        self.done = False  # its outcome is stored (or dropped): no more heartbeats
+
+    def stop(self, reason: str) -> None:
+        if not self.abort.is_set():
+            self.reason = reason
+            self.abort.set()
+
+    async def report(self, step: int, total: int) -> None:
+        """Store the progress; a lost lease or a cancel request stops the job. A cancelled job ends
+        FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
+        if not await self.store.progress(self.lease, step, total):
+            self.stop(LEASE_LOST)
+            return
+        current = await self.store.get(self.job.id)
+        if current is not None and current.cancel_requested and not self.abort.is_set():
+            self.stop(CANCELLED)
+            await self.store.fail(self.lease, CANCELLED)
+
+    def on_step(self, step: int, total: int, *_: Any) -> None:
+        """The engine's step callback (engine thread): report, or raise `JobAborted` to stop."""
+        if self.abort.is_set():
+            raise JobAborted(self.reason or "aborted")
+        asyncio.run_coroutine_threadsafe(self.report(step, total), self.loop)
+
+    async def heartbeat(self, lease_seconds: float) -> None:
+        """Renew the lease once; a lost one stops the job."""
+        if not self.done and not await self.store.heartbeat(self.lease, lease_seconds):
+            self.stop(LEASE_LOST)
