@@ -125,7 +125,11 @@ class SQLiteHooks:
     async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
         def q() -> list[WebhookDelivery]:
             now, token = time.time(), uuid.uuid4().hex
-            out = []
+            out: list[WebhookDelivery] = []
+            assert self._conn is not None
+            if self._conn.execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
+                                  (now,)).fetchone() is None:
+                return out  # nothing due: no write lock taken (runners poll this twice a second)
             with self._tx() as c:
                 rows = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
                                  "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
