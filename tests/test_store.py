@@ -432,7 +432,10 @@ def keyed(key_id: str, idem: str, digest: str = "h1", **kw: object) -> NewJob:
 async def test_a_repeated_idempotency_key_answers_the_first_job_and_charges_once(store: JobStore) -> None:
     key = make_key_record("user", new_key(), credits=10)
     await store.add_key(key)
+    assert await store.idempotent_request(key.id, "k-1") is None
     first = await store.submit(keyed(key.id, "k-1"))
+    assert await store.idempotent_request(key.id, "k-1") == (first.id, "h1")
+    assert await store.idempotent_request("another key", "k-1") is None
     again = await store.submit(keyed(key.id, "k-1"))
     assert again.id == first.id
     with pytest.raises(IdempotencyMismatch):

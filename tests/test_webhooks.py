@@ -310,6 +310,12 @@ def test_a_repeated_idempotency_key_answers_the_same_and_charges_once(client: Te
     assert other.status_code == 422 and other.json()["error"].startswith("Idempotency-Key: "), other.text
     assert client.post("/v2/kolors", json=SMALL, headers={**uh, "Idempotency-Key": "k" * 256}).status_code == 400
     assert client.post("/v2/kolors", json=SMALL, headers={**uh, "Idempotency-Key": "k" * 255}).status_code == 200
+    # a repeat is no new request: a key whose rate limit is spent still gets its answer again
+    limited = client.post("/v1/admin/keys", json={"name": "l", "rate_limit": "1/min"}, headers=H).json()
+    lh = {"x-api-key": limited["key"], "Idempotency-Key": "once"}
+    answers = [client.post("/v2/kolors", json=SMALL, headers=lh) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 200] and answers[2].json() == answers[0].json()
+    assert client.post("/v2/kolors", json=SMALL, headers={**lh, "Idempotency-Key": "twice"}).status_code == 429
     # another API key may use the same Idempotency-Key for its own request
     mine = client.post("/v2/kolors", json=SMALL, headers={**H, "Idempotency-Key": "order-42"})
     assert mine.status_code == 200 and mine.json()["request_id"] != first.json()["request_id"]

@@ -39,6 +39,7 @@ from kolors_api.errors import (
 )
 from kolors_api.jobs import (
     ApiKey,
+    IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
@@ -121,6 +122,9 @@ class Service:
                              f"got {len(idempotency_key)}")
         # same route, model and body as the key's first request, or a 422 (a random seed is drawn later)
         digest = hashlib.sha256(json.dumps([request.url.path, model, body], sort_keys=True).encode()).hexdigest()
+        # a repeat skips the checks a new request passes (credits, rate limits, a live worker): it is
+        # no new request, and its answer must not change (the store decides, atomically, below)
+        repeat = idempotency_key is not None and await self._seen(key.id, idempotency_key, digest)
         body, webhook, events = split_webhook(body)
         params = validate(body)
         if webhook is not None:
@@ -129,13 +133,8 @@ class Service:
             except Blocked as exc:
                 raise BadRequest(f"webhook: {exc}") from None
         cost = price(params, self.settings.unit_price)
-        if key.credits is not None and micro(key.credits) < micro(cost):
-            # Refused before the rate limits count it (the store checks again, atomically).
-            raise from_store(InsufficientFunds(cost, key.credits))
-        for check in self.admission:
-            await check(request, key, params)
-        if sync and (await self.store.stats()).workers_alive < 1:
-            raise Unavailable("no worker alive", headers={"Retry-After": "10"})
+        if not repeat:
+            await self._admit(request, key, params, cost, sync=sync)
         new = NewJob(model=model, params=params.to_dict(), cost=cost, key_id=key.id, idempotency_key=idempotency_key,
                      request_hash=digest, webhook=webhook, webhook_events=events)
         try:
@@ -145,6 +144,23 @@ class Service:
         if job.id != new.id:
             request.state.extra_headers = {**getattr(request.state, "extra_headers", {}), "Idempotent-Replayed": "true"}
         return job
+
+    async def _admit(self, request: Request, key: ApiKey, params: GenerateParams, cost: float, *, sync: bool) -> None:
+        """The checks a new request passes before the store: credits, admission (rate limits), a live worker."""
+        if key.credits is not None and micro(key.credits) < micro(cost):
+            # Refused before the rate limits count it (the store checks again, atomically).
+            raise from_store(InsufficientFunds(cost, key.credits))
+        for check in self.admission:
+            await check(request, key, params)
+        if sync and (await self.store.stats()).workers_alive < 1:
+            raise Unavailable("no worker alive", headers={"Retry-After": "10"})
+
+    async def _seen(self, key_id: str, idempotency_key: str, digest: str) -> bool:
+        """True when the key was used before for this very request; 422 when for another."""
+        seen = await self.store.idempotent_request(key_id, idempotency_key)
+        if seen is not None and seen[1] != digest:
+            raise from_store(IdempotencyMismatch())
+        return seen is not None
 
     async def run_sync(self, request: Request, key: ApiKey, model: str, body: Any) -> Finished:
         """Submit, wait until the job ends (504 at the sync deadline), 422 when it FAILED, read the images."""

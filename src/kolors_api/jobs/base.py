@@ -410,6 +410,11 @@ class JobStore(Protocol):
         """Jobs of this key that are QUEUED or PROCESSING."""
         ...
 
+    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+        """(job id, request hash) of the request an Idempotency-Key of this key id stands for, within
+        IDEMPOTENCY_SECONDS; None when it is new. A read ahead of `submit` (which decides, atomically)."""
+        ...
+
     # -- webhooks: `claim`, `progress`, `complete` and `fail` (and a cancel) put the deliveries a job's
     # webhook asks for in an outbox, in the same atomic step as the change; delivery runners take them.
     async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:

@@ -106,6 +106,13 @@ class RedisHooks:
         async def _call(self, script: str, *args: str | int | float | bytes) -> Any: ...
         async def _conn(self) -> Redis: ...
 
+    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+        raw = await (await self._conn()).get(self.keys.idempotency(key_id, idempotency_key))
+        if raw is None:
+            return None
+        first = json.loads(raw)
+        return str(first["job"]), str(first["hash"])
+
     async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
         token = uuid.uuid4().hex
         got = await self._call(names.SCRIPT_HOOK_CLAIM, token, repr(float(lease_seconds)), int(limit))

@@ -142,6 +142,9 @@ class Keys:
     def key(self, key_id: str) -> str:
         return self.prefix + KEY + key_id
 
+    def idempotency(self, key_id: str, idempotency_key: str) -> str:
+        return f"{self.prefix}{IDEM}{key_id}:{idempotency_key}"
+
     def hook_log(self, job_id: str) -> str:
         return self.prefix + HOOK_LOG + job_id
 

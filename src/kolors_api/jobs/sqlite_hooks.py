@@ -122,6 +122,15 @@ class SQLiteHooks:
         def _run(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]: ...
         def _tx(self) -> Any: ...
 
+    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+        def q() -> tuple[str, str] | None:
+            assert self._conn is not None
+            row = self._conn.execute("SELECT job_id, request_hash FROM idempotency WHERE key_id=? AND idem_key=? "
+                                     "AND expires_at>?", (key_id, idempotency_key, time.time())).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
+        result: tuple[str, str] | None = await self._run(q)
+        return result
+
     async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
         def q() -> list[WebhookDelivery]:
             now, token = time.time(), uuid.uuid4().hex
