@@ -19,7 +19,7 @@ from kolors_api.api.models import (
     SyncImages,
     WebhookAttempts,
     errors,
-    json_request,
+    submit_request,
 )
 from kolors_api.errors import NotFound, Unauthorized
 from kolors_api.jobs import Job, JobState
@@ -28,7 +28,7 @@ from kolors_api.schema import CONTENT_TYPES, MODELS, clip, decimal, json_schema,
 router = APIRouter()
 
 #: The Segmind request body, declared from the parameter table (the routes validate it themselves).
-KOLORS_BODY = json_request(json_schema())
+KOLORS_BODY = submit_request(json_schema())
 IMAGE = {"content": {ct: {"schema": {"type": "string", "format": "binary"}} for ct in CONTENT_TYPES.values()}}
 
 
@@ -83,7 +83,7 @@ async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key
 
 
 @router.post("/v2/{model}", summary="Submit an async request", openapi_extra=KOLORS_BODY,
-             response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 429, 503))
+             response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 422, 429, 503))
 async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     job = await svc.submit(request, key, model, body)
     # the same answer for a repeated Idempotency-Key (`Idempotent-Replayed: true`), whatever the job did since

@@ -384,6 +384,18 @@ def json_request(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+#: The Idempotency-Key header every submit route takes (docs/api.md#idempotency-key).
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                   "description": "The same key with the same body within 24 h: the same answer, one job, "
+                                  "one charge; with another body: 422."}
+
+
+def submit_request(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` of a submit route: its JSON body, and the Idempotency-Key header."""
+    return {**json_request(schema), "parameters": [IDEMPOTENCY_KEY]}
+
+
 def request_of(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` declaring `model` as the JSON request body."""
     return json_request(model.model_json_schema(ref_template="#/components/schemas/{model}"))
