@@ -19,10 +19,12 @@ class Received:
 
 @dataclass
 class Receiver:
-    """`statuses` are answered in turn (the last one from then on)."""
+    """`statuses` are answered in turn (the last one from then on); a status 0 is no answer at all: the
+    request hangs until `close()` (a receiver that never answers)."""
 
     statuses: list[int] = field(default_factory=lambda: [200])
     posts: list[Received] = field(default_factory=list)
+    released: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         receiver = self
@@ -33,6 +35,9 @@ class Receiver:
                 n = len(receiver.posts)
                 status = receiver.statuses[min(n, len(receiver.statuses) - 1)]
                 receiver.posts.append(Received(dict(self.headers.items()), body, status))
+                if status == 0:
+                    receiver.released.wait(120)
+                    return
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -52,6 +57,7 @@ class Receiver:
         return self.posts
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 

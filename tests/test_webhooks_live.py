@@ -124,3 +124,26 @@ def test_idempotency_key_on_the_sync_routes_with_the_openai_sdk(tiny_model: Path
         assert account["usage"]["requests"] == 2 and abs(account["credits"] - (10 - 0.02 - 0.02)) < 1e-9
     finally:
         srv.stop()
+
+
+def test_a_try_cut_off_by_its_api_replica_dying_is_made_again_by_another_replica(fleet: Fleet) -> None:  # noqa: F811
+    receiver = Receiver(statuses=[0, 200])  # the first try gets no answer: it is in flight when A dies
+    try:
+        a = fleet.api(HOOKS)
+        fleet.worker()
+        fleet.wait_workers(1)
+        made = a.create_key(name="hooks", credits=10)
+        r = httpx.post(a.url + "/v2/kolors", json={"prompt": "a fox", **SMALL, "webhook": receiver.url},
+                       headers={"x-api-key": made["key"]})
+        request_id = r.json()["request_id"]
+        receiver.wait_for(1, timeout=120)
+        a.kill()  # SIGKILL mid-try: the delivery stays claimed until its lease (30 s) runs out
+        b = fleet.api(HOOKS)
+        posts = receiver.wait_for(2, timeout=120)
+        assert posts[1].headers["webhook-id"] == posts[0].headers["webhook-id"]  # at least once, one delivery
+        body = Webhook(secret_of(b, made["key"])).verify(posts[1].body, posts[1].headers)
+        assert body["request_id"] == request_id and body["status"] == "COMPLETED"
+        log = attempts(b, made["key"], request_id)
+        assert [(t["attempt"], t["status"]) for t in log] == [(2, 200)]  # the cut-off try was never recorded
+    finally:
+        receiver.close()

@@ -54,7 +54,7 @@ class WebhookRunner:
     def __init__(self, store: JobStore, body_of: Callable[[Job], dict[str, Any]], *, policy: Policy,
                  outage: Callable[[BaseException], None],
                  delays: tuple[float, ...], resolve: Resolver = system_resolve,
-                 poll: float = 0.5, lease: float = 60.0, batch: int = 16, timeout: float = TIMEOUT) -> None:
+                 poll: float = 0.5, lease: float = 3 * TIMEOUT, batch: int = 16, timeout: float = TIMEOUT) -> None:
         self.store = store
         self.body_of = body_of
         self.delays = delays
