@@ -156,7 +156,7 @@ def test_decoding_one_by_one_matches_the_batch(engine: Engine) -> None:
 def test_on_step_reports_every_step(engine: Engine) -> None:
     for scheduler in ("EulerDiscreteScheduler", "UniPCMultistepScheduler"):
         calls: list[tuple[int, int]] = []
-        engine.generate(params(steps=4, scheduler=scheduler), on_step=lambda s, t: calls.append((s, t)))
+        engine.generate(params(steps=4, scheduler=scheduler), on_step=lambda s, t, preview: calls.append((s, t)))
         assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
@@ -166,7 +166,7 @@ def test_on_step_exception_aborts_and_propagates(engine: Engine) -> None:
 
     calls: list[int] = []
 
-    def cancel_at_2(step: int, total: int) -> None:
+    def cancel_at_2(step: int, total: int, preview: object = None) -> None:
         calls.append(step)
         if step == 2:
             raise Cancelled("cancelled")
@@ -258,3 +258,64 @@ def test_engine_resolves_tiny_under_data_dir(tmp_path: Path) -> None:
     assert Path(engine.path) == tmp_path / "models" / "tiny"
     out = engine.generate(params())
     assert len(out.images) == 1
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_job_in_a_batch_makes_the_images_of_its_own_run(engine: Engine, scheduler: str) -> None:
+    """Jobs of one shape in one call (the worker's batching): each job's image i is the image a run of
+    its own gives for seed+i, for every scheduler, the stochastic ones too (its own generators).
+    Compared as PNG: a lossy format would magnify the batched kernels' last-bit differences."""
+    jobs = [params(scheduler=scheduler, seed=7, number_of_images=2),
+            params(scheduler=scheduler, seed=500, prompt="a lighthouse at dusk", negative_prompt=""),
+            params(scheduler=scheduler, seed=7, prompt="a green apple")]
+    outs = engine.generate_batch([(job, None) for job in jobs])
+    for job, out in zip(jobs, outs, strict=True):
+        assert isinstance(out, GenerationOutput) and out.seeds == job.seeds
+        alone = engine.generate(job)
+        assert len(out.images) == len(alone.images) == job.number_of_images
+        for ours, theirs in zip(out.images, alone.images, strict=True):
+            diff = np.abs(pixels(ours).astype(int) - pixels(theirs).astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.01
+    # and the jobs are not the same image: prompts and seeds count per job
+    first, third = (pixels(outs[n].images[0]).astype(int) for n in (0, 2))  # type: ignore[union-attr]
+    assert np.abs(first - third).mean() > 0.5
+
+
+def test_a_job_whose_step_callback_raises_is_dropped_alone(engine: Engine) -> None:
+    class Stop(Exception):
+        pass
+
+    steps: list[int] = []
+
+    def stop_at_2(step: int, total: int, preview: Any = None) -> None:
+        if step == 2:
+            raise Stop("cancelled")
+
+    previews: list[bytes] = []
+
+    def count(step: int, total: int, preview: Any = None) -> None:
+        steps.append(step)
+        previews.append(preview())
+
+    jobs = [params(seed=1, steps=4), params(seed=2, steps=4)]
+    a, b = engine.generate_batch([(jobs[0], stop_at_2), (jobs[1], count)])
+    assert isinstance(a, Stop) and isinstance(b, GenerationOutput)
+    assert steps == [1, 2, 3, 4]  # the other job ran to its end
+    # its previews are of its own first image: those of a run of its own
+    alone_previews: list[bytes] = []
+    engine.generate(jobs[1], lambda step, total, preview: alone_previews.append(preview()))
+    for ours, theirs in zip(previews, alone_previews, strict=True):
+        assert np.abs(pixels(ours).astype(int) - pixels(theirs).astype(int)).mean() < 1
+    alone = pixels(engine.generate(jobs[1]).images[0]).astype(int)
+    assert np.abs(pixels(b.images[0]).astype(int) - alone).max() <= 1
+    # when every job is dropped, the call stops at once
+    seen: list[int] = []
+
+    def stop_both(step: int, total: int, preview: Any = None) -> None:
+        seen.append(step)
+        raise Stop("lease lost")
+
+    outs = engine.generate_batch([(jobs[0], stop_both), (jobs[1], stop_both)])
+    assert all(isinstance(o, Stop) for o in outs) and seen == [1, 1]
+    with pytest.raises(ValueError, match="different shapes"):
+        engine.generate_batch([(jobs[0], None), (params(width=128), None)])

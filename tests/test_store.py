@@ -19,6 +19,7 @@ from kolors_api.jobs import (
     InsufficientFunds,
     JobState,
     JobStore,
+    Lease,
     NewJob,
     QueueFull,
     StoreError,
@@ -131,6 +132,24 @@ async def test_complete_stores_outputs_and_is_fenced(store: JobStore) -> None:
     assert again is not None and again.state == JobState.COMPLETED and again.outputs == 2
 
 
+async def test_progress_keeps_the_latest_preview_fenced_by_the_lease(store: JobStore) -> None:
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None
+    assert await store.read_preview(job.id) is None
+    assert await store.progress(lease, 1, 4)
+    assert await store.read_preview(job.id) is None
+    assert await store.progress(lease, 2, 4, b"first")
+    assert await store.progress(lease, 3, 4)  # no preview at this step: the last one stays
+    assert await store.read_preview(job.id) == (2, b"first")
+    assert await store.progress(lease, 4, 4, b"second")
+    assert await store.read_preview(job.id) == (4, b"second")
+    stale = Lease(job=lease.job, token="not-the-lease", worker_id="w2", delivery=1)
+    assert not await store.progress(stale, 4, 4, b"stale")
+    assert await store.read_preview(job.id) == (4, b"second")
+    assert await store.read_preview("no-such-job") is None
+
+
 async def test_fail_records_the_error(store: JobStore) -> None:
     job = await store.submit(NewJob(model="kolors", params=params()))
     lease = await store.claim("w1", 30, 0.1)
@@ -204,7 +223,8 @@ async def test_results_and_their_files_expire_after_retention(tmp_path: Path, ba
     try:
         job = await store.submit(NewJob(model="kolors", params=params()))
         lease = await store.claim("w1", 30, 0.1)
-        assert lease is not None and await store.complete(lease, [b"x", b"y"], "png", [1, 2], {})
+        assert lease is not None and await store.progress(lease, 1, 2, b"preview")
+        assert await store.complete(lease, [b"x", b"y"], "png", [1, 2], {})
         waiting = await store.submit(NewJob(model="kolors", params=params(2)))
         blobs = getattr(store, "blobs", None)  # SQLite's outputs folder, Redis's blob dir, or None
         if blobs is not None:
@@ -214,6 +234,7 @@ async def test_results_and_their_files_expire_after_retention(tmp_path: Path, ba
         assert await store.expire() == 1  # the queued job never expires
         assert await store.get(job.id) is None
         assert await store.read_output(job.id, 0) is None
+        assert await store.read_preview(job.id) is None
         assert await store.get(waiting.id) is not None
         if blobs is not None:
             assert not (blobs.root / job.id).exists()

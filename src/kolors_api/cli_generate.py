@@ -7,14 +7,16 @@ Examples::
     kolors-api generate "a red fox" -n 3 -o fox.webp             # -> fox-0.webp fox-1.webp fox-2.webp
 
 The server is env `KOLORS_API_BASE_URL` (default http://127.0.0.1:8000) or `--base-url`; the key
-env `KOLORS_API_KEY` or `--api-key`. The request goes through v2 (submit, then poll the status
-for the progress bar), so a long generation never meets a sync deadline. Prints one line per
+env `KOLORS_API_KEY` or `--api-key`. The request goes through v2 (submit, then follow the job's
+event stream for the progress bar, polling its status if the stream breaks), so a long generation
+never meets a sync deadline. Prints one line per
 file written, `PATH  seed=SEED`, on stdout; errors go to stderr with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -24,8 +26,10 @@ from typing import Any
 
 import httpx
 
-from kolors_api.client import APIError, Client, InferenceFailed, KolorsAPIError
+from kolors_api.client import APIError, AsyncJob, Client, Event, InferenceFailed, KolorsAPIError
 from kolors_api.schema import GenerateParams
+
+log = logging.getLogger("kolors_api.cli")
 
 MODEL = "kolors"
 #: The flags that are request parameters: (flags, argparse dest, type); the rest steer the command.
@@ -80,7 +84,7 @@ def generate(args: argparse.Namespace) -> int:
         with client:
             job = client.submit_async(MODEL, **params)
             with _progress(enabled=not args.no_progress) as on_status:
-                result = job.wait(timeout=math.inf, interval=POLL_INTERVAL_S, on_status=on_status)
+                result = follow(job, on_status)
             urls = result.get("output") or []
             images = client.images(result)
     except InferenceFailed as exc:
@@ -106,6 +110,32 @@ def generate(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot write the image: {exc}")
     return 0
+
+
+def follow(job: AsyncJob, on_status: StatusHook | None) -> dict[str, Any]:
+    """Wait for the job's result, the bar driven by its event stream; if the stream breaks (or the
+    server has none), by polling its status instead. Raises `InferenceFailed` when it failed."""
+    try:
+        for event in job.events():
+            if event.event == "failed":
+                raise InferenceFailed(event.data.get("error"), event.data)
+            if on_status is not None:
+                on_status(_as_status(event))
+            if event.event == "completed":
+                return event.data
+    except (httpx.HTTPError, KolorsAPIError) as exc:
+        if isinstance(exc, InferenceFailed):
+            raise
+        log.info("event stream of %s broke (%s); polling instead", job.request_id, exc)
+    return job.wait(timeout=math.inf, interval=POLL_INTERVAL_S, on_status=on_status)
+
+
+def _as_status(event: Event) -> dict[str, Any]:
+    """An event as the status body it stands for (what the bar is drawn from)."""
+    if event.event in ("started", "progress"):
+        return {"status": "PROCESSING", "progress": {"step": event.data.get("step", 0),
+                                                     "total_steps": event.data.get("total_steps")}}
+    return event.data
 
 
 def _fail(message: str) -> int:

@@ -11,21 +11,24 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
 from kolors_api.api.delivery import WebhookRunner
 from kolors_api.api.deps import Service
 from kolors_api.api.docs import add_docs
+from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import RateLimits
@@ -118,6 +121,53 @@ def _redact_access_log() -> None:
         access.addFilter(RedactSignatures())
 
 
+class Observe:
+    """Every HTTP request: the Host check, the security headers, the requests counter, and the
+    500/503 of an exception no handler answered (pure ASGI: no per-request task or body copy)."""
+
+    def __init__(self, app: ASGIApp, svc: Service, hosts: frozenset[str] | None) -> None:
+        self.app = app
+        self.svc = svc
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        status = 500
+        started = False
+
+        async def observed(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                headers = MutableHeaders(scope=message)
+                extra = scope.get("state", {}).get("extra_headers", {})
+                for name, value in {**SECURITY_HEADERS, **extra}.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        name = host_name(request.headers.get("host", ""))
+        try:
+            if self.hosts is not None and name and name not in self.hosts and scope["path"] not in PROBES:
+                # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
+                # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
+                await error_response(request, BadRequest(
+                    f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or "
+                    "KOLORS_API_ALLOWED_HOSTS"))(scope, receive, observed)
+            else:
+                try:
+                    await self.app(scope, receive, observed)
+                except Exception as exc:
+                    if started:
+                        raise  # the answer is on its way: nothing else can be said
+                    await unexpected(self.svc, request, exc)(scope, receive, observed)
+        finally:
+            route = scope.get("route")
+            self.svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"), str(status)).inc()
+
+
 def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
     """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store."""
     settings = settings or Settings()
@@ -192,27 +242,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _internal(request: Request, exc: Exception) -> Response:
         return unexpected(svc, request, exc)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        name = host_name(request.headers.get("host", ""))
-        if hosts is not None and name and name not in hosts and request.url.path not in PROBES:
-            # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
-            # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
-            response: Response = error_response(request, BadRequest(
-                f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or KOLORS_API_ALLOWED_HOSTS"))
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:
-                response = unexpected(svc, request, exc)
-        route = request.scope.get("route")
-        svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
-                                    str(response.status_code)).inc()
-        for name, value in {**SECURITY_HEADERS, **getattr(request.state, "extra_headers", {})}.items():
-            response.headers.setdefault(name, value)
-        return response
+    app.add_middleware(Observe, svc=svc, hosts=hosts)
 
-    for router in (system_router, admin_router, openai_router, generation_router):
+    for router in (system_router, admin_router, openai_router, generation_router, events_router):
         app.include_router(router)
     if settings.cors_origins:
         # Off by default; keys travel in headers, never cookies, so no credentials.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from kolors_api.api.auth import authenticate
 from kolors_api.api.metrics import Metrics
@@ -264,10 +264,13 @@ async def read_json(request: Request, limit: int) -> Any:
     if length is not None and length > limit:
         raise PayloadTooLarge(f"body: larger than {limit} bytes")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise PayloadTooLarge(f"body: larger than {limit} bytes")
+    except ClientDisconnect:  # nobody reads the answer; not a fault of ours (no stack trace in the log)
+        raise BadRequest("body: the client went away before sending all of it") from None
     if not data.strip():
         raise BadRequest("body: must be a JSON object, got nothing")
     try:

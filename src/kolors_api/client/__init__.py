@@ -13,7 +13,8 @@ Code written for the segmind SDK moves over by changing an import::
 Env: `KOLORS_API_KEY` (sent as `x-api-key`) and `KOLORS_API_BASE_URL` (default
 `http://127.0.0.1:8000`, with or without `/v1`). `Client` for explicit settings, `AsyncClient`
 for asyncio. Errors: see `kolors_api.client._exceptions` (`APIError`, `InferenceFailed`,
-`InferenceTimeout`, all `KolorsAPIError`, alias `SegmindError`).
+`InferenceTimeout`, all `KolorsAPIError`, alias `SegmindError`). `job.events()` follows a job live
+(server-sent events, `Event`), with or without previews.
 """
 
 from kolors_api.client._async import AsyncClient, AsyncioJob
@@ -28,6 +29,7 @@ from kolors_api.client._client import (
     run_sync,
     submit_async,
 )
+from kolors_api.client._events import Event
 from kolors_api.client._exceptions import (
     APIError,
     InferenceFailed,
@@ -45,6 +47,7 @@ __all__ = [
     "AsyncJob",
     "AsyncioJob",
     "Client",
+    "Event",
     "InferenceFailed",
     "InferenceTimeout",
     "KolorsAPIError",

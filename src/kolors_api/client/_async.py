@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -37,7 +37,8 @@ from kolors_api.client._client import (
     root_url,
     terminal_tolerant,
 )
-from kolors_api.client._exceptions import InferenceFailed, InferenceTimeout
+from kolors_api.client._events import Event, Follow
+from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout
 
 __all__ = ["AsyncClient", "AsyncioJob"]
 
@@ -90,6 +91,33 @@ class AsyncioJob:
             if now >= deadline:
                 raise InferenceTimeout(self.request_id, now - start)
             await asyncio.sleep(min(interval, deadline - now))
+
+
+    async def events(self, *, previews: bool = False) -> AsyncIterator[Event]:
+        """The job's events as they happen, until `completed` or `failed`: `AsyncJob.events`, awaited.
+
+        Example::
+
+            async for event in job.events(previews=True):
+                print(event.event, event.data.get("step"), event.preview is not None)
+        """
+        follow = Follow(self.request_id, self.response_url, previews, self._client.timeout)
+        while True:
+            error: Exception | None = None
+            try:
+                async with self._client._http.stream("GET", follow.url, headers=follow.headers,
+                                                     timeout=follow.timeout) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise_for_status(response)
+                    async for line in response.aiter_lines():
+                        if (event := follow.feed(line)) is not None:
+                            yield event
+                            if event.terminal:
+                                return
+            except (httpx.TransportError, APIError) as exc:
+                error = exc
+            await asyncio.sleep(follow.retry_after(error))
 
 
 class AsyncClient:

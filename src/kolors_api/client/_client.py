@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from kolors_api.client._events import Event, Follow
 from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
 
 __all__ = [
@@ -108,6 +109,39 @@ class AsyncJob:
             if now >= deadline:
                 raise InferenceTimeout(self.request_id, now - start)
             time.sleep(min(interval, deadline - now))
+
+
+    def events(self, *, previews: bool = False) -> Iterator[Event]:
+        """The job's events as they happen (server-sent events), until `completed` or `failed`.
+
+        `previews=True`: progress events carry a small preview image (`Event.preview`) every few
+        steps. A dropped stream is reopened with Last-Event-ID, so nothing that matters is missed;
+        after `MAX_RECONNECTS` failed tries in a row the last error is raised (`APIError` for an
+        HTTP error such as 404, an `httpx.TransportError` for a broken connection).
+
+        Example::
+
+            for event in job.events():
+                print(event.event, event.data.get("step"))
+            result = event.data          # the last one is completed (the result body) or failed
+        """
+        follow = Follow(self.request_id, self.response_url, previews, self._client.timeout)
+        while True:
+            error: Exception | None = None
+            try:
+                with self._client._http.stream("GET", follow.url, headers=follow.headers,
+                                               timeout=follow.timeout) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise_for_status(response)
+                    for line in response.iter_lines():
+                        if (event := follow.feed(line)) is not None:
+                            yield event
+                            if event.terminal:
+                                return
+            except (httpx.TransportError, APIError) as exc:
+                error = exc
+            time.sleep(follow.retry_after(error))
 
 
 class Client:

@@ -18,6 +18,7 @@ import torch
 
 from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
+from kolors_api.engine.previews import preview_webp
 from kolors_api.engine.prompt_cache import PromptCache
 from kolors_api.jobs.batching import BatchLimits, shape
 from kolors_api.schema import SCHEDULERS, GenerateParams
@@ -227,13 +228,13 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate(
-        self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None
-    ) -> GenerationOutput:
+    def generate(self, params: GenerateParams, on_step: Callable[..., None] | None = None) -> GenerationOutput:
         """Run one request: `params.number_of_images` images in one batch, image i from seed+i.
 
-        `on_step(step, total)` is called after each denoising step (step 1..total); an exception
-        it raises aborts the run and propagates out of here (cancellation, lost leases).
+        `on_step(step, total, preview)` is called after each denoising step (step 1..total); an
+        exception it raises aborts the run and propagates out of here (cancellation, lost leases).
+        `preview()` returns a small webp of the first image at that step (`engine.previews`), made
+        only when called, and only valid during that call.
 
         Same params, same device: same bytes. Image i of a batch starts from the same noise as a
         single-image run with seed+i and looks the same, but is not always bit-identical to it:
@@ -244,13 +245,14 @@ class Engine:
         return out
 
     def generate_batch(
-        self, jobs: Sequence[tuple[GenerateParams, Callable[[int, int], None] | None]]
+        self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]]
     ) -> list[GenerationOutput | BaseException]:
         """Run several requests of one shape (`jobs.batching.SHAPE_FIELDS`) in one pipeline call.
 
         Each job keeps its own prompts, seeds (image i from seed+i: its own generators, so also the
         stochastic schedulers draw its noise as a run of its own would), number of images and output
-        format. A job whose `on_step` raises is dropped from the outputs (its rows still run to the
+        format; its `on_step(step, total, preview)` as in `generate` (the preview of its own first
+        image). A job whose `on_step` raises is dropped from the outputs (its rows still run to the
         end of the call; no scheduler can lose batch rows mid-run) and gets that exception as its
         result; the call stops early only when every job was dropped. An error of the pipeline
         itself is every job's result."""
@@ -266,13 +268,15 @@ class Engine:
                       for params, _ in jobs for seed in params.seeds]
         dropped: dict[int, BaseException] = {}
         watched = [n for n, (_, on_step) in enumerate(jobs) if on_step is not None]
+        first_rows = [sum(params.number_of_images for params, _ in jobs[:n]) for n in range(len(jobs))]
 
         def step_end(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            latents = tensors["latents"]
             for n in watched:
                 on_step = jobs[n][1]
                 if n not in dropped and on_step is not None:
                     try:
-                        on_step(i + 1, p.num_timesteps)
+                        on_step(i + 1, p.num_timesteps, lambda row=first_rows[n]: preview_webp(latents[row]))
                     except Exception as exc:
                         dropped[n] = exc
             if len(dropped) == len(jobs):
@@ -292,7 +296,7 @@ class Engine:
                     output_type="latent",
                     max_sequence_length=MAX_SEQUENCE_LENGTH,
                     callback_on_step_end=step_end if watched else None,
-                    callback_on_step_end_tensor_inputs=[],
+                    callback_on_step_end_tensor_inputs=["latents"] if watched else [],
                 ).images
                 outputs: list[GenerationOutput | BaseException] = []
                 row = 0

@@ -30,6 +30,7 @@ they discover at run time (a job id read from the stream, the key id read from a
 | ``hook:{delivery id}`` | hash | one webhook delivery: job, event, url, state, attempts, token |
 | ``hook-log:{id}`` | list of JSON | the job's webhook attempts |
 | ``webhook-secrets`` | hash key id → ``whsec_…`` | each API key's webhook signing secret |
+| ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ EVENTS = "events:"
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
+PREVIEW = "preview:"
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -127,6 +129,9 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.prefix + JOB + job_id
 
+    def preview(self, job_id: str) -> str:
+        return self.prefix + PREVIEW + job_id
+
     def output(self, job_id: str, index: int) -> str:
         return f"{self.prefix}{OUTPUT}{job_id}:{index}"
 
@@ -187,5 +192,6 @@ LUA_KEYS = "\n".join([
     f"local function k_hook(id) return P .. {_lua_string(HOOK)} .. id end",
     f"local function k_hook_log(id) return P .. {_lua_string(HOOK_LOG)} .. id end",
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
+    f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
     "",
 ])

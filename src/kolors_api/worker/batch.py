@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from collections.abc import Callable
 
 from kolors_api.jobs import JobStore, Lease
 from kolors_api.schema import GenerateParams
+from kolors_api.worker.previews import take_preview
 
 
 class JobAborted(Exception):  # noqa: N818
@@ -43,10 +44,10 @@ class JobRun:
             self.reason = reason
             self.abort.set()
 
-    async def report(self, step: int, total: int) -> None:
-        """Store the progress; a lost lease or a cancel request stops the job. A cancelled job ends
-        FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
-        if not await self.store.progress(self.lease, step, total):
+    async def report(self, step: int, total: int, preview: bytes | None = None) -> None:
+        """Store the progress (and a preview); a lost lease or a cancel request stops the job. A
+        cancelled job ends FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
+        if not await self.store.progress(self.lease, step, total, preview):
             self.stop(LEASE_LOST)
             return
         current = await self.store.get(self.job.id)
@@ -54,11 +55,12 @@ class JobRun:
             self.stop(CANCELLED)
             await self.store.fail(self.lease, CANCELLED)
 
-    def on_step(self, step: int, total: int, *_: Any) -> None:
-        """The engine's step callback (engine thread): report, or raise `JobAborted` to stop."""
+    def on_step(self, step: int, total: int, preview: Callable[[], bytes] | None = None) -> None:
+        """The engine's step callback (engine thread): report (with a preview now and then, made
+        here: it is only valid during this call), or raise `JobAborted` to stop."""
         if self.abort.is_set():
             raise JobAborted(self.reason or "aborted")
-        asyncio.run_coroutine_threadsafe(self.report(step, total), self.loop)
+        asyncio.run_coroutine_threadsafe(self.report(step, total, take_preview(step, total, preview)), self.loop)
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""

@@ -163,7 +163,11 @@ class Worker:
                 if not self._stopping.is_set():
                     self._enter(WorkerState.BUSY)
                 leases = [lease, *await self._company(lease, limits)]
-                finish = await self.process_batch(leases)
+                try:
+                    finish = await self.process_batch(leases)
+                except Exception as exc:  # their leases run out and another delivery retries them
+                    self._store_error(exc, f"running jobs {', '.join(le.job.id for le in leases)}")
+                    continue
                 # Storing this batch overlaps the next one's denoising (one batch in flight).
                 if finishing is not None:
                     await finishing
