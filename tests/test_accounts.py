@@ -186,6 +186,7 @@ def test_account_reports_credits_limits_and_usage(admin: httpx.Client) -> None:
     for _ in range(2):
         assert admin.post("/v2/kolors", json=SMALL, headers=h).status_code == 200
     body = admin.get("/v1/account", headers=h).json()
+    assert body.pop("webhook_secret").startswith("whsec_")  # tests/test_webhooks.py
     assert body == {
         "id": user["id"], "name": "user", "admin": False, "credits": 9.5,
         "limits": {"rate_limit": "100/min", "max_concurrency": 5},

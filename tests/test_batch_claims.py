@@ -140,3 +140,14 @@ async def test_a_cancelled_queued_job_is_not_claimed_into_a_batch(store: JobStor
     assert head is not None
     got = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))
     assert [g.job.id for g in got] == [kept]
+
+
+async def test_jobs_taken_into_a_batch_put_their_start_webhook_in_the_outbox(store: JobStore) -> None:
+    hooked = {"webhook": "http://127.0.0.1:9/hook", "webhook_events": ("start",)}
+    ids = [(await store.submit(NewJob(model="kolors", params=params(seed=i), **hooked))).id  # type: ignore[arg-type]
+           for i in range(3)]
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None
+    got = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), lease.job.params))
+    assert {lease.job.id, *(g.job.id for g in got)} == set(ids)
+    assert sorted(d.job_id for d in await store.claim_webhooks(30, 10)) == sorted(ids)

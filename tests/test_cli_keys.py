@@ -64,10 +64,13 @@ def test_keys_create_then_list_disable_enable_delete(tmp_path: Path) -> None:
     assert cli("keys", "revoke", key_id, data_dir=tmp_path).returncode == 0
     assert listed(tmp_path)[0]["enabled"] is False
     assert "revoke" not in cli("keys", "--help", data_dir=tmp_path).stdout
+    secrets = [cli("keys", "rotate-webhook-secret", key_id, data_dir=tmp_path) for _ in range(2)]
+    assert all(out.returncode == 0 and out.stdout.startswith("whsec_") for out in secrets)
+    assert secrets[0].stdout != secrets[1].stdout
     deleted = cli("keys", "delete", key_id, data_dir=tmp_path)
     assert (deleted.returncode, deleted.stdout.strip()) == (0, f"deleted {key_id}")
     assert listed(tmp_path) == []
-    for verb in ("disable", "enable", "delete"):
+    for verb in ("disable", "enable", "delete", "rotate-webhook-secret"):
         unknown = cli("keys", verb, key_id, data_dir=tmp_path)
         assert (unknown.returncode, unknown.stderr.strip()) == (1, f"unknown key: {key_id}")
 

@@ -15,6 +15,7 @@ import pytest
 from kolors_api.jobs import (
     AlreadyExists,
     BalanceOutOfRange,
+    IdempotencyMismatch,
     InsufficientFunds,
     JobState,
     JobStore,
@@ -23,6 +24,7 @@ from kolors_api.jobs import (
     QueueFull,
     StoreError,
     TooManyRunning,
+    WebhookAttempt,
     hash_key,
     make_key_record,
     new_key,
@@ -440,3 +442,113 @@ async def test_the_state_watch_fails_a_change_that_transitions_do_not_allow(tmp_
             await store.get(job.id)
     finally:
         await store.close()
+
+
+# -- Idempotency-Key and the webhook outbox
+def keyed(key_id: str, idem: str, digest: str = "h1", **kw: object) -> NewJob:
+    return NewJob(model="kolors", params=params(), cost=1.0, key_id=key_id, idempotency_key=idem,
+                  request_hash=digest, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_repeated_idempotency_key_answers_the_first_job_and_charges_once(store: JobStore) -> None:
+    key = make_key_record("user", new_key(), credits=10)
+    await store.add_key(key)
+    assert await store.idempotent_request(key.id, "k-1") is None
+    first = await store.submit(keyed(key.id, "k-1"))
+    assert await store.idempotent_request(key.id, "k-1") == (first.id, "h1")
+    assert await store.idempotent_request("another key", "k-1") is None
+    again = await store.submit(keyed(key.id, "k-1"))
+    assert again.id == first.id
+    with pytest.raises(IdempotencyMismatch):
+        await store.submit(keyed(key.id, "k-1", "another body"))
+    other = await store.submit(keyed(key.id, "k-2"))  # another key: another job
+    assert other.id != first.id
+    reserves = [e for e in await store.ledger(key.id) if e.kind == "reserve"]
+    assert sorted(e.request_id for e in reserves) == sorted([first.id, other.id])
+    got = await store.get_key(key.id)
+    assert got is not None and got.credits == 8
+
+
+async def test_twenty_concurrent_submits_with_one_idempotency_key_make_one_job(store: JobStore) -> None:
+    key = make_key_record("user", new_key(), credits=100)
+    await store.add_key(key)
+    jobs = await asyncio.gather(*(store.submit(keyed(key.id, "same")) for _ in range(20)))
+    assert len({j.id for j in jobs}) == 1
+    assert (await store.stats()).queued == 1
+    assert [e.kind for e in await store.ledger(key.id)].count("reserve") == 1
+
+
+def hooked(events: tuple[str, ...] = ("completed",)) -> NewJob:
+    return NewJob(model="kolors", params=params(), key_id="k1", webhook="http://127.0.0.1:9/hook",
+                  webhook_events=events)
+
+
+async def test_the_outbox_gets_the_events_the_webhook_asks_for(store: JobStore) -> None:
+    plain = await store.submit(NewJob(model="kolors", params=params()))
+    job = await store.submit(hooked(("start", "progress", "completed")))
+    for _ in range(2):
+        lease = await store.claim("w1", 30, 0.1)
+        assert lease is not None
+        await store.progress(lease, 1, 2)
+        await store.progress(lease, 2, 2)  # the progress delivery still waits: no second one
+        assert await store.complete(lease, [b"img"], "png", [1], {})
+    due = await store.claim_webhooks(30, 10)
+    assert sorted(d.event for d in due) == ["completed", "progress", "start"]
+    assert {d.job_id for d in due} == {job.id} and plain.id not in {d.job_id for d in due}
+    assert all(d.attempt == 1 and d.url == "http://127.0.0.1:9/hook" and d.key_id == "k1" for d in due)
+    assert await store.claim_webhooks(30, 10) == []  # claimed: not due again while the lease runs
+
+
+async def test_a_failed_job_is_delivered_only_when_asked_for(store: JobStore) -> None:
+    default = await store.submit(hooked())
+    failing = await store.submit(hooked(("failed",)))
+    for _ in range(2):
+        lease = await store.claim("w1", 30, 0.1)
+        assert lease is not None and await store.fail(lease, "boom")
+    due = await store.claim_webhooks(30, 10)
+    assert [(d.job_id, d.event) for d in due] == [(failing.id, "failed")]
+    assert default.id != failing.id
+
+
+async def test_a_webhook_attempt_is_logged_retried_when_due_and_fenced(store: JobStore) -> None:
+    job = await store.submit(hooked())
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.complete(lease, [b"img"], "png", [1], {})
+    (first,) = await store.claim_webhooks(30, 10)
+    t = time.time()
+    attempt = WebhookAttempt(first.id, "completed", 1, t, 500, 0.01, "HTTP 500")
+    assert await store.record_webhook(first, attempt, "pending", t + 0.3)
+    assert not await store.record_webhook(first, attempt, "pending", t)  # the claim was used up
+    assert await store.claim_webhooks(30, 10) == []
+    await asyncio.sleep(0.4)
+    (second,) = await store.claim_webhooks(0.2, 10)
+    assert second.id == first.id and second.attempt == 2
+    await asyncio.sleep(0.3)  # its runner died: due again after the lease
+    (third,) = await store.claim_webhooks(30, 10)
+    assert third.attempt == 3
+    late = WebhookAttempt(second.id, "completed", 2, t, 200, 0.01)
+    assert not await store.record_webhook(second, late, "delivered")  # stale: the delivery was re-claimed
+    assert await store.record_webhook(third, WebhookAttempt(third.id, "completed", 3, t, 200, 0.02), "delivered")
+    assert [(a.attempt, a.status) for a in await store.webhook_attempts(job.id)] == [(1, 500), (3, 200)]
+    assert await store.claim_webhooks(30, 10) == []
+
+
+async def test_a_410_stops_every_delivery_of_that_job(store: JobStore) -> None:
+    job = await store.submit(hooked(("start", "progress", "completed")))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None
+    (start,) = await store.claim_webhooks(30, 10)
+    await store.progress(lease, 1, 2)
+    assert await store.record_webhook(start, WebhookAttempt(start.id, "start", 1, time.time(), 410, 0.01),
+                                      "stopped")
+    assert await store.complete(lease, [b"img"], "png", [1], {})
+    assert await store.claim_webhooks(30, 10) == []  # the waiting progress and the completion: stopped
+    assert [a.status for a in await store.webhook_attempts(job.id)] == [410]
+
+
+async def test_a_keys_webhook_secret_is_made_once_and_rotates(store: JobStore) -> None:
+    secret = await store.webhook_secret("k1")
+    assert secret.startswith("whsec_") and await store.webhook_secret("k1") == secret
+    assert await store.webhook_secret("k2") != secret
+    rotated = await store.rotate_webhook_secret("k1")
+    assert rotated != secret and await store.webhook_secret("k1") == rotated

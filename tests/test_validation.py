@@ -148,7 +148,8 @@ def test_unknown_model_route_and_request_are_404(client: httpx.Client) -> None:
 
 def test_the_error_table_maps_every_exception_to_its_status() -> None:
     assert STATUS[KolorsAPIError] == 500
-    assert sorted(STATUS.values()) == [400, 401, 403, 404, 406, 409, 413, 422, 429, 500, 503, 504]
+    # 422 twice: a FAILED job, and an Idempotency-Key used with another body
+    assert sorted(STATUS.values()) == [400, 401, 403, 404, 406, 409, 413, 422, 422, 429, 500, 503, 504]
 
 
 def test_every_store_outcome_maps_to_one_api_error() -> None:
@@ -158,7 +159,8 @@ def test_every_store_outcome_maps_to_one_api_error() -> None:
                 if isinstance(cls, type) and issubclass(cls, jobs.StoreError) and cls is not jobs.StoreError}
     assert outcomes == set(STORE_ERRORS), "every store outcome has its row in errors.STORE_ERRORS"
     samples = [(jobs.InsufficientFunds(1.0, 0.5), 406), (jobs.TooManyRunning(2), 429),
-               (jobs.QueueFull("queue is full"), 503), (jobs.AlreadyExists("key k"), 409)]
+               (jobs.QueueFull("queue is full"), 503), (jobs.AlreadyExists("key k"), 409),
+               (jobs.IdempotencyMismatch(), 422)]
     for exc, status in samples:
         err = from_store(exc)
         assert err.status == status and err.message == str(exc)

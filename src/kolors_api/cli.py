@@ -181,6 +181,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
                 print(f"deleted {args.id}")
+            elif args.keys_cmd == "rotate-webhook-secret":
+                if await store.get_key(args.id) is None:
+                    print(f"unknown key: {args.id}", file=sys.stderr)
+                    return 1
+                print(await store.rotate_webhook_secret(args.id))
             return 0
         finally:
             await store.close()
@@ -256,7 +261,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Manage API keys straight in the store, with or without a server running. "
                                    "Pass the server's --data-dir/--store; no store is ever created but by "
                                    "`keys create --init`.")
-    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,disable,enable,delete}")
+    ks = k.add_subparsers(dest="keys_cmd", required=True,
+                          metavar="{create,list,disable,enable,delete,rotate-webhook-secret}")
     kc = ks.add_parser("create", help="create a key (printed once)", description="Create a key; it is printed "
                                       "once on stdout, its id, name, admin flag and credits on stderr.")
     kc.add_argument("--name", required=True, help="a name for the key (required)")
@@ -274,7 +280,9 @@ def parser() -> argparse.ArgumentParser:
     _store_flags(kl)
     for name, what in (("disable", "disable a key: it then answers 403 (`keys enable` undoes it)"),
                        ("enable", "enable a disabled key again"),
-                       ("delete", "delete a key for good (as DELETE /v1/admin/keys/{id})")):
+                       ("delete", "delete a key for good (as DELETE /v1/admin/keys/{id})"),
+                       ("rotate-webhook-secret", "print a new whsec_ secret that signs the key's webhooks from now "
+                                                 "on (as POST /v1/admin/keys/{id}/webhook-secret)")):
         kd = ks.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
         kd.add_argument("id", help="the key's id (from `keys list`)")
         _store_flags(kd)

@@ -9,6 +9,7 @@
     ├── PayloadTooLarge                 413
     ├── Conflict                        409 the store holds it already (a duplicate id or key)
     ├── JobFailed                       422 a FAILED job (body carries the status body)
+    ├── IdempotencyConflict             422 an Idempotency-Key used before with another body
     ├── RateLimited                     429 with Retry-After
     ├── Unavailable                     503 no worker / queue full / store unavailable, with Retry-After
     └── SyncTimeout                     504 a sync request outlived its deadline (carries request_id)
@@ -28,6 +29,7 @@ from typing import Any
 from kolors_api.jobs.base import (
     AlreadyExists,
     BalanceOutOfRange,
+    IdempotencyMismatch,
     InsufficientFunds,
     QueueFull,
     StoreError,
@@ -93,6 +95,10 @@ class JobFailed(KolorsAPIError):
     status = 422
 
 
+class IdempotencyConflict(KolorsAPIError):
+    status = 422
+
+
 class RateLimited(KolorsAPIError):
     status = 429
 
@@ -118,6 +124,7 @@ STATUS: dict[type[KolorsAPIError], int] = {
         PayloadTooLarge,
         Conflict,
         JobFailed,
+        IdempotencyConflict,
         RateLimited,
         Unavailable,
         SyncTimeout,
@@ -132,6 +139,7 @@ STORE_ERRORS: dict[type[StoreError], Callable[[StoreError], KolorsAPIError]] = {
     QueueFull: lambda exc: Unavailable(str(exc), headers={"Retry-After": "5"}),
     AlreadyExists: lambda exc: Conflict(str(exc)),
     BalanceOutOfRange: lambda exc: BadRequest(str(exc)),
+    IdempotencyMismatch: lambda exc: IdempotencyConflict(str(exc)),
 }
 
 

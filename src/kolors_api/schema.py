@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kolors_api.errors import BadRequest
+from kolors_api.jobs.base import WEBHOOK_EVENTS
 
 MODEL = "kolors"
 MODELS = (MODEL,)
@@ -248,6 +249,36 @@ def validate(body: Any) -> GenerateParams:
     return GenerateParams(**values)
 
 
+#: The fields of a submit body beside the model's parameters (the JSON Schema of each).
+WEBHOOK_FIELDS: dict[str, dict[str, Any]] = {
+    "webhook": {"type": "string", "maxLength": 2048,
+                "description": "An http(s) URL to POST the request's status body to (signed per Standard "
+                               "Webhooks); addresses of private networks are refused."},
+    "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                              "minItems": 1, "uniqueItems": True, "default": ["completed"],
+                              "description": "The events delivered to `webhook`."},
+}
+
+
+def split_webhook(body: Any) -> tuple[Any, str | None, tuple[str, ...]]:
+    """(the body without the webhook fields, the webhook URL or None, its events); `BadRequest` naming
+    the field when one is malformed (the URL's SSRF check is the API's)."""
+    if not isinstance(body, dict):
+        return body, None, ("completed",)
+    rest = {k: v for k, v in body.items() if k not in WEBHOOK_FIELDS}
+    url, events = body.get("webhook"), body.get("webhook_events_filter", ["completed"])
+    if url is not None and not isinstance(url, str):
+        raise BadRequest(f"webhook: must be an http or https URL, got {kind_of(url)}")
+    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+        raise BadRequest(f"webhook_events_filter: must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}, "
+                         f"got {short(events)}")
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown:
+        raise BadRequest(f"webhook_events_filter: {short(unknown[0])} is not an event; the events are "
+                         f"{', '.join(WEBHOOK_EVENTS)}")
+    return rest, url, tuple(dict.fromkeys(events))
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a `kolors` request body (served by `GET /v1/models`)."""
     properties: dict[str, Any] = {}
@@ -268,4 +299,5 @@ def json_schema() -> dict[str, Any]:
         if p.description:
             prop["description"] = p.description
         properties[p.name] = {**prop, **p.schema}
+    properties |= WEBHOOK_FIELDS
     return {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": properties}

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     #: NudeNet classes that block an image (comma-separated; see `kolors_api.worker.safety.NUDENET_CLASSES`).
     nudenet_classes: str = ("FEMALE_GENITALIA_EXPOSED,MALE_GENITALIA_EXPOSED,FEMALE_BREAST_EXPOSED,"
                             "BUTTOCKS_EXPOSED,ANUS_EXPOSED")
+    #: Webhook hosts reached although the SSRF guard refuses their addresses (comma-separated host names,
+    #: addresses or networks, e.g. `hooks.internal,10.0.5.0/24`): an operator's own receivers.
+    webhook_allow_hosts: str = ""
+    #: Seconds between the tries of a webhook delivery (comma-separated; one try more than delays).
+    webhook_retry_delays: str = "30,120,480,1200,1800"
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
     nudenet_threshold: float = Field(0.6, ge=0, le=1)
 
@@ -101,6 +106,12 @@ class Settings(BaseSettings):
     @classmethod
     def _shapes(cls, value: str) -> str:
         compile_shapes(value)
+        return value
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _delays(cls, value: str) -> str:
+        retry_delays(value)
         return value
 
     @field_validator("store")
@@ -138,6 +149,17 @@ def compile_shapes(value: str) -> tuple[tuple[int, int], ...]:
             raise ValueError(f"{item}: each side must be a multiple of 8 from 256 to 2048")
         shapes.append(shape)
     return tuple(shapes)
+
+
+def retry_delays(value: str) -> tuple[float, ...]:
+    """`"30,120,480"` -> (30.0, 120.0, 480.0): the delays before a webhook's 2nd, 3rd… try."""
+    try:
+        delays = tuple(float(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected seconds, comma-separated (30,120,480), got {value[:60]!r}") from None
+    if any(not 0 <= d <= 86400 for d in delays):
+        raise ValueError(f"each delay must be 0..86400 seconds, got {value[:60]!r}")
+    return delays
 
 
 def random_model_size(model: str) -> str | None:

@@ -18,6 +18,7 @@ from kolors_api.api.models import (
     KeyList,
     KeyPublic,
     KeyUpdate,
+    WebhookSecret,
     errors,
     parse_body,
     request_of,
@@ -68,6 +69,15 @@ async def delete_key(key_id: str, svc: ServiceDep, admin: AdminKey) -> Response:
     return JSONResponse({"id": key_id, "deleted": True})
 
 
+@router.post("/v1/admin/keys/{key_id}/webhook-secret", summary="Rotate a key's webhook signing secret",
+              response_model=WebhookSecret, responses=errors(401, 403, 404))
+async def rotate_webhook_secret(key_id: str, svc: ServiceDep, admin: AdminKey) -> Response:
+    """A new `whsec_` secret signs the key's deliveries from now on (the old one no longer verifies)."""
+    if await svc.store.get_key(key_id) is None:
+        raise NotFound(f"unknown key: {clip(key_id)}")
+    return JSONResponse({"id": key_id, "webhook_secret": await svc.store.rotate_webhook_secret(key_id)})
+
+
 def _usage(ledger: list[LedgerEntry]) -> dict[str, Any]:
     """Spent (captured: COMPLETED jobs) apart from reserved (jobs still queued or running)."""
     reserved: dict[str, int] = {}
@@ -95,6 +105,7 @@ async def account(svc: ServiceDep, key: CallerKey) -> Response:
         "id": key.id, "name": key.name, "admin": key.admin, "credits": key.credits,
         "limits": {"rate_limit": key.rate_limit, "max_concurrency": key.max_concurrency},
         "usage": {**_usage(ledger), "running": running},
+        "webhook_secret": await svc.store.webhook_secret(key.id),
     })
 
 

@@ -25,20 +25,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
+from kolors_api.api.delivery import WebhookRunner
 from kolors_api.api.deps import Service
 from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
+from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.signing import Signer
+from kolors_api.api.ssrf import Policy
 from kolors_api.api.system import router as system_router
 from kolors_api.errors import BadRequest, KolorsAPIError, openai_error, store_unavailable
 from kolors_api.jobs import JobStore, make_store
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import clip
-from kolors_api.settings import Settings
+from kolors_api.settings import Settings, retry_delays
 
 log = logging.getLogger("kolors_api.api")
 
@@ -170,7 +173,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     settings = settings or Settings()
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
-    svc = Service(settings=settings, store=store)
+    svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts))
     svc.admission.append(RateLimits(settings))
     hosts = allowed_hosts(settings)
     _redact_access_log()
@@ -189,6 +192,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         if created:
             print(f"Created an admin API key (shown only now): {created}", flush=True)  # noqa: T201
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
+        # every serve process delivers webhooks: the outbox is in the store, claimed with leases
+        runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
+                               delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve,
+                               outage=svc.outage_seen)
+        svc.webhook_task = asyncio.create_task(runner.run())
         if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())
             svc.worker_task.add_done_callback(functools.partial(_worker_ended, svc))
@@ -196,6 +204,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             yield
         finally:
             svc.expiry_task.cancel()
+            svc.webhook_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await svc.webhook_task  # a try in flight is dropped: its lease runs out, it is tried again
             if svc.probe_task is not None:
                 svc.probe_task.cancel()
             if svc.worker is not None and svc.worker_task is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from kolors_api.api.auth import authenticate
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
+from kolors_api.api.ssrf import Blocked, Policy, Resolver, check_webhook_url, system_resolve
 from kolors_api.errors import (
     BadRequest,
     JobFailed,
@@ -37,6 +39,7 @@ from kolors_api.errors import (
 )
 from kolors_api.jobs import (
     ApiKey,
+    IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
@@ -49,8 +52,11 @@ from kolors_api.jobs import (
 )
 from kolors_api.jobs.base import micro
 from kolors_api.jobs.outage import Outage
-from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, validate
+from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, split_webhook, validate
 from kolors_api.settings import Settings
+
+#: The longest Idempotency-Key taken.
+MAX_IDEMPOTENCY_KEY = 255
 
 #: A pre-submit check (rate limits…): (request, key, params) -> None; it raises to refuse and may
 #: leave headers for the answer in `request.state.extra_headers`.
@@ -87,6 +93,10 @@ class Service:
     #: The store's outage, logged once (see `kolors_api.jobs.outage`), and the task that sees it end.
     outage: Outage = field(default_factory=lambda: Outage(logging.getLogger("kolors_api.api")))
     probe_task: asyncio.Task[None] | None = None
+    #: The webhook SSRF guard's allow-list and resolver (tests put a stub resolver here).
+    webhook_policy: Policy = field(default_factory=Policy)
+    resolve: Resolver = system_resolve
+    webhook_task: asyncio.Task[None] | None = None
 
     def outage_seen(self, exc: BaseException) -> None:
         """Note an outage error (the first one logs) and watch, by pinging, for the store's return."""
@@ -106,8 +116,37 @@ class Service:
         """Validate, admit, price and enqueue; a sync caller is refused (503) when no worker is alive."""
         if model not in MODELS:
             raise NotFound(f"unknown model: {clip(model)}")
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise BadRequest(f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
+                             f"got {len(idempotency_key)}")
+        # same route, model and body as the key's first request, or a 422 (a random seed is drawn later)
+        digest = hashlib.sha256(json.dumps([request.url.path, model, body], sort_keys=True).encode()).hexdigest()
+        # a repeat skips the checks a new request passes (credits, rate limits, a live worker): it is
+        # no new request, and its answer must not change (the store decides, atomically, below)
+        repeat = idempotency_key is not None and await self._seen(key.id, idempotency_key, digest)
+        body, webhook, events = split_webhook(body)
         params = validate(body)
+        if webhook is not None:
+            try:
+                await check_webhook_url(webhook, self.webhook_policy, self.resolve)
+            except Blocked as exc:
+                raise BadRequest(f"webhook: {exc}") from None
         cost = price(params, self.settings.unit_price)
+        if not repeat:
+            await self._admit(request, key, params, cost, sync=sync)
+        new = NewJob(model=model, params=params.to_dict(), cost=cost, key_id=key.id, idempotency_key=idempotency_key,
+                     request_hash=digest, webhook=webhook, webhook_events=events)
+        try:
+            job = await self.store.submit(new, queue_cap=self.settings.queue_cap)
+        except StoreError as exc:
+            raise from_store(exc) from None
+        if job.id != new.id:
+            request.state.extra_headers = {**getattr(request.state, "extra_headers", {}), "Idempotent-Replayed": "true"}
+        return job
+
+    async def _admit(self, request: Request, key: ApiKey, params: GenerateParams, cost: float, *, sync: bool) -> None:
+        """The checks a new request passes before the store: credits, admission (rate limits), a live worker."""
         if key.credits is not None and micro(key.credits) < micro(cost):
             # Refused before the rate limits count it (the store checks again, atomically).
             raise from_store(InsufficientFunds(cost, key.credits))
@@ -115,11 +154,13 @@ class Service:
             await check(request, key, params)
         if sync and (await self.store.stats()).workers_alive < 1:
             raise Unavailable("no worker alive", headers={"Retry-After": "10"})
-        new = NewJob(model=model, params=params.to_dict(), cost=cost, key_id=key.id)
-        try:
-            return await self.store.submit(new, queue_cap=self.settings.queue_cap)
-        except StoreError as exc:
-            raise from_store(exc) from None
+
+    async def _seen(self, key_id: str, idempotency_key: str, digest: str) -> bool:
+        """True when the key was used before for this very request; 422 when for another."""
+        seen = await self.store.idempotent_request(key_id, idempotency_key)
+        if seen is not None and seen[1] != digest:
+            raise from_store(IdempotencyMismatch())
+        return seen is not None
 
     async def run_sync(self, request: Request, key: ApiKey, model: str, body: Any) -> Finished:
         """Submit, wait until the job ends (504 at the sync deadline), 422 when it FAILED, read the images."""
@@ -151,14 +192,18 @@ class Service:
         return job
 
     # -- absolute URLs
-    def base_url(self, request: Request) -> str:
-        return (self.settings.public_url or str(request.base_url)).rstrip("/")
+    def base_url(self, request: Request | None) -> str:
+        """PUBLIC_URL, else the request's (a webhook has none: the bound address)."""
+        if self.settings.public_url or request is None:
+            host = self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]"
+            return (self.settings.public_url or f"http://{host}:{self.settings.port}").rstrip("/")
+        return str(request.base_url).rstrip("/")
 
     def links(self, request: Request, job: Job) -> dict[str, str]:
         base = f"{self.base_url(request)}/v2/requests/{job.id}"
         return {"status_url": f"{base}/status", "response_url": base}
 
-    def output_urls(self, request: Request, job: Job) -> list[str]:
+    def output_urls(self, request: Request | None, job: Job) -> list[str]:
         assert self.signer is not None
         base = self.base_url(request)
         urls = []

@@ -17,8 +17,9 @@ from kolors_api.api.models import (
     StatusBody,
     Submitted,
     SyncImages,
+    WebhookAttempts,
     errors,
-    json_request,
+    submit_request,
 )
 from kolors_api.errors import NotFound, Unauthorized
 from kolors_api.jobs import Job, JobState
@@ -27,7 +28,7 @@ from kolors_api.schema import CONTENT_TYPES, MODELS, clip, decimal, json_schema,
 router = APIRouter()
 
 #: The Segmind request body, declared from the parameter table (the routes validate it themselves).
-KOLORS_BODY = json_request(json_schema())
+KOLORS_BODY = submit_request(json_schema())
 IMAGE = {"content": {ct: {"schema": {"type": "string", "format": "binary"}} for ct in CONTENT_TYPES.values()}}
 
 
@@ -40,6 +41,17 @@ def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
     if job.state == JobState.FAILED:
         body["error"] = job.error or "failed"
     return body
+
+
+def result_body(svc: Service, request: Request | None, job: Job) -> dict[str, Any]:
+    """The body of a COMPLETED job's result (output URLs signed; absolute from PUBLIC_URL or `request`)."""
+    return {"request_id": job.id, "status": job.state.value, "output": svc.output_urls(request, job),
+            "seeds": job.seeds, "metrics": job.metrics, "input": job.params}
+
+
+def webhook_body(svc: Service, job: Job) -> dict[str, Any]:
+    """What a webhook delivery sends: the result body once COMPLETED, else the status body."""
+    return result_body(svc, None, job) if job.state == JobState.COMPLETED else status_body(job)
 
 
 #: The model path parameter: `kolors` is the one model (any other name is a 404 naming it).
@@ -71,10 +83,11 @@ async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key
 
 
 @router.post("/v2/{model}", summary="Submit an async request", openapi_extra=KOLORS_BODY,
-             response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 429, 503))
+             response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 422, 429, 503))
 async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     job = await svc.submit(request, key, model, body)
-    return JSONResponse({"request_id": job.id, "status": job.state.value, **svc.links(request, job)})
+    # the same answer for a repeated Idempotency-Key (`Idempotent-Replayed: true`), whatever the job did since
+    return JSONResponse({"request_id": job.id, "status": JobState.QUEUED.value, **svc.links(request, job)})
 
 
 async def live_status(svc: ServiceDep, job: Job) -> dict[str, Any]:
@@ -100,16 +113,12 @@ async def request_result(request_id: str, request: Request, svc: ServiceDep, key
     return JSONResponse(result_body(svc, request, job))
 
 
-def result_body(svc: Service, request: Request, job: Job) -> dict[str, Any]:
-    """The result body of a COMPLETED job (also the `completed` event of its event stream)."""
-    return {
-        "request_id": job.id,
-        "status": job.state.value,
-        "output": svc.output_urls(request, job),
-        "seeds": job.seeds,
-        "metrics": job.metrics,
-        "input": job.params,
-    }
+@router.get("/v2/requests/{request_id}/webhooks", summary="The webhook delivery attempts of a request",
+            response_model=WebhookAttempts, responses=errors(401, 403, 404))
+async def request_webhooks(request_id: str, svc: ServiceDep, key: CallerKey) -> Response:
+    """Every try of every delivery, oldest first: time, event, HTTP status, latency, error."""
+    job = await svc.own_job(key, request_id)
+    return JSONResponse({"request_id": job.id, "data": [a.to_dict() for a in await svc.store.webhook_attempts(job.id)]})
 
 
 @router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)",

@@ -291,6 +291,27 @@ class Account(BaseModel):
     credits: float | None
     limits: Limits
     usage: Usage
+    webhook_secret: str = Field(description="The `whsec_` secret that signs this key's webhooks (Standard Webhooks)")
+
+
+class WebhookSecret(BaseModel):
+    id: str
+    webhook_secret: str
+
+
+class WebhookAttempt(BaseModel):
+    delivery_id: str = Field(description="the `webhook-id` of the delivery (the same for each try)")
+    event: Literal["start", "progress", "completed", "failed"]
+    attempt: int
+    at: float
+    status: int | None = Field(description="the receiver's HTTP status; null when no answer came")
+    latency: float
+    error: str | None
+
+
+class WebhookAttempts(BaseModel):
+    request_id: str
+    data: list[WebhookAttempt]
 
 
 class HistoryItem(BaseModel):
@@ -361,6 +382,18 @@ def errors(*codes: int, body: type[BaseModel] = ErrorBody) -> dict[int | str, di
 def json_request(schema: dict[str, Any]) -> dict[str, Any]:
     """`openapi_extra` declaring a JSON request body that the route reads by hand."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+#: The Idempotency-Key header every submit route takes (docs/api.md#idempotency-key).
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                   "description": "The same key with the same body within 24 h: the same answer, one job, "
+                                  "one charge; with another body: 422."}
+
+
+def submit_request(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` of a submit route: its JSON body, and the Idempotency-Key header."""
+    return {**json_request(schema), "parameters": [IDEMPOTENCY_KEY]}
 
 
 def request_of(model: type[BaseModel]) -> dict[str, Any]:

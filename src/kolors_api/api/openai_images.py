@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep
 from kolors_api.api.models import (
+    IDEMPOTENCY_KEY,
     ImageGenerationRequest,
     ImagesResponse,
     OpenAIErrorBody,
@@ -54,7 +55,8 @@ def to_kolors(req: ImageGenerationRequest) -> dict[str, Any]:
 
 
 @router.post(OPENAI_PATH, summary="OpenAI Images API: generate",
-             openapi_extra=request_of(ImageGenerationRequest), response_model=ImagesResponse,
+             openapi_extra={**request_of(ImageGenerationRequest), "parameters": [IDEMPOTENCY_KEY]},
+             response_model=ImagesResponse,
              responses=errors(400, 401, 403, 406, 413, 422, 429, 503, 504, body=OpenAIErrorBody))
 async def images_generations(request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     req = parse_body(ImageGenerationRequest, body)

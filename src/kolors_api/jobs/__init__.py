@@ -8,6 +8,7 @@ from kolors_api.jobs.base import (
     AlreadyExists,
     ApiKey,
     BalanceOutOfRange,
+    IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
@@ -19,6 +20,8 @@ from kolors_api.jobs.base import (
     StoreError,
     StoreStats,
     TooManyRunning,
+    WebhookAttempt,
+    WebhookDelivery,
     can_transition,
     hash_key,
     make_key_record,
@@ -27,8 +30,10 @@ from kolors_api.jobs.base import (
 from kolors_api.settings import Settings
 
 __all__ = [
-    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "BalanceOutOfRange", "InsufficientFunds", "Job",
+    "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "BalanceOutOfRange", "IdempotencyMismatch",
+    "InsufficientFunds", "Job",
     "JobState", "JobStore", "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
+    "WebhookAttempt", "WebhookDelivery",
     "can_transition", "hash_key", "make_key_record", "new_key", "make_store",
 ]
 

@@ -19,13 +19,15 @@ every movement is a ledger entry, so a key's balance equals the sum of its ledge
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
+import json
 import math
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from kolors_api.jobs.batching import BatchBuilder
@@ -92,9 +94,69 @@ class NewJob:
     cost: float = 0.0
     key_id: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    #: Reserved for the Idempotency-Key header and webhooks (later issues).
+    #: The Idempotency-Key header, and a digest of the request it came with: `submit` answers a
+    #: repeat (same key id, same key, same digest, within IDEMPOTENCY_SECONDS) with the first job.
     idempotency_key: str | None = None
+    request_hash: str = ""
+    #: The webhook URL and the events (WEBHOOK_EVENTS) it wants.
     webhook: str | None = None
+    webhook_events: tuple[str, ...] = ("completed",)
+
+
+#: How long an Idempotency-Key is remembered.
+IDEMPOTENCY_SECONDS = 24 * 3600
+#: The events a webhook may ask for: claimed, a step done, COMPLETED, FAILED.
+WEBHOOK_EVENTS = ("start", "progress", "completed", "failed")
+#: Delivery states: pending (due at its time), delivered (2xx), failed (out of tries), stopped (410).
+WEBHOOK_STATES = ("pending", "delivered", "failed", "stopped")
+#: How long delivery records and attempt logs are kept after their last change.
+WEBHOOK_LOG_SECONDS = 2 * 24 * 3600
+
+
+def webhook_json(new: NewJob) -> str | None:
+    """How both backends keep a job's webhook: `{"url", "events"}` as JSON."""
+    return None if new.webhook is None else json.dumps({"url": new.webhook, "events": list(new.webhook_events)})
+
+
+def replayed(job_id: str, new: NewJob, job: Job | None) -> Job:
+    """What `submit` answers for a repeated Idempotency-Key: the first job, or, when it expired
+    already (kept `retention`; the key 24 h), a QUEUED stand-in with its id that `get` answers None for."""
+    return job if job is not None else Job(id=job_id, model=new.model, params=new.params, state=JobState.QUEUED,
+                                           created_at=0.0, key_id=new.key_id, cost=new.cost)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One event of one job to its webhook, claimed for one attempt (`token` fences its record)."""
+
+    id: str
+    job_id: str
+    key_id: str | None
+    event: str
+    url: str
+    attempt: int
+    token: str
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One try of a delivery, as `GET /v2/requests/{id}/webhooks` lists it."""
+
+    delivery_id: str
+    event: str
+    attempt: int
+    at: float
+    status: int | None
+    latency: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
 @dataclass(frozen=True)
@@ -199,7 +261,8 @@ class StoreError(Exception):
     ├── QueueFull          the queue holds `queue_cap` jobs already
     ├── TooManyRunning     the key has `max_concurrency` jobs queued or running
     ├── AlreadyExists      a job id, key id or key hash that is taken
-    └── BalanceOutOfRange  `add_credits` would take the balance below 0 or above MAX_CREDITS
+    ├── BalanceOutOfRange  `add_credits` would take the balance below 0 or above MAX_CREDITS
+    └── IdempotencyMismatch  an Idempotency-Key used before with another request
     """
 
 
@@ -228,6 +291,12 @@ class BalanceOutOfRange(StoreError):  # noqa: N818
     def __init__(self, balance: float) -> None:
         super().__init__(f"add_credits: would make the balance {show(balance)}, outside 0..{MAX_CREDITS:g}")
         self.balance = balance
+
+
+class IdempotencyMismatch(StoreError):  # noqa: N818
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key: this key was used with another request body in the last 24 h; "
+                         "use a new key for a new request")
 
 
 def output_readable(job: Job | None, index: int) -> TypeGuard[Job]:
@@ -349,3 +418,29 @@ class JobStore(Protocol):
     async def running_count(self, key_id: str) -> int:
         """Jobs of this key that are QUEUED or PROCESSING."""
         ...
+
+    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+        """(job id, request hash) of the request an Idempotency-Key of this key id stands for, within
+        IDEMPOTENCY_SECONDS; None when it is new. A read ahead of `submit` (which decides, atomically)."""
+        ...
+
+    # -- webhooks: `claim`, `progress`, `complete` and `fail` (and a cancel) put the deliveries a job's
+    # webhook asks for in an outbox, in the same atomic step as the change; delivery runners take them.
+    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
+        """Take up to `limit` due deliveries for one attempt each; one not recorded within
+        `lease_seconds` (its runner died) is due again."""
+        ...
+
+    async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
+                             next_at: float = 0.0) -> bool:
+        """Log the attempt; `state` pending (due again at `next_at`), delivered, failed or stopped (the
+        receiver said 410: no more deliveries for this job). False when the claim is stale."""
+        ...
+
+    async def webhook_attempts(self, job_id: str) -> list[WebhookAttempt]: ...
+
+    async def webhook_secret(self, key_id: str) -> str:
+        """The key's `whsec_` signing secret, made on first use."""
+        ...
+
+    async def rotate_webhook_secret(self, key_id: str) -> str: ...

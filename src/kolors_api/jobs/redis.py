@@ -43,6 +43,7 @@ from kolors_api.jobs.base import (
     AlreadyExists,
     ApiKey,
     BalanceOutOfRange,
+    IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
@@ -55,10 +56,13 @@ from kolors_api.jobs.base import (
     credits_of,
     micro,
     output_readable,
+    replayed,
+    webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir
 from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
 from kolors_api.schema import decimal
@@ -66,7 +70,7 @@ from kolors_api.schema import decimal
 log = logging.getLogger(__name__)
 
 
-class RedisStore:
+class RedisStore(RedisHooks):
     """The fleet store. `blob_dir` (a directory every worker and API replica shares) keeps images as
     files instead of in Redis, laid out as for SQLite (`jobs/blobs.py`)."""
 
@@ -149,8 +153,12 @@ class RedisStore:
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
         got = await self._call(names.SCRIPT_SUBMIT, new.id, int(queue_cap), new.key_id or "",
                                repr(float(new.cost)), new.model, json.dumps(new.params),
-                               new.idempotency_key or "", new.webhook or "")
+                               new.idempotency_key or "", webhook_json(new) or "", new.request_hash)
         status = _str(got[0])
+        if status == "idem_mismatch":
+            raise IdempotencyMismatch()
+        if status == "replay":
+            return replayed(_str(got[1]), new, _live(_hash(got[2:])))
         if status == "queue_full":
             raise QueueFull(f"queue is full ({int(got[1])} jobs waiting)")
         if status == "too_many":

@@ -25,6 +25,11 @@ they discover at run time (a job id read from the stream, the key id read from a
 | ``key-index`` | hash key_hash → key id | lookup by presented key |
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+| ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
+| ``hooks-due`` | zset delivery id → due time | pending webhook deliveries (a claim pushes it a lease ahead) |
+| ``hook:{delivery id}`` | hash | one webhook delivery: job, event, url, state, attempts, token |
+| ``hook-log:{id}`` | list of JSON | the job's webhook attempts |
+| ``webhook-secrets`` | hash key id → ``whsec_…`` | each API key's webhook signing secret |
 | ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
 """
 
@@ -47,6 +52,8 @@ WORKERS = "workers"
 SECRET = "secret"  # noqa: S105 - a key name, not a secret
 KEY_INDEX = "key-index"
 KEY_LIST = "keys"
+HOOKS_DUE = "hooks-due"
+WEBHOOK_SECRETS = "webhook-secrets"  # noqa: S105 - a key name, not a secret
 
 # -- per-id names (prefix + stem + id)
 JOB = "job:"
@@ -56,6 +63,9 @@ HISTORY = "history:"
 LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
+IDEM = "idem:"
+HOOK = "hook:"
+HOOK_LOG = "hook-log:"
 PREVIEW = "preview:"
 
 # -- fields of the COUNTERS hash
@@ -78,10 +88,12 @@ SCRIPT_UPDATE_KEY = "update_key"
 SCRIPT_DELETE_KEY = "delete_key"
 SCRIPT_WORKER_ALIVE = "worker_alive"
 SCRIPT_STATS = "stats"
+SCRIPT_HOOK_CLAIM = "hook_claim"
+SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
     SCRIPT_SUBMIT, SCRIPT_CLAIM_STALE, SCRIPT_CLAIM_ENTRY, SCRIPT_CLAIM_QUEUED, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
-    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS,
+    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
 )
 
 
@@ -107,6 +119,8 @@ class Keys:
         self.secret = prefix + SECRET
         self.key_index = prefix + KEY_INDEX
         self.key_list = prefix + KEY_LIST
+        self.hooks_due = prefix + HOOKS_DUE
+        self.webhook_secrets = prefix + WEBHOOK_SECRETS
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
         #: Matches every job's event channel (PSUBSCRIBE).
@@ -132,6 +146,12 @@ class Keys:
 
     def key(self, key_id: str) -> str:
         return self.prefix + KEY + key_id
+
+    def idempotency(self, key_id: str, idempotency_key: str) -> str:
+        return f"{self.prefix}{IDEM}{key_id}:{idempotency_key}"
+
+    def hook_log(self, job_id: str) -> str:
+        return self.prefix + HOOK_LOG + job_id
 
     def events(self, job_id: str) -> str:
         return self.prefix + EVENTS + job_id
@@ -159,6 +179,7 @@ LUA_KEYS = "\n".join([
     f"local K_WORKERS = P .. {_lua_string(WORKERS)}",
     f"local K_KEY_INDEX = P .. {_lua_string(KEY_INDEX)}",
     f"local K_KEY_LIST = P .. {_lua_string(KEY_LIST)}",
+    f"local K_HOOKS_DUE = P .. {_lua_string(HOOKS_DUE)}",
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
@@ -167,6 +188,9 @@ LUA_KEYS = "\n".join([
     f"local function k_history(kid) return P .. {_lua_string(HISTORY)} .. kid end",
     f"local function k_ledger(kid) return P .. {_lua_string(LEDGER)} .. kid end",
     f"local function k_key(kid) return P .. {_lua_string(KEY)} .. kid end",
+    f"local function k_idem(kid, key) return P .. {_lua_string(IDEM)} .. kid .. ':' .. key end",
+    f"local function k_hook(id) return P .. {_lua_string(HOOK)} .. id end",
+    f"local function k_hook_log(id) return P .. {_lua_string(HOOK_LOG)} .. id end",
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
     f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
     "",

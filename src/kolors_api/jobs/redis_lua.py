@@ -6,7 +6,8 @@ Each script is `redis_keys.LUA_KEYS` (the key names) + `_LUA_COMMON` (shared hel
 from __future__ import annotations
 
 from kolors_api.jobs import redis_keys as names
-from kolors_api.jobs.base import MAX_CREDITS, MICRO
+from kolors_api.jobs.base import IDEMPOTENCY_SECONDS, MAX_CREDITS, MICRO
+from kolors_api.jobs.redis_hooks import HOOK_BODIES, LUA_OUTBOX
 
 # ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
 # arguments start at ARGV[3].
@@ -43,6 +44,7 @@ end
 local function idle_for(remaining_ms, horizon)
   return math.max(0, math.floor(horizon - remaining_ms))
 end
+""" + LUA_OUTBOX + r"""
 -- COMPLETED or FAILED: leave the queue, release the key's slot, ack the entry, start the TTL
 local function finish(id, fields, t)
   local jk = k_job(id)
@@ -62,6 +64,7 @@ end
 local function fail_job(id, err, t)
   local h = redis.call('HMGET', k_job(id), 'key_id', 'cost', 'reserved')
   finish(id, {'state', 'FAILED', 'error', err}, t)
+  outbox(id, 'failed', t)
   local kid, cost = h[1], tonumber(h[2] or '0')
   if kid and cost ~= 0 and h[3] == '1' then
     local have = redis.call('HGET', k_key(kid), 'credits')
@@ -81,6 +84,7 @@ local function take(id, entry, worker, token, lease_ms, horizon, t)
   redis.call('HINCRBY', jk, 'deliveries', 1)
   redis.call('HINCRBY', jk, 'version', 1)
   redis.call('XCLAIM', K_STREAM, K_GROUP, worker, 0, entry, 'IDLE', idle_for(lease_ms, horizon), 'JUSTID')
+  outbox(id, 'start', t)
   publish(id)
   return with_status('ok', redis.call('HGETALL', jk))
 end
@@ -99,10 +103,20 @@ end
 """
 
 _LUA_BODIES: dict[str, str] = {
-    # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook
-    names.SCRIPT_SUBMIT: r"""
+    # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook JSON, request hash
+    names.SCRIPT_SUBMIT: f"local IDEM_TTL = {IDEMPOTENCY_SECONDS}\n" + r"""
 local id, kid, cost = ARGV[3], ARGV[5], tonumber(ARGV[6])
 local jk = k_job(id)
+local idem = nil
+if ARGV[9] ~= '' then
+  idem = k_idem(kid, ARGV[9])
+  local first = redis.call('GET', idem)
+  if first then
+    first = cjson.decode(first)
+    if first.hash ~= ARGV[11] then return {'idem_mismatch'} end
+    return with_status('replay', {first.job, unpack(redis.call('HGETALL', k_job(first.job)))})
+  end
+end
 if redis.call('EXISTS', jk) == 1 then return {'exists'} end
 local cap = tonumber(ARGV[4])
 if cap > 0 then
@@ -142,6 +156,7 @@ end
 if ARGV[9] ~= '' then redis.call('HSET', jk, 'idempotency_key', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[10]) end
 redis.call('ZADD', K_QUEUED, seq, id)
+if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
 return with_status('ok', redis.call('HGETALL', jk))
 """,
     # ARGV: worker, token, lease_ms, horizon_ms, max_deliveries
@@ -227,6 +242,7 @@ if ARGV[7] then
   redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
 end
 redis.call('HINCRBY', jk, 'version', 1)
+outbox(ARGV[3], 'progress', now())
 publish(ARGV[3])
 return 1
 """,
@@ -254,6 +270,7 @@ if ARGV[8] == '' then
   for i = 1, n do redis.call('SET', k_output(id, i - 1), ARGV[9 + i], 'PXAT', at_ms) end
 end
 if h[3] and tonumber(h[4] or '0') ~= 0 then ledger(h[3], id, 'capture', 0, t) end
+outbox(id, 'completed', t)
 publish(id)
 return 1
 """,
@@ -369,5 +386,5 @@ return {redis.call('ZCARD', K_QUEUED), redis.call('SCARD', K_PROCESSING),
 """,
 }
 
-SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in _LUA_BODIES.items()}
+SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in (_LUA_BODIES | HOOK_BODIES).items()}
 assert set(SCRIPTS) == set(names.SCRIPT_NAMES)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kolors_api.jobs.sqlite_previews as previews
+from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
     KEY_FIELDS,
@@ -38,6 +39,8 @@ from kolors_api.jobs.base import (
     credits_of,
     micro,
     output_readable,
+    replayed,
+    webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir
@@ -106,7 +109,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (job_id TEXT PRIMARY KEY, reason TEXT NO
 POLL = 0.25
 
 
-class SQLiteStore:
+class SQLiteStore(hooks.SQLiteHooks):
     """The embedded store. `recover=True` (the `serve` process that owns the only worker)
     re-queues jobs left PROCESSING by a process that died."""
 
@@ -138,7 +141,7 @@ class SQLiteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        conn.executescript(SCHEMA + previews.SCHEMA)
+        conn.executescript(SCHEMA + hooks.SCHEMA + previews.SCHEMA)
         self._conn = conn
         if self._recover:
             with self._tx() as c:
@@ -213,6 +216,8 @@ class SQLiteStore:
     def _submit(self, new: NewJob, queue_cap: int) -> Job:
         now = time.time()
         with self._tx() as c:
+            if (first := hooks.replay_of(c, new, now)) is not None:
+                return replayed(first, new, self._get(first))
             if c.execute("SELECT 1 FROM jobs WHERE id=?", (new.id,)).fetchone():
                 raise AlreadyExists(f"job {new.id} already exists")
             if queue_cap:
@@ -239,7 +244,8 @@ class SQLiteStore:
                 "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
                 "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
                 (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
-                 new.idempotency_key, new.webhook))
+                 new.idempotency_key, webhook_json(new)))
+            hooks.remember(c, new, now)
         job = self._get(new.id)
         assert job is not None
         return job
@@ -381,8 +387,10 @@ class SQLiteStore:
                 cur = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
                                 "state='PROCESSING' AND lease_token=?", (step, total_steps, lease.job.id,
                                                                          lease.token))
-                if cur.rowcount == 1 and preview is not None:
-                    previews.write(c, lease.job.id, step, preview)
+                if cur.rowcount == 1:
+                    hooks.enqueue(c, lease.job.id, "progress")
+                    if preview is not None:
+                        previews.write(c, lease.job.id, step, preview)
                 return cur.rowcount == 1
         ok = await self._run(q)
         self._notify(lease.job.id)
@@ -407,6 +415,7 @@ class SQLiteStore:
                     "expires_at=?, lease_token=NULL, lease_until=NULL, step=total_steps, version=version+1 "
                     "WHERE id=?", (len(images), ext, json.dumps(seeds), json.dumps(metrics), now,
                                    now + self.retention, lease.job.id))
+                hooks.enqueue(c, lease.job.id, "completed")
                 if row["key_id"] is not None and row["cost"]:
                     ledger_entry(c, row, "capture", 0.0)
                 return True
@@ -429,6 +438,7 @@ class SQLiteStore:
         c.execute("UPDATE jobs SET state='FAILED', error=?, finished_at=?, expires_at=?, lease_token=NULL, "
                   "lease_until=NULL, version=version+1 WHERE id=?",
                   (error, now, now + self.retention, row["id"]))
+        hooks.enqueue(c, row["id"], "failed")
         reserved = c.execute("SELECT 1 FROM ledger WHERE request_id=? AND kind='reserve'", (row["id"],))
         if row["key_id"] is not None and row["cost"] and reserved.fetchone():
             key = c.execute("SELECT credits FROM keys WHERE id=?", (row["key_id"],)).fetchone()
@@ -477,6 +487,7 @@ class SQLiteStore:
                 c.execute("DELETE FROM jobs WHERE expires_at<=?", (now,))
                 previews.sweep(c)
                 c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
+                hooks.expire(c, now)
             for job_id in ids:
                 self.blobs.remove(job_id)
             return len(ids)

@@ -7,6 +7,7 @@ import sqlite3
 import time
 import uuid
 
+from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs.base import ApiKey, Job, JobState, Lease
 
 
@@ -30,6 +31,7 @@ def take(c: sqlite3.Connection, job_id: str, worker_id: str, now: float, lease_s
     c.execute("UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, lease_worker=?, "
               "lease_until=?, started_at=?, step=0, version=version+1 WHERE id=?",
               (token, worker_id, now + lease_seconds, now, job_id))
+    hooks.enqueue(c, job_id, "start")
     job = job_of(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
     return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
 

@@ -1,0 +1,199 @@
+"""The SQLite store's Idempotency-Keys and webhook outbox (a mixin of `SQLiteStore`).
+
+Deliveries are rows of `webhook_deliveries`, written by `enqueue` inside the transaction of the job's
+change (claim, progress, complete, fail), so a delivery exists exactly when its change does, whatever
+process dies after. A claim pushes `next_at` one lease ahead and sets a token: a runner that dies
+mid-attempt leaves a delivery that is due again when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from kolors_api.jobs.base import (
+    IDEMPOTENCY_SECONDS,
+    WEBHOOK_LOG_SECONDS,
+    IdempotencyMismatch,
+    NewJob,
+    WebhookAttempt,
+    WebhookDelivery,
+    new_webhook_secret,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    key_id TEXT,
+    event TEXT NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    token TEXT,
+    changed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries(state, next_at);
+CREATE INDEX IF NOT EXISTS webhook_job ON webhook_deliveries(job_id);
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at REAL NOT NULL,
+    status INTEGER,
+    latency REAL NOT NULL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_attempts_job ON webhook_attempts(job_id, seq);
+CREATE TABLE IF NOT EXISTS webhook_secrets (key_id TEXT PRIMARY KEY, secret TEXT NOT NULL);
+"""
+
+
+def replay_of(c: sqlite3.Connection, new: NewJob, now: float) -> str | None:
+    """The job id a repeated Idempotency-Key stands for (None: a new request); IdempotencyMismatch
+    when the key came with another request."""
+    if new.idempotency_key is None:
+        return None
+    row = c.execute("SELECT job_id, request_hash FROM idempotency WHERE key_id=? AND idem_key=? AND expires_at>?",
+                    (new.key_id or "", new.idempotency_key, now)).fetchone()
+    if row is None:
+        return None
+    if row["request_hash"] != new.request_hash:
+        raise IdempotencyMismatch()
+    return str(row["job_id"])
+
+
+def remember(c: sqlite3.Connection, new: NewJob, now: float) -> None:
+    if new.idempotency_key is not None:
+        c.execute("INSERT OR REPLACE INTO idempotency(key_id, idem_key, job_id, request_hash, expires_at) "
+                  "VALUES (?,?,?,?,?)", (new.key_id or "", new.idempotency_key, new.id, new.request_hash,
+                                         now + IDEMPOTENCY_SECONDS))
+
+
+def enqueue(c: sqlite3.Connection, job_id: str, event: str) -> None:
+    """Put `event` of the job in the outbox when its webhook asks for it (inside the change's transaction)."""
+    row = c.execute("SELECT webhook, key_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+    if row is None or not row["webhook"]:
+        return
+    hook = json.loads(row["webhook"])
+    if event not in hook["events"]:
+        return
+    if c.execute("SELECT 1 FROM webhook_deliveries WHERE job_id=? AND state='stopped'", (job_id,)).fetchone():
+        return  # the receiver answered 410 for this job
+    delivery_id = f"{job_id}-{event}"
+    if event == "progress":
+        # one waiting progress delivery at a time: it carries the status when it is sent
+        if c.execute("SELECT 1 FROM webhook_deliveries WHERE job_id=? AND event='progress' AND attempts=0 "
+                     "AND state='pending'", (job_id,)).fetchone():
+            return
+        delivery_id = f"{job_id}-progress-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    c.execute("INSERT OR IGNORE INTO webhook_deliveries(id, job_id, key_id, event, url, next_at, changed_at) "
+              "VALUES (?,?,?,?,?,?,?)", (delivery_id, job_id, row["key_id"], event, hook["url"], now, now))
+
+
+def expire(c: sqlite3.Connection, now: float) -> None:
+    c.execute("DELETE FROM idempotency WHERE expires_at<=?", (now,))
+    c.execute("DELETE FROM webhook_deliveries WHERE state!='pending' AND changed_at<=?", (now - WEBHOOK_LOG_SECONDS,))
+    c.execute("DELETE FROM webhook_attempts WHERE at<=?", (now - WEBHOOK_LOG_SECONDS,))
+
+
+class SQLiteHooks:
+    """The webhook methods of `JobStore` for `SQLiteStore`."""
+
+    if TYPE_CHECKING:
+        _conn: sqlite3.Connection | None
+
+        def _run(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]: ...
+        def _tx(self) -> Any: ...
+
+    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+        def q() -> tuple[str, str] | None:
+            assert self._conn is not None
+            row = self._conn.execute("SELECT job_id, request_hash FROM idempotency WHERE key_id=? AND idem_key=? "
+                                     "AND expires_at>?", (key_id, idempotency_key, time.time())).fetchone()
+            return None if row is None else (str(row[0]), str(row[1]))
+        result: tuple[str, str] | None = await self._run(q)
+        return result
+
+    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
+        def q() -> list[WebhookDelivery]:
+            now, token = time.time(), uuid.uuid4().hex
+            out: list[WebhookDelivery] = []
+            assert self._conn is not None
+            if self._conn.execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
+                                  (now,)).fetchone() is None:
+                return out  # nothing due: no write lock taken (runners poll this twice a second)
+            with self._tx() as c:
+                rows = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
+                                 "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+                for r in rows:
+                    c.execute("UPDATE webhook_deliveries SET attempts=attempts+1, token=?, next_at=?, changed_at=? "
+                              "WHERE id=?", (token, now + lease_seconds, now, r["id"]))
+                    out.append(WebhookDelivery(id=r["id"], job_id=r["job_id"], key_id=r["key_id"], event=r["event"],
+                                               url=r["url"], attempt=r["attempts"] + 1, token=token))
+            return out
+        result: list[WebhookDelivery] = await self._run(q)
+        return result
+
+    async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
+                             next_at: float = 0.0) -> bool:
+        def q() -> bool:
+            now = time.time()
+            with self._tx() as c:
+                cur = c.execute("UPDATE webhook_deliveries SET state=?, next_at=?, token=NULL, changed_at=? "
+                                "WHERE id=? AND token=?", (state, next_at, now, delivery.id, delivery.token))
+                if cur.rowcount != 1:
+                    return False
+                c.execute("INSERT INTO webhook_attempts(job_id, delivery_id, event, attempt, at, status, latency, "
+                          "error) VALUES (?,?,?,?,?,?,?,?)",
+                          (delivery.job_id, delivery.id, attempt.event, attempt.attempt, attempt.at, attempt.status,
+                           attempt.latency, attempt.error))
+                if state == "stopped":
+                    c.execute("UPDATE webhook_deliveries SET state='stopped', changed_at=? WHERE job_id=? AND "
+                              "state='pending'", (now, delivery.job_id))
+                return True
+        ok: bool = await self._run(q)
+        return ok
+
+    async def webhook_attempts(self, job_id: str) -> list[WebhookAttempt]:
+        def q() -> list[WebhookAttempt]:
+            assert self._conn is not None
+            rows = self._conn.execute("SELECT * FROM webhook_attempts WHERE job_id=? ORDER BY seq", (job_id,))
+            return [WebhookAttempt(delivery_id=r["delivery_id"], event=r["event"], attempt=r["attempt"], at=r["at"],
+                                   status=r["status"], latency=r["latency"], error=r["error"]) for r in rows]
+        result: list[WebhookAttempt] = await self._run(q)
+        return result
+
+    async def webhook_secret(self, key_id: str) -> str:
+        def q() -> str:
+            with self._tx() as c:
+                c.execute("INSERT OR IGNORE INTO webhook_secrets(key_id, secret) VALUES (?,?)",
+                          (key_id, new_webhook_secret()))
+                return str(c.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()[0])
+        result: str = await self._run(q)
+        return result
+
+    async def rotate_webhook_secret(self, key_id: str) -> str:
+        def q() -> str:
+            secret = new_webhook_secret()
+            with self._tx() as c:
+                c.execute("INSERT OR REPLACE INTO webhook_secrets(key_id, secret) VALUES (?,?)", (key_id, secret))
+            return secret
+        result: str = await self._run(q)
+        return result
