@@ -25,6 +25,7 @@ from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
 from kolors_api.api.deps import Service
 from kolors_api.api.docs import add_docs
+from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.limits import RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
@@ -205,7 +206,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             response.headers.setdefault(name, value)
         return response
 
-    for router in (system_router, admin_router, openai_router, generation_router):
+    for router in (system_router, admin_router, openai_router, generation_router, events_router):
         app.include_router(router)
     if settings.cors_origins:
         # Off by default; keys travel in headers, never cookies, so no credentials.

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kolors_api.api.auth import authenticate, presented_key
-from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep, failed
+from kolors_api.api.deps import CallerKey, JsonBody, Service, ServiceDep, failed
 from kolors_api.api.models import (
     CancelBody,
     ErrorBody,
@@ -97,14 +97,19 @@ async def request_result(request_id: str, request: Request, svc: ServiceDep, key
     job = await svc.own_job(key, request_id)
     if job.state != JobState.COMPLETED:
         return JSONResponse(await live_status(svc, job), status_code=202)
-    return JSONResponse({
+    return JSONResponse(result_body(svc, request, job))
+
+
+def result_body(svc: Service, request: Request, job: Job) -> dict[str, Any]:
+    """The result body of a COMPLETED job (also the `completed` event of its event stream)."""
+    return {
         "request_id": job.id,
         "status": job.state.value,
         "output": svc.output_urls(request, job),
         "seeds": job.seeds,
         "metrics": job.metrics,
         "input": job.params,
-    })
+    }
 
 
 @router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)",

@@ -23,6 +23,8 @@ class Metrics:
         self.embedded_worker = Gauge("kolors_embedded_worker_up",
                                      "1 while serve's in-process worker runs; 0 when it died or there is none",
                                      registry=self.registry)
+        self.event_streams = Gauge("kolors_event_streams", "Open server-sent event streams (watchers of jobs)",
+                                   registry=self.registry)
         #: The in-process worker's job durations (`kolors_job_duration_seconds`).
         self.jobs = JobMetrics(self.registry)
 

@@ -289,7 +289,16 @@ class JobStore(Protocol):
         """Renew the lease; False when it was lost (the worker must stop)."""
         ...
 
-    async def progress(self, lease: Lease, step: int, total_steps: int) -> bool: ...
+    async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
+        """Record the step reached; False if the lease is stale (then nothing is stored).
+
+        `preview` (a small webp of the job at this step) replaces the job's latest preview in the
+        same atomic step; it is kept until the job expires."""
+        ...
+
+    async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
+        """The job's latest preview as (step, webp bytes); None when it has none."""
+        ...
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:

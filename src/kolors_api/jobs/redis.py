@@ -294,9 +294,13 @@ class RedisStore:
         return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token,
                                      repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)))
 
-    async def progress(self, lease: Lease, step: int, total_steps: int) -> bool:
+    async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
         return bool(await self._call(names.SCRIPT_PROGRESS, lease.job.id, lease.token, int(step),
-                                     int(total_steps)))
+                                     int(total_steps), *([preview] if preview is not None else [])))
+
+    async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
+        step, data = await (await self._conn()).hmget(self.keys.preview(job_id), ["step", "data"])
+        return (int(step), data) if step is not None and isinstance(data, bytes) else None
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:

@@ -25,6 +25,7 @@ they discover at run time (a job id read from the stream, the key id read from a
 | ``key-index`` | hash key_hash → key id | lookup by presented key |
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+| ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ HISTORY = "history:"
 LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
+PREVIEW = "preview:"
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -112,6 +114,9 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.prefix + JOB + job_id
 
+    def preview(self, job_id: str) -> str:
+        return self.prefix + PREVIEW + job_id
+
     def output(self, job_id: str, index: int) -> str:
         return f"{self.prefix}{OUTPUT}{job_id}:{index}"
 
@@ -162,5 +167,6 @@ LUA_KEYS = "\n".join([
     f"local function k_ledger(kid) return P .. {_lua_string(LEDGER)} .. kid end",
     f"local function k_key(kid) return P .. {_lua_string(KEY)} .. kid end",
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
+    f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
     "",
 ])

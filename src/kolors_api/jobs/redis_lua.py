@@ -190,12 +190,18 @@ redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, h[4], 'IDLE', idle_for(lease_ms
   'JUSTID')
 return 1
 """,
-    # ARGV: id, token, step, total_steps
+    # ARGV: id, token, step, total_steps[, preview webp]
     names.SCRIPT_PROGRESS: r"""
 local jk = k_job(ARGV[3])
 local h = redis.call('HMGET', jk, 'state', 'lease_token')
 if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
 redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6])
+if ARGV[7] then
+  -- the latest preview, written before the change is published (a woken watcher finds it)
+  local pk = k_preview(ARGV[3])
+  redis.call('HSET', pk, 'step', ARGV[5], 'data', ARGV[7])
+  redis.call('EXPIRE', pk, math.max(1, math.ceil(RETENTION)))
+end
 redis.call('HINCRBY', jk, 'version', 1)
 publish(ARGV[3])
 return 1

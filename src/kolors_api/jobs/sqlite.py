@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import kolors_api.jobs.sqlite_previews as previews
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
     KEY_FIELDS,
@@ -136,7 +137,7 @@ class SQLiteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + previews.SCHEMA)
         self._conn = conn
         if self._recover:
             with self._tx() as c:
@@ -183,6 +184,12 @@ class SQLiteStore:
                     pass
                 tmp.unlink()
             return path.read_bytes()
+        return await self._run(q)
+
+    async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
+        def q() -> tuple[int, bytes] | None:
+            assert self._conn is not None
+            return previews.read(self._conn, job_id)
         return await self._run(q)
 
     def _q1(self, sql: str, *args: Any) -> sqlite3.Row | None:
@@ -355,12 +362,14 @@ class SQLiteStore:
                 return cur.rowcount == 1
         return await self._run(q)
 
-    async def progress(self, lease: Lease, step: int, total_steps: int) -> bool:
+    async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
         def q() -> bool:
             with self._tx() as c:
                 cur = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
                                 "state='PROCESSING' AND lease_token=?", (step, total_steps, lease.job.id,
                                                                          lease.token))
+                if cur.rowcount == 1 and preview is not None:
+                    previews.write(c, lease.job.id, step, preview)
                 return cur.rowcount == 1
         ok = await self._run(q)
         self._notify(lease.job.id)
@@ -453,6 +462,7 @@ class SQLiteStore:
             with self._tx() as c:
                 ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE expires_at<=?", (now,))]
                 c.execute("DELETE FROM jobs WHERE expires_at<=?", (now,))
+                previews.sweep(c)
                 c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
             for job_id in ids:
                 self.blobs.remove(job_id)

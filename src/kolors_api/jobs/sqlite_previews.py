@@ -1,0 +1,27 @@
+"""The latest preview of each job in the SQLite store: one row per job, replaced at each preview.
+
+Kept out of `sqlite.py` (the store calls these in its own transactions): a row is written in the
+same transaction as the progress it belongs to, and swept with the jobs that `expire` deletes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS previews (job_id TEXT PRIMARY KEY, step INTEGER NOT NULL, data BLOB NOT NULL);
+"""
+
+
+def write(c: sqlite3.Connection, job_id: str, step: int, data: bytes) -> None:
+    c.execute("INSERT OR REPLACE INTO previews(job_id, step, data) VALUES (?,?,?)", (job_id, step, data))
+
+
+def read(c: sqlite3.Connection, job_id: str) -> tuple[int, bytes] | None:
+    row = c.execute("SELECT step, data FROM previews WHERE job_id=?", (job_id,)).fetchone()
+    return None if row is None else (int(row[0]), bytes(row[1]))
+
+
+def sweep(c: sqlite3.Connection) -> None:
+    """Drop the previews of jobs that are gone (expired)."""
+    c.execute("DELETE FROM previews WHERE job_id NOT IN (SELECT id FROM jobs)")
