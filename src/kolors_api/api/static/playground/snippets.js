@@ -37,7 +37,8 @@ export function openaiSnippet(base, params, defaults) {
   const width = params.width ?? defaults.width;
   const height = params.height ?? defaults.height;
   const args = { model: MODEL, prompt: params.prompt, size: `${width}x${height}`, n: params.number_of_images ?? 1 };
-  if (params.output_format) args.output_format = params.output_format;
+  // the OpenAI route's own default is png: say the format, so it is the image the page makes
+  args.output_format = params.output_format ?? defaults.output_format;
   if (params.output_quality !== undefined) args.output_compression = params.output_quality;
   const extra = Object.fromEntries(OPENAI_EXTRA.filter((k) => params[k] !== undefined).map((k) => [k, params[k]]));
   const indent = " ".repeat(29);
@@ -51,7 +52,7 @@ from openai import OpenAI
 client = OpenAI(api_key=os.environ["${ENV}"], base_url=${py(`${base}/v1`)})
 img = client.images.generate(${lines.join(`,\n${indent}`)})
 for i, image in enumerate(img.data):
-    with open(f"out-{i}.${args.output_format || "webp"}", "wb") as f:
+    with open(f"out-{i}.${args.output_format}", "wb") as f:
         f.write(base64.b64decode(image.b64_json))
 `;
 }
