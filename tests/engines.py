@@ -25,7 +25,7 @@ from typing import Any
 
 from kolors_api.schema import GenerateParams
 from kolors_api.settings import Settings
-from kolors_api.worker.engines import EngineLike, kolors
+from kolors_api.worker.engines import EngineLike, StepCallback, kolors
 
 #: Env for a child process that loads these engines: the repository root on its path.
 ENGINE_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -44,15 +44,15 @@ class Wrapped:
         self.before = before
         self.after_step = after_step
 
-    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any:
+    def generate(self, params: GenerateParams, on_step: StepCallback | None = None) -> Any:
         if self.before is not None:
             self.before(params)
 
-        def step(i: int, total: int) -> None:
+        def step(i: int, total: int, preview: Callable[[], bytes] | None = None) -> None:
             if self.after_step is not None:
                 self.after_step(params, i)
             if on_step is not None:
-                on_step(i, total)
+                on_step(i, total, preview)
 
         return self.inner.generate(params, step)
 
@@ -87,7 +87,7 @@ def kill_mid_step(settings: Settings) -> Wrapped:
 
 
 class SlowFinish(Wrapped):
-    def generate(self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None) -> Any:
+    def generate(self, params: GenerateParams, on_step: StepCallback | None = None) -> Any:
         out = super().generate(params, on_step)
         time.sleep(float(os.environ.get("KOLORS_TEST_FINISH_SECONDS", "2")))
         return out

@@ -18,6 +18,7 @@ import torch
 
 from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
+from kolors_api.engine.previews import preview_webp
 from kolors_api.engine.prompt_cache import PromptCache
 from kolors_api.schema import SCHEDULERS, GenerateParams
 from kolors_api.settings import random_model_size
@@ -214,13 +215,13 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate(
-        self, params: GenerateParams, on_step: Callable[[int, int], None] | None = None
-    ) -> GenerationOutput:
+    def generate(self, params: GenerateParams, on_step: Callable[..., None] | None = None) -> GenerationOutput:
         """Run one request: `params.number_of_images` images in one batch, image i from seed+i.
 
-        `on_step(step, total)` is called after each denoising step (step 1..total); an exception
-        it raises aborts the run and propagates out of here (cancellation, lost leases).
+        `on_step(step, total, preview)` is called after each denoising step (step 1..total); an
+        exception it raises aborts the run and propagates out of here (cancellation, lost leases).
+        `preview()` returns a small webp of the first image at that step (`engine.previews`), made
+        only when called, and only valid during that call.
 
         Same params, same device: same bytes. Image i of a batch starts from the same noise as a
         single-image run with seed+i and looks the same, but is not always bit-identical to it:
@@ -233,7 +234,8 @@ class Engine:
 
         def step_end(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
-                on_step(i + 1, p.num_timesteps)
+                latents = tensors["latents"]
+                on_step(i + 1, p.num_timesteps, lambda: preview_webp(latents[0]))
             return {}
 
         with torch.inference_mode():
@@ -251,7 +253,7 @@ class Engine:
                 output_type="latent",
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
                 callback_on_step_end=step_end if on_step is not None else None,
-                callback_on_step_end_tensor_inputs=[],
+                callback_on_step_end_tensor_inputs=["latents"] if on_step is not None else [],
             ).images
             images = self._decode(pipe, latents)
         encoded = [encode_image(image, params.output_format, params.output_quality) for image in images]

@@ -5,12 +5,16 @@ The contract. A factory is a callable named by its import path, ``package.module
 worker calls it once, on its engine thread, as ``factory(settings)`` with the process's `Settings`,
 and reports alive only once it returns (so warm up there). It returns an engine (`EngineLike`)::
 
-    engine.generate(params: GenerateParams, on_step: Callable[[int, int], None] | None) -> output
+    engine.generate(params: GenerateParams, on_step: StepCallback | None) -> output
 
 ``output`` has ``images`` (encoded bytes in ``params.output_format``), ``seeds`` (``params.seeds``)
 and ``inference_time`` (seconds), like `kolors_api.engine.GenerationOutput`. Call ``on_step(step,
-total)`` after each denoising step: it reports progress, and raises to stop the run (cancellation,
-a lost lease), so let its exception through. Any other exception ends the job FAILED with
+total, preview)`` after each denoising step: it reports progress, and raises to stop the run
+(cancellation, a lost lease), so let its exception through. ``preview`` is optional: a
+zero-argument callable that returns a small webp of the job's first image at this step (1/8 of its
+size will do; `kolors_api.engine.previews` makes one from latents); the worker calls it only on
+the steps it previews, during ``on_step``. An engine that calls ``on_step(step, total)`` works
+too, without previews. Any other exception ends the job FAILED with
 ``"engine error: <type>: <message>"``. One worker runs one `generate` at a time, on one thread.
 
 Example: your own pipeline around ours (``my_engines.py``, importable by the worker)::
@@ -52,9 +56,14 @@ class GenerationLike(Protocol):
     inference_time: float
 
 
+class StepCallback(Protocol):
+    """The worker's step callback: ``on_step(step, total)`` or ``on_step(step, total, preview)``."""
+
+    def __call__(self, step: int, total: int, preview: Callable[[], bytes] | None = None, /) -> None: ...
+
+
 class EngineLike(Protocol):
-    def generate(self, params: GenerateParams,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationLike: ...
+    def generate(self, params: GenerateParams, on_step: StepCallback | None = None) -> GenerationLike: ...
 
 
 EngineFactory = Callable[["Settings"], EngineLike]

@@ -26,6 +26,7 @@ from kolors_api.jobs import JobState, JobStore, Lease
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.engines import EngineLike
+from kolors_api.worker.previews import take_preview
 
 log = logging.getLogger("kolors_api.worker")
 
@@ -171,8 +172,8 @@ class Worker:
         abort = threading.Event()
         reason: list[str] = []
 
-        async def report(step: int, total: int) -> None:
-            if not await self.store.progress(lease, step, total):
+        async def report(step: int, total: int, preview: bytes | None = None) -> None:
+            if not await self.store.progress(lease, step, total, preview):
                 reason.append("lease lost")
                 abort.set()
             else:
@@ -181,10 +182,10 @@ class Worker:
                     reason.append("cancelled")
                     abort.set()
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int, preview: Callable[[], bytes] | None = None) -> None:
             if abort.is_set():
                 raise JobAborted(reason[0] if reason else "aborted")
-            asyncio.run_coroutine_threadsafe(report(step, total), loop)
+            asyncio.run_coroutine_threadsafe(report(step, total, take_preview(step, total, preview)), loop)
 
         async def heartbeat() -> None:
             while True:
