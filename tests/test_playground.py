@@ -324,3 +324,8 @@ def test_phone_sized_screen_has_no_sideways_scroll(browser: Any, server: LiveSer
     page.shot("phone")
     assert page.csp_violations() == []
     context.close()
+
+
+def test_the_api_imports_no_browser_driver() -> None:
+    code = "import sys, kolors_api.api.app; sys.exit('playwright' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -19,7 +19,8 @@ export function segmindSnippet(base, params) {
 
 from segmind import SegmindClient
 
-client = SegmindClient(api_key=os.environ["${ENV}"], base_url=${py(`${base}/v1`)})
+client = SegmindClient(api_key=os.environ["${ENV}"],
+                       base_url=${py(`${base}/v1`)})
 result = client.run(${py(MODEL)},
 ${indent}${kwargs(params, indent)})
 print(result["output"])  # signed image URLs
@@ -49,7 +50,8 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(api_key=os.environ["${ENV}"], base_url=${py(`${base}/v1`)})
+client = OpenAI(api_key=os.environ["${ENV}"],
+                base_url=${py(`${base}/v1`)})
 img = client.images.generate(${lines.join(`,\n${indent}`)})
 for i, image in enumerate(img.data):
     with open(f"out-{i}.${args.output_format}", "wb") as f:
