@@ -329,3 +329,40 @@ def test_phone_sized_screen_has_no_sideways_scroll(browser: Any, server: LiveSer
 def test_the_api_imports_no_browser_driver() -> None:
     code = "import sys, kolors_api.api.app; sys.exit('playwright' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_without_the_event_stream_the_page_polls_the_status(tab: Page) -> None:
+    # The network drops every events request (a proxy that does not pass streams): the page
+    # follows the job through GET /v2/requests/{id}/status instead and still shows the result.
+    tab.page.route("**/events?previews=1", lambda route: route.abort())
+    tab.open(key=tab.server.key)
+    tab.fill(prompt="a fox without a stream", seed="9", **SMALL)
+    tab.page.click("#generate")
+    tab.page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    assert tab.page.inner_text("[data-meta=seed]") == "9"
+    tab.console[:] = [m for m in tab.console if "ERR_FAILED" not in m]
+
+
+def test_the_page_works_from_the_keyboard(tab: Page) -> None:
+    tab.open()
+    tab.page.keyboard.press("Tab")  # the first stop is the skip link, then the key
+    assert tab.page.evaluate("document.activeElement.className") == "skip"
+    tab.page.keyboard.press("Tab")
+    assert tab.page.evaluate("document.activeElement.id") == "api-key"
+    tab.page.keyboard.type(tab.server.key)
+    tab.page.keyboard.press("Enter")
+    tab.page.wait_for_function("() => document.querySelector('#key-msg').textContent.startsWith('Key of')")
+    tab.page.focus("nav [data-tab=account]")
+    tab.page.keyboard.press("Enter")
+    tab.page.wait_for_selector("#panel-account:not([hidden]) #account dd")
+    tab.page.focus("nav [data-tab=generate]")
+    tab.page.keyboard.press("Enter")
+    tab.page.focus("#f-prompt")
+    tab.page.keyboard.type("a fox typed on a keyboard")
+    for name, value in SMALL.items():
+        tab.page.focus(f"#f-{name}")
+        tab.page.keyboard.press("Control+A")
+        tab.page.keyboard.type(value)
+    tab.page.focus("#generate")
+    tab.page.keyboard.press("Enter")
+    tab.page.wait_for_selector("#result:not([hidden])", timeout=120_000)
