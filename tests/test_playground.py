@@ -124,6 +124,21 @@ def test_the_page_is_served_from_the_package_with_a_strict_csp(server: LiveServe
     assert "<style" not in r.text and " style=" not in r.text and re.findall(r"<script(?![^>]*src=)", r.text) == []
 
 
+async def test_with_a_public_url_the_signed_images_of_that_origin_are_allowed(tmp_path: Path) -> None:
+    from kolors_api.api.app import create_app
+    from kolors_api.api.playground import playground_url
+    from kolors_api.settings import Settings
+
+    settings = Settings(worker=False, data_dir=tmp_path, public_url="https://img.example.com:8443/kolors")
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.internal") as http:
+        r = await http.get("/")
+    assert "img-src 'self' https://img.example.com:8443 data: blob:;" in r.headers["content-security-policy"]
+    assert playground_url(settings) == "https://img.example.com:8443/kolors/"
+    assert playground_url(Settings(worker=False, host="0.0.0.0", port=9000)) == "http://127.0.0.1:9000/"
+    assert playground_url(Settings(worker=False, host="::1", port=9000)) == "http://[::1]:9000/"
+
+
 def test_serve_prints_the_playground_url(server: LiveServer) -> None:
     assert f"Playground: {server.url}/" in server.log()
 
