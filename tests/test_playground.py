@@ -308,6 +308,10 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
     row.locator("button.toggle").click()
     tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Disabled')")
     assert httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).status_code == 403
+    tab.use_key(key)  # the page says why a disabled key is refused
+    assert tab.page.inner_text("#key-msg").startswith("Not allowed with this key (403): ")
+    tab.use_key(tab.server.key)
+    tab.page.click("#tab-keys")
     row.locator("button.toggle").click()
     tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Enabled')")
     assert httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).status_code == 200

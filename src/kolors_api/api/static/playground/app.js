@@ -23,6 +23,7 @@ async function checkKey() {
     keyMessage("Paste an API key and save it: it stays in this browser (localStorage) and goes only in the x-api-key header.");
     return;
   }
+  keyMessage("Checking the key…");
   try {
     const { data } = await api("v1/account");
     const credits = data.credits === null ? "unlimited credits" : `${data.credits} credits`;

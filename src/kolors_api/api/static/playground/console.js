@@ -116,8 +116,8 @@ export function setupKeys() {
 async function act(call, done) {
   try {
     await call();
-    $("#keys-msg").textContent = done;
     await loadKeys();
+    $("#keys-msg").textContent = done;
   } catch (err) {
     $("#keys-msg").textContent = explain(err);
   }
