@@ -107,3 +107,17 @@ def test_generate_refuses_an_output_suffix_that_contradicts_format(tmp_path: Pat
 
     assert proc.returncode == 2
     assert "does not match --format webp" in proc.stderr
+
+
+def test_generate_open_hands_the_written_file_to_the_desktop_viewer(server: LiveServer, tmp_path: Path) -> None:
+    # webbrowser runs $BROWSER with the file's URL: a real program that writes down what it was given.
+    seen = tmp_path / "opened.txt"
+    viewer = tmp_path / "viewer.sh"
+    viewer.write_text(f'#!/bin/sh\necho "$1" >> {seen}\n')
+    viewer.chmod(0o755)
+
+    proc = generate(server, "a red fox", "-o", "fox.webp", "--open", *SMALL, "--no-progress", cwd=tmp_path,
+                    env={"BROWSER": f"{viewer} %s"})
+
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text().split() == [(tmp_path / "fox.webp").resolve().as_uri()]

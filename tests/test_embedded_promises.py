@@ -130,6 +130,8 @@ def test_with_no_bootstrap_key_the_first_start_prints_an_admin_key_once(tmp_path
         printed = PRINTED_KEY.findall(server.log())
         assert len(printed) == 1, server.log()
         [admin_key] = printed
+        # ...and the playground's URL, where that key is to be pasted
+        assert f"Playground: {server.url}/ (paste the key above there)" in server.log()
         # It is an admin key: it makes keys, and it is the only key there is.
         made = httpx.post(server.url + "/v1/admin/keys", json={"name": "alice"}, headers={"x-api-key": admin_key})
         assert made.status_code == 201, made.text
@@ -141,6 +143,7 @@ def test_with_no_bootstrap_key_the_first_start_prints_an_admin_key_once(tmp_path
         second = (server.data_dir / "server2.log").read_text(errors="replace")
         assert "Created an admin API key" not in second
         assert "kol_" not in second
+        assert f"Playground: {server.url}/ (paste an API key there)" in second
         r = httpx.get(server.url + "/v1/admin/keys", headers={"x-api-key": admin_key})
         assert r.status_code == 200, r.text
         assert sorted(k["name"] for k in r.json()["data"]) == ["admin", "alice"]

@@ -5,6 +5,7 @@ Examples::
     kolors-api generate "a red fox in the snow"                  # -> kolors-<seed>.webp
     kolors-api generate "a red fox" -o fox.png --steps 30        # the format follows the suffix
     kolors-api generate "a red fox" -n 3 -o fox.webp             # -> fox-0.webp fox-1.webp fox-2.webp
+    kolors-api generate "a red fox" --open                       # and open it in the image viewer
 
 The server is env `KOLORS_API_BASE_URL` (default http://127.0.0.1:8000) or `--base-url`; the key
 env `KOLORS_API_KEY` or `--api-key`. The request goes through v2 (submit, then follow the job's
@@ -19,6 +20,7 @@ import argparse
 import logging
 import math
 import sys
+import webbrowser
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", dest="api_key", default=None, help="API key (env KOLORS_API_KEY; no default)")
     parser.add_argument("--no-progress", dest="no_progress", action="store_true",
                         help="no progress bar (default: a bar on a terminal)")
+    parser.add_argument("--open", dest="open", action="store_true",
+                        help="open the written image(s) with the desktop's viewer (env BROWSER picks the program)")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -101,14 +105,26 @@ def generate(args: argparse.Namespace) -> int:
         return 130
 
     seeds = [int(s) for s in result.get("seeds") or []]
+    written: list[Path] = []
     try:
         for i, (url, data) in enumerate(zip(urls, images, strict=True)):
             seed = seeds[i] if i < len(seeds) else None
             path = _path_for(output, i, len(images), seed, _ext(url, params))
             path.write_bytes(data)
+            written.append(path)
             print(f"{path}  seed={seed if seed is not None else '?'}")
     except OSError as exc:
         return _fail(f"cannot write the image: {exc}")
+    if args.open:
+        return _open(written)
+    return 0
+
+
+def _open(paths: list[Path]) -> int:
+    """Open each file with the desktop's handler (webbrowser: $BROWSER, xdg-open, open, start)."""
+    for path in paths:
+        if not webbrowser.open(path.resolve().as_uri()):
+            return _fail(f"no program to open {path} with (set BROWSER, or install xdg-utils)")
     return 0
 
 

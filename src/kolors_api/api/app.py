@@ -34,6 +34,7 @@ from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
+from kolors_api.api.playground import add_playground, playground_url
 from kolors_api.api.signing import Signer
 from kolors_api.api.ssrf import Policy
 from kolors_api.api.system import router as system_router
@@ -191,6 +192,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         created = await svc.ensure_bootstrap_key()
         if created:
             print(f"Created an admin API key (shown only now): {created}", flush=True)  # noqa: T201
+        print(f"Playground: {playground_url(settings)}"
+              + (" (paste the key above there)" if created else " (paste an API key there)"), flush=True)  # noqa: T201
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
@@ -219,6 +222,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     app = FastAPI(title="kolors-api", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Segmind- and OpenAI-compatible text-to-image API for Kolors.")
     add_docs(app)
+    add_playground(app, settings)
     app.state.service = svc
 
     @app.exception_handler(KolorsAPIError)
