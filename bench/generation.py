@@ -134,7 +134,7 @@ def main() -> None:
     pipe = stock_pipeline(model)
     stock_sequential(pipe, size, steps, 1)  # warm-up
     for n in levels:
-        best("stock diffusers, one after another", n, lambda n=n: stock_sequential(pipe, size, steps, n))
+        best("stock diffusers, one after another", n, lambda n=n, pipe=pipe: stock_sequential(pipe, size, steps, n))
     del pipe
 
     async def v1(client: httpx.AsyncClient, i: int) -> httpx.Response:
