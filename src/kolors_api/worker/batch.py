@@ -48,6 +48,9 @@ class JobRun:
         self.abort = threading.Event()
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
+        # Reports are taken in the order of the steps (a lock is FIFO; tasks start in the order
+        # `on_step` scheduled them): a watcher never sees step n after step n+1.
+        self._in_order = asyncio.Lock()
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():
@@ -57,13 +60,16 @@ class JobRun:
     async def report(self, step: int, total: int, preview: bytes | None = None) -> None:
         """Store the progress (and a preview); a lost lease or a cancel request stops the job. A
         cancelled job ends FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
-        if not await self.store.progress(self.lease, step, total, preview):
-            self.stop(LEASE_LOST)
-            return
-        current = await self.store.get(self.job.id)
-        if current is not None and current.cancel_requested and not self.abort.is_set():
-            self.stop(CANCELLED)
-            await self.store.fail(self.lease, CANCELLED)
+        async with self._in_order:
+            if self.abort.is_set():
+                return
+            if not await self.store.progress(self.lease, step, total, preview):
+                self.stop(LEASE_LOST)
+                return
+            current = await self.store.get(self.job.id)
+            if current is not None and current.cancel_requested:
+                self.stop(CANCELLED)
+                await self.store.fail(self.lease, CANCELLED)
 
     def on_step(self, step: int, total: int, preview: Callable[[], bytes] | None = None) -> None:
         """The engine's step callback (engine thread): report (with a preview now and then, made
