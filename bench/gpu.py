@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from engine import SEED, stock  # noqa: E402
 
 from kolors_api.engine import Engine, EngineOptions  # noqa: E402
+from kolors_api.engine.previews import preview_webp  # noqa: E402
 from kolors_api.engine.random_weights import build_random_pipeline, parameter_counts  # noqa: E402
 
 
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8", help="number_of_images of one request")
     ap.add_argument("--job-batches", default="4,8", help="one-image jobs run together (the worker's batching)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--more", action="store_true", help="rows for deferred encoding, a live preview and one step")
+    ap.add_argument("--offload", action="store_true", help="a last row with --offload (its own CPU-built weights)")
     ap.add_argument("--no-large", dest="large", action="store_false", help="skip the 2048x2048 row (tiled decode)")
     ap.add_argument("--no-vae-rows", dest="vae_rows", action="store_false", help="skip timing the VAE decode alone")
     ap.add_argument("--out", default="bench/results/gpu.json")
@@ -132,6 +136,18 @@ def main() -> None:
         bench.run(f"Engine, {batch} jobs batched", lambda jobs=jobs: engine.generate_batch(jobs), images=batch,
                   warm_up=False)
 
+    if args.more:
+        # encoding off the engine thread (the worker's default on CUDA): what the call itself takes
+        jobs8 = [(dataclasses.replace(SEED, prompt=f"{SEED.prompt}, variant {k}", seed=SEED.seed + 1000 * k), None)
+                 for k in range(8)]
+        bench.run("8 jobs, encoding deferred", lambda: engine.generate_batch(jobs8, defer_encoding=True), images=8,
+                  warm_up=False, repeats=1)
+        # one live preview (engine.previews: latents -> RGB at 1/8 size, webp) against a step
+        latents = torch.randn(1, 4, SEED.height // 8, SEED.width // 8, device=args.device)
+        bench.run("preview, 1/8 size webp", lambda: preview_webp(latents[0]), repeats=20)
+        one_step = dataclasses.replace(SEED, steps=1)
+        bench.run("one step (1-step request)", lambda: engine.generate(one_step), repeats=3)
+
     if args.vae_rows:  # where the decode's time goes: the fp32 VAE against a bf16 copy (same range as fp32)
         latents = torch.randn(1, 4, SEED.height // 8, SEED.width // 8, device=args.device,
                               generator=torch.Generator(args.device).manual_seed(0))
@@ -158,6 +174,18 @@ def main() -> None:
         print(f"  compiled in {compile_s:.1f}s", flush=True)
         row = bench.run("Engine --compile", lambda: compiled.generate(SEED), warm_up=False)
         row["compile_s"] = compile_s
+
+    if args.offload:
+        # --offload (cards of about 16 GB): its own weights, built on the CPU, each model on the GPU
+        # only while it runs; the point is the peak memory
+        engine = compiled = pipe = stock_pipe = None  # free the device's copy first
+        gc.collect()
+        if bench.cuda:
+            torch.cuda.empty_cache()
+        started = time.perf_counter()
+        offloaded = Engine(f"random:{args.size}", device=args.device, options=EngineOptions(offload=True))
+        print(f"  offloaded engine built in {time.perf_counter() - started:.1f}s", flush=True)
+        bench.run("Engine --offload", lambda: offloaded.generate(SEED), repeats=1)
 
     base = bench.rows[0]["median_s"]
     print(f"\nseed request {SEED.width}x{SEED.height}, {SEED.steps} steps, cfg {SEED.cfg}: random:{args.size} "
