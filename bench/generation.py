@@ -18,6 +18,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def serve(model: str, batch: str, data_dir: Path) -> tuple[subprocess.Popen[byte
     if batch != "default":
         args += ["--max-batch-images", batch]
     proc = subprocess.Popen([sys.executable, "-m", "kolors_api.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url, proc, "/readyz")
     return proc, url
@@ -99,9 +100,10 @@ def serve(model: str, batch: str, data_dir: Path) -> tuple[subprocess.Popen[byte
 
 def litserve(model: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    # its own session: LitServe's inference and API workers are processes of their own, stopped with it
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("litserve_peer.py")), "--model", model,
                              "--port", str(port)], cwd=data_dir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_up(url, proc, "/health")
     return proc, url
@@ -155,7 +157,7 @@ def main() -> None:
             for n in levels:
                 best(name, n, lambda n=n, send=send, url=url: asyncio.run(concurrent(n, send, url)))
         finally:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)  # the process and its children (LitServe's workers)
             proc.wait(30)
     base = results["stock diffusers, one after another"]
     print(f"\n{size}x{size}, {steps} steps, {os.cpu_count()} cores, best of {args.rounds}: seconds until all "
