@@ -10,6 +10,7 @@ engine then drops that job alone.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
 
@@ -51,6 +52,7 @@ class JobRun:
         # Reports are taken in the order of the steps (a lock is FIFO; tasks start in the order
         # `on_step` scheduled them): a watcher never sees step n after step n+1.
         self._in_order = asyncio.Lock()
+        self._reports: list[concurrent.futures.Future[None]] = []
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():
@@ -76,7 +78,14 @@ class JobRun:
         here: it is only valid during this call), or raise `JobAborted` to stop."""
         if self.abort.is_set():
             raise JobAborted(self.reason or "aborted")
-        asyncio.run_coroutine_threadsafe(self.report(step, total, take_preview(step, total, preview)), self.loop)
+        self._reports.append(asyncio.run_coroutine_threadsafe(
+            self.report(step, total, take_preview(step, total, preview)), self.loop))
+
+    async def settle(self) -> None:
+        """Wait for the reports the engine scheduled (before the job's outcome is stored, so the last
+        progress and preview land first); their failures were handled where they happened."""
+        reports, self._reports = self._reports, []
+        await asyncio.gather(*(asyncio.wrap_future(r) for r in reports), return_exceptions=True)
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""

@@ -266,6 +266,7 @@ class Worker:
     async def _finish(self, runs: list[JobRun], outs: list[Any], hb: asyncio.Task[None]) -> None:
         try:
             for run, out in zip(runs, outs, strict=True):
+                await run.settle()
                 await self._store(run, self._outcome(run, out))
                 run.done = True
         finally:
