@@ -283,14 +283,13 @@ class Engine:
         generators = [torch.Generator(device=self.device).manual_seed(seed)
                       for params, _ in jobs for seed in params.seeds]
         dropped: dict[int, BaseException] = {}
-        watched = [n for n, (_, on_step) in enumerate(jobs) if on_step is not None]
+        watched = [(n, on_step) for n, (_, on_step) in enumerate(jobs) if on_step is not None]
         first_rows = [sum(params.number_of_images for params, _ in jobs[:n]) for n in range(len(jobs))]
 
         def step_end(p: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             latents = tensors["latents"]
-            for n in watched:
-                on_step = jobs[n][1]
-                if n not in dropped and on_step is not None:
+            for n, on_step in watched:
+                if n not in dropped:
                     try:
                         on_step(i + 1, p.num_timesteps, lambda row=first_rows[n]: preview_webp(latents[row]))
                     except Exception as exc:
@@ -315,13 +314,11 @@ class Engine:
                     callback_on_step_end_tensor_inputs=["latents"] if watched else [],
                 ).images
                 outputs: list[GenerationOutput | BaseException] = []
-                row = 0
                 for n, (params, _) in enumerate(jobs):
-                    rows = latents[row : row + params.number_of_images]
-                    row += params.number_of_images
                     if n in dropped:
                         outputs.append(dropped[n])
                         continue
+                    rows = latents[first_rows[n] : first_rows[n] + params.number_of_images]
                     encode = _encoder(self._decode(pipe, rows), params)
                     outputs.append(GenerationOutput(images=[] if defer_encoding else encode(), seeds=params.seeds,
                                                     content_type=params.content_type, inference_time=0.0,
