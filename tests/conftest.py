@@ -16,7 +16,17 @@ import httpx
 import pytest
 
 ADMIN_KEY = "kol_test_admin_key_0123456789abcdef"
-REDIS_URL = os.environ.get("KOLORS_API_TEST_REDIS", "redis://127.0.0.1:6379/0")
+#: The Redis the fleet tests use (the machine's; a second test run beside this one sets
+#: KOLORS_API_TEST_REDIS_ADDR to a redis-server of its own, so that their databases do not collide).
+REDIS_ADDR = os.environ.get("KOLORS_API_TEST_REDIS_ADDR", "127.0.0.1:6379")
+
+
+def redis_db_url(db: int) -> str:
+    """The URL of database `db` on the test Redis."""
+    return f"redis://{REDIS_ADDR}/{db}"
+
+
+REDIS_URL = os.environ.get("KOLORS_API_TEST_REDIS", redis_db_url(0))
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, start_server
+from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, redis_db_url, start_server
 
 SMALL = {"prompt": "a fox", "steps": 25, "width": 512, "height": 512}  # costs 0.25
 ADMIN_ROUTES = [
@@ -26,7 +26,7 @@ ADMIN_ROUTES = [
     ("PATCH", "/v1/admin/keys/{id}", {"credits": 1000}),
     ("DELETE", "/v1/admin/keys/{id}", None),
 ]
-REDIS_DB_URL = "redis://127.0.0.1:6379/10"
+REDIS_DB_URL = redis_db_url(10)
 
 
 @pytest.fixture(scope="module")

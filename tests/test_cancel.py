@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, flushed_redis, start_server, wait_for_status
+from tests.conftest import LiveServer, flushed_redis, redis_db_url, start_server, wait_for_status
 from tests.engines import ENGINE_ENV
 
 SMALL = {"prompt": "a fox", "steps": 3, "width": 512, "height": 512}  # costs 0.03
-REDIS_DB_URL = "redis://127.0.0.1:6379/5"
+REDIS_DB_URL = redis_db_url(5)
 
 
 @pytest.fixture(params=["sqlite", "redis"])

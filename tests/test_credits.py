@@ -15,10 +15,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LiveServer, flushed_redis, start_server
+from tests.conftest import LiveServer, flushed_redis, redis_db_url, start_server
 
 SEED = {"prompt": "a fox", "steps": 25, "width": 1024, "height": 1024}  # costs exactly 1.0
-REDIS_DB_URL = "redis://127.0.0.1:6379/11"
+REDIS_DB_URL = redis_db_url(11)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ import uvicorn
 from kolors_api.api import events
 from kolors_api.api.app import create_app
 from kolors_api.settings import Settings
-from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, free_port, start_process, start_server
+from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, free_port, redis_db_url, start_process, start_server
 from tests.engines import ENGINE_ENV
 from tests.test_events import Frame, result, steps, watch
 from tests.test_outage import PrivateRedis
 
 #: A db of its own (the env names another where several checkouts share one Redis).
-DB_URL = os.environ.get("KOLORS_API_TEST_EVENTS_REDIS", "redis://127.0.0.1:6379/14")
+DB_URL = os.environ.get("KOLORS_API_TEST_EVENTS_REDIS", redis_db_url(14))
 JOB = {"prompt": "a harbour at night", "width": 512, "height": 512}
 
 

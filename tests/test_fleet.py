@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, free_port, start_process, start_server
+from tests.conftest import LiveServer, free_port, redis_db_url, start_process, start_server
 from tests.engines import ENGINE_ENV
 
 redis = pytest.importorskip("redis")
 keys = pytest.importorskip("kolors_api.jobs.redis_keys")
 
 # A db of its own; the env names another where several checkouts share one Redis.
-DB_URL = os.environ.get("KOLORS_API_TEST_FLEET_REDIS", "redis://127.0.0.1:6379/13")
+DB_URL = os.environ.get("KOLORS_API_TEST_FLEET_REDIS", redis_db_url(13))
 STREAM = keys.DEFAULT_PREFIX + keys.STREAM
 DEAD = keys.DEFAULT_PREFIX + keys.DEAD_LETTERS
 SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 from kolors_api.jobs.redis_keys import DEFAULT_PREFIX, Keys
-from tests.conftest import LiveServer, flushed_redis, start_server
+from tests.conftest import LiveServer, flushed_redis, redis_db_url, start_server
 
 SMALL = {"prompt": "a fox", "steps": 1, "width": 512, "height": 512}
-REDIS_DB_URL = "redis://127.0.0.1:6379/4"
+REDIS_DB_URL = redis_db_url(4)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, flushed_redis, start_server
+from tests.conftest import LiveServer, flushed_redis, redis_db_url, start_server
 
 SMALL = {"prompt": "a fox", "steps": 1, "width": 512, "height": 512}
-REDIS_DB_URL = "redis://127.0.0.1:6379/12"
+REDIS_DB_URL = redis_db_url(12)
 RATELIMIT = re.compile(r'^"key";r=(\d+);t=(\d+)$')
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port, start_process, start_server
+from tests.conftest import ADMIN_KEY, free_port, redis_db_url, start_process, start_server
 from tests.engines import ENGINE_ENV
 
 #: A loopback port where nothing listens: a hub that cannot be reached, refused at once.
@@ -126,7 +126,7 @@ def test_fleet_mode_without_the_redis_extra_says_which_extra_in_one_line(tmp_pat
     missing.mkdir(parents=True)
     (missing / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'redis'\", name='redis')\n")
     path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
-    out = serve(tmp_path, "--no-worker", "--store", "redis://127.0.0.1:6379/15", env={"PYTHONPATH": path})
+    out = serve(tmp_path, "--no-worker", "--store", redis_db_url(15), env={"PYTHONPATH": path})
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip() == (
         "kolors-api: fleet mode (a redis:// store) needs the `redis` extra, which is not installed (module "
