@@ -4,7 +4,7 @@ weights as our server and sends it the same requests.
 
     .venv/bin/python bench/litserve_peer.py --model PATH --port 8011 --max-batch-size 8
     POST /predict {"prompt": "...", "seed": 1, "width": 512, "height": 512, "steps": 20}
-         -> {"image": base64 webp}
+         -> {"image": base64 webp, "batch": the size of the batch it was made in}
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation at run time.
@@ -24,7 +24,13 @@ class KolorsAPI(ls.LitAPI):  # type: ignore[misc]
         self.model = model
 
     def setup(self, device: str) -> None:
-        self.pipe = KolorsPipeline.from_pretrained(self.model).to(device)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        if self.model.startswith("random:"):  # the real model's shapes, random weights (bench/gpu.sh)
+            from kolors_api.engine.random_weights import build_random_pipeline
+
+            self.pipe = build_random_pipeline(self.model.removeprefix("random:"), device=device, dtype=dtype)
+        else:
+            self.pipe = KolorsPipeline.from_pretrained(self.model, torch_dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device_name = device
 
@@ -42,15 +48,16 @@ class KolorsAPI(ls.LitAPI):  # type: ignore[misc]
             guidance_scale=first.get("cfg", 5.0), num_inference_steps=first["steps"], width=first["width"],
             height=first["height"],
             generator=[torch.Generator(self.device_name).manual_seed(r["seed"]) for r in batch]).images
-        return list(images)
+        return [(image, len(batch)) for image in images]  # the batch size goes back for bench/load.py
 
     def unbatch(self, output: list[Any]) -> list[Any]:
         return output
 
-    def encode_response(self, image: Any) -> dict[str, str]:
+    def encode_response(self, output: Any) -> dict[str, Any]:
+        image, batch = output
         buf = io.BytesIO()
         image.save(buf, format="WEBP", quality=80)
-        return {"image": base64.b64encode(buf.getvalue()).decode()}
+        return {"image": base64.b64encode(buf.getvalue()).decode(), "batch": batch}
 
 
 def main() -> None:

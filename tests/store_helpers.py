@@ -8,7 +8,7 @@ from typing import Any
 from kolors_api.jobs import Job, JobState, JobStore, Lease, can_transition
 
 #: The store methods after which the watcher re-reads every job it knows.
-CHANGES = ("submit", "request_cancel", "claim", "heartbeat", "progress", "complete", "fail", "expire")
+CHANGES = ("submit", "request_cancel", "claim", "heartbeat", "progress", "progress_many", "complete", "fail", "expire")
 #: The store methods whose answers carry jobs.
 READS = ("get", "wait", "history")
 

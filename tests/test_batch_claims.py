@@ -151,3 +151,27 @@ async def test_jobs_taken_into_a_batch_put_their_start_webhook_in_the_outbox(sto
     got = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), lease.job.params))
     assert {lease.job.id, *(g.job.id for g in got)} == set(ids)
     assert sorted(d.job_id for d in await store.claim_webhooks(30, 10)) == sorted(ids)
+
+
+async def test_progress_of_a_call_is_one_answer_per_job_with_its_cancel_flag_and_watchers(store: JobStore) -> None:
+    from kolors_api.jobs import Lease, ProgressReport
+
+    ids = [await submit(store, seed=n) for n in range(3)]
+    head = await store.claim("w1", 30, 0.1)
+    assert head is not None
+    leases = [head, *await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))]
+    assert [lease.job.id for lease in leases] == ids
+    await store.request_cancel(ids[1])
+    await store.watch_previews(ids[2], 60)
+    stale = Lease(job=leases[0].job, token="not-the-lease", worker_id="w2", delivery=1)
+    acks = await store.progress_many([ProgressReport(leases[0], 1, 2), ProgressReport(leases[1], 1, 2),
+                                      ProgressReport(leases[2], 1, 2, b"webp"), ProgressReport(stale, 2, 2)])
+    assert [(a.held, a.cancel_requested, a.previews_watched) for a in acks] == [
+        (True, False, False), (True, True, False), (True, False, True), (False, False, False)]
+    jobs = [await store.get(job_id) for job_id in ids]
+    assert [job.step if job else None for job in jobs] == [1, 1, 1]  # the stale report stored nothing
+    assert await store.read_preview(ids[2]) == (1, b"webp")
+    # a watch runs out
+    await store.watch_previews(ids[0], 0.05)
+    await asyncio.sleep(0.2)
+    assert not (await store.progress_many([ProgressReport(leases[0], 2, 2)]))[0].previews_watched

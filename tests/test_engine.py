@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image
 
 from kolors_api.engine import Engine, GenerationOutput, build_tiny_model, encode_image
+from kolors_api.engine.pipeline import EngineOptions, padded_rows
 from kolors_api.schema import SCHEDULERS, GenerateParams
 
 # The documented construction of each scheduler, written out independently of the engine's table.
@@ -319,3 +320,43 @@ def test_a_job_whose_step_callback_raises_is_dropped_alone(engine: Engine) -> No
     assert all(isinstance(o, Stop) for o in outs) and seen == [1, 1]
     with pytest.raises(ValueError, match="different shapes"):
         engine.generate_batch([(jobs[0], None), (params(width=128), None)])
+
+
+def test_a_padded_call_runs_the_next_row_count_and_drops_the_padding(tiny: Path, engine: Engine) -> None:
+    """`pad_batches` (on with `--compile`): a call of 3 images runs 4 rows, so that a compiled UNet
+    only ever sees the row counts compiled at start; the padding is dropped and every job's images
+    are those of an unpadded call."""
+    assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 17]
+    padded = Engine(str(tiny), device="cpu", options=EngineOptions(pad_batches=True))
+    rows: list[int] = []
+    make = padded._call_pipeline
+
+    def counting(scheduler: Any) -> Any:
+        pipe = make(scheduler)
+        call = pipe.__call__
+
+        class Counted:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pipe, name)
+
+            def __call__(self, **kw: Any) -> Any:
+                rows.append(len(kw["generator"]))
+                return call(**kw)
+        return Counted()
+
+    padded._call_pipeline = counting  # type: ignore[method-assign]
+    jobs = [params(seed=3, number_of_images=2), params(seed=9, prompt="a green apple")]
+    outs = padded.generate_batch([(job, None) for job in jobs])
+    plain = engine.generate_batch([(job, None) for job in jobs])
+    assert rows == [4]
+    assert [len(o.images) for o in outs if isinstance(o, GenerationOutput)] == [2, 1]
+    for ours, theirs in zip(outs, plain, strict=True):
+        assert isinstance(ours, GenerationOutput) and isinstance(theirs, GenerationOutput)
+        assert ours.seeds == theirs.seeds
+        for a, b in zip(ours.images, theirs.images, strict=True):
+            diff = np.abs(pixels(a).astype(int) - pixels(b).astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.01
+    # a full row count runs as it is
+    rows.clear()
+    padded.generate_batch([(params(seed=1, number_of_images=2), None), (params(seed=5, number_of_images=2), None)])
+    assert rows == [4]

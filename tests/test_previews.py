@@ -4,6 +4,7 @@ side of the contract (which steps it previews, what it stores, engines that offe
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,25 +98,32 @@ class TwoArgEngine:
 class PreviewEngine:
     def generate(self, params: GenerateParams, on_step: Any = None) -> Out:
         for step in range(1, params.steps + 1):
+            # a step takes time, as a real one does: the store's answer to the first report (someone
+            # watches) is back before the steps that take previews
+            time.sleep(0.05)
             on_step(step, params.steps, lambda step=step: f"preview {step}".encode())
         return Out(params)
 
 
 @pytest.mark.parametrize("engine_class", [TwoArgEngine, PreviewEngine])
-async def test_the_worker_runs_engines_with_and_without_previews(tmp_path: Path, engine_class: type) -> None:
+@pytest.mark.parametrize("watched", [True, False])
+async def test_the_worker_makes_previews_only_while_someone_watches(tmp_path: Path, engine_class: type,
+                                                                   watched: bool) -> None:
     store = SQLiteStore(tmp_path / "db.sqlite3")
     await store.open()
     try:
         job = await store.submit(NewJob(model="kolors", params=GenerateParams(prompt="x", steps=9).to_dict()))
+        if watched:
+            await store.watch_previews(job.id, 60)
         worker = Worker(store, engine_class)
         worker.engine = engine_class()
         lease = await store.claim(worker.id, 30, 1)
         assert lease is not None
         await worker.process(lease)
         done = await store.get(job.id)
-        assert done is not None and done.state == JobState.COMPLETED
+        assert done is not None and done.state == JobState.COMPLETED and done.step == 9
         preview = await store.read_preview(job.id)
-        if engine_class is TwoArgEngine:
+        if engine_class is TwoArgEngine or not watched:
             assert preview is None
         else:  # every preview_every(9) = 2 steps: the last one taken is step 8
             assert preview == (8, b"preview 8")

@@ -15,8 +15,8 @@ def setting_help(text: str, name: str, default: str) -> str:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """`--dtype`, `--compile`, `--compile-shapes`, `--vae`, `--offload`, `--max-batch-images`,
-    `--max-batch-megapixels`, `--batch-wait-ms` (settings of the same names)."""
+    """`--dtype`, `--compile`, `--compile-shapes`, `--compile-batches`, `--compile-cache`, `--vae`, `--offload`,
+    `--max-batch-images`, `--max-batch-megapixels`, `--batch-wait-ms` (settings of the same names)."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
     p.add_argument("--compile", action="store_true", default=None,
@@ -25,6 +25,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-shapes", dest="compile_shapes", metavar="WxH[,WxH...]",
                    help=setting_help("shapes compiled at start; others compile on first use", "compile_shapes",
                                      "1024x1024"))
+    p.add_argument("--compile-batches", dest="compile_batches", choices=("pad", "dynamic"),
+                   help=setting_help("how the compiled UNet meets batch sizes: pad each call to 1/2/4/8/16 rows, "
+                                     "all compiled at start, or one dynamic-shape graph", "compile_batches", "pad"))
+    p.add_argument("--compile-cache", dest="compile_cache", metavar="DIR",
+                   help=setting_help("compiled kernels kept here across restarts", "compile_cache",
+                                     "DATA_DIR/compile-cache"))
     p.add_argument("--vae", help=setting_help("another VAE, a diffusers folder or repo id; an fp16-safe one "
                                               "decodes in fp16", "vae", "the model's own"))
     p.add_argument("--offload", action="store_true", default=None,
@@ -36,8 +42,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help=setting_help("images x pixels per engine call, in millions", "max_batch_megapixels",
                                      "0: sized for the device"))
     p.add_argument("--batch-wait-ms", dest="batch_wait_ms", type=int, metavar="MS",
-                   help=setting_help("how long a job waits for company of its shape before its call starts",
-                                     "batch_wait_ms", "0: batch only what is queued"))
+                   help=setting_help("how long a job waits for company of its shape before its call starts: "
+                                     "-1 auto (an idle worker waits a fraction of a step, longer while jobs "
+                                     "keep coming), 0 never, N up to N ms", "batch_wait_ms", "-1: auto"))
 
 
 def add_random_model_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

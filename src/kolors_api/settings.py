@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     compile: bool = False
     #: Shapes compiled at start, comma-separated WIDTHxHEIGHT (others compile on first use).
     compile_shapes: str = "1024x1024"
+    #: How a compiled UNet meets batches: "pad" (each call padded to 1, 2, 4, 8 or 16 rows, every
+    #: one compiled at start) or "dynamic" (one graph with dynamic shapes).
+    compile_batches: Literal["pad", "dynamic"] = "pad"
+    #: Where compiled kernels are kept across restarts (default: `compile-cache` under data_dir).
+    compile_cache: Path | None = None
     #: Another VAE, a diffusers folder or repo id: an fp16-safe one (force_upcast false, e.g.
     #: madebyollin/sdxl-vae-fp16-fix) decodes in fp16 instead of fp32.
     vae: str | None = None
@@ -56,8 +61,9 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(0, ge=0, le=256)
     #: Images × pixels per engine call, in millions (0 = sized for the device).
     max_batch_megapixels: float = Field(0.0, ge=0, le=1000)
-    #: How long a claimed job waits for company of its shape before its call starts (0 = not at all).
-    batch_wait_ms: int = Field(0, ge=0, le=60000)
+    #: How long a claimed job waits for company of its shape before its call starts: -1 = the auto rule
+    #: (`kolors_api.worker.company`), 0 = not at all, N = up to N ms.
+    batch_wait_ms: int = Field(-1, ge=-1, le=60000)
     #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
     #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.
     engine: str = "kolors_api.worker.engines:kolors"

@@ -51,6 +51,9 @@ log = logging.getLogger("kolors_api.api")
 KEEPALIVE_SECONDS = 15.0
 #: Seconds between re-reads of a queued job's position (other jobs' claims do not touch its version).
 QUEUE_POLL_SECONDS = 1.0
+#: A stream with previews tells the store it watches them for this long, renewed this often.
+PREVIEW_WATCH_SECONDS = 10.0
+PREVIEW_WATCH_RENEW = 3.0
 #: The event names, in the order of their kind numbers (the low digits of an event id).
 KINDS = ("queued", "started", "progress", "completed", "failed")
 ID_BASE = 8
@@ -136,8 +139,13 @@ async def stream(watch: Watch, job: Job) -> AsyncGenerator[str, None]:
     """The event stream of `job` until it ends, the client goes away, or the store fails."""
     svc = watch.svc
     sent = time.monotonic()
+    marked = -PREVIEW_WATCH_RENEW
     try:
         while True:
+            if watch.previews and not job.state.terminal and time.monotonic() - marked >= PREVIEW_WATCH_RENEW:
+                # the worker makes previews only while someone watches them
+                await svc.store.watch_previews(job.id, PREVIEW_WATCH_SECONDS)
+                marked = time.monotonic()
             frames = await watch.frames(job)
             if frames:
                 yield "".join(frames)
@@ -147,6 +155,8 @@ async def stream(watch: Watch, job: Job) -> AsyncGenerator[str, None]:
             idle = max(0.0, KEEPALIVE_SECONDS - (time.monotonic() - sent))
             if job.state == JobState.QUEUED:
                 idle = min(idle, QUEUE_POLL_SECONDS)
+            if watch.previews:
+                idle = min(idle, PREVIEW_WATCH_RENEW)
             latest = await svc.store.wait(job.id, watch.version, idle)
             if latest is None:
                 return  # expired while watched: nothing more will come

@@ -8,9 +8,10 @@ prompt-embedding cache (`prompt_cache`, locked).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ if tuple(SCHEDULER_SPECS) != SCHEDULERS:  # pragma: no cover - a schema change m
 
 #: Images with more pixels than this are decoded tile by tile (the VAE's activations grow with area).
 TILED_DECODE_ABOVE = 1536 * 1536
+#: The row counts a padded call runs at: a compiled UNet has one graph per count, all made at start,
+#: so no batch the worker forms compiles after ready (a call of 3 images runs 4 rows, 1 dropped).
+BATCH_ROWS = (1, 2, 4, 8, 16)
+
+
+def padded_rows(rows: int) -> int:
+    """The rows a call of `rows` images runs with padding: the next of `BATCH_ROWS` (or `rows` above them)."""
+    return next((size for size in BATCH_ROWS if size >= rows), rows)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,16 @@ class EngineOptions:
     vae: str | None = None  # another VAE (an fp16-safe one runs in fp16 instead of fp32)
     offload: bool = False  # keep each model on the CPU until it runs (cards of about 16 GB)
     prompt_cache_mb: int = 256  # prompt embeddings kept on the device, least recently used out
+    #: With `compile`: "pad" pads each call to the next of `BATCH_ROWS` rows (one static graph per
+    #: size, all compiled by `warm_up`), "dynamic" compiles one graph with dynamic shapes instead.
+    compile_batches: str = "pad"
+    #: Where compiled kernels are kept across restarts (Inductor's and Triton's caches); None: theirs.
+    compile_cache: str | None = None
+    #: Pad calls to `BATCH_ROWS` also without `compile` (tests; None: with `compile` in "pad" mode).
+    pad_batches: bool | None = None
+    #: The worker's images per call (`max_batch_images`; 0: `Engine.batch_limits`): the padded
+    #: sizes compiled at start go up to it.
+    batch_images: int = 0
 
 
 @dataclass
@@ -74,6 +93,18 @@ class GenerationOutput:
     #: With `generate_batch(..., defer_encoding=True)`: `images` is empty until `encode()` (any thread)
     #: returns them, so the engine can take the next batch meanwhile.
     encode: Callable[[], list[bytes]] | None = None
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Keep Inductor's and Triton's compiled artifacts under `path` (kept across restarts: a restart
+    with the same settings loads its kernels instead of compiling them again)."""
+    if not path:
+        return
+    root = Path(path).expanduser()
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(root / sub)
+    log.info("compile cache: %s", root)
 
 
 def _encoder(images: list[Any], params: GenerateParams) -> Callable[[], list[bytes]]:
@@ -191,7 +222,17 @@ class Engine:
         if self.options.compile:
             # Inductor's shape reasoning logs a warning per guard it cannot evaluate: hundreds per compile.
             logging.getLogger("torch.utils._sympy.interp").setLevel(logging.ERROR)
-            pipe.unet = torch.compile(pipe.unet)
+            use_compile_cache(self.options.compile_cache)
+            if self.options.compile_batches == "dynamic":
+                pipe.unet = torch.compile(pipe.unet, dynamic=True)
+            else:
+                # One static graph per (shape, rows): never a dynamic recompile, and room for them all.
+                dynamo = import_untyped("torch._dynamo")
+                limit = len(BATCH_ROWS) * max(1, len(self.options.compile_shapes)) * 2 + 8
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dynamo.config, name):
+                        setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
+                pipe.unet = torch.compile(pipe.unet, dynamic=False)
         # On a GPU, decode one image at a time: ten 2048x2048 images decoded at once need tens of
         # GiB of activations. On CPU decode the batch at once, exactly as KolorsPipeline does.
         self.decode_one_by_one = self.on_cuda
@@ -203,11 +244,24 @@ class Engine:
         warm up would cost minutes and turn the next compilation dynamic)."""
         if not self.options.compile:
             self.generate(GenerateParams(prompt="warm-up", steps=1, width=512, height=512))
-        else:
-            for width, height in self.options.compile_shapes:
+            return
+        most = self.options.batch_images or self.batch_limits().max_images
+        rows = [n for n in BATCH_ROWS if n < 2 * most] if self.pad_batches else [1]
+        for width, height in self.options.compile_shapes:
+            for n in rows:
                 started = time.perf_counter()
-                self.generate(GenerateParams(prompt="warm-up", steps=2, width=width, height=height))
-                log.info("compiled for %dx%d in %.1fs", width, height, time.perf_counter() - started)
+                # one job of n images (above the API's 10 too: the engine takes it as it comes)
+                params = replace(GenerateParams(prompt="warm-up", steps=2, width=width, height=height),
+                                 number_of_images=n)
+                self.generate(params)
+                log.info("compiled for %dx%d, %d row(s), in %.1fs", width, height, n, time.perf_counter() - started)
+
+    @property
+    def pad_batches(self) -> bool:
+        """Whether calls are padded to `BATCH_ROWS` (see `EngineOptions.pad_batches`)."""
+        if self.options.pad_batches is not None:
+            return self.options.pad_batches
+        return self.options.compile and self.options.compile_batches == "pad"
 
     def batch_limits(self) -> BatchLimits:
         """How large a call this engine takes by default (the worker's batching; settings override):
@@ -280,8 +334,13 @@ class Engine:
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         pipe = self._call_pipeline(self.make_scheduler(first.scheduler))
+        rows = sum(params.number_of_images for params, _ in jobs)
+        pad = padded_rows(rows) - rows if self.pad_batches else 0
+        # Padding rows: the first job's prompt (a cache hit) with generators of their own; dropped.
+        padding = [(replace(first, number_of_images=pad, seed=0), None)] if pad else []
+        run = [*jobs, *padding]
         generators = [torch.Generator(device=self.device).manual_seed(seed)
-                      for params, _ in jobs for seed in params.seeds]
+                      for params, _ in run for seed in params.seeds]
         dropped: dict[int, BaseException] = {}
         watched = [(n, on_step) for n, (_, on_step) in enumerate(jobs) if on_step is not None]
         first_rows = [sum(params.number_of_images for params, _ in jobs[:n]) for n in range(len(jobs))]
@@ -301,7 +360,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 latents = pipe(
-                    **self._embeddings(pipe, [params for params, _ in jobs]),
+                    **self._embeddings(pipe, [params for params, _ in run]),
                     guidance_scale=first.cfg,
                     num_inference_steps=first.steps,
                     width=first.width,

@@ -16,6 +16,8 @@ from kolors_api.jobs.base import (
     Lease,
     LedgerEntry,
     NewJob,
+    ProgressAck,
+    ProgressReport,
     QueueFull,
     StoreError,
     StoreStats,
@@ -32,7 +34,8 @@ from kolors_api.settings import Settings
 __all__ = [
     "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "BalanceOutOfRange", "IdempotencyMismatch",
     "InsufficientFunds", "Job",
-    "JobState", "JobStore", "Lease", "LedgerEntry", "NewJob", "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
+    "JobState", "JobStore", "Lease", "LedgerEntry", "NewJob", "ProgressAck", "ProgressReport",
+    "QueueFull", "StoreError", "StoreStats", "TooManyRunning",
     "WebhookAttempt", "WebhookDelivery",
     "can_transition", "hash_key", "make_key_record", "new_key", "make_store",
 ]

@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
@@ -167,6 +168,26 @@ class Lease:
     token: str
     worker_id: str
     delivery: int
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """One job's step, for `JobStore.progress_many` (`preview`: a small webp of it at this step)."""
+
+    lease: Lease
+    step: int
+    total_steps: int
+    preview: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ProgressAck:
+    """What the store answers a job's progress: whether the lease still holds (else nothing was
+    stored), whether a cancel was requested, and whether someone watches its previews."""
+
+    held: bool
+    cancel_requested: bool = False
+    previews_watched: bool = False
 
 
 @dataclass
@@ -370,6 +391,16 @@ class JobStore(Protocol):
 
         `preview` (a small webp of the job at this step) replaces the job's latest preview in the
         same atomic step; it is kept until the job expires."""
+        ...
+
+    async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        """`progress` for several jobs (the jobs of one engine call) in one round trip, each as
+        atomic as `progress` alone; answers in the order of `reports`."""
+        ...
+
+    async def watch_previews(self, job_id: str, seconds: float) -> None:
+        """Someone watches the job's previews for the next `seconds` (an event stream with
+        previews): its progress answers say so, and the worker makes previews only then."""
         ...
 
     async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:

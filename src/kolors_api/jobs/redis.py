@@ -28,6 +28,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ from kolors_api.jobs.base import (
     Lease,
     LedgerEntry,
     NewJob,
+    ProgressAck,
+    ProgressReport,
     QueueFull,
     StoreStats,
     TooManyRunning,
@@ -112,7 +115,7 @@ class RedisStore(RedisHooks):
                 await self._listener
             self._listener = None
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
             self._pubsub = None
         for client in (self._blocking, self._redis):
             if client is not None:
@@ -330,8 +333,23 @@ class RedisStore(RedisHooks):
                                      repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)))
 
     async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
-        return bool(await self._call(names.SCRIPT_PROGRESS, lease.job.id, lease.token, int(step),
-                                     int(total_steps), *([preview] if preview is not None else [])))
+        return (await self.progress_many([ProgressReport(lease, step, total_steps, preview)]))[0].held
+
+    async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        # One script per job (each atomic), all in one pipeline: one round trip per engine step.
+        script = self._scripts[names.SCRIPT_PROGRESS]
+        retention = repr(float(self.retention))
+        async with (await self._conn()).pipeline(transaction=False) as pipe:
+            for r in reports:
+                args: list[str | int | bytes] = [self.keys.prefix, retention, r.lease.job.id, r.lease.token,
+                                                 int(r.step), int(r.total_steps)]
+                await script(args=[*args, *([r.preview] if r.preview is not None else [])], client=pipe)
+            answers = await pipe.execute()
+        return [ProgressAck(held=bool(a), cancel_requested=bool(int(a) & 2), previews_watched=bool(int(a) & 4))
+                for a in answers]
+
+    async def watch_previews(self, job_id: str, seconds: float) -> None:
+        await (await self._conn()).set(self.keys.watch(job_id), 1, px=max(1, round(seconds * 1000)))
 
     async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
         step, data = await (await self._conn()).hmget(self.keys.preview(job_id), ["step", "data"])

@@ -67,6 +67,7 @@ IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
 PREVIEW = "preview:"
+WATCH = "watch:"  # someone watches the job's previews (a string with a TTL)
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -132,6 +133,9 @@ class Keys:
     def preview(self, job_id: str) -> str:
         return self.prefix + PREVIEW + job_id
 
+    def watch(self, job_id: str) -> str:
+        return self.prefix + WATCH + job_id
+
     def output(self, job_id: str, index: int) -> str:
         return f"{self.prefix}{OUTPUT}{job_id}:{index}"
 
@@ -193,5 +197,6 @@ LUA_KEYS = "\n".join([
     f"local function k_hook_log(id) return P .. {_lua_string(HOOK_LOG)} .. id end",
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
     f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
+    f"local function k_watch(id) return P .. {_lua_string(WATCH)} .. id end",
     "",
 ])

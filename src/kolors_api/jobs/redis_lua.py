@@ -232,7 +232,7 @@ return 1
     # ARGV: id, token, step, total_steps[, preview webp]
     names.SCRIPT_PROGRESS: r"""
 local jk = k_job(ARGV[3])
-local h = redis.call('HMGET', jk, 'state', 'lease_token')
+local h = redis.call('HMGET', jk, 'state', 'lease_token', 'cancel_requested')
 if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
 redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6])
 if ARGV[7] then
@@ -244,7 +244,11 @@ end
 redis.call('HINCRBY', jk, 'version', 1)
 outbox(ARGV[3], 'progress', now())
 publish(ARGV[3])
-return 1
+-- 1: held; + 2: a cancel was requested; + 4: someone watches the previews
+local ack = 1
+if h[3] == '1' then ack = ack + 2 end
+if redis.call('EXISTS', k_watch(ARGV[3])) == 1 then ack = ack + 4 end
+return ack
 """,
     # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob).
     # Returns 0 (stale lease), 1 (COMPLETED) or 2 (a cancel came first: FAILED "cancelled").

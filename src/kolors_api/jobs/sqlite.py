@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,8 @@ from kolors_api.jobs.base import (
     Lease,
     LedgerEntry,
     NewJob,
+    ProgressAck,
+    ProgressReport,
     QueueFull,
     StoreStats,
     TooManyRunning,
@@ -382,19 +384,37 @@ class SQLiteStore(hooks.SQLiteHooks):
         return await self._run(q)
 
     async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
-        def q() -> bool:
+        return (await self.progress_many([ProgressReport(lease, step, total_steps, preview)]))[0].held
+
+    async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        def q() -> list[ProgressAck]:
+            now = time.time()
+            acks: list[ProgressAck] = []
             with self._tx() as c:
-                cur = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
-                                "state='PROCESSING' AND lease_token=?", (step, total_steps, lease.job.id,
-                                                                         lease.token))
-                if cur.rowcount == 1:
-                    hooks.enqueue(c, lease.job.id, "progress")
-                    if preview is not None:
-                        previews.write(c, lease.job.id, step, preview)
-                return cur.rowcount == 1
-        ok = await self._run(q)
-        self._notify(lease.job.id)
-        return ok
+                for r in reports:
+                    job_id = r.lease.job.id
+                    row = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
+                                    "state='PROCESSING' AND lease_token=? RETURNING cancel_requested",
+                                    (r.step, r.total_steps, job_id, r.lease.token)).fetchone()
+                    if row is None:
+                        acks.append(ProgressAck(held=False))
+                        continue
+                    hooks.enqueue(c, job_id, "progress")
+                    if r.preview is not None:
+                        previews.write(c, job_id, r.step, r.preview)
+                    acks.append(ProgressAck(held=True, cancel_requested=bool(row[0]),
+                                            previews_watched=previews.watched(c, job_id, now)))
+            return acks
+        acks = await self._run(q)
+        for r in reports:
+            self._notify(r.lease.job.id)
+        return acks
+
+    async def watch_previews(self, job_id: str, seconds: float) -> None:
+        def q() -> None:
+            with self._tx() as c:
+                previews.watch(c, job_id, time.time() + seconds)
+        await self._run(q)
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
@@ -485,7 +505,7 @@ class SQLiteStore(hooks.SQLiteHooks):
             with self._tx() as c:
                 ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE expires_at<=?", (now,))]
                 c.execute("DELETE FROM jobs WHERE expires_at<=?", (now,))
-                previews.sweep(c)
+                previews.sweep(c, now)
                 c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
                 hooks.expire(c, now)
             for job_id in ids:

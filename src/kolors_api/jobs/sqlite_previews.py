@@ -10,6 +10,7 @@ import sqlite3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS previews (job_id TEXT PRIMARY KEY, step INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS preview_watches (job_id TEXT PRIMARY KEY, until REAL NOT NULL);
 """
 
 
@@ -22,6 +23,17 @@ def read(c: sqlite3.Connection, job_id: str) -> tuple[int, bytes] | None:
     return None if row is None else (int(row[0]), bytes(row[1]))
 
 
-def sweep(c: sqlite3.Connection) -> None:
-    """Drop the previews of jobs that are gone (expired)."""
+def watch(c: sqlite3.Connection, job_id: str, until: float) -> None:
+    """Someone watches the job's previews until `until` (epoch seconds)."""
+    c.execute("INSERT INTO preview_watches(job_id, until) VALUES (?,?) "
+              "ON CONFLICT(job_id) DO UPDATE SET until=max(until, excluded.until)", (job_id, until))
+
+
+def watched(c: sqlite3.Connection, job_id: str, now: float) -> bool:
+    return c.execute("SELECT 1 FROM preview_watches WHERE job_id=? AND until>?", (job_id, now)).fetchone() is not None
+
+
+def sweep(c: sqlite3.Connection, now: float) -> None:
+    """Drop the previews of jobs that are gone (expired), and the watches that ended."""
     c.execute("DELETE FROM previews WHERE job_id NOT IN (SELECT id FROM jobs)")
+    c.execute("DELETE FROM preview_watches WHERE until<?", (now,))

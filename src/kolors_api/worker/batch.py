@@ -5,16 +5,22 @@ engine call. Each job keeps its own lease, progress reports, cancellation and ou
 holds them. Its `on_step` is what the engine calls after each denoising step, on the engine's
 thread; it raises `JobAborted` once the job must stop (cancelled, or its lease lost), and the
 engine then drops that job alone.
+
+The progress of a call's jobs goes to the store through one `CallReports`: at most one round trip
+in flight per call (`JobStore.progress_many`), carrying every job's latest step, whose answers
+bring back each job's cancel flag and whether anyone watches its previews (previews are made only
+then).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable
 
-from kolors_api.jobs import JobStore, Lease
+from kolors_api.jobs import JobStore, Lease, ProgressAck, ProgressReport
+from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.previews import take_preview
 
@@ -22,6 +28,8 @@ from kolors_api.worker.previews import take_preview
 class JobAborted(Exception):  # noqa: N818
     """Raised from the step callback to stop the engine: lease lost or job cancelled."""
 
+
+log = logging.getLogger("kolors_api.worker")
 
 CANCELLED = "cancelled"
 LEASE_LOST = "lease lost"
@@ -37,55 +45,102 @@ def count_call(runs: list[JobRun]) -> None:
     CALLS["images"] += sum(run.params.number_of_images for run in runs)
 
 
+class CallReports:
+    """The progress reports of one engine call's jobs, sent to the store in step order, one round
+    trip at a time: what piles up meanwhile goes in the next (a job's latest step only)."""
+
+    def __init__(self, store: JobStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self._lock = threading.Lock()  # `put` runs on the engine thread, the sending on the loop
+        self._pending: dict[JobRun, ProgressReport] = {}
+        self._sending: asyncio.Task[None] | None = None
+        self.round_trips = 0
+
+    def put(self, run: JobRun, step: int, total: int, preview: bytes | None) -> None:
+        """Queue a job's step (engine thread); a preview not yet sent stays with the newer step."""
+        with self._lock:
+            older = self._pending.get(run)
+            if preview is None and older is not None:
+                preview = older.preview
+            self._pending[run] = ProgressReport(run.lease, step, total, preview)
+        self.loop.call_soon_threadsafe(self._kick)
+
+    def _kick(self) -> None:
+        if self._sending is None or self._sending.done():
+            self._sending = self.loop.create_task(self._send())
+
+    async def _send(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, {}
+            if not batch:
+                return
+            self.round_trips += 1
+            try:
+                acks = await self.store.progress_many(list(batch.values()))
+            except Exception as exc:  # the lease may still hold when the store is back: keep going
+                if not is_outage(exc):
+                    log.error("progress of %s not stored", " ".join(r.job.id for r in batch), exc_info=exc)
+                continue
+            for run, ack in zip(batch, acks, strict=True):
+                await run.acknowledged(ack)
+
+    async def settle(self) -> None:
+        """Wait until every report put so far is sent (before the outcomes are stored: the last
+        progress and preview land first)."""
+        while True:
+            sending = self._sending
+            if sending is None or sending.done():
+                with self._lock:
+                    if not self._pending:
+                        return
+                self._kick()
+                continue
+            await asyncio.shield(sending)
+
+
 class JobRun:
     """A claimed job while the engine runs it."""
 
-    def __init__(self, store: JobStore, lease: Lease, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, store: JobStore, lease: Lease, reports: CallReports) -> None:
         self.store = store
         self.lease = lease
         self.job = lease.job
         self.params = GenerateParams.from_dict(lease.job.params)
-        self.loop = loop
+        self.reports = reports
         self.abort = threading.Event()
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
-        # Reports are taken in the order of the steps (a lock is FIFO; tasks start in the order
-        # `on_step` scheduled them): a watcher never sees step n after step n+1.
-        self._in_order = asyncio.Lock()
-        self._reports: list[concurrent.futures.Future[None]] = []
+        self.previews_watched = False  # as the store's last answer said
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():
             self.reason = reason
             self.abort.set()
 
-    async def report(self, step: int, total: int, preview: bytes | None = None) -> None:
-        """Store the progress (and a preview); a lost lease or a cancel request stops the job. A
-        cancelled job ends FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
-        async with self._in_order:
-            if self.abort.is_set():
-                return
-            if not await self.store.progress(self.lease, step, total, preview):
-                self.stop(LEASE_LOST)
-                return
-            current = await self.store.get(self.job.id)
-            if current is not None and current.cancel_requested:
-                self.stop(CANCELLED)
-                await self.store.fail(self.lease, CANCELLED)
+    async def acknowledged(self, ack: ProgressAck) -> None:
+        """The store's answer to a progress report: a lost lease or a cancel request stops the job.
+        A cancelled job ends FAILED "cancelled" (refunded) at once, while the rest of its batch goes on."""
+        if self.abort.is_set():
+            return
+        self.previews_watched = ack.previews_watched
+        if not ack.held:
+            self.stop(LEASE_LOST)
+        elif ack.cancel_requested:
+            self.stop(CANCELLED)
+            await self.store.fail(self.lease, CANCELLED)
 
     def on_step(self, step: int, total: int, preview: Callable[[], bytes] | None = None) -> None:
-        """The engine's step callback (engine thread): report (with a preview now and then, made
-        here: it is only valid during this call), or raise `JobAborted` to stop."""
+        """The engine's step callback (engine thread): report (with a preview now and then, while
+        someone watches, made here: it is only valid during this call), or raise `JobAborted`."""
         if self.abort.is_set():
             raise JobAborted(self.reason or "aborted")
-        self._reports.append(asyncio.run_coroutine_threadsafe(
-            self.report(step, total, take_preview(step, total, preview)), self.loop))
+        self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None))
 
     async def settle(self) -> None:
-        """Wait for the reports the engine scheduled (before the job's outcome is stored, so the last
-        progress and preview land first); their failures were handled where they happened."""
-        reports, self._reports = self._reports, []
-        await asyncio.gather(*(asyncio.wrap_future(r) for r in reports), return_exceptions=True)
+        """Wait for the reports the engine made so far (see `CallReports.settle`)."""
+        await self.reports.settle()
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""

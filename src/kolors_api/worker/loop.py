@@ -25,13 +25,16 @@ from kolors_api.jobs import JobState, JobStore, Lease
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
-from kolors_api.worker.batch import CANCELLED, JobAborted, JobRun, count_call
+from kolors_api.worker.batch import CANCELLED, CallReports, JobAborted, JobRun, count_call
+from kolors_api.worker.company import StepClock, WaitRule
 from kolors_api.worker.engines import EngineLike
 
 log = logging.getLogger("kolors_api.worker")
 
-#: How often `batch_wait_ms` looks for more queued jobs of the head's shape, in seconds.
+#: How often a claimed job waiting for company looks for more queued jobs of its shape, in seconds:
+#: with a fixed `batch_wait_ms`, and with the auto rule (whose waits are fractions of a step).
 BATCH_WAIT_POLL = 0.01
+AUTO_WAIT_POLL = 0.002
 
 
 class WorkerState(enum.StrEnum):
@@ -69,8 +72,9 @@ class WorkerConfig:
     max_batch_images: int = 0
     #: Images × pixels per engine call, in millions (0: the engine's default).
     max_batch_megapixels: float = 0.0
-    #: How long a claimed job waits for company before its call starts (0: batch what is queued).
-    batch_wait_ms: int = 0
+    #: How long a claimed job waits for company before its call starts: -1 the auto rule
+    #: (`kolors_api.worker.company`), 0 never (batch what is queued), N up to N ms.
+    batch_wait_ms: int = -1
 
     @property
     def alive_ttl(self) -> float:
@@ -100,6 +104,8 @@ class Worker:
         self._on_job_done = on_job_done
         self.safety = safety
         self.outage = Outage(log, meanwhile="retrying until it is back")
+        self.wait_rule = WaitRule()
+        self.clock = StepClock()  # the step times of this worker's engine calls, for the wait rule
 
     def _enter(self, state: WorkerState) -> None:
         old = self.state
@@ -191,23 +197,37 @@ class Worker:
             log.error("worker %s: store error %s", self.id, doing, exc_info=exc)
 
     async def _company(self, head: Lease, limits: BatchLimits) -> list[Lease]:
-        """Queued jobs that can share the head's pipeline call: those queued now, and with
-        `batch_wait_ms` those that come within that time (never holding the head back longer)."""
+        """Queued jobs that can share the head's pipeline call: those queued now, and those that come
+        while it waits for company (`batch_wait_ms`: the auto rule of `kolors_api.worker.company`,
+        or a fixed time; never holding the head back longer)."""
         if not limits.batching:
             return []
         batch = BatchBuilder(limits, head.job.params)
-        deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+        claimed_at = time.monotonic()
+        head_age = max(0.0, time.time() - head.job.created_at)
+        fixed = self.config.batch_wait_ms
+        step = self.clock.step(int(head.job.params["width"]), int(head.job.params["height"]))
         leases: list[Lease] = []
+        seen: list[float] = []
         while True:
             try:
-                leases += await self.store.claim_compatible(self.id, self.config.lease_seconds, batch)
+                got = await self.store.claim_compatible(self.id, self.config.lease_seconds, batch)
             except Exception as exc:
                 self._store_error(exc, "while batching")  # the head runs without company
                 return leases
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            leases += got
+            seen += [now] * len(got)
+            if fixed >= 0:
+                deadline = claimed_at + fixed / 1000
+            else:
+                deadline = self.wait_rule.deadline(
+                    claimed_at=claimed_at, head_age=head_age, step=step, seen=seen, full=batch.full,
+                    arrivals=[head.job.created_at, *(lease.job.created_at for lease in leases)])
+            left = deadline - now
             if batch.full or left <= 0:
                 return leases
-            await asyncio.sleep(min(left, BATCH_WAIT_POLL))
+            await asyncio.sleep(min(left, BATCH_WAIT_POLL if fixed >= 0 else AUTO_WAIT_POLL))
 
     async def process(self, lease: Lease) -> None:
         """Run one claimed job to COMPLETED or FAILED (unless its lease is lost)."""
@@ -217,7 +237,8 @@ class Worker:
         """Run claimed jobs of one shape in one engine call; returns the coroutine that screens and
         stores their outcomes (the caller runs it while the engine takes the next batch)."""
         loop = asyncio.get_running_loop()
-        runs = [JobRun(self.store, lease, loop) for lease in leases]
+        reports = CallReports(self.store, loop)
+        runs = [JobRun(self.store, lease, reports) for lease in leases]
         safety = self.safety
         if safety is not None:
             for run in runs:
@@ -237,7 +258,11 @@ class Worker:
         if generate_batch is not None:
             batch = [(run.params, run.on_step) for run in runs]
             deferred = {"defer_encoding": True} if getattr(engine, "defer_encoding", False) else {}
+            started = time.monotonic()
             outs = await loop.run_in_executor(self._pool, lambda: generate_batch(batch, **deferred))
+            first = runs[0].params
+            self.clock.observe(first.width, first.height, first.steps, sum(r.params.number_of_images for r in runs),
+                               time.monotonic() - started)
         else:
             run = runs[0]
 
