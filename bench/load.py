@@ -308,7 +308,8 @@ def main() -> None:  # noqa: C901 - one linear script
         lone_row = row(name, "lone", lone, after(lone))
         lone_row.extra["lone_median"] = statistics.median(a.done - a.sent for a in lone if a.ok)
         show(lone_row)
-        show(row(name, f"burst {args.burst}", burst(args.burst, send), after([])))
+        answers = burst(args.burst, send)
+        show(row(name, f"burst {args.burst}", answers, after(answers)))
         for f, offsets in schedules.items():
             if name != "ours-off":
                 answers = open_loop(offsets, send)
