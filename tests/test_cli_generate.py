@@ -102,6 +102,62 @@ def test_generate_without_a_server_exits_1(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_generate_without_a_key_says_which_variable_or_flag_before_any_request(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would say "cannot reach"
+
+    proc = generate(None, "a fox", "--no-progress", "--base-url", url, cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert proc.stderr == "error: no API key: set KOLORS_API_KEY or pass --api-key\n"
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+#: `kolors-api` as the base install (`pip install -e .`, httpx only) runs it: the server's and worker's
+#: packages cannot be imported (a finder refuses them, as a missing package would be refused).
+BASE_INSTALL = """
+import importlib.abc, sys
+SERVER_SIDE = {"pydantic", "pydantic_settings", "fastapi", "starlette", "uvicorn", "rich", "limits",
+               "prometheus_client", "standardwebhooks", "redis", "torch", "diffusers", "transformers", "PIL",
+               "numpy"}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in SERVER_SIDE:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+from kolors_api.cli import main
+sys.argv[0] = "kolors-api"
+sys.exit(main())
+"""
+
+
+def base_install(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KOLORS_API_")} | env
+    return subprocess.run([sys.executable, "-c", BASE_INSTALL, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_the_client_side_of_the_cli_runs_on_the_base_install(server: LiveServer, tmp_path: Path) -> None:
+    env = {"KOLORS_API_BASE_URL": server.url, "KOLORS_API_KEY": server.key}
+    help_ = base_install("generate", "--help", cwd=tmp_path, env=env)
+    assert help_.returncode == 0, help_.stderr
+    assert "--api-key" in help_.stdout and "server default 25" in help_.stdout
+    version = base_install("--version", cwd=tmp_path, env=env)
+    assert version.returncode == 0 and version.stdout.strip(), version.stderr
+
+    # A real generation, no progress bar (rich is the server's): the image is written.
+    proc = base_install("generate", "a fox on the base install", "-o", "fox.webp", "--seed", "3", *SMALL,
+                        cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "fox.webp  seed=3\n" and "Traceback" not in proc.stderr
+    assert is_webp((tmp_path / "fox.webp").read_bytes())
+
+    # The server's commands say which extra they need, in one line.
+    keys = base_install("keys", "list", "--data-dir", str(server.data_dir), cwd=tmp_path, env=env)
+    assert keys.returncode == 2 and "Traceback" not in keys.stderr
+    assert "needs the `server` extra" in keys.stderr
+
+
 def test_generate_refuses_an_output_suffix_that_contradicts_format(tmp_path: Path) -> None:
     proc = generate(None, "a fox", "-o", "x.png", "--format", "webp", cwd=tmp_path)
 

@@ -1,14 +1,18 @@
-"""What the docs promise about themselves: `/docs` works offline, every setting is documented, the
-licence is there."""
+"""What the docs promise about themselves: `/docs` works offline, every setting and every flag of every
+command is documented, the "Not yet" list names nothing built, the licence is there."""
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from kolors_api.api.app import create_app
+from kolors_api.cli import parser
+from kolors_api.schema import FIELDS, WEBHOOK_FIELDS
 from kolors_api.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +59,58 @@ def test_the_licence_is_the_apache_2_0_text_that_pyproject_names() -> None:
 def test_the_cancel_route_is_documented() -> None:
     for doc in ("README.md", "docs/api.md"):
         assert re.search(r"POST \S*/v2/requests/\S+/cancel", (ROOT / doc).read_text()), doc
+
+
+def cli_sections() -> dict[str, str]:
+    """docs/cli.md cut at its `## \\`kolors-api COMMAND\\`` headings: {command: its section}."""
+    parts = re.split(r"^## `kolors-api ([\w-]+)`", (ROOT / "docs" / "cli.md").read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def commands(ap: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                                                       argparse.ArgumentParser]]:
+    """Every (sub)command of the parser, with its path: ("keys", "create")..."""
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from commands(sub, (*path, name))
+
+
+def mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def test_every_command_and_every_flag_is_in_docs_cli_md_under_its_command() -> None:
+    sections = cli_sections()
+    found = list(commands(parser()))
+    assert {path[0] for path, _ in found} == set(sections)  # a section per command, no section of none
+    for path, sub in found:
+        section = sections[path[0]]
+        assert mentions(section, path[-1]), path
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert mentions(section, flag), f"docs/cli.md, `kolors-api {' '.join(path)}`: {flag} is missing"
+    # serve's table: one row a flag
+    rows = set(re.findall(r"^\| `(--[\w-]+)`", sections["serve"], re.M))
+    serve = dict(found)[("serve",)]
+    assert rows == {f for a in serve._actions for f in a.option_strings if f not in ("-h", "--help")}
+
+
+def test_the_not_yet_list_names_nothing_that_is_built() -> None:
+    text = (ROOT / "docs" / "README.md").read_text()
+    not_yet = text.split("## Not yet", 1)[1].split("\n## ", 1)[0].split("\n\n")
+    planned = "\n".join(p for p in not_yet if p.startswith("- "))  # the list itself, not the prose after it
+    assert planned
+    words = re.findall(r"`([^`]+)`", planned)
+    flags = {f for _, sub in commands(parser()) for a in sub._actions for f in a.option_strings}
+    names = {path[-1] for path, _ in commands(parser())}
+    app = create_app(Settings(worker=False, data_dir=ROOT / ".kolors-api-never-made"))
+    routes = {getattr(route, "path", "") for route in app.routes}
+    fields = {*FIELDS, *WEBHOOK_FIELDS}
+    for word in words:
+        bare = word.split(" ")[-1].split("?")[0]  # `GET /v2/x` -> /v2/x; `kolors-api random-model` -> random-model
+        assert bare not in flags | names | routes | fields, f"docs/README.md's Not yet names {word!r}, which is built"
+    # what the server does in headers: Idempotency-Key is built
+    assert "Idempotency-Key" not in planned

@@ -1,16 +1,22 @@
 """The playground at `/`, driven in real headless Chromium (Debian's `chromium`, through Playwright's
 `executable_path`) against a live `kolors-api serve --model tiny` on loopback.
 
-The tests write screenshots of the page's main states to `docs/screenshots/` (README shows two).
+The tests take screenshots of the page's main states: into a temporary folder, and into
+`docs/screenshots/` (README shows them) only when asked, with `KOLORS_API_SCREENSHOTS=1`, so that a
+plain test run leaves the tracked pictures alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, skip_or_fail
+from kolors_api.cli import parser
+from tests.conftest import LiveServer, skip_or_fail, start_server
+from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
+#: The committed screenshots, rewritten only with KOLORS_API_SCREENSHOTS=1.
+DOC_SHOTS = ROOT / "docs" / "screenshots"
 SMALL = {"width": "512", "height": "512", "steps": "4"}
 #: A job slow enough to watch and cancel (about a second a step with the tiny model on two cores).
 SLOW = {"width": "2048", "height": "2048", "steps": "50"}
@@ -31,6 +40,31 @@ window.__csp = [];
 document.addEventListener("securitypolicyviolation",
   (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
 """
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """conftest's module server, with webhooks to loopback allowed (the form's webhook test)."""
+    srv = start_server(tiny_model, tmp_path_factory.mktemp("server"),
+                       env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120", "KOLORS_API_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"})
+    yield srv
+    srv.stop()
+
+
+def pictures(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where screenshots go: docs/screenshots with KOLORS_API_SCREENSHOTS=1, else a temporary folder,
+    and then the committed ones are the same bytes after the module as before it."""
+    if os.environ.get("KOLORS_API_SCREENSHOTS") == "1":
+        yield DOC_SHOTS
+        return
+    before = pictures(DOC_SHOTS)
+    yield tmp_path_factory.mktemp("screenshots")
+    assert pictures(DOC_SHOTS) == before, "a test rewrote docs/screenshots without KOLORS_API_SCREENSHOTS=1"
 
 
 def chromium_path() -> str:
@@ -56,9 +90,10 @@ def browser() -> Iterator[Any]:
 class Page:
     """A browser tab on the playground, with what it logged."""
 
-    def __init__(self, page: Any, server: LiveServer) -> None:
+    def __init__(self, page: Any, server: LiveServer, shots: Path) -> None:
         self.page = page
         self.server = server
+        self.shots = shots
         self.console: list[str] = []
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
@@ -81,8 +116,10 @@ class Page:
             self.page.fill(f"#f-{name}", value)
 
     def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+        self.shots.mkdir(parents=True, exist_ok=True)
+        path = self.shots / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def csp_violations(self) -> list[str]:
         reported = self.page.evaluate("window.__csp")
@@ -91,11 +128,11 @@ class Page:
 
 
 @pytest.fixture
-def tab(browser: Any, server: LiveServer) -> Iterator[Page]:
+def tab(browser: Any, server: LiveServer, shots: Path) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     context.add_init_script(WATCH_CSP)
-    page = Page(context.new_page(), server)
+    page = Page(context.new_page(), server, shots)
     yield page
     assert page.csp_violations() == []
     assert not [m for m in page.console if m.startswith("pageerror")], page.console
@@ -139,8 +176,11 @@ async def test_with_a_public_url_the_signed_images_of_that_origin_are_allowed(tm
     assert playground_url(Settings(worker=False, host="::1", port=9000)) == "http://[::1]:9000/"
 
 
-def test_serve_prints_the_playground_url(server: LiveServer) -> None:
-    assert f"Playground: {server.url}/" in server.log()
+def test_serve_prints_the_playground_url_and_the_api_docs_url(server: LiveServer) -> None:
+    log = server.log().splitlines()
+    playground = next(i for i, line in enumerate(log) if line.startswith(f"Playground: {server.url}/ "))
+    assert log[playground + 1] == f"API docs: {server.url}/docs"
+    assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
 def test_a_bad_key_gets_a_clear_401_message(tab: Page) -> None:
@@ -163,7 +203,6 @@ def test_generate_shows_progress_and_the_image(tab: Page) -> None:
     assert tab.page.get_attribute("#f-width", "step") == "8"
     assert "DPMSolverMultistepScheduler" in tab.page.inner_text("#f-scheduler")
     tab.fill(prompt="a red fox in the snow", seed="42", **SMALL)
-    tab.shot("form")
     tab.page.evaluate("""() => {
       window.__steps = [];
       new MutationObserver(() => window.__steps.push(document.querySelector('#step-text').textContent))
@@ -312,13 +351,19 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
     assert tab.page.inner_text("#key-msg").startswith("Not allowed with this key (403): ")
     tab.use_key(tab.server.key)
     tab.page.click("#tab-keys")
+    assert row.locator("button.toggle").inner_text().lower() in set(dict(commands(parser()))["keys"])  # "Enable"
     row.locator("button.toggle").click()
     tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Enabled')")
     assert httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).status_code == 200
 
+    # The page's actions are the CLI's, by name: `kolors-api keys disable|enable|delete`.
+    cli_actions = set(dict(commands(parser()))["keys"])
+    labels = {t.lower() for t in row.locator("button").all_inner_texts()} - {"add"}
+    assert labels == {"disable", "delete"} and labels <= cli_actions, labels
+
     tab.page.once("dialog", lambda d: d.accept())
-    row.locator("button.revoke").click()
-    tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Revoked')")
+    row.locator("button.delete").click()
+    tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Deleted')")
     assert row.count() == 0
     assert httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).status_code == 401
 
@@ -330,10 +375,10 @@ def test_a_user_key_sees_no_keys_page(tab: Page) -> None:
     assert tab.page.is_hidden("#tab-keys")
 
 
-def test_phone_sized_screen_has_no_sideways_scroll(browser: Any, server: LiveServer) -> None:
+def test_phone_sized_screen_has_no_sideways_scroll(browser: Any, server: LiveServer, shots: Path) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     context.add_init_script(WATCH_CSP)
-    page = Page(context.new_page(), server)
+    page = Page(context.new_page(), server, shots)
     page.open(key=server.key)
     assert page.page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     # one column: the output sits below the form
@@ -385,3 +430,61 @@ def test_the_page_works_from_the_keyboard(tab: Page) -> None:
     tab.page.focus("#generate")
     tab.page.keyboard.press("Enter")
     tab.page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+
+
+def commands(ap: Any) -> Iterator[tuple[str, Any]]:
+    """(name, subparsers by name) of each command of the CLI that has subcommands."""
+    import argparse
+
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                inner = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+                yield name, (inner[0].choices if inner else {})
+
+
+def test_the_webhook_events_filter_is_checkboxes_and_the_job_gets_the_chosen_events(tab: Page) -> None:
+    receiver = Receiver()
+    try:
+        tab.open(key=tab.server.key)
+        # The array of choices of the schema is one checkbox per event, the default checked; no number box.
+        group = "#f-webhook_events_filter"
+        boxes = tab.page.locator(f"{group} input[type=checkbox]")
+        assert [boxes.nth(i).get_attribute("value") for i in range(boxes.count())] == \
+            ["start", "progress", "completed", "failed"]
+        assert [boxes.nth(i).is_checked() for i in range(boxes.count())] == [False, False, True, False]
+        assert tab.page.locator("input[type=number][name=webhook_events_filter]").count() == 0
+        assert "undefined" not in tab.page.inner_text("#fields")
+
+        # None checked: the page says what the server would, next to the group.
+        tab.page.uncheck(f"{group} input[value=completed]")
+        tab.fill(prompt="a fox with a webhook", seed="11", webhook=receiver.url, **SMALL)
+        tab.page.click("#generate")
+        assert tab.page.inner_text("#err-webhook_events_filter").startswith(
+            "webhook_events_filter: must be a non-empty list of start, progress, completed, failed")
+        assert tab.page.is_hidden("#job")
+
+        tab.page.check(f"{group} input[value=start]")
+        assert tab.page.inner_text("#err-webhook_events_filter") == ""  # a ticked box answers the message
+        tab.page.check(f"{group} input[value=failed]")
+        assert "webhook_events_filter" in tab.page.inner_text("#code")  # the copied code carries it too
+        tab.shot("form")
+        with tab.page.expect_request(lambda r: r.url.endswith("/v2/kolors") and r.method == "POST") as sent:
+            tab.page.click("#generate")
+        body = json.loads(sent.value.post_data)
+        assert body["webhook"] == receiver.url and body["webhook_events_filter"] == ["start", "failed"]
+        tab.page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+        request_id = tab.page.get_attribute("#job", "data-request")
+
+        # The job holds the chosen events: a delivery for `start` (made), none for `completed`.
+        with sqlite3.connect(tab.server.data_dir / "kolors-api.sqlite3") as db:
+            (hook,) = db.execute("SELECT webhook FROM jobs WHERE id=?", (request_id,)).fetchone()
+            events = [e for (e,) in db.execute("SELECT event FROM webhook_deliveries WHERE job_id=?", (request_id,))]
+        assert json.loads(hook) == {"url": receiver.url, "events": ["start", "failed"]}
+        assert events == ["start"]
+        deadline = time.monotonic() + 60
+        while not receiver.posts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [{k.lower(): v for k, v in p.headers.items()}["x-kolors-event"] for p in receiver.posts] == ["start"]
+    finally:
+        receiver.close()

@@ -161,3 +161,27 @@ def test_a_repo_the_hub_refuses_is_refused_with_what_the_hub_said(tmp_path: Path
     assert words in line and endpoint in line
     if status == 500:
         assert "answered HTTP 500" in line
+
+
+def test_a_second_serve_on_a_busy_port_stops_in_one_line_before_it_touches_store_or_model(tmp_path: Path) -> None:
+    first = start_server("/nonexistent/kolors", tmp_path / "first", env={"KOLORS_API_WORKER": "false"}, ready=False)
+    port = first.url.rsplit(":", 1)[1]
+    try:
+        # A model that cannot be loaded, and a data dir of its own: had the port not come first, the
+        # model's refusal would be the line, and the data dir would exist.
+        second = subprocess.run([sys.executable, "-m", "kolors_api.cli", "serve", "--port", port,
+                                 "--data-dir", str(tmp_path / "second"), "--model", "/nonexistent/kolors"],
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY},
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert second.stdout == ""
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"kolors-api: port {port} on 127.0.0.1 is in use: ")
+        assert "pass --port" in lines[0]
+        assert not (tmp_path / "second").exists(), "the store was opened"
+        # The first server is untouched and still answers.
+        assert httpx.get(first.url + "/healthz").status_code == 200
+    finally:
+        first.stop()
+    assert "startup complete" not in second.stderr and "Playground" not in second.stderr

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 
 #: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
 EXTRAS = {"redis": "redis", "fastapi": "server", "uvicorn": "server", "starlette": "server",
-          "pydantic_settings": "server", "prometheus_client": "server", "limits": "server", "rich": "server",
+          "pydantic": "server", "pydantic_settings": "server", "prometheus_client": "server", "limits": "server",
+          "rich": "server",
           "diffusers": "worker", "transformers": "worker", "sentencepiece": "worker", "accelerate": "worker",
           "PIL": "worker", "numpy": "worker"}
 
@@ -77,6 +80,20 @@ def _refused(exc: Exception) -> int:
     return 2
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (as uvicorn binds it: SO_REUSEADDR, IPv6 for an address with
+    a colon) and handed to uvicorn later, so that nobody can take it in between. `OSError` when taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,11 +102,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
     settings = _settings(args, **({"worker": False} if args.no_worker else {}))
+    # The port first: a second `serve` on a busy port stops here, before it opens the store, attaches
+    # a worker to it or loads a model.
+    try:
+        sock = bind_port(settings.host, settings.port)
+    except OSError as exc:
+        busy = exc.errno == errno.EADDRINUSE
+        what = "is in use" if busy else "cannot be bound"
+        hint = "; stop what listens there or pass --port (env KOLORS_API_PORT)" if busy else ""
+        print(f"kolors-api: port {settings.port} on {settings.host} {what}: {exc}{hint}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(settings)
-    except EngineFactoryError as exc:
-        return _refused(exc)
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, EngineFactoryError):
+            return _refused(exc)
+        raise
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level=settings.log_level, timeout_graceful_shutdown=120))
     svc = app.state.service
@@ -100,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # collections a busy submit path triggers scan only the requests' own short-lived objects.
     gc.collect()
     gc.freeze()
-    server.run()
+    server.run(sockets=[sock])
     if svc.worker_error is not None:
         print(f"kolors-api: the in-process worker died: {svc.worker_error}", file=sys.stderr)
         return 1

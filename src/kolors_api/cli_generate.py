@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import webbrowser
 from collections.abc import Callable, Iterator
@@ -82,6 +83,10 @@ def generate(args: argparse.Namespace) -> int:
             print(f"error: -o {output} does not match --format {params['output_format']}", file=sys.stderr)
             return 2
 
+    if not (args.api_key or os.environ.get("KOLORS_API_KEY")):
+        # Said before any request: the server's 401 names the HTTP header, not what to do here.
+        print("error: no API key: set KOLORS_API_KEY or pass --api-key", file=sys.stderr)
+        return 2
     client = Client(api_key=args.api_key, base_url=args.base_url)
     job = None
     try:

@@ -193,7 +193,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         if created:
             print(f"Created an admin API key (shown only now): {created}", flush=True)  # noqa: T201
         print(f"Playground: {playground_url(settings)}"
-              + (" (paste the key above there)" if created else " (paste an API key there)"), flush=True)  # noqa: T201
+              + (" (paste the key above there)" if created else " (paste an API key there)")
+              + f"\nAPI docs: {playground_url(settings)}docs", flush=True)  # noqa: T201
         svc.expiry_task = asyncio.create_task(_expire_loop(svc))
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kolors_api.jobs.base import (
     KEY_FIELDS,
     TRANSITIONS,
@@ -29,7 +31,9 @@ from kolors_api.jobs.base import (
     make_key_record,
     new_key,
 )
-from kolors_api.settings import Settings
+
+if TYPE_CHECKING:  # the client side (kolors-api generate) imports jobs.base on httpx alone: no pydantic
+    from kolors_api.settings import Settings
 
 __all__ = [
     "KEY_FIELDS", "TRANSITIONS", "AlreadyExists", "ApiKey", "BalanceOutOfRange", "IdempotencyMismatch",

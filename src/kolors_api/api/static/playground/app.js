@@ -71,13 +71,7 @@ function rerun(input) {
 
 // -- copy as code
 function currentParams() {
-  const params = {};
-  for (const [name, prop] of Object.entries(form.props)) {
-    const raw = form.inputs[name].value;
-    if (raw.trim() === "") continue;
-    const value = prop.type === "integer" || prop.type === "number" ? Number(raw) : raw;
-    if (name === "prompt" || value !== prop.default) params[name] = name === "prompt" ? raw.trim() : value;
-  }
+  const params = form.current();
   if (!params.prompt) params.prompt = "a red fox in the snow";
   return params;
 }
@@ -168,7 +162,7 @@ function showSubmitError(err) {
   if (err instanceof ApiError && err.status === 400) {
     const field = err.message.split(":")[0].trim();
     if (form.showError(field, err.message)) {
-      form.inputs[field].focus();
+      form.focus(field);
       return;
     }
   }

@@ -1,5 +1,6 @@
 // The console: the caller's history (thumbnails through the signed output URLs, re-run), account,
-// and for an admin key the keys page (create, list, enable/disable, add credits, revoke).
+// and for an admin key the keys page (create, list, disable/enable, add credits, delete: the
+// actions of `kolors-api keys`, under the same names).
 import { api, explain } from "./api.js";
 import { $, copyText, el } from "./dom.js";
 
@@ -151,10 +152,10 @@ function keyRow(k) {
     }
     act(() => api(path, { method: "PATCH", body: { add_credits: value } }), `Added ${value} credits to ${k.name}.`);
   });
-  const revoke = el("button", { type: "button", class: "revoke danger" }, "Revoke");
-  revoke.addEventListener("click", () => {
-    if (confirm(`Revoke the key ${k.name} (${k.prefix}…)? This cannot be undone.`)) {
-      act(() => api(path, { method: "DELETE" }), `Revoked ${k.name}.`);
+  const remove = el("button", { type: "button", class: "delete danger" }, "Delete");
+  remove.addEventListener("click", () => {
+    if (confirm(`Delete the key ${k.name} (${k.prefix}…) for good? This cannot be undone; Disable can be.`)) {
+      act(() => api(path, { method: "DELETE" }), `Deleted ${k.name}.`);
     }
   });
   return el("tr", { "data-key": k.id, "data-name": k.name },
@@ -162,5 +163,5 @@ function keyRow(k) {
     el("td", { class: "enabled" }, k.enabled ? "yes" : "no"),
     el("td", { class: "credits" }, k.credits === null ? "unlimited" : k.credits),
     el("td", {}, k.rate_limit || "–"), el("td", {}, k.max_concurrency ?? "–"),
-    el("td", { class: "row-actions" }, toggle, amount, add, revoke));
+    el("td", { class: "row-actions" }, toggle, amount, add, remove));
 }

@@ -1,6 +1,8 @@
 // The generation form, built from the JSON Schema that GET /v1/models serves, so it never drifts
 // from the API: one field per property, with its range, default and choices, and checks that
 // mirror the server's (the server stays the judge: its 400 is shown next to the field it names).
+// A string enum is a select, an array of enum strings a group of checkboxes (one per choice), any
+// other string a text box, a number or an integer a number input.
 import { el } from "./dom.js";
 
 const LABELS = { cfg: "CFG (guidance)", number_of_images: "Images", output_format: "Format",
@@ -8,6 +10,19 @@ const LABELS = { cfg: "CFG (guidance)", number_of_images: "Images", output_forma
 
 function label(name) {
   return LABELS[name] || name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, " ");
+}
+
+/** An array whose items are choices: shown as checkboxes. */
+const isChoices = (prop) => prop.type === "array" && Array.isArray(prop.items?.enum);
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+function range(prop) {
+  const lo = prop.minimum;
+  const hi = prop.maximum;
+  if (lo === undefined && hi === undefined) return "";
+  if (hi === undefined) return `at least ${lo}`;
+  if (lo === undefined) return `at most ${hi}`;
+  return `${lo}–${hi}`;
 }
 
 export class ParamsForm {
@@ -24,6 +39,7 @@ export class ParamsForm {
   }
 
   field(name, prop) {
+    if (isChoices(prop)) return this.choices(name, prop);
     const id = `f-${name}`;
     let input;
     const help = [];
@@ -39,8 +55,8 @@ export class ParamsForm {
       if (prop.minimum !== undefined) input.min = prop.minimum;
       if (prop.maximum !== undefined) input.max = prop.maximum;
       input.step = prop.multipleOf || (prop.type === "integer" ? 1 : "any");
-      const range = `${prop.minimum}–${prop.maximum}`;
-      help.push(prop.multipleOf ? `${range}, multiple of ${prop.multipleOf}` : range);
+      const span = range(prop);
+      if (span || prop.multipleOf) help.push([span, prop.multipleOf && `multiple of ${prop.multipleOf}`].filter(Boolean).join(", "));
     }
     if (prop.description) help.push(prop.description);
     const error = el("span", { class: "field-error", id: `err-${name}`, role: "alert" });
@@ -53,11 +69,56 @@ export class ParamsForm {
       el("label", { for: id }, label(name)), input, hint, error);
   }
 
+  /** A group of checkboxes, one per choice (`webhook_events_filter`: start, progress…). */
+  choices(name, prop) {
+    const legend = el("legend", {}, label(name));
+    const help = [prop.description, prop.minItems ? "choose at least one" : ""].filter(Boolean).join(" · ");
+    const hint = el("small", { class: "muted", id: `hint-${name}` }, help);
+    const error = el("span", { class: "field-error", id: `err-${name}`, role: "alert" });
+    const group = el("fieldset", { id: `f-${name}`, class: "choices", "data-field": name,
+      "aria-describedby": `hint-${name} err-${name}` }, legend);
+    for (const choice of prop.items.enum) {
+      group.append(el("label", { class: "check" },
+        el("input", { type: "checkbox", name, value: choice, id: `f-${name}-${choice}` }), choice));
+    }
+    group.append(hint, error);
+    // a box ticked after "must be a non-empty list" answers it: the message goes
+    group.addEventListener("change", () => {
+      error.textContent = "";
+      group.removeAttribute("aria-invalid");
+    });
+    this.inputs[name] = group;
+    this.errors[name] = error;
+    return el("div", { class: "field wide" }, group);
+  }
+
+  /** What field `name` holds now: a string, or for checkboxes the checked choices. */
+  read(name) {
+    const input = this.inputs[name];
+    if (!isChoices(this.props[name])) return input.value;
+    return [...input.querySelectorAll("input[type=checkbox]")].filter((box) => box.checked).map((box) => box.value);
+  }
+
+  write(name, value) {
+    const input = this.inputs[name];
+    if (isChoices(this.props[name])) {
+      const wanted = Array.isArray(value) ? value : [];
+      for (const box of input.querySelectorAll("input[type=checkbox]")) box.checked = wanted.includes(box.value);
+    } else {
+      input.value = value === null || value === undefined ? "" : String(value);
+    }
+  }
+
+  /** Move the focus to field `name` (a group: its first checkbox). */
+  focus(name) {
+    const input = this.inputs[name];
+    (input.matches("fieldset") ? input.querySelector("input") : input).focus();
+  }
+
   reset() {
     for (const [name, prop] of Object.entries(this.props)) {
-      const input = this.inputs[name];
       if (name === "prompt") continue;
-      input.value = prop.default === undefined ? "" : String(prop.default);
+      this.write(name, prop.default);
     }
     this.clearErrors();
   }
@@ -81,7 +142,7 @@ export class ParamsForm {
   /** Put the parameters of an earlier request back (re-run). */
   fill(values) {
     for (const [name, value] of Object.entries(values || {})) {
-      if (this.inputs[name] && value !== null && value !== undefined) this.inputs[name].value = String(value);
+      if (this.inputs[name] && value !== null && value !== undefined) this.write(name, value);
     }
     this.clearErrors();
   }
@@ -89,14 +150,29 @@ export class ParamsForm {
   /** The request body, or null after showing the client-side errors. Defaults are left out. */
   values() {
     this.clearErrors();
-    const body = {};
     let ok = true;
     for (const [name, prop] of Object.entries(this.props)) {
-      const raw = this.inputs[name].value;
-      const problem = check(name, prop, raw, this.schema.required || []);
+      const problem = check(name, prop, this.read(name), this.schema.required || []);
       if (problem) {
         this.showError(name, `${name}: ${problem}`);
         ok = false;
+      }
+    }
+    if (!ok) {
+      const first = Object.keys(this.props).find((n) => this.inputs[n].getAttribute("aria-invalid"));
+      if (first) this.focus(first);
+      return null;
+    }
+    return this.current();
+  }
+
+  /** The parameters on the form as they are (unchecked), defaults and empty fields left out. */
+  current() {
+    const body = {};
+    for (const [name, prop] of Object.entries(this.props)) {
+      const raw = this.read(name);
+      if (isChoices(prop)) {
+        if (!same(raw, prop.default)) body[name] = raw;
         continue;
       }
       if (raw.trim() === "" && name !== "prompt") continue;
@@ -105,17 +181,17 @@ export class ParamsForm {
       if (name === "prompt") value = raw.trim();
       if (value !== prop.default) body[name] = value;
     }
-    if (!ok) {
-      const first = Object.keys(this.props).find((n) => this.inputs[n].getAttribute("aria-invalid"));
-      if (first) this.inputs[first].focus();
-      return null;
-    }
     return body;
   }
 }
 
 /** What is wrong with `raw` for `prop`, in the server's words, or "". */
 export function check(name, prop, raw, required) {
+  if (isChoices(prop)) {
+    const choices = prop.items.enum.join(", ");
+    if (raw.length < (prop.minItems || 0)) return `must be a non-empty list of ${choices}, got []`;
+    return raw.every((v) => prop.items.enum.includes(v)) ? "" : `must be a list of ${choices}`;
+  }
   const text = raw.trim();
   if (prop.enum) return prop.enum.includes(raw) ? "" : `must be one of ${prop.enum.join(", ")}`;
   if (prop.type === "string") {
