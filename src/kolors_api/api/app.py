@@ -31,7 +31,7 @@ from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
-from kolors_api.api.limits import RateLimits
+from kolors_api.api.limits import InFlight, RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.playground import add_playground, playground_url
@@ -185,7 +185,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts))
-    svc.admission.append(RateLimits(settings))
+    limits = RateLimits(settings)
+    svc.admission.append(limits)
+    svc.inflight = InFlight(limits.storage)
     hosts = allowed_hosts(settings)
     _redact_access_log()
     if settings.worker:

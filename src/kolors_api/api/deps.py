@@ -25,6 +25,7 @@ from fastapi import Depends
 from starlette.requests import ClientDisconnect, Request
 
 from kolors_api.api.auth import authenticate
+from kolors_api.api.limits import InFlight
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
 from kolors_api.api.ssrf import Blocked, Policy, Resolver, check_webhook_url, system_resolve
@@ -97,6 +98,8 @@ class Service:
     webhook_policy: Policy = field(default_factory=Policy)
     resolve: Resolver = system_resolve
     webhook_task: asyncio.Task[None] | None = None
+    #: One submit at a time per Idempotency-Key (set by `create_app`; None: no such guard).
+    inflight: InFlight | None = None
 
     def outage_seen(self, exc: BaseException) -> None:
         """Note an outage error (the first one logs) and watch, by pinging, for the store's return."""
@@ -122,6 +125,16 @@ class Service:
                              f"got {len(idempotency_key)}")
         # same route, model and body as the key's first request, or a 422 (a random seed is drawn later)
         digest = hashlib.sha256(json.dumps([request.url.path, model, body], sort_keys=True).encode()).hexdigest()
+        if idempotency_key is None or self.inflight is None:
+            return await self._submit(request, key, model, body, idempotency_key, digest, sync)
+        # a repeat sent while its original is still being admitted waits for the original's answer
+        # (it would otherwise be admitted as new: counted by the rate limit, maybe refused with 429)
+        idem = idempotency_key
+        async with self.inflight.claim(key.id, idem, lambda: self._seen(key.id, idem, digest)):
+            return await self._submit(request, key, model, body, idempotency_key, digest, sync)
+
+    async def _submit(self, request: Request, key: ApiKey, model: str, body: Any, idempotency_key: str | None,
+                      digest: str, sync: bool) -> Job:
         # a repeat skips the checks a new request passes (credits, rate limits, a live worker): it is
         # no new request, and its answer must not change (the store decides, atomically, below)
         repeat = idempotency_key is not None and await self._seen(key.id, idempotency_key, digest)
