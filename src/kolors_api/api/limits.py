@@ -33,8 +33,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from limits import RateLimitItem, parse
-from limits.aio.strategies import MovingWindowRateLimiter
 from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from starlette.requests import Request
 
