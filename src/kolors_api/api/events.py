@@ -21,7 +21,7 @@ cancelled and the wait with it. A stream lives only as long as the key that open
 `KEY_CHECK_SECONDS` (and before a terminal event, which carries signed output URLs) it re-reads the
 key, and a key disabled, deleted, no longer admin (for another's job), or whose webhook secret was
 rotated, ends its streams, on every replica (the store is shared), without a further event; a
-reconnect is then 401 or 403. A store outage mid-stream ends the stream (the client reconnects;
+reconnect is then 401, 403 or 404. A store outage mid-stream ends the stream (the client reconnects;
 at connect the outage is a 503 with Retry-After, as on every route).
 """
 
@@ -103,7 +103,7 @@ class Grant:
         self.checked = time.monotonic()
         latest = await store.get_key(self.key.id)
         if latest is None or not latest.enabled or latest.key_hash != self.key.key_hash:
-            return False  # deleted, disabled, or its secret changed
+            return False  # deleted, disabled, or another key under its id
         if job.key_id != latest.id and not latest.admin:
             return False  # an admin's stream of another's job, and the key is no longer admin
         return await store.current_webhook_secret(latest.id) == self.secret
