@@ -28,7 +28,7 @@ async def test_docs_serves_swagger_ui_from_the_package_with_no_url_outside_the_s
         assert re.findall(r"https?://[^\s\"'<>]+", page.text) == []
         assets = re.findall(r"(?:src|href)=['\"]([^'\"]+)['\"]", page.text)
         assert {a.split("?")[0] for a in assets} == {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css",
-                                                     "/docs/assets/favicon-32x32.png"}
+                                                     "/docs/assets/favicon-32x32.png", "/docs/assets/init.js"}
         for asset in assets:
             r = await http.get(asset)
             assert r.status_code == 200 and len(r.content) > 500, asset
@@ -36,6 +36,21 @@ async def test_docs_serves_swagger_ui_from_the_package_with_no_url_outside_the_s
         assert "javascript" in js.headers["content-type"] and b"SwaggerUIBundle" in js.content
         assert (await http.get("/openapi.json")).json()["info"]["title"] == "kolors-api"
         assert (await http.get("/redoc")).status_code == 404  # ReDoc would need a CDN
+
+
+async def test_docs_runs_no_inline_script_under_a_csp_as_strict_as_the_playgrounds(tmp_path: Path) -> None:
+    app = create_app(Settings(worker=False, data_dir=tmp_path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
+        page = await http.get("/docs")
+        csp = page.headers["content-security-policy"]
+        for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'", "connect-src 'self'",
+                          "frame-ancestors 'none'", "base-uri 'none'"):
+            assert directive in csp, csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        # every <script> loads a file; no inline handler or style either
+        assert re.findall(r"<script(?![^>]*\bsrc=)", page.text) == []
+        assert not re.findall(r"\son[a-z]+=|<style|\sstyle=", page.text)
+        assert "/openapi.json" in page.text
 
 
 def test_every_setting_is_documented_in_docs_settings_md_and_readme() -> None:

@@ -96,6 +96,7 @@ def test_a_sync_request_past_the_deadline_is_504_with_its_request_id(tiny_model:
         assert r.status_code == 504
         body = r.json()
         assert body["request_id"] and "did not finish" in body["error"]
+        assert r.headers["X-Request-Id"] == body["request_id"]  # every answer about an accepted job names it
         assert poll(server, body["request_id"], {"COMPLETED", "FAILED"})["status"] == "COMPLETED"
     finally:
         server.stop()

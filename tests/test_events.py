@@ -344,3 +344,49 @@ def test_cli_generate_polls_when_the_server_has_no_event_stream(srv: LiveServer,
     assert proc.returncode == 0, proc.stderr
     assert proxy.streams == 1
     assert (tmp_path / "light.webp").read_bytes()[8:12] == b"WEBP"
+
+
+# -- a stream lives only as long as its key: revoked on any replica, it ends before the next result
+REVOCATIONS = ["disable", "delete", "rotate-webhook-secret", "demote"]
+#: What a reconnect answers after each revocation (a rotated webhook secret leaves the key valid).
+RECONNECT = {"disable": 403, "delete": 401, "rotate-webhook-secret": 200, "demote": 404}
+
+
+def revoke(srv: LiveServer, key_id: str, how: str) -> None:
+    url, h = f"{srv.url}/v1/admin/keys/{key_id}", srv.headers()
+    r = {"disable": lambda: httpx.patch(url, json={"enabled": False}, headers=h),
+         "delete": lambda: httpx.delete(url, headers=h),
+         "rotate-webhook-secret": lambda: httpx.post(url + "/webhook-secret", headers=h),
+         "demote": lambda: httpx.patch(url, json={"admin": False}, headers=h)}[how]()
+    assert r.status_code == 200, r.text
+
+
+def check_a_revoked_keys_stream_ends(watched: LiveServer, admin: LiveServer, how: str) -> None:
+    """A key watches a long job on `watched`; `admin` (maybe another replica) revokes it at the first
+    progress event: the stream ends while the job still runs, with no result (no output URLs)."""
+    owner = admin.create_key()
+    # "demote": an admin key watching another key's job loses its admin flag
+    watcher = admin.create_key(admin=True) if how == "demote" else owner
+    rid = submit(admin, owner["key"], steps=50)
+    frames: list[Frame] = []
+    stream = threading.Thread(target=watch, args=(watched, rid),
+                              kwargs={"key": watcher["key"], "until": lambda f: frames.append(f) and False})
+    stream.start()
+    deadline = time.monotonic() + 120
+    while not any(f.event == "progress" for f in frames):
+        assert stream.is_alive() and time.monotonic() < deadline, frames
+        time.sleep(0.02)
+    revoke(admin, watcher["id"], how)
+    stream.join(timeout=60)
+    assert not stream.is_alive(), "the stream of a revoked key goes on"
+    status = httpx.get(f"{admin.url}/v2/requests/{rid}/status", headers=admin.headers(), timeout=30).json()
+    assert status["status"] == "PROCESSING", status  # it ended for the key, not because the job did
+    assert [f.event for f in frames if f.event in ("completed", "failed")] == []
+    again = httpx.get(f"{watched.url}/v2/requests/{rid}/events", headers=watched.headers(watcher["key"]), timeout=30)
+    assert again.status_code == RECONNECT[how], again.text[:300]
+    httpx.post(f"{admin.url}/v2/requests/{rid}/cancel", headers=admin.headers(), timeout=30)
+
+
+@pytest.mark.parametrize("how", REVOCATIONS)
+def test_a_disabled_deleted_demoted_or_rotated_key_loses_its_streams(srv: LiveServer, how: str) -> None:
+    check_a_revoked_keys_stream_ends(srv, srv, how)

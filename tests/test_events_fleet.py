@@ -20,7 +20,7 @@ from kolors_api.api.app import create_app
 from kolors_api.settings import Settings
 from tests.conftest import ADMIN_KEY, LiveServer, flushed_redis, free_port, redis_db_url, start_process, start_server
 from tests.engines import ENGINE_ENV
-from tests.test_events import Frame, result, steps, watch
+from tests.test_events import REVOCATIONS, Frame, check_a_revoked_keys_stream_ends, result, steps, watch
 from tests.test_outage import PrivateRedis
 
 #: A db of its own (the env names another where several checkouts share one Redis).
@@ -72,6 +72,12 @@ def test_watchers_on_any_replica_follow_a_job_of_the_worker_and_resume_on_anothe
     on_a, on_b = result(a, rid), after[-1].data
     assert on_b["seeds"] == on_a["seeds"] and on_b["metrics"] == on_a["metrics"]
     assert [httpx.URL(u).path for u in on_b["output"]] == [httpx.URL(u).path for u in on_a["output"]]
+
+
+@pytest.mark.parametrize("how", REVOCATIONS)
+def test_a_key_revoked_on_one_replica_loses_its_streams_on_the_other(fleet: list[LiveServer], how: str) -> None:
+    a, b = fleet
+    check_a_revoked_keys_stream_ends(b, a, how)
 
 
 class InProcess:

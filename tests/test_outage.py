@@ -13,6 +13,7 @@ import logging
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from kolors_api.jobs.outage import is_outage
 from kolors_api.jobs.sqlite import SQLiteStore
 from kolors_api.settings import Settings
 from tests.conftest import ADMIN_KEY, LiveServer, free_port, skip_or_fail, start_server, wait_up
+from tests.engines import ENGINE_ENV
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 512, "height": 512}
 UNAVAILABLE = {"error": "store unavailable: try again shortly"}
@@ -219,3 +221,49 @@ def test_a_locked_sqlite_database_is_503_logged_once_then_writes_go_on(tmp_path:
         assert not any(rec.exc_info for rec in caplog.records), "no traceback for an outage"
         assert client.post("/v2/kolors", json=SMALL, headers=h).status_code == 200
         assert client.get("/v1/account", headers={"x-api-key": key["key"]}).json()["credits"] == 5
+
+
+# -- a sync request that is waiting when the store goes away: its job was accepted and goes on
+def test_a_sync_request_waiting_when_redis_goes_away_names_its_accepted_job(
+        private_redis: PrivateRedis, tiny_model: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model, tmp_path / "api",
+                          extra=["--store", private_redis.url, "--engine", "tests.engines:slow"],
+                          env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "1", "KOLORS_API_HEARTBEAT_SECONDS": "1"})
+    try:
+        key = server.create_key(credits=10)
+        h = {"x-api-key": key["key"]}
+        answers: list[httpx.Response] = []
+        sync = threading.Thread(target=lambda: answers.append(
+            httpx.post(server.url + "/v1/kolors", json={**SMALL, "steps": 4}, headers=h, timeout=120)))
+        sync.start()
+        history: list[Any] = []
+
+        def running() -> bool:
+            history[:] = httpx.get(server.url + "/v1/requests", headers=h).json()["data"]
+            return any(j["status"] == "PROCESSING" for j in history)
+
+        wait_for(running)  # the sync request is waiting for its job
+        private_redis.stop()
+        sync.join(60)
+        (r,) = answers
+        assert r.status_code == 503, r.text
+        body = r.json()
+        request_id = body["request_id"]
+        assert request_id == history[0]["request_id"] and r.headers["X-Request-Id"] == request_id
+        assert body["error"] == (f"store unreachable while waiting; request {request_id} was accepted and goes on: "
+                                 f"fetch it with GET /v2/requests/{request_id}")
+        assert body["response_url"] == f"{server.url}/v2/requests/{request_id}"
+        assert int(r.headers["Retry-After"]) > 0
+
+        private_redis.start()
+        wait_up(server, timeout=60)
+        wait_for(lambda: completed(httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers=h)))
+        result = httpx.get(f"{server.url}/v2/requests/{request_id}", headers=h)
+        assert result.status_code == 200 and result.headers["X-Request-Id"] == request_id
+        assert httpx.get(result.json()["output"][0]).status_code == 200
+        # fetched, not paid twice: one request in the history, charged once
+        account = httpx.get(server.url + "/v1/account", headers=h).json()
+        assert account["usage"]["requests"] == 1 and account["credits"] == pytest.approx(10 - 4 / 25 / 4)
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()

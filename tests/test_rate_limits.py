@@ -151,3 +151,37 @@ async def test_the_limit_holds_across_two_api_processes_on_redis(redis_db: Any, 
     finally:
         for s in servers:
             s.stop()
+
+
+# -- an Idempotency-Key repeated at once is the same request: never a 429 while the original stands
+async def identical_bursts(urls: list[str], key: LiveServer, *, bursts: int = 6, size: int = 12) -> None:
+    """`bursts` bursts of `size` identical submits (one Idempotency-Key each) on a key limited to
+    1/min, sent at once over `urls` in turn: every answer is the original's, exactly one job each."""
+    limits = httpx.Limits(max_connections=size * len(urls), max_keepalive_connections=0)
+    for burst in range(bursts):
+        user = key.create_key(rate_limit="1/min")
+        h = {"x-api-key": user["key"], "idempotency-key": f"burst-{burst}"}
+        async with httpx.AsyncClient(timeout=60, limits=limits, headers=h) as client:
+            responses = await asyncio.gather(*(client.post(f"{urls[i % len(urls)]}/v2/kolors", json=SMALL)
+                                               for i in range(size)))
+            history = (await client.get(f"{urls[0]}/v1/requests", params={"limit": "100"})).json()["data"]
+        assert [r.status_code for r in responses] == [200] * size, [(r.status_code, r.text) for r in responses]
+        assert len({r.json()["request_id"] for r in responses}) == 1
+        assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == size - 1
+        assert [j["request_id"] for j in history] == [responses[0].json()["request_id"]]
+
+
+async def test_identical_idempotent_submits_at_once_are_one_job_and_no_429_on_sqlite(srv: LiveServer) -> None:
+    await identical_bursts([srv.url], srv)
+
+
+async def test_identical_idempotent_submits_at_once_over_two_replicas_on_redis(redis_db: Any,
+                                                                                 tmp_path: Path) -> None:
+    servers = [start_server("tiny", tmp_path / f"api{i}", extra=["--store", REDIS_DB_URL, "--no-worker"],
+                            ready=False) for i in range(2)]
+    try:
+        await identical_bursts([s.url for s in servers], servers[0])
+        assert not list(redis_db.scan_iter(match="kolors:ratelimit:*inflight*")), "every in-flight mark is cleared"
+    finally:
+        for s in servers:
+            s.stop()

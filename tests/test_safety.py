@@ -264,6 +264,7 @@ def test_blocked_prompt_fails_refunds_and_stores_no_image(guarded: LiveServer) -
         # Sync answers the same block as 422.
         r = http.post("/v1/kolors", json={"prompt": "forbidden-fruit", **SMALL}, headers={"x-api-key": key})
         assert r.status_code == 422 and r.json()["error"].startswith("content blocked: ")
+        assert r.headers["X-Request-Id"] == r.json()["request_id"]
         assert http.get("/v1/account", headers={"x-api-key": key}).json()["credits"] == 5
 
 

@@ -552,3 +552,6 @@ async def test_a_keys_webhook_secret_is_made_once_and_rotates(store: JobStore) -
     assert await store.webhook_secret("k2") != secret
     rotated = await store.rotate_webhook_secret("k1")
     assert rotated != secret and await store.webhook_secret("k1") == rotated
+    # the read-only look (event streams re-check it) makes nothing
+    assert await store.current_webhook_secret("k1") == rotated
+    assert await store.current_webhook_secret("k3") is None and await store.current_webhook_secret("k3") is None

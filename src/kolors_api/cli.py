@@ -23,12 +23,15 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kolors_api import __version__
 from kolors_api.cli_engine import add_engine_options, add_random_model_command, setting_help
 from kolors_api.cli_generate import add_arguments as add_generate_arguments
 from kolors_api.cli_generate import generate
+
+if TYPE_CHECKING:
+    from kolors_api.settings import Settings
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
@@ -94,6 +97,15 @@ def bind_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def forwarding(settings: Settings) -> dict[str, Any]:
+    """uvicorn's proxy options: `X-Forwarded-*` believed only from `KOLORS_API_FORWARDED_ALLOW_IPS`
+    (uvicorn alone trusts any loopback client, and its own FORWARDED_ALLOW_IPS variable)."""
+    allowed = ",".join(ip.strip() for ip in settings.forwarded_allow_ips.split(",") if ip.strip())
+    if not allowed:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": allowed}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -121,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _refused(exc)
         raise
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=120))
+                                           log_level=settings.log_level, timeout_graceful_shutdown=120,
+                                           **forwarding(settings)))
     svc = app.state.service
     # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.
     svc.on_worker_death = lambda cause: setattr(server, "should_exit", True)

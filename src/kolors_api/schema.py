@@ -129,9 +129,16 @@ def decimal(text: str | None, max_digits: int = 18, *, lo: int = 0, hi: int | No
 
 
 def short(value: Any, limit: int = 100) -> str:
-    """`repr(value)`, cut to `limit` characters: an error message never echoes a whole body."""
+    """`repr(value)`, cut to `limit` characters: an error message never echoes a whole body (every
+    value an error quotes goes through here, a 4300-digit number too)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def is_finite(value: int | float) -> bool:
+    """`math.isfinite` without its OverflowError: an int beyond float range (JSON reads up to 4300
+    digits) is finite, and the range check that follows refuses it naming the field."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def clip(text: str, limit: int = 100) -> str:
@@ -214,17 +221,18 @@ def check(p: Param, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int if p.kind == "integer" else int | float):
         raise BadRequest(f"{name}: must be {'an integer' if p.kind == 'integer' else 'a number'}, "
                          f"got {kind_of(value)}")
-    if p.kind == "number" and not math.isfinite(value):
-        raise BadRequest(f"{name}: must be a finite number, got {value}")
+    if p.kind == "number" and not is_finite(value):
+        raise BadRequest(f"{name}: must be a finite number, got {short(value)}")
     assert p.lo is not None and p.hi is not None
     if not p.lo <= value <= p.hi:
         lo, hi = (f"{p.lo:g}", f"{p.hi:g}") if p.kind == "number" else (int(p.lo), int(p.hi))
-        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {value}")
+        raise BadRequest(f"{name}: must be between {lo} and {hi}, got {short(value)}")
     if p.multiple_of and value % p.multiple_of:
         lo = value - value % p.multiple_of
-        raise BadRequest(f"{name}: must be a multiple of {p.multiple_of}, got {value} "
+        raise BadRequest(f"{name}: must be a multiple of {p.multiple_of}, got {short(value)} "
                          f"(nearest valid: {lo} or {lo + p.multiple_of})")
-    return float(value) if p.kind == "number" else value
+    # + 0.0 makes -0.0 plain 0.0 (JSON's -0 is the number 0)
+    return float(value) + 0.0 if p.kind == "number" else value
 
 
 def validate(body: Any) -> GenerateParams:

@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
     #: server: the bind address, localhost, 127.0.0.1, ::1, or one of these (comma-separated; `*` =
     #: any Host). Any other Host is refused with 400 (probes: /healthz, /readyz, /metrics are exempt).
     allowed_hosts: str = ""
+    #: Proxies whose `X-Forwarded-Proto`/`X-Forwarded-For` are believed (comma-separated addresses or
+    #: networks, `*` = any); empty (the default): no client's, loopback included.
+    forwarded_allow_ips: str = ""
     #: Credits per seed-sized image (1024², 25 steps).
     unit_price: float = Field(1.0, ge=0)
     #: Origins allowed by CORS, comma-separated (`*` for any); empty (the default) = CORS off.
@@ -112,6 +116,18 @@ class Settings(BaseSettings):
     @classmethod
     def _shapes(cls, value: str) -> str:
         compile_shapes(value)
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        for item in (i.strip() for i in value.split(",")):
+            if item and item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"expected addresses or networks, comma-separated (or *), "
+                                     f"got {item[:60]!r}") from None
         return value
 
     @field_validator("webhook_retry_delays")

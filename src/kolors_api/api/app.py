@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +31,7 @@ from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
-from kolors_api.api.limits import RateLimits
+from kolors_api.api.limits import InFlight, RateLimits
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.playground import add_playground, playground_url
@@ -55,7 +55,6 @@ SECURITY_HEADERS = {
 
 #: Routes that build no URL and that probes and scrapers reach by IP: no Host check.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
-_SIG = re.compile(r"(?<=[?&])sig=[^&]*(&|$)")
 
 
 def error_json(request: Request, status: int, message: str, *, extra: dict[str, Any] | None = None,
@@ -105,14 +104,25 @@ def host_name(header: str) -> str:
     return name if name and port.isascii() and port.isdigit() else header
 
 
+def redact_query(path: str) -> str:
+    """`path?query` without its `sig` parameters, told by the decoded name as the server reads it
+    (`%73ig=`, `si%67=` and `sig=` alike); the other parameters stay as they were sent."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    # Starlette reads the query with parse_qsl: '&'-separated, names percent- and '+'-decoded
+    kept = [part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != "sig"]
+    rest = "&".join(kept).strip("&")
+    return f"{base}?{rest}" if rest else base
+
+
 class RedactSignatures(logging.Filter):
     """uvicorn's access log line without the `sig` of signed output URLs (they work as bearer tokens)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "sig=" in args[2]:
-            path = _SIG.sub("", args[2]).rstrip("?&")
-            record.args = (*args[:2], path, *args[3:])
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
         return True
 
 
@@ -175,7 +185,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
     svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts))
-    svc.admission.append(RateLimits(settings))
+    limits = RateLimits(settings)
+    svc.admission.append(limits)
+    svc.inflight = InFlight(limits.storage)
     hosts = allowed_hosts(settings)
     _redact_access_log()
     if settings.worker:

@@ -25,12 +25,14 @@ from fastapi import Depends
 from starlette.requests import ClientDisconnect, Request
 
 from kolors_api.api.auth import authenticate
+from kolors_api.api.limits import InFlight
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
 from kolors_api.api.ssrf import Blocked, Policy, Resolver, check_webhook_url, system_resolve
 from kolors_api.errors import (
     BadRequest,
     JobFailed,
+    KolorsAPIError,
     NotFound,
     PayloadTooLarge,
     SyncTimeout,
@@ -51,9 +53,11 @@ from kolors_api.jobs import (
     new_key,
 )
 from kolors_api.jobs.base import micro
-from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, split_webhook, validate
 from kolors_api.settings import Settings
+
+log = logging.getLogger("kolors_api.api")
 
 #: The longest Idempotency-Key taken.
 MAX_IDEMPOTENCY_KEY = 255
@@ -97,6 +101,8 @@ class Service:
     webhook_policy: Policy = field(default_factory=Policy)
     resolve: Resolver = system_resolve
     webhook_task: asyncio.Task[None] | None = None
+    #: One submit at a time per Idempotency-Key (set by `create_app`; None: no such guard).
+    inflight: InFlight | None = None
 
     def outage_seen(self, exc: BaseException) -> None:
         """Note an outage error (the first one logs) and watch, by pinging, for the store's return."""
@@ -122,6 +128,16 @@ class Service:
                              f"got {len(idempotency_key)}")
         # same route, model and body as the key's first request, or a 422 (a random seed is drawn later)
         digest = hashlib.sha256(json.dumps([request.url.path, model, body], sort_keys=True).encode()).hexdigest()
+        if idempotency_key is None or self.inflight is None:
+            return await self._submit(request, key, model, body, idempotency_key, digest, sync)
+        # a repeat sent while its original is still being admitted waits for the original's answer
+        # (it would otherwise be admitted as new: counted by the rate limit, maybe refused with 429)
+        idem = idempotency_key
+        async with self.inflight.claim(key.id, idem, lambda: self._seen(key.id, idem, digest)):
+            return await self._submit(request, key, model, body, idempotency_key, digest, sync)
+
+    async def _submit(self, request: Request, key: ApiKey, model: str, body: Any, idempotency_key: str | None,
+                      digest: str, sync: bool) -> Job:
         # a repeat skips the checks a new request passes (credits, rate limits, a live worker): it is
         # no new request, and its answer must not change (the store decides, atomically, below)
         repeat = idempotency_key is not None and await self._seen(key.id, idempotency_key, digest)
@@ -163,8 +179,31 @@ class Service:
         return seen is not None
 
     async def run_sync(self, request: Request, key: ApiKey, model: str, body: Any) -> Finished:
-        """Submit, wait until the job ends (504 at the sync deadline), 422 when it FAILED, read the images."""
+        """Submit, wait until the job ends (504 at the sync deadline), 422 when it FAILED, read the images.
+
+        Once the job is stored, every answer but the images names it: `request_id` in the body and
+        the `X-Request-Id` header, and a 503 (the store went away while waiting) says that the job
+        was accepted and goes on, so that a client fetches it instead of paying for it twice."""
         job = await self.submit(request, key, model, body, sync=True)
+        try:
+            return await self._wait_sync(request, job)
+        except KolorsAPIError as exc:
+            raise accepted(exc, job.id) from None
+        except Exception as exc:
+            if is_outage(exc):
+                self.outage_seen(exc)
+                raise Unavailable(
+                    f"store unreachable while waiting; request {job.id} was accepted and goes on: fetch it "
+                    f"with GET /v2/requests/{job.id}",
+                    extra={"request_id": job.id, **self.links(request, job)},
+                    headers={"Retry-After": "5", "X-Request-Id": job.id}) from None
+            log.exception("internal error while waiting for %s", job.id)
+            raise KolorsAPIError(
+                f"internal error while waiting; request {job.id} was accepted and goes on: fetch it with "
+                f"GET /v2/requests/{job.id}",
+                extra={"request_id": job.id, **self.links(request, job)}, headers={"X-Request-Id": job.id}) from None
+
+    async def _wait_sync(self, request: Request, job: Job) -> Finished:
         deadline = time.monotonic() + self.settings.sync_timeout_seconds
         while not job.state.terminal:
             left = deadline - time.monotonic()
@@ -231,6 +270,13 @@ class Service:
         key = new_key()
         await self.store.add_key(make_key_record("admin", key, admin=True))
         return key
+
+
+def accepted(exc: KolorsAPIError, job_id: str) -> KolorsAPIError:
+    """`exc`, an answer about an accepted job: its `request_id` in the body and `X-Request-Id`."""
+    exc.extra.setdefault("request_id", job_id)
+    exc.headers.setdefault("X-Request-Id", job_id)
+    return exc
 
 
 def failed(job: Job) -> JobFailed:

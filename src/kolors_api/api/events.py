@@ -17,7 +17,11 @@ id is derived from the job record alone, ``version * ID_BASE + kind``: every rep
 change the same id, and a client that reconnects with ``Last-Event-ID`` gets the job's present state
 at once when it changed since (at least the latest progress, and always the terminal event).
 A watcher holds nothing but its own `wait`: when the client goes away the stream's task is
-cancelled and the wait with it. A store outage mid-stream ends the stream (the client reconnects;
+cancelled and the wait with it. A stream lives only as long as the key that opened it: every
+`KEY_CHECK_SECONDS` (and before a terminal event, which carries signed output URLs) it re-reads the
+key, and a key disabled, deleted, no longer admin (for another's job), or whose webhook secret was
+rotated, ends its streams, on every replica (the store is shared), without a further event; a
+reconnect is then 401, 403 or 404. A store outage mid-stream ends the stream (the client reconnects;
 at connect the outage is a 503 with Retry-After, as on every route).
 """
 
@@ -29,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter
@@ -40,7 +44,7 @@ from kolors_api.api.deps import CallerKey, Service, ServiceDep
 from kolors_api.api.generation import result_body, status_body
 from kolors_api.api.models import errors
 from kolors_api.errors import BadRequest
-from kolors_api.jobs import Job, JobState
+from kolors_api.jobs import ApiKey, Job, JobState, JobStore
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import clip, decimal
 
@@ -54,6 +58,9 @@ QUEUE_POLL_SECONDS = 1.0
 #: A stream with previews tells the store it watches them for this long, renewed this often.
 PREVIEW_WATCH_SECONDS = 10.0
 PREVIEW_WATCH_RENEW = 3.0
+#: Seconds between re-reads of the watcher's key (a revoked key's streams end within about this):
+#: two reads of the store per stream (the key, its webhook secret), no writes.
+KEY_CHECK_SECONDS = 0.5
 #: The event names, in the order of their kind numbers (the low digits of an event id).
 KINDS = ("queued", "started", "progress", "completed", "failed")
 ID_BASE = 8
@@ -88,18 +95,42 @@ def wants_previews(raw: str | None) -> bool:
 
 
 @dataclass
+class Grant:
+    """The key that opened a stream, as it was then; `holds` says whether it still lets it watch."""
+
+    key: ApiKey
+    secret: str
+    checked: float = field(default_factory=time.monotonic)
+
+    async def holds(self, store: JobStore, job: Job) -> bool:
+        self.checked = time.monotonic()
+        latest = await store.get_key(self.key.id)
+        if latest is None or not latest.enabled or latest.key_hash != self.key.key_hash:
+            return False  # deleted, disabled, or another key under its id
+        if job.key_id != latest.id and not latest.admin:
+            return False  # an admin's stream of another's job, and the key is no longer admin
+        return await store.current_webhook_secret(latest.id) == self.secret
+
+    def due(self) -> bool:
+        return time.monotonic() - self.checked >= KEY_CHECK_SECONDS
+
+
+@dataclass
 class Watch:
     """What one watcher has told its client so far."""
 
     svc: Service
     request: Request
     previews: bool
+    grant: Grant
     #: The version of the last event sent (or the client's Last-Event-ID).
     version: int = -1
     state: JobState | None = None
     step: int = -1
     position: int | None = None
     preview_step: int = 0
+    #: When the queue position was last read.
+    polled: float = 0.0
 
     async def frames(self, job: Job) -> list[str]:
         """The events that tell the client about `job`, beyond what it was told."""
@@ -110,6 +141,9 @@ class Watch:
             return [frame(job.version, kind, body)]
         changed = job.version > self.version
         if job.state == JobState.QUEUED:
+            if not changed and self.state == JobState.QUEUED and time.monotonic() - self.polled < QUEUE_POLL_SECONDS:
+                return out  # woken early (the key check): the position is re-read once a second
+            self.polled = time.monotonic()
             position = await self.svc.store.queue_position(job.id)
             if position is not None and (changed or self.state != JobState.QUEUED or position != self.position):
                 out.append(frame(job.version, "queued", status_body(job, position)))
@@ -142,6 +176,8 @@ async def stream(watch: Watch, job: Job) -> AsyncGenerator[str, None]:
     marked = -PREVIEW_WATCH_RENEW
     try:
         while True:
+            if (job.state.terminal or watch.grant.due()) and not await watch.grant.holds(svc.store, job):
+                return  # the key was revoked: not one more event (a terminal one carries output URLs)
             if watch.previews and not job.state.terminal and time.monotonic() - marked >= PREVIEW_WATCH_RENEW:
                 # the worker makes previews only while someone watches them
                 await svc.store.watch_previews(job.id, PREVIEW_WATCH_SECONDS)
@@ -152,11 +188,7 @@ async def stream(watch: Watch, job: Job) -> AsyncGenerator[str, None]:
                 sent = time.monotonic()
             if job.state.terminal:
                 return
-            idle = max(0.0, KEEPALIVE_SECONDS - (time.monotonic() - sent))
-            if job.state == JobState.QUEUED:
-                idle = min(idle, QUEUE_POLL_SECONDS)
-            if watch.previews:
-                idle = min(idle, PREVIEW_WATCH_RENEW)
+            idle = min(max(0.0, KEEPALIVE_SECONDS - (time.monotonic() - sent)), KEY_CHECK_SECONDS)
             latest = await svc.store.wait(job.id, watch.version, idle)
             if latest is None:
                 return  # expired while watched: nothing more will come
@@ -204,6 +236,8 @@ async def request_events(request_id: str, request: Request, svc: ServiceDep, key
     # What a reconnecting client saw: its version and the state its last event told; a version it
     # saw already is not told again.
     told = {"queued": JobState.QUEUED, "started": JobState.PROCESSING, "progress": JobState.PROCESSING}
-    watch = Watch(svc, request, previews, version=version, state=told.get(kind or ""))
+    # made now if the key has none yet, so that a rotation later is told from a first use
+    grant = Grant(key, await svc.store.webhook_secret(key.id))
+    watch = Watch(svc, request, previews, grant, version=version, state=told.get(kind or ""))
     return StreamingResponse(_counted(svc, stream(watch, job)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -58,6 +58,11 @@ def webhook_body(svc: Service, job: Job) -> dict[str, Any]:
 ModelName = Annotated[str, Path(description="the model slug", json_schema_extra={"enum": list(MODELS)})]
 
 
+def request_id_header(job: Job) -> dict[str, str]:
+    """`X-Request-Id`: every answer about an accepted job names it in a header too."""
+    return {"X-Request-Id": job.id}
+
+
 def wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
@@ -87,7 +92,8 @@ async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key
 async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     job = await svc.submit(request, key, model, body)
     # the same answer for a repeated Idempotency-Key (`Idempotent-Replayed: true`), whatever the job did since
-    return JSONResponse({"request_id": job.id, "status": JobState.QUEUED.value, **svc.links(request, job)})
+    return JSONResponse({"request_id": job.id, "status": JobState.QUEUED.value, **svc.links(request, job)},
+                        headers=request_id_header(job))
 
 
 async def live_status(svc: ServiceDep, job: Job) -> dict[str, Any]:
@@ -101,7 +107,8 @@ async def live_status(svc: ServiceDep, job: Job) -> dict[str, Any]:
 @router.get("/v2/requests/{request_id}/status", summary="Poll an async request", response_model=StatusBody,
             responses=errors(401, 403, 404, 422))
 async def request_status(request_id: str, svc: ServiceDep, key: CallerKey) -> Response:
-    return JSONResponse(await live_status(svc, await svc.own_job(key, request_id)))
+    job = await svc.own_job(key, request_id)
+    return JSONResponse(await live_status(svc, job), headers=request_id_header(job))
 
 
 @router.get("/v2/requests/{request_id}", summary="Fetch the result of an async request", response_model=ResultBody,
@@ -109,8 +116,8 @@ async def request_status(request_id: str, svc: ServiceDep, key: CallerKey) -> Re
 async def request_result(request_id: str, request: Request, svc: ServiceDep, key: CallerKey) -> Response:
     job = await svc.own_job(key, request_id)
     if job.state != JobState.COMPLETED:
-        return JSONResponse(await live_status(svc, job), status_code=202)
-    return JSONResponse(result_body(svc, request, job))
+        return JSONResponse(await live_status(svc, job), status_code=202, headers=request_id_header(job))
+    return JSONResponse(result_body(svc, request, job), headers=request_id_header(job))
 
 
 @router.get("/v2/requests/{request_id}/webhooks", summary="The webhook delivery attempts of a request",
@@ -157,4 +164,4 @@ async def cancel_request(request_id: str, svc: ServiceDep, key: CallerKey) -> Re
         job = await svc.store.request_cancel(job.id) or job
     body = status_body(job)
     body["cancel_requested"] = job.cancel_requested or job.error == "cancelled"
-    return JSONResponse(body)
+    return JSONResponse(body, headers=request_id_header(job))

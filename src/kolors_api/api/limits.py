@@ -23,12 +23,17 @@ Keys without a rate limit get no headers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import math
 import re
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from limits import RateLimitItem, parse
+from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from starlette.requests import Request
@@ -79,7 +84,9 @@ class RateLimits:
         if uri.startswith("async+redis"):
             # redis-py's asyncio client (the store's own dependency), not coredis.
             options = {"implementation": "redispy", "key_prefix": REDIS_PREFIX}
-        self.storage = storage_from_string(uri, **options)
+        storage = storage_from_string(uri, **options)
+        assert isinstance(storage, Storage)  # an async+ URI gives an asyncio storage
+        self.storage = storage
         self.limiter = MovingWindowRateLimiter(self.storage)
         self._items: dict[str, RateLimitItem] = {}
 
@@ -111,3 +118,44 @@ class RateLimits:
                               headers={**headers, "Retry-After": str(retry)})
         extra: dict[str, str] = getattr(request.state, "extra_headers", {})
         request.state.extra_headers = {**extra, **headers}
+
+
+#: How long an Idempotency-Key's in-flight mark lives when its holder dies without clearing it.
+IN_FLIGHT_SECONDS = 10
+#: How often a repeat looks whether the original's answer is stored (or its mark cleared).
+IN_FLIGHT_POLL_SECONDS = 0.02
+
+
+class InFlight:
+    """One submit at a time per (key, Idempotency-Key), in the rate limits' storage: process memory in
+    embedded mode, the fleet's Redis otherwise, so it holds across replicas.
+
+    A repeat that arrives while its original is still being admitted and stored waits until the
+    original's answer is stored (then it replays that answer: no admission, so no 429) or the
+    original ended without a job (then it is admitted as a new request). A holder that dies leaves
+    its mark for at most `IN_FLIGHT_SECONDS`."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @contextlib.asynccontextmanager
+    async def claim(self, key_id: str, idempotency_key: str,
+                    stored: Callable[[], Awaitable[bool]]) -> AsyncIterator[None]:
+        """Hold the mark of (key_id, idempotency_key) while the body runs; return at once (holding
+        nothing) when `stored()` says the original's answer is there."""
+        mark = "inflight:" + hashlib.sha256(f"{key_id}\0{idempotency_key}".encode()).hexdigest()[:40]
+        while await self.storage.incr(mark, IN_FLIGHT_SECONDS) != 1:
+            # another request with this key is in flight: wait for its answer or its end
+            deadline = time.monotonic() + IN_FLIGHT_SECONDS + 1
+            while await self.storage.get(mark) > 0:
+                if await stored():
+                    yield
+                    return
+                if time.monotonic() >= deadline:
+                    await self.storage.clear(mark)  # its holder died and the mark outlived its expiry
+                    break
+                await asyncio.sleep(IN_FLIGHT_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            await self.storage.clear(mark)

@@ -8,7 +8,6 @@ own table in `kolors_api.schema`; its JSON Schema is declared on the routes from
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
@@ -17,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from kolors_api.api.limits import MAX_QUOTA, parse_limit
 from kolors_api.errors import BadRequest
 from kolors_api.jobs.base import MAX_CREDITS
-from kolors_api.schema import SCHEDULERS, check_text, short, unknown_fields
+from kolors_api.schema import SCHEDULERS, check_text, is_finite, short, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,11 +53,11 @@ def _amount(lo: float, *, integer: bool = False, nullable: bool = True) -> Befor
         if value is None and nullable:
             return None
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok or not math.isfinite(value) or not lo <= value <= MAX_AMOUNT:
-            kind = "an integer" if integer else "a finite number" if ok and not math.isfinite(value) else "a number"
+        if isinstance(value, bool) or not ok or not is_finite(value) or not lo <= value <= MAX_AMOUNT:
+            kind = "an integer" if integer else "a finite number" if ok and not is_finite(value) else "a number"
             raise _fail(f"must be {kind} between {lo:g} and {MAX_AMOUNT:g}{' or null' if nullable else ''}, "
                         f"got {short(value)}")
-        return value
+        return value + 0 if isinstance(value, float) else value  # -0.0 is stored as 0.0
 
     return BeforeValidator(check)
 

@@ -143,3 +143,7 @@ class RedisHooks:
         secret = new_webhook_secret()
         await (await self._conn()).hset(self.keys.webhook_secrets, key_id, secret)
         return secret
+
+    async def current_webhook_secret(self, key_id: str) -> str | None:
+        secret = await (await self._conn()).hget(self.keys.webhook_secrets, key_id)
+        return secret.decode() if isinstance(secret, bytes) else None

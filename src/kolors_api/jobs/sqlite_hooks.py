@@ -197,3 +197,11 @@ class SQLiteHooks:
             return secret
         result: str = await self._run(q)
         return result
+
+    async def current_webhook_secret(self, key_id: str) -> str | None:
+        def q() -> str | None:
+            assert self._conn is not None
+            row = self._conn.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()
+            return None if row is None else str(row[0])
+        result: str | None = await self._run(q)
+        return result
