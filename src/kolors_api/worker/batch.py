@@ -47,15 +47,24 @@ def count_call(runs: list[JobRun]) -> None:
 
 class CallReports:
     """The progress reports of one engine call's jobs, sent to the store in step order, one round
-    trip at a time: what piles up meanwhile goes in the next (a job's latest step only)."""
+    trip at a time: a round goes once every live job of the call has reported the step (or after
+    `STRAGGLER_SECONDS`), and what piles up meanwhile goes in the next (a job's latest step only)."""
+
+    #: A round waits no longer than this for a job that does not report (an engine that skips it).
+    STRAGGLER_SECONDS = 0.05
 
     def __init__(self, store: JobStore, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
         self.loop = loop
         self._lock = threading.Lock()  # `put` runs on the engine thread, the sending on the loop
+        self._runs: list[JobRun] = []
+        self._latest: dict[JobRun, int] = {}
         self._pending: dict[JobRun, ProgressReport] = {}
         self._sending: asyncio.Task[None] | None = None
-        self.round_trips = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, run: JobRun) -> None:
+        self._runs.append(run)
 
     def put(self, run: JobRun, step: int, total: int, preview: bytes | None) -> None:
         """Queue a job's step (engine thread); a preview not yet sent stays with the newer step."""
@@ -64,19 +73,39 @@ class CallReports:
             if preview is None and older is not None:
                 preview = older.preview
             self._pending[run] = ProgressReport(run.lease, step, total, preview)
-        self.loop.call_soon_threadsafe(self._kick)
+            self._latest[run] = step
+            ready = self._round_complete()
+        self.loop.call_soon_threadsafe(self._kick if ready else self._arm)
 
-    def _kick(self) -> None:
+    def _round_complete(self) -> bool:
+        """(Under the lock.) Every live job has reported the newest step pending."""
+        if not self._pending:
+            return False
+        newest = max(report.step for report in self._pending.values())
+        return all(self._latest.get(run, 0) >= newest for run in self._runs if not run.abort.is_set())
+
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.STRAGGLER_SECONDS, self._kick, True)
+
+    def _kick(self, force: bool = False) -> None:
         if self._sending is None or self._sending.done():
-            self._sending = self.loop.create_task(self._send())
+            self._sending = self.loop.create_task(self._send(force))
 
-    async def _send(self) -> None:
+    async def _send(self, force: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while True:
             with self._lock:
+                if not (force or self._round_complete()):
+                    if self._pending:
+                        self._arm()
+                    return
                 batch, self._pending = self._pending, {}
+            force = False
             if not batch:
                 return
-            self.round_trips += 1
             try:
                 acks = await self.store.progress_many(list(batch.values()))
             except Exception as exc:  # the lease may still hold when the store is back: keep going
@@ -87,17 +116,17 @@ class CallReports:
                 await run.acknowledged(ack)
 
     async def settle(self) -> None:
-        """Wait until every report put so far is sent (before the outcomes are stored: the last
-        progress and preview land first)."""
+        """Send every report put so far and wait for the answers (before the outcomes are stored:
+        the last progress and preview land first)."""
         while True:
             sending = self._sending
-            if sending is None or sending.done():
-                with self._lock:
-                    if not self._pending:
-                        return
-                self._kick()
+            if sending is not None and not sending.done():
+                await asyncio.shield(sending)
                 continue
-            await asyncio.shield(sending)
+            with self._lock:
+                if not self._pending:
+                    return
+            self._kick(force=True)
 
 
 class JobRun:
@@ -109,6 +138,7 @@ class JobRun:
         self.job = lease.job
         self.params = GenerateParams.from_dict(lease.job.params)
         self.reports = reports
+        reports.add(self)
         self.abort = threading.Event()
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats

@@ -1,0 +1,140 @@
+"""A call's progress on both stores: one store round trip per step for all of its jobs, each job's
+steps stored in order, and a cancel that lands within one step (`kolors_api.worker.batch.CallReports`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kolors_api.jobs import JobState, JobStore, ProgressAck, ProgressReport
+from kolors_api.jobs.batching import BatchLimits
+from kolors_api.schema import GenerateParams
+from tests.test_batching import job_params, running, submit_all, terminal, wait_for
+from tests.test_store import drop, make
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    s = await make(request.param, tmp_path)
+    yield s
+    await drop(s)
+
+
+class Out:
+    def __init__(self, params: GenerateParams) -> None:
+        self.images = [b"RIFF0000WEBP"] * params.number_of_images
+        self.seeds = params.seeds
+        self.inference_time = 0.0
+
+
+class StepEngine:
+    """GPU-like steps: each waits `step_seconds` (the GIL free), then every job's `on_step`. Records
+    the step it is at and the step at which each job's callback raised."""
+
+    def __init__(self, step_seconds: float = 0.03) -> None:
+        self.step_seconds = step_seconds
+        self.step = 0
+        self.raised_at: dict[str, int] = {}
+        self.calls: list[int] = []
+
+    def batch_limits(self) -> BatchLimits:
+        return BatchLimits(max_images=8)
+
+    def generate(self, params: GenerateParams, on_step: Any = None) -> Out:
+        raise AssertionError("a batching engine is called through generate_batch")
+
+    def generate_batch(self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]],
+                       defer_encoding: bool = False) -> list[Any]:
+        self.calls.append(len(jobs))
+        dropped: dict[int, BaseException] = {}
+        total = jobs[0][0].steps
+        for step in range(1, total + 1):
+            time.sleep(self.step_seconds)
+            self.step = step
+            for n, (params, on_step) in enumerate(jobs):
+                if on_step is None or n in dropped:
+                    continue
+                try:
+                    on_step(step, total, lambda: b"preview")
+                except Exception as exc:
+                    dropped[n] = exc
+                    self.raised_at[params.prompt] = step
+        return [dropped.get(n) or Out(params) for n, (params, _) in enumerate(jobs)]
+
+
+def record_progress(store: JobStore) -> list[list[tuple[str, int]]]:
+    """Each `progress_many` round trip of `store`, as (job id, step) pairs."""
+    trips: list[list[tuple[str, int]]] = []
+    inner = store.progress_many
+    lock = threading.Lock()
+
+    async def progress_many(reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        with lock:
+            trips.append([(r.lease.job.id, r.step) for r in reports])
+        return await inner(reports)
+
+    store.progress_many = progress_many  # type: ignore[method-assign]
+    return trips
+
+
+async def test_a_calls_progress_is_one_round_trip_a_step_with_every_jobs_steps_in_order(store: JobStore) -> None:
+    engine = StepEngine(step_seconds=0.03)
+    trips = record_progress(store)
+    ids = await submit_all(store, *(job_params(f"job {n}", steps=12) for n in range(8)))
+    async with running(store, engine, max_batch_images=8):
+        for job_id in ids:
+            job = await wait_for(store, job_id, terminal)
+            assert job.state == JobState.COMPLETED and job.step == 12
+    assert engine.calls == [8]
+    # one round trip per step at most (fewer when the store was slower than a step) ...
+    assert 1 <= len(trips) <= 12, trips
+    # ... each for several jobs, and every job's steps reach the store in order, up to the last
+    assert max(len(trip) for trip in trips) == 8
+    for job_id in ids:
+        steps = [step for trip in trips for job, step in trip if job == job_id]
+        assert steps == sorted(set(steps)) and steps[-1] == 12, steps
+
+
+async def test_a_cancel_lands_within_one_step_and_the_rest_of_the_call_goes_on(store: JobStore) -> None:
+    engine = StepEngine(step_seconds=0.05)
+    ids = await submit_all(store, *(job_params(f"job {n}", steps=40) for n in range(3)))
+    async with running(store, engine, max_batch_images=8):
+        await wait_for(store, ids[1], lambda job: job.step >= 3)
+        at_cancel = engine.step
+        await store.request_cancel(ids[1])
+        cancelled = await wait_for(store, ids[1], terminal)
+        assert cancelled.state == JobState.FAILED and cancelled.error == "cancelled"
+        # the report of the step under way brings the flag back; the next step's callback raises
+        for _ in range(100):
+            if "job 1" in engine.raised_at:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.raised_at["job 1"] <= at_cancel + 2, (engine.raised_at, at_cancel)
+        for job_id in (ids[0], ids[2]):
+            assert (await store.get(job_id)).state == JobState.PROCESSING  # type: ignore[union-attr]
+        for job_id in (ids[0], ids[2]):
+            done = await wait_for(store, job_id, terminal)
+            assert done.state == JobState.COMPLETED and done.step == 40
+    assert engine.calls == [3]
+
+
+async def test_jobs_arriving_a_few_ms_apart_on_an_idle_worker_share_one_call(store: JobStore) -> None:
+    """The auto wait rule (`kolors_api.worker.company`): the first job finds the worker idle and waits
+    a fraction of a step for company; each arrival a few ms later extends the wait."""
+    engine = StepEngine(step_seconds=0.03)
+    async with running(store, engine, max_batch_images=8):
+        first = await submit_all(store, job_params("warm-up", steps=4))
+        await wait_for(store, first[0], terminal)  # the worker has measured a step (about 30 ms)
+        ids = []
+        for n in range(6):
+            ids += await submit_all(store, job_params(f"burst {n}", steps=4))
+            await asyncio.sleep(0.003)
+        for job_id in ids:
+            assert (await wait_for(store, job_id, terminal)).state == JobState.COMPLETED
+    assert engine.calls == [1, 6]
