@@ -103,9 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
     settings = _settings(args, **({"worker": False} if args.no_worker else {}))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # before logging is set up: a refusal is one line, without the S3 client's info lines
     if (refused := _check_blobs(settings)) is not None:
         return refused
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(settings)
     except EngineFactoryError as exc:
@@ -133,9 +134,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.worker.metrics import JobMetrics
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # before logging is set up: a refusal is one line, without the S3 client's info lines
     if (refused := _check_blobs(settings)) is not None:
         return refused
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
     # A bad engine path, terms file or a missing `safety` extra fails here, before the engine loads.

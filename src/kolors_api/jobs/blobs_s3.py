@@ -79,12 +79,14 @@ class S3Blobs:
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         session = boto3.session.Session()
+        # SigV4 everywhere (presigned URLs too: R2 and recent MinIO take nothing else)
         self.client: Any = session.client("s3", config=Config(
-            connect_timeout=3, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=max(10, uploads * 2)))
+            signature_version="s3v4", connect_timeout=3, read_timeout=20,
+            retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=max(10, uploads * 2)))
         # the start-up check: fail fast (one try, short timeouts), not after minutes of retries
         self._check_client: Any = session.client("s3", config=Config(
-            connect_timeout=2, read_timeout=3, retries={"max_attempts": 1, "mode": "standard"}))
+            signature_version="s3v4", connect_timeout=2, read_timeout=3,
+            retries={"max_attempts": 1, "mode": "standard"}))
         self._uploads = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="kolors-s3")
         self.outage = Outage(log, f"blob store {url}", blob_store=True,
                              meanwhile="output reads answer 503 and jobs whose upload fails are delivered again")
