@@ -7,6 +7,7 @@ tests start inherit them).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ class MotoS3:
         """Start (again, on the same port: the buckets live in this process and survive a stop)."""
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: no line per request
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
 
