@@ -229,3 +229,21 @@ def test_a_worker_finds_its_bucket_through_the_standard_aws_settings_alone(tmp_p
     assert proc.wait(timeout=60) == 2
     text = log.read_text()
     assert "blob store" not in text  # the bucket check passed; the engine path is what is refused
+
+
+def test_s3_errors_that_mean_not_now_are_told_from_bugs() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError, ReadTimeoutError
+
+    from kolors_api.jobs.blobs_s3 import is_down
+
+    def client_error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert is_down(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_down(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+    assert is_down(client_error(503, "SlowDown")) and is_down(client_error(500, "InternalError"))
+    assert is_down(client_error(403, "InvalidAccessKeyId")) and is_down(client_error(404, "NoSuchBucket"))
+    assert not is_down(client_error(400, "InvalidArgument"))
+    assert not is_down(ParamValidationError(report="Bucket: missing"))
+    assert not is_down(ValueError("a bug"))
