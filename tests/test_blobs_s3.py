@@ -11,6 +11,7 @@ import logging
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -247,3 +248,28 @@ def test_s3_errors_that_mean_not_now_are_told_from_bugs() -> None:
     assert not is_down(client_error(400, "InvalidArgument"))
     assert not is_down(ParamValidationError(report="Bucket: missing"))
     assert not is_down(ValueError("a bug"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite-s3", "redis-s3"])
+async def test_expiry_sweeps_images_no_job_names_and_leaves_other_keys_alone(
+        backend: str, moto_s3: MotoS3, tmp_path: Path) -> None:
+    store = await make(backend, tmp_path, retention=0.5)
+    try:
+        blobs = store.blobs  # type: ignore[attr-defined]
+        assert isinstance(blobs, S3Blobs)
+        blobs.sweep_margin, blobs.sweep_every = 0.0, 0.0  # production: an hour, every ten minutes
+        # what an expiry during an S3 outage leaves: images of a job no store knows any more
+        lost, token = uuid.uuid4().hex, uuid.uuid4().hex
+        await asyncio.to_thread(blobs.write_pending, lost, token, [b"a", b"b"], "webp")
+        client = moto_s3.client()
+        for key in ("outputs/notes.txt", "elsewhere/x.png"):  # not ours: never touched
+            client.put_object(Bucket=blobs.bucket, Key=key, Body=b"keep")
+        job = await store.submit(NewJob(model="kolors", params=params()))
+        assert blobs.names(lost) == [f"{token}/0.webp", f"{token}/1.webp"]
+        await asyncio.sleep(2.1)  # S3 keeps times to the second
+        assert await store.expire() == 0  # no job expired; the sweep ran all the same
+        assert blobs.names(lost) == []
+        assert moto_s3.keys(blobs.bucket) == ["elsewhere/x.png", "outputs/notes.txt"]
+        assert await store.get(job.id) is not None
+    finally:
+        await drop(store)

@@ -71,6 +71,18 @@ class Blobs(Protocol):
         """A URL a client can GET for `seconds`, or None where there is none (files)."""
         ...
 
+    def sweep(self, retention: float) -> int:
+        """Delete leftovers no job names any more (an expiry that ran while the place was out);
+        how many. Cheap to call often: it does the work at most every few minutes."""
+        ...
+
+
+def remove_expired(blobs: Blobs, job_ids: list[str], retention: float) -> None:
+    """`expire()`'s part for the images: every image of the expired jobs, then the leftovers."""
+    for job_id in job_ids:
+        blobs.remove(job_id)
+    blobs.sweep(retention)
+
 
 def seconds_left(job: Job) -> int:
     """How long a presigned URL of a job's output may live: until the job expires (at least 1 s)."""
@@ -95,6 +107,9 @@ class BlobDir:
 
     def presign(self, job_id: str, token: str | None, index: int, ext: str, seconds: int) -> str | None:
         return None
+
+    def sweep(self, retention: float) -> int:
+        return 0  # a job's folder goes with the job (`remove`), leftovers included
 
     def _pending(self, job_id: str, token: str) -> Path:
         return self.root / job_id / f".{token}"

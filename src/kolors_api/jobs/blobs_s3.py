@@ -14,7 +14,9 @@ commit, which records that token with the job; readers (the API, presigned URLs)
 the token a COMPLETED job records, so an image is visible only once its commit is made, and never
 moved. A delivery whose commit finds the lease stale deletes its objects; a worker killed between
 upload and commit leaves them under the job, and `remove` (at the job's expiry) deletes
-everything under `<prefix>/<job id>/`. A bucket lifecycle rule (deploy/README.md) is the backstop.
+everything under `<prefix>/<job id>/`; `sweep` deletes what an expiry during an S3 outage left
+(objects of this layout older than the retention plus an hour). A bucket lifecycle rule
+(deploy/README.md) is the backstop.
 
 Calls are boto3's, synchronous (the stores run them in threads), with short timeouts and few
 retries. An outage (endpoint unreachable, 5xx, throttling, credentials refused) is logged here,
@@ -26,8 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,6 +51,8 @@ CONTENT_TYPES = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
 _DOWN_CODES = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "NoSuchBucket",
                "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                "RequestTimeTooSkewed", "Throttling", "ThrottlingException"}
+#: The keys of our layout under the prefix: `<job id>/<lease token>/<i>.<ext>` (ids and tokens are hex).
+_LAYOUT = re.compile(r"[0-9a-f]{32}/[0-9a-f]{32}/\d{1,3}\.(?:webp|jpg|png)")
 #: A presigned URL is valid at most this long (SigV4's limit, 7 days).
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
@@ -88,6 +95,11 @@ class S3Blobs:
             signature_version="s3v4", connect_timeout=2, read_timeout=3,
             retries={"max_attempts": 1, "mode": "standard"}))
         self._uploads = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="kolors-s3")
+        #: When `sweep` last listed the bucket (monotonic), how often it may, and how much older than
+        #: the retention an object must be (uploads precede their commit by seconds; clocks differ).
+        self._swept: float | None = None
+        self.sweep_every = 600.0
+        self.sweep_margin = 3600.0
         self.outage = Outage(log, f"blob store {url}", blob_store=True,
                              meanwhile="output reads answer 503 and jobs whose upload fails are delivered again")
 
@@ -170,6 +182,26 @@ class S3Blobs:
             ExpiresIn=max(1, min(int(seconds), MAX_PRESIGN_SECONDS)))
         return url
 
+    def sweep(self, retention: float) -> int:
+        """Delete objects of our layout older than the retention plus a margin (an image is uploaded
+        just before its job completes, so no job still names them): what an expiry during an S3
+        outage left. At most every `sweep_every` seconds; other keys under the prefix are left alone."""
+        now = time.monotonic()
+        if self._swept is not None and now - self._swept < self.sweep_every:
+            return 0
+        self._swept = now
+        start = self._key() + "/" if self.prefix else ""
+        cutoff = datetime.now(UTC) - timedelta(seconds=retention + self.sweep_margin)
+        old: list[str] = []
+        with self._calls():
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                old += [item["Key"] for item in page.get("Contents", [])
+                        if item["LastModified"] < cutoff and _LAYOUT.fullmatch(item["Key"][len(start):])]
+        self._delete(old)
+        if old:
+            log.info("blob store %s: swept %d objects older than the retention", self.url, len(old))
+        return len(old)
+
     def names(self, job_id: str) -> list[str]:
         """The object keys of a job, relative to `<prefix>/<job id>/` (tests, tools)."""
         start = self._key(job_id) + "/"
@@ -183,7 +215,9 @@ class S3Blobs:
         return keys
 
     def _delete_under(self, start: str) -> None:
-        keys = self._keys_under(start)
+        self._delete(self._keys_under(start))
+
+    def _delete(self, keys: list[str]) -> None:
         with self._calls():
             for i in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
                 self.client.delete_objects(Bucket=self.bucket, Delete={

@@ -60,7 +60,7 @@ from kolors_api.jobs.base import (
     webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
-from kolors_api.jobs.blobs import BlobDir, Blobs, seconds_left
+from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
@@ -382,8 +382,7 @@ class RedisStore(RedisHooks):
             gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
             if self.blobs is not None:
-                for job_id in gone:
-                    await asyncio.to_thread(self.blobs.remove, job_id)
+                await asyncio.to_thread(remove_expired, self.blobs, gone, self.retention)
             if len(gone) < batch:
                 break
         # Consumers are per worker id: forget those long gone that hold nothing.

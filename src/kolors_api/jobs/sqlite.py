@@ -43,7 +43,7 @@ from kolors_api.jobs.base import (
     webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
-from kolors_api.jobs.blobs import BlobDir, Blobs, seconds_left
+from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, key_of, ledger_entry, take
 from kolors_api.schema import decimal
 
@@ -504,8 +504,8 @@ class SQLiteStore(hooks.SQLiteHooks):
                 hooks.expire(c, now)
             return ids
         ids = await self._run(q)
-        for job_id in ids:  # off the database thread: an object store is a network away
-            await asyncio.to_thread(self.blobs.remove, job_id)
+        # off the database thread: an object store is a network away
+        await asyncio.to_thread(remove_expired, self.blobs, ids, self.retention)
         return len(ids)
 
     # -- keys and credits
