@@ -273,3 +273,19 @@ async def test_expiry_sweeps_images_no_job_names_and_leaves_other_keys_alone(
         assert await store.get(job.id) is not None
     finally:
         await drop(store)
+
+
+def test_wrong_credentials_refuse_to_start_in_one_line(tmp_path: Path) -> None:
+    s3 = start_moto()  # its own server; moto then checks every request's key (none is known to it)
+    bucket = s3.bucket()
+    assert httpx.post(f"{s3.endpoint}/moto-api/reset-auth", content=b"0").status_code == 200
+    try:
+        r = run_cli(["worker", "--store", "redis://127.0.0.1:1/0", "--blob-url", f"s3://{bucket}/x"],
+                    {**s3.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0"}, tmp_path)
+    finally:
+        httpx.post(f"{s3.endpoint}/moto-api/reset-auth", content=b"inf")  # moto's setting is process-wide
+        s3.stop()
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"kolors-api: blob store s3://{bucket}/x (endpoint {s3.endpoint}): the access key is unknown "
+        f"(AWS_ACCESS_KEY_ID)"]
