@@ -245,3 +245,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     outcome = yield
     _no_skips(outcome.get_result())
+
+
+# A real S3 endpoint on loopback (moto's server mode) for the s3:// blob store tests; imported last,
+# as it uses the helpers above.
+from tests.s3_helpers import moto_s3, s3_url  # noqa: E402, F401

@@ -29,7 +29,11 @@ QUEUE_STREAM = "kolors:queue"
 CONSUMER_GROUP = "workers"
 
 NAMESPACE = "kolors-api"
-K8S_FILES = ["namespace.yaml", "redis.yaml", "api.yaml", "worker.yaml", "keda-scaledobject.yaml"]
+K8S_FILES = ["namespace.yaml", "redis.yaml", "api.yaml", "worker.yaml", "keda-scaledobject.yaml", "minio.yaml"]
+#: The optional secret that puts images on S3/MinIO (KOLORS_API_BLOB_URL and AWS_*), and the bucket
+#: the bundled MinIO (compose profile `minio`, k8s/minio.yaml) creates.
+S3_SECRET = "kolors-api-s3"
+BUCKET = "kolors-images"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,7 +166,7 @@ def test_every_yaml_file_parses() -> None:
 
 def test_compose_has_redis_two_api_replicas_and_one_gpu_worker() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "api-1", "api-2", "worker"}
+    assert set(services) == {"redis", "api-1", "api-2", "worker", "minio", "minio-bucket"}
 
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
@@ -277,11 +281,11 @@ def test_api_image_never_installs_torch() -> None:
     steps = dockerfile("Dockerfile.api")
     assert steps[0] == ("FROM", "python:3.11-slim")
     installs = [rest for instr, rest in steps if instr == "RUN" and "pip install" in rest]
-    assert any('".[server,redis]"' in r for r in installs), installs
+    assert any('".[server,redis,s3]"' in r for r in installs), installs
     # every extra that any pip install of the image asks for
     groups = [g for r in installs for g in re.findall(r"\.\[([^\]]*)\]", r)]
     extras = {e.strip() for g in groups for e in g.split(",")}
-    assert extras == {"server", "redis"}, f"Dockerfile.api installs extras {sorted(extras)}"
+    assert extras == {"server", "redis", "s3"}, f"Dockerfile.api installs extras {sorted(extras)}"
 
 
 def test_api_image_runs_as_a_user_exposes_8000_and_checks_healthz() -> None:
@@ -307,7 +311,7 @@ def test_worker_image_installs_pinned_cuda_torch_before_the_project() -> None:
 
     runs = [rest for instr, rest in steps if instr == "RUN"]
     torch_at = [i for i, r in enumerate(runs) if re.search(r'pip install "torch==\$\{TORCH_VERSION\}"', r)]
-    project_at = [i for i, r in enumerate(runs) if '".[worker,redis]"' in r]
+    project_at = [i for i, r in enumerate(runs) if '".[worker,redis,s3]"' in r]
     assert len(torch_at) == 1 and len(project_at) == 1, runs
     assert torch_at[0] < project_at[0], "torch must be installed before the project"
     assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_at[0]]
@@ -331,6 +335,7 @@ def test_k8s_objects_have_the_expected_kinds() -> None:
         "api.yaml": ["Deployment", "PodDisruptionBudget", "Service"],
         "worker.yaml": ["Deployment", "PersistentVolumeClaim"],
         "keda-scaledobject.yaml": ["ScaledObject"],
+        "minio.yaml": ["Job", "NetworkPolicy", "Service", "StatefulSet"],
     }
     assert one("Namespace")["metadata"]["name"] == NAMESPACE
     for obj in k8s_objects():
@@ -481,3 +486,68 @@ def test_readme_names_real_metrics_and_files() -> None:
     assert len(order) == len(K8S_FILES)
     assert order[0] == min(order)
     assert readme.index("deploy/k8s/worker.yaml") < readme.index("deploy/k8s/keda-scaledobject.yaml")
+
+
+# --------------------------------------------------------------------------- images on S3 / MinIO
+
+
+def test_both_images_install_the_s3_extra() -> None:
+    for name, extras in (("Dockerfile.api", {"server", "redis", "s3"}),
+                         ("Dockerfile.worker", {"worker", "redis", "s3"})):
+        installs = [rest for instr, rest in dockerfile(name) if instr == "RUN" and "pip install" in rest]
+        groups = [g for r in installs for g in re.findall(r"\.\[([^\]]*)\]", r)]
+        assert extras <= {e.strip() for g in groups for e in g.split(",")}, name
+
+
+def test_compose_passes_the_blob_url_and_aws_settings_to_every_fleet_process() -> None:
+    services = compose()["services"]
+    for name in ("api-1", "api-2", "worker"):
+        env = compose_env(services[name])
+        # empty by default (images in Redis), or what deploy/.env says
+        assert env["KOLORS_API_BLOB_URL"] == "${KOLORS_API_BLOB_URL:-}", name
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            assert env[var].startswith("${" + var), (name, var)
+    from kolors_api.settings import Settings
+
+    assert Settings(blob_url="").blobs_url() is None  # what an unset variable gives: images in Redis
+
+
+def test_compose_minio_is_opt_in_private_and_makes_the_bucket_with_a_lifecycle_rule() -> None:
+    services = compose()["services"]
+    minio, bucket = services["minio"], services["minio-bucket"]
+    for svc in (minio, bucket):
+        assert svc["profiles"] == ["minio"]
+        assert "ports" not in svc, "MinIO must not be published on the host"
+    assert minio["environment"]["MINIO_ROOT_USER"].startswith("${AWS_ACCESS_KEY_ID")
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${AWS_SECRET_ACCESS_KEY")
+    assert "minio-data:/data" in minio["volumes"] and "minio-data" in compose()["volumes"]
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    script = bucket["entrypoint"][-1]
+    assert f"mc mb --ignore-existing local/{BUCKET}" in script
+    assert f"mc ilm rule add --expire-days 1 local/{BUCKET}" in script
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"KOLORS_API_BLOB_URL=s3://{BUCKET}/outputs" in readme and "AWS_ENDPOINT_URL_S3=http://minio:9000" in readme
+
+
+def test_k8s_fleet_reads_the_optional_s3_secret_and_minio_is_consistent() -> None:
+    for dep_name in ("kolors-api", "kolors-worker"):
+        (c,) = one("Deployment", dep_name)["spec"]["template"]["spec"]["containers"]
+        assert {"secretRef": {"name": S3_SECRET, "optional": True}} in c["envFrom"], dep_name
+    sts, svc = one("StatefulSet", "minio", "minio.yaml"), one("Service", "minio", "minio.yaml")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert svc["spec"]["selector"].items() <= _pod_labels(sts).items()
+    assert svc["spec"]["ports"][0]["port"] == 9000 and svc["spec"]["ports"][0]["targetPort"] in _container_ports(sts)
+    assert svc["spec"]["type"] == "ClusterIP"
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert refs == {"MINIO_ROOT_USER": {"name": S3_SECRET, "key": "AWS_ACCESS_KEY_ID"},
+                    "MINIO_ROOT_PASSWORD": {"name": S3_SECRET, "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data"} and c["args"] == ["server", "/data"]
+    (mc,) = one("Job", "minio-bucket", "minio.yaml")["spec"]["template"]["spec"]["containers"]
+    assert mc["envFrom"] == [{"secretRef": {"name": S3_SECRET}}]
+    script = " ".join(mc["args"])
+    assert "http://minio:9000" in script and f"local/{BUCKET}" in script and "--expire-days 1" in script
+    policy = one("NetworkPolicy", "minio", "minio.yaml")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= _pod_labels(sts).items()
+    # the secret's example in minio.yaml names the endpoint and bucket the rest uses
+    header = (K8S / "minio.yaml").read_text()
+    assert f"KOLORS_API_BLOB_URL=s3://{BUCKET}/outputs" in header and "AWS_ENDPOINT_URL_S3=http://minio:9000" in header

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -41,13 +42,15 @@ class Fleet:
     def __init__(self, tiny_model: Path, root: Path) -> None:
         self.tiny_model = tiny_model
         self.root = root
+        #: Flags every API replica and worker gets: where the images go (default: in Redis).
+        self.blob_args: list[str] = []
         self.apis: list[LiveServer] = []
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def api(self, env: dict[str, str] | None = None) -> LiveServer:
         n = len(self.apis)
         srv = start_server(self.tiny_model, self.root / f"api{n}", env=env, ready=False,
-                           extra=["--store", DB_URL, "--no-worker"])
+                           extra=["--store", DB_URL, "--no-worker", *self.blob_args])
         self.apis.append(srv)
         return srv
 
@@ -57,7 +60,7 @@ class Fleet:
         n = len(self.workers)
         engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
         proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model),
-                                 "--data-dir", str(self.root / f"worker{n}"), *engine_args, *extra],
+                                 "--data-dir", str(self.root / f"worker{n}"), *engine_args, *self.blob_args, *extra],
                                 self.root / f"worker{n}", {**FAST_LEASE, **ENGINE_ENV, **(env or {})}, "worker.log")
         self.workers.append(proc)
         return proc
@@ -89,6 +92,16 @@ def fleet(tiny_model: Path, tmp_path: Path, rdb: redis.Redis) -> Iterator[Fleet]
     f = Fleet(tiny_model, tmp_path)
     yield f
     f.close()
+
+
+@pytest.fixture(params=["redis", "s3"])
+def images(request: pytest.FixtureRequest, fleet: Fleet) -> str | None:
+    """Where the fleet keeps images: in Redis (None), or on S3 (moto on loopback): its s3:// URL."""
+    if request.param == "redis":
+        return None
+    url = str(request.getfixturevalue("s3_url"))
+    fleet.blob_args = ["--blob-url", url]
+    return url
 
 
 def create_key(api: LiveServer, credits: float = 100.0) -> tuple[str, str]:
@@ -129,8 +142,8 @@ def processing_pid(rdb: redis.Redis, pids: set[int], timeout: float = 60) -> tup
     raise AssertionError("no worker ever held a job")
 
 
-def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twice(fleet: Fleet,
-                                                                                 rdb: redis.Redis) -> None:
+def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twice(fleet: Fleet, rdb: redis.Redis,
+                                                                                 images: str | None) -> None:
     a, b = fleet.api(), fleet.api()
     # a little slowness per step so that the killed worker really is mid-job when the signal lands
     w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow") for _ in range(2))
@@ -183,6 +196,65 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
     assert account["credits"] == pytest.approx(100 - 40 * 0.02)
     survivor = w2 if killed is w1 else w1
     assert survivor.poll() is None
+    if images is not None:  # every job's image is on S3, none in Redis
+        assert {key.split("/")[1] for key in s3_keys(images)} == set(ids)
+        assert not rdb.keys(keys.DEFAULT_PREFIX + "out:*")
+
+
+def s3_keys(url: str) -> list[str]:
+    """The object keys under an s3:// blob URL (moto's endpoint comes from the AWS_* env)."""
+    import boto3
+
+    parts = urlsplit(url)
+    pages = boto3.session.Session().client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=parts.netloc, Prefix=parts.path.strip("/") + "/")
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def stored_images(rdb: redis.Redis, images: str | None) -> set[str]:
+    """The job ids that have images stored: on S3 (`images` is its URL), or in Redis."""
+    if images is not None:
+        return {k.split("/")[1] for k in s3_keys(images)}
+    return {k.decode().split(":")[-2] for k in rdb.keys(keys.DEFAULT_PREFIX + "out:*")}
+
+
+def test_soak_every_output_is_served_each_job_charged_once_and_retention_removes_the_images(
+        fleet: Fleet, rdb: redis.Redis, images: str | None) -> None:
+    retention = {"KOLORS_API_RETENTION_SECONDS": "30"}
+    a, b = fleet.api(retention), fleet.api(retention)
+    fleet.worker(retention)
+    fleet.worker(retention)
+    fleet.wait_workers(2)
+    key_id, key = create_key(a)
+    every: list[str] = []
+    for wave in range(3):
+        def submit(i: int, wave: int = wave) -> str:
+            r = httpx.post((a, b)[i % 2].url + "/v2/kolors", headers={"x-api-key": key}, timeout=30,
+                           json={"prompt": f"soak {wave}.{i}", "seed": 100 * wave + i, **SMALL})
+            assert r.status_code == 200, r.text
+            return str(r.json()["request_id"])
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(submit, range(8)))
+        sync = httpx.post(b.url + "/v1/kolors", headers={"x-api-key": key}, timeout=120,
+                          json={"prompt": f"soak sync {wave}", **SMALL})
+        assert sync.status_code == 200 and sync.content[:4] == b"\x89PNG"
+        ids.append(sync.headers["x-request-id"])
+        assert {body["status"] for body in wait_all(a, key, ids).values()} == {"COMPLETED"}
+        assert set(ids) <= stored_images(rdb, images)  # where the fleet was told to keep them
+        for request_id in ids:
+            result = httpx.get(f"{b.url}/v2/requests/{request_id}", headers={"x-api-key": key}).json()
+            assert httpx.get(result["output"][0]).content[:4] == b"\x89PNG"
+        every += ids
+    if images is not None:
+        assert not rdb.keys(keys.DEFAULT_PREFIX + "out:*")  # no image ever went to Redis
+    account = httpx.get(a.url + "/v1/account", headers={"x-api-key": key}).json()
+    assert account["credits"] == pytest.approx(100 - len(every) * 0.02)  # each job charged once
+    deadline = time.monotonic() + 90  # retention, then the replicas' expiry sweep deletes the images
+    while stored_images(rdb, images):
+        assert time.monotonic() < deadline, sorted(stored_images(rdb, images))[:5]
+        time.sleep(1)
+    assert httpx.get(f"{a.url}/v2/requests/{every[0]}/status", headers={"x-api-key": key}).status_code == 404
 
 
 def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fleet) -> None:

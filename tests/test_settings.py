@@ -53,3 +53,25 @@ def test_make_store_opens_the_backend_the_settings_name(tmp_path: Path) -> None:
 
     with pytest.raises(ValidationError, match="redis://"):
         make_store(Settings(store="postgres://db/x", data_dir=tmp_path))
+
+
+def test_blob_url_takes_s3_and_file_urls_and_blob_dir_is_its_alias(tmp_path: Path, moto_s3: object) -> None:
+    from kolors_api.cli import where_data_lives
+    from kolors_api.jobs.blobs import BlobDir
+    from kolors_api.jobs.blobs_s3 import S3Blobs
+    from kolors_api.jobs.redis import RedisStore
+    from kolors_api.jobs.sqlite import SQLiteStore
+
+    assert Settings(blob_dir=tmp_path / "b").blobs_url() == (tmp_path / "b").resolve().as_uri()
+    assert Settings(blob_url="s3://bk/p", blob_dir=tmp_path).blobs_url() == "s3://bk/p"  # the URL wins
+    assert Settings().blobs_url() is None and Settings(blob_url="").blobs_url() is None
+    for bad in ("http://bk/p", "s3://", "file://", "bk/p"):
+        with pytest.raises(ValidationError, match=r"expected s3://BUCKET\[/PREFIX\] or file:///PATH"):
+            Settings(blob_url=bad)
+    embedded = make_store(Settings(data_dir=tmp_path, blob_url="s3://bk/images"))
+    assert isinstance(embedded, SQLiteStore) and isinstance(embedded.blobs, S3Blobs)
+    assert (embedded.blobs.bucket, embedded.blobs.prefix) == ("bk", "images")
+    fleet = make_store(Settings(store="redis://127.0.0.1:6379/0", blob_url=(tmp_path / "f").as_uri()))
+    assert isinstance(fleet, RedisStore) and isinstance(fleet.blobs, BlobDir) and fleet.blobs.root == tmp_path / "f"
+    line = where_data_lives(Settings(store="redis://:pw@10.0.0.5:6379/0", blob_url="s3://bk/images", worker=False))
+    assert line == "store redis://***@10.0.0.5:6379/0 (fleet), images in s3://bk/images; no in-process worker"

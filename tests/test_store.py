@@ -26,29 +26,43 @@ from kolors_api.jobs import (
     TooManyRunning,
     WebhookAttempt,
     hash_key,
+    make_blobs,
     make_key_record,
     new_key,
 )
 from kolors_api.jobs.base import MAX_CREDITS, micro
+from kolors_api.jobs.blobs import Blobs
 from tests.conftest import REDIS_URL
 from tests.store_helpers import StateWatch, delete_redis_keys
 
-#: SQLite (images as files); Redis with images in Redis; Redis with images in a blob dir.
-BACKENDS = ["sqlite", "redis", "redis-blobs"]
+#: SQLite (images as files); Redis with images in Redis; Redis with images in a blob dir; SQLite and
+#: Redis with images on S3 (moto's server on loopback, through boto3 as in production).
+BACKENDS = ["sqlite", "redis", "redis-blobs", "sqlite-s3", "redis-s3"]
+
+
+def s3_blobs() -> Blobs:
+    """The production S3 blob store on a new bucket of the moto server `moto_s3` started."""
+    bucket = f"kolors-test-{uuid.uuid4().hex[:12]}"
+    import boto3
+
+    boto3.session.Session().client("s3").create_bucket(Bucket=bucket)
+    return make_blobs(f"s3://{bucket}/outputs")
 
 
 async def make(backend: str, tmp_path: Path, **kw: float) -> JobStore:
     """A store of `backend`, watched: every job state it shows must follow TRANSITIONS."""
     retention = float(kw.get("retention", 3600.0))
     max_deliveries = int(kw.get("max_deliveries", 3))
-    if backend == "sqlite":
+    blobs = s3_blobs() if backend.endswith("-s3") else None
+    if backend.startswith("sqlite"):
         from kolors_api.jobs.sqlite import SQLiteStore
 
-        store: JobStore = SQLiteStore(tmp_path / "db.sqlite3", retention=retention, max_deliveries=max_deliveries)
+        store: JobStore = SQLiteStore(tmp_path / "db.sqlite3", retention=retention, max_deliveries=max_deliveries,
+                                      blobs=blobs)
     else:
         redis_mod = pytest.importorskip("kolors_api.jobs.redis")
         store = redis_mod.RedisStore(REDIS_URL, retention=retention, max_deliveries=max_deliveries,
-                                     prefix=f"kolors-test-{uuid.uuid4().hex[:8]}:",
+                                     prefix=f"kolors-test-{uuid.uuid4().hex[:8]}:", blobs=blobs,
                                      blob_dir=tmp_path / "blobs" if backend == "redis-blobs" else None)
     StateWatch(store)
     await store.open()
@@ -63,6 +77,8 @@ async def drop(store: JobStore) -> None:
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    if request.param.endswith("-s3"):
+        request.getfixturevalue("moto_s3")
     s = await make(request.param, tmp_path)
     yield s
     await drop(s)
@@ -226,9 +242,10 @@ async def test_results_and_their_files_expire_after_retention(tmp_path: Path, ba
         assert lease is not None and await store.progress(lease, 1, 2, b"preview")
         assert await store.complete(lease, [b"x", b"y"], "png", [1, 2], {})
         waiting = await store.submit(NewJob(model="kolors", params=params(2)))
-        blobs = getattr(store, "blobs", None)  # SQLite's outputs folder, Redis's blob dir, or None
+        blobs = getattr(store, "blobs", None)  # SQLite's outputs folder, Redis's blob dir, S3, or None
         if blobs is not None:
-            assert sorted(p.name for p in (blobs.root / job.id).iterdir()) == ["0.png", "1.png"]
+            # files move into place; S3 objects stay under the lease token the job records
+            assert [name.removeprefix(f"{lease.token}/") for name in blobs.names(job.id)] == ["0.png", "1.png"]
         assert await store.get(job.id) is not None
         await asyncio.sleep(0.7)
         assert await store.expire() == 1  # the queued job never expires
@@ -237,7 +254,7 @@ async def test_results_and_their_files_expire_after_retention(tmp_path: Path, ba
         assert await store.read_preview(job.id) is None
         assert await store.get(waiting.id) is not None
         if blobs is not None:
-            assert not (blobs.root / job.id).exists()
+            assert blobs.names(job.id) == []
         assert await store.expire() == 0
     finally:
         await drop(store)
@@ -422,6 +439,8 @@ async def test_workers_alive_and_shared_secret(store: JobStore) -> None:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param.endswith("-s3"):
+        request.getfixturevalue("moto_s3")
     return str(request.param)
 
 

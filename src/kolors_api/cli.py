@@ -43,9 +43,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 #: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
-EXTRAS = {"redis": "redis", "fastapi": "server", "uvicorn": "server", "starlette": "server",
-          "pydantic": "server", "pydantic_settings": "server", "prometheus_client": "server", "limits": "server",
-          "rich": "server",
+EXTRAS = {"redis": "redis", "boto3": "s3", "botocore": "s3", "fastapi": "server", "uvicorn": "server",
+          "starlette": "server", "pydantic": "server", "pydantic_settings": "server",
+          "prometheus_client": "server", "limits": "server", "rich": "server",
           "diffusers": "worker", "transformers": "worker", "sentencepiece": "worker", "accelerate": "worker",
           "PIL": "worker", "numpy": "worker"}
 
@@ -53,12 +53,28 @@ EXTRAS = {"redis": "redis", "fastapi": "server", "uvicorn": "server", "starlette
 def where_data_lives(settings: Any) -> str:
     """One line for the start-up log: the store, where images go, and whether a worker runs here."""
     worker = f"in-process worker on, model {settings.model}" if settings.worker else "no in-process worker"
+    blobs = settings.blobs_url()
     if settings.fleet:
         url = re.sub(r"//[^@/]*@", "//***@", settings.store)  # no password in the log
-        images = f"images under {Path(settings.blob_dir).resolve()}" if settings.blob_dir else "images in Redis"
-        return f"store {url} (fleet), {images}; {worker}"
+        return f"store {url} (fleet), images {f'in {blobs}' if blobs else 'in Redis'}; {worker}"
     db = settings.sqlite_path().resolve()
-    return f"data in {db.parent} (store {db.name}, images under outputs/); {worker}"
+    return f"data in {db.parent} (store {db.name}, images {f'in {blobs}' if blobs else 'under outputs/'}); {worker}"
+
+
+def _check_blobs(settings: Any) -> int | None:
+    """Try the blob store of `--blob-url` once (write and delete a probe, short timeouts): None when it
+    works or there is none, else exit status 2 after one line (a wrong bucket, credentials, endpoint)."""
+    from kolors_api.jobs import make_blobs
+    from kolors_api.jobs.blobs import BlobStoreError
+
+    url = settings.blobs_url()
+    if url is None:
+        return None
+    try:
+        make_blobs(url).check()
+    except BlobStoreError as exc:
+        return _refused(exc)
+    return None
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> int | None:
@@ -71,7 +87,8 @@ def _missing_extra(exc: ModuleNotFoundError) -> int | None:
     extra = EXTRAS.get(top)
     if extra is None:
         return None
-    need = "fleet mode (a redis:// store) needs" if extra == "redis" else "this command needs"
+    need = {"redis": "fleet mode (a redis:// store) needs", "s3": "an s3:// blob URL needs"}.get(extra,
+                                                                                            "this command needs")
     print(f"kolors-api: {need} the `{extra}` extra, which is not installed (module {top!r} is missing): "
           f"pip install -e '.[{extra}]' in the checkout", file=sys.stderr)
     return 2
@@ -124,6 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hint = "; stop what listens there or pass --port (env KOLORS_API_PORT)" if busy else ""
         print(f"kolors-api: port {settings.port} on {settings.host} {what}: {exc}{hint}", file=sys.stderr)
         return 2
+    # before logging is set up: a refusal is one line, without the S3 client's info lines
+    if (refused := _check_blobs(settings)) is not None:
+        sock.close()
+        return refused
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         app = create_app(settings)
@@ -156,6 +177,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.worker.metrics import JobMetrics
 
     settings = _settings(args)
+    # before logging is set up: a refusal is one line, without the S3 client's info lines
+    if (refused := _check_blobs(settings)) is not None:
+        return refused
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
@@ -271,9 +295,13 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", metavar="MODULE:FACTORY",
                    help=setting_help("engine factory (contract in kolors_api.worker.engines)", "engine",
                                  "kolors_api.worker.engines:kolors, the Kolors pipeline"))
+    p.add_argument("--blob-url", dest="blob_url", metavar="URL",
+                   help=setting_help("where the images go: s3://BUCKET/PREFIX (S3, MinIO, R2; the `s3` extra; "
+                                     "credentials, region and endpoint from AWS_* env) or file:///DIR (a folder "
+                                     "every worker and API replica shares)", "blob_url",
+                                 "files under --data-dir (SQLite), in Redis (fleet)"))
     p.add_argument("--blob-dir", dest="blob_dir", metavar="DIR",
-                   help=setting_help("fleet: a folder shared by every worker and API replica for the images",
-                                 "blob_dir", "none: images in Redis"))
+                   help=setting_help("the same as --blob-url file://DIR", "blob_dir", "none"))
     add_engine_options(p)
 
 

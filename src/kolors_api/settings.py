@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,7 +69,15 @@ class Settings(BaseSettings):
     #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
     #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.
     engine: str = "kolors_api.worker.engines:kolors"
+    #: Where output images go: `s3://BUCKET/PREFIX` (S3, MinIO, R2…; the `s3` extra, credentials from
+    #: the standard AWS_* settings) or `file:///DIR` (a folder every replica and worker shares). Unset:
+    #: files under data_dir (SQLite), or in Redis (fleet).
+    blob_url: str | None = None
+    #: The old spelling of `blob_url=file://DIR` (used when blob_url is unset).
     blob_dir: Path | None = None
+    #: Output URLs answer 302 to a presigned GET on the object store (valid no longer than the result
+    #: is kept) instead of streaming the image through the API; s3:// blob URLs only.
+    blob_redirect: bool = False
     #: Results (records and images) are kept this long, then 404.
     retention_seconds: float = Field(3600.0, gt=0)
     #: A sync request waits this long, then answers 504 with its request_id.
@@ -146,6 +155,17 @@ class Settings(BaseSettings):
         raise ValueError(f"expected sqlite, sqlite:///PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
                          f"unix:///PATH/TO/redis.sock, got {value!r}")
 
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url(cls, value: str | None) -> str | None:
+        return None if not value else check_blob_url(value)
+
+    def blobs_url(self) -> str | None:
+        """Where images go: `blob_url`, else `file://` + blob_dir, else None (the store's own place)."""
+        if self.blob_url:
+            return self.blob_url
+        return Path(self.blob_dir).resolve().as_uri() if self.blob_dir is not None else None
+
     @property
     def fleet(self) -> bool:
         """True when the store is Redis (a fleet of API replicas and workers), False for SQLite."""
@@ -156,6 +176,15 @@ class Settings(BaseSettings):
         if self.store.startswith(SQLITE_SCHEME):
             return Path(self.store[len(SQLITE_SCHEME):])
         return self.data_dir / "kolors-api.sqlite3"
+
+
+def check_blob_url(url: str) -> str:
+    """`url` when it is a blob URL (`kolors_api.jobs.blobs.make_blobs`), else ValueError naming the forms."""
+    if url.startswith("file:///") and len(url) > len("file:///"):
+        return url
+    if url.startswith("s3://") and urlsplit(url).netloc:
+        return url
+    raise ValueError(f"expected s3://BUCKET[/PREFIX] or file:///PATH, got {url[:100]!r}")
 
 
 def compile_shapes(value: str) -> tuple[tuple[int, int], ...]:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from kolors_api.api.auth import authenticate, presented_key
 from kolors_api.api.deps import CallerKey, JsonBody, Service, ServiceDep, failed
@@ -129,7 +129,10 @@ async def request_webhooks(request_id: str, svc: ServiceDep, key: CallerKey) -> 
 
 
 @router.get("/v2/requests/{request_id}/outputs/{name}", summary="One output image (signed URL)",
-            responses={200: IMAGE, 401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+            responses={200: IMAGE, 302: {"description": "with KOLORS_API_BLOB_REDIRECT=1: a presigned GET on the "
+                                                        "object store"},
+                       401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                       503: {"model": ErrorBody}},
             openapi_extra={"parameters": [{"name": "exp", "in": "query", "schema": {"type": "string"}},
                                           {"name": "sig", "in": "query", "schema": {"type": "string"}}]})
 async def request_output(request_id: str, name: str, request: Request, svc: ServiceDep) -> Response:
@@ -148,6 +151,13 @@ async def request_output(request_id: str, name: str, request: Request, svc: Serv
     index = decimal(stem, 3)
     if index is None or ext not in CONTENT_TYPES:
         raise NotFound(f"unknown output: {short(name)}")
+    if svc.settings.blob_redirect:
+        # a presigned GET on the object store, valid no longer than the result is kept (None: the
+        # images are not on an object store, or there is no such output; streamed or 404 below)
+        url = await svc.store.output_url(request_id, index)
+        job = await svc.store.get(request_id)
+        if url is not None and job is not None and job.ext == ext:
+            return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
     data = await svc.store.read_output(request_id, index)
     job = await svc.store.get(request_id)
     if data is None or job is None or job.ext != ext:

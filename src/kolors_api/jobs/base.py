@@ -366,6 +366,11 @@ class JobStore(Protocol):
         """Output image `index` of a COMPLETED job; None when there is none (or it expired)."""
         ...
 
+    async def output_url(self, job_id: str, index: int) -> str | None:
+        """A presigned URL of output `index` on the object store, valid no longer than the job is kept;
+        None when there is none (the job, or images that are not on an object store)."""
+        ...
+
     async def request_cancel(self, job_id: str) -> Job | None:
         """Fail a queued job at once (refunded); flag a running one for the worker to stop."""
         ...

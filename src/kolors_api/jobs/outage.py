@@ -1,7 +1,9 @@
 """Telling a store outage from a bug, and logging an outage once rather than once per request.
 
 An outage is the store being unreachable or unable to write for a while: Redis down, restarting,
-loading or read-only; SQLite's "database is locked", a disk I/O error, a full or read-only disk.
+loading or read-only; SQLite's "database is locked", a disk I/O error, a full or read-only disk;
+the object store of the images (S3) unreachable or failing (`BlobUnavailable`, which that store
+logs itself, once per outage).
 The API answers it with 503 and Retry-After (`kolors_api.errors.store_unavailable`); the API and
 the workers go on by themselves when the store is back. Anything else is a bug (500, traceback).
 """
@@ -17,8 +19,15 @@ import time
 _REDIS_BUSY = ("LOADING", "MISCONF", "OOM", "READONLY", "MASTERDOWN", "BUSY ", "TRYAGAIN", "CLUSTERDOWN")
 
 
+class BlobUnavailable(Exception):  # noqa: N818 - a state, like the store outcomes
+    """The object store of the images cannot be reached or refuses for now (S3 down, throttling,
+    credentials that stopped working). The blob store that raises it has logged the outage already."""
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when `exc` says the store cannot be reached or cannot write now (not a bug)."""
+    if isinstance(exc, BlobUnavailable):
+        return True
     if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
         return True
     if isinstance(exc, OSError):  # refused or reset connections, a full disk under the blob store
@@ -46,8 +55,10 @@ class Outage:
     and goes) does not write a pair of lines per request."""
 
     def __init__(self, log: logging.Logger, what: str = "job store", settle: float = 5.0,
-                 meanwhile: str = "answering 503 until it is back") -> None:
+                 meanwhile: str = "answering 503 until it is back", *, blob_store: bool = False) -> None:
         self.log = log
+        #: The blob store's own tracker; every other one leaves `BlobUnavailable` to it.
+        self.blob_store = blob_store
         self.what = what
         self.meanwhile = meanwhile
         self.settle = settle
@@ -60,6 +71,8 @@ class Outage:
         return self.since is not None
 
     def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, BlobUnavailable) and not self.blob_store:
+            return  # the blob store keeps its own outage (and its one line)
         now = time.monotonic()
         self.last = now
         self.errors += 1

@@ -63,7 +63,7 @@ from kolors_api.jobs.base import (
     webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
-from kolors_api.jobs.blobs import BlobDir
+from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
@@ -74,8 +74,8 @@ log = logging.getLogger(__name__)
 
 
 class RedisStore(RedisHooks):
-    """The fleet store. `blob_dir` (a directory every worker and API replica shares) keeps images as
-    files instead of in Redis, laid out as for SQLite (`jobs/blobs.py`)."""
+    """The fleet store. `blobs` (an S3 bucket, or a folder every worker and API replica shares;
+    `blob_dir` is the folder's shorthand) keeps images instead of Redis (`jobs/blobs.py`)."""
 
     #: Fallback re-check of `wait` and longest single block of `claim`, in seconds.
     recheck: float = 1.0
@@ -84,11 +84,12 @@ class RedisStore(RedisHooks):
     reclaim_horizon: float = 60.0
 
     def __init__(self, url: str, *, retention: float = 3600.0, max_deliveries: int = 3,
-                 blob_dir: Path | None = None, prefix: str = names.DEFAULT_PREFIX) -> None:
+                 blob_dir: Path | None = None, prefix: str = names.DEFAULT_PREFIX,
+                 blobs: Blobs | None = None) -> None:
         self.url = url
         self.retention = retention
         self.max_deliveries = max_deliveries
-        self.blobs = BlobDir(blob_dir) if blob_dir is not None else None
+        self.blobs: Blobs | None = blobs if blobs is not None else BlobDir(blob_dir) if blob_dir is not None else None
         self.keys = Keys(prefix)
         self._redis: Redis | None = None
         self._blocking: Redis | None = None
@@ -230,6 +231,13 @@ class RedisStore(RedisHooks):
         if self.blobs is None:
             return None
         return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
+
+    async def output_url(self, job_id: str, index: int) -> str | None:
+        raw = _hash_of(await (await self._conn()).hgetall(self.keys.job(job_id)))
+        job = _live(raw)
+        if self.blobs is None or "blob" not in raw or not output_readable(job, index):
+            return None
+        return await asyncio.to_thread(self.blobs.presign, job_id, raw["blob"], index, job.ext, seconds_left(job))
 
     async def request_cancel(self, job_id: str) -> Job | None:
         got = await self._call(names.SCRIPT_CANCEL, job_id)
@@ -392,8 +400,7 @@ class RedisStore(RedisHooks):
             gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
             if self.blobs is not None:
-                for job_id in gone:
-                    await asyncio.to_thread(self.blobs.remove, job_id)
+                await asyncio.to_thread(remove_expired, self.blobs, gone, self.retention)
             if len(gone) < batch:
                 break
         # Consumers are per worker id: forget those long gone that hold nothing.

@@ -45,7 +45,7 @@ from kolors_api.jobs.base import (
     webhook_json,
 )
 from kolors_api.jobs.batching import BatchBuilder
-from kolors_api.jobs.blobs import BlobDir
+from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, key_of, ledger_entry, take
 from kolors_api.schema import decimal
 
@@ -113,14 +113,15 @@ POLL = 0.25
 
 class SQLiteStore(hooks.SQLiteHooks):
     """The embedded store. `recover=True` (the `serve` process that owns the only worker)
-    re-queues jobs left PROCESSING by a process that died."""
+    re-queues jobs left PROCESSING by a process that died. Images go to `blobs` (default: files
+    under `outputs/` beside the database); a COMPLETED row keeps the lease token that names them."""
 
     def __init__(self, path: Path, *, retention: float = 3600.0, max_deliveries: int = 3,
-                 recover: bool = False, busy_timeout: float = 30.0) -> None:
+                 recover: bool = False, busy_timeout: float = 30.0, blobs: Blobs | None = None) -> None:
         self.path = Path(path)
         #: How long a statement waits for another process's lock before "database is locked".
         self.busy_timeout = busy_timeout
-        self.blobs = BlobDir(self.path.parent / "outputs")
+        self.blobs: Blobs = blobs if blobs is not None else BlobDir(self.path.parent / "outputs")
         self.retention = retention
         self.max_deliveries = max_deliveries
         self._recover = recover
@@ -273,11 +274,23 @@ class SQLiteStore(hooks.SQLiteHooks):
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
         return await self._waiters.wait(self.get, job_id, after_version, timeout, POLL * 4)
 
+    async def _output(self, job_id: str, index: int) -> tuple[Job, str | None] | None:
+        """A readable output's job and the token naming its images (None on rows older than that)."""
+        def q() -> tuple[Job | None, str | None]:
+            row = self._q1("SELECT lease_token FROM jobs WHERE id=?", job_id)
+            return self._get(job_id), (row["lease_token"] if row is not None else None)
+        job, token = await self._run(q)
+        return (job, token) if output_readable(job, index) else None
+
     async def read_output(self, job_id: str, index: int) -> bytes | None:
-        job = await self.get(job_id)
-        if not output_readable(job, index):
-            return None
-        return await asyncio.to_thread(self.blobs.read, job_id, None, index, job.ext)
+        found = await self._output(job_id, index)
+        return None if found is None else await asyncio.to_thread(self.blobs.read, job_id, found[1], index,
+                                                                  found[0].ext)
+
+    async def output_url(self, job_id: str, index: int) -> str | None:
+        found = await self._output(job_id, index)
+        return None if found is None else await asyncio.to_thread(
+            self.blobs.presign, job_id, found[1], index, found[0].ext, seconds_left(found[0]))
 
     async def request_cancel(self, job_id: str) -> Job | None:
         def q() -> Job | None:
@@ -418,21 +431,21 @@ class SQLiteStore(hooks.SQLiteHooks):
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
-        def q() -> bool:
+        def q() -> bool | None:
+            """True: COMPLETED; None: a cancel came first (FAILED, refunded); False: the lease is stale."""
             now = time.time()
             with self._tx() as c:
                 row = self._holds(c, lease)
-                if row is None or row["cancel_requested"]:
-                    self.blobs.discard(lease.job.id, lease.token)
-                    if row is None:
-                        return False
+                if row is None:
+                    return False
+                if row["cancel_requested"]:
                     # a cancel acknowledged before this completion wins: FAILED "cancelled", refunded
                     self._finish_failed(c, row, "cancelled")
-                    return True
-                self.blobs.commit(lease.job.id, lease.token)
+                    return None
+                # the row keeps the lease token: it names this delivery's images (jobs/blobs.py)
                 c.execute(
                     "UPDATE jobs SET state='COMPLETED', outputs=?, ext=?, seeds=?, metrics=?, finished_at=?, "
-                    "expires_at=?, lease_token=NULL, lease_until=NULL, step=total_steps, version=version+1 "
+                    "expires_at=?, lease_until=NULL, step=total_steps, version=version+1 "
                     "WHERE id=?", (len(images), ext, json.dumps(seeds), json.dumps(metrics), now,
                                    now + self.retention, lease.job.id))
                 hooks.enqueue(c, lease.job.id, "completed")
@@ -446,12 +459,13 @@ class SQLiteStore(hooks.SQLiteHooks):
 
         if not await self._run(holds):
             return False
-        # Files are written off the database thread (large images must not stall the API's
-        # queries), and moved into place inside the fenced commit.
+        # Images are written off the database thread (large images or an object store must not
+        # stall the API's queries), before the fenced commit; kept or dropped after it.
         await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
-        ok = await self._run(q)
+        done = await self._run(q)
+        await asyncio.to_thread(self.blobs.commit if done else self.blobs.discard, lease.job.id, lease.token)
         self._notify(lease.job.id)
-        return ok
+        return done is not False
 
     def _finish_failed(self, c: sqlite3.Connection, row: sqlite3.Row, error: str) -> None:
         now = time.time()
@@ -500,7 +514,7 @@ class SQLiteStore(hooks.SQLiteHooks):
         return await self._run(q)
 
     async def expire(self) -> int:
-        def q() -> int:
+        def q() -> list[str]:
             now = time.time()
             with self._tx() as c:
                 ids = [r[0] for r in c.execute("SELECT id FROM jobs WHERE expires_at<=?", (now,))]
@@ -508,10 +522,11 @@ class SQLiteStore(hooks.SQLiteHooks):
                 previews.sweep(c, now)
                 c.execute("DELETE FROM workers WHERE seen_until<?", (now - 3600,))
                 hooks.expire(c, now)
-            for job_id in ids:
-                self.blobs.remove(job_id)
-            return len(ids)
-        return await self._run(q)
+            return ids
+        ids = await self._run(q)
+        # off the database thread: an object store is a network away
+        await asyncio.to_thread(remove_expired, self.blobs, ids, self.retention)
+        return len(ids)
 
     # -- keys and credits
     async def add_key(self, key: ApiKey) -> None:
