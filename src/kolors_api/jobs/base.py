@@ -183,12 +183,14 @@ class ApiKey:
     rate_limit: str | None = None
     max_concurrency: int | None = None
     created_at: float = 0.0
+    #: The key's share of the workers while several keys have queued work (`kolors_api.jobs.fair`).
+    weight: float = 1.0
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "prefix": self.prefix, "admin": self.admin,
             "enabled": self.enabled, "credits": self.credits, "rate_limit": self.rate_limit,
-            "max_concurrency": self.max_concurrency, "created_at": self.created_at,
+            "max_concurrency": self.max_concurrency, "weight": self.weight, "created_at": self.created_at,
         }
 
 
@@ -235,7 +237,7 @@ def show(credits: float) -> str:
 
 KEY_PREFIX = "kol_"
 #: The fields of a key that `update_key` sets as they are (credits move through the ledger).
-KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
+KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency", "weight")
 
 
 def new_key() -> str:
@@ -247,10 +249,11 @@ def hash_key(key: str) -> str:
 
 
 def make_key_record(name: str, key: str, *, admin: bool = False, credits: float | None = None,
-                    rate_limit: str | None = None, max_concurrency: int | None = None) -> ApiKey:
+                    rate_limit: str | None = None, max_concurrency: int | None = None,
+                    weight: float = 1.0) -> ApiKey:
     return ApiKey(id=uuid.uuid4().hex[:16], name=name, prefix=key[:10], key_hash=hash_key(key),
                   admin=admin, credits=credits, rate_limit=rate_limit,
-                  max_concurrency=max_concurrency, created_at=time.time())
+                  max_concurrency=max_concurrency, created_at=time.time(), weight=weight)
 
 
 class StoreError(Exception):
@@ -334,7 +337,8 @@ class JobStore(Protocol):
         ...
 
     async def queue_position(self, job_id: str) -> int | None:
-        """0 for the next job to be claimed; None when not queued."""
+        """How many queued jobs the fair order serves before this one if no other job arrives (0: it
+        is next); None when not queued. Jobs of a key that becomes active later may still go first."""
         ...
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
@@ -353,12 +357,14 @@ class JobStore(Protocol):
 
     # -- jobs: worker side
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
-        """Take the oldest queued job (or one whose lease ran out), waiting up to `timeout`."""
+        """Take a job whose lease ran out, else the next queued job in fair order (`kolors_api.jobs.fair`:
+        the oldest of the key with the least work served for its weight), waiting up to `timeout`."""
         ...
 
     async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        """Claim, oldest first, queued jobs that fit `batch` (`kolors_api.jobs.batching`: same shape,
-        within its budget), adding each to it; each gets a lease of its own. May return []."""
+        """Claim, in fair order across keys (`fair.fill`), queued jobs that fit `batch`
+        (`kolors_api.jobs.batching`: same shape, within its budget), adding each to it; each gets a
+        lease of its own. May return []."""
         ...
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:

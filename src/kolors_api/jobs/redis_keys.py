@@ -2,14 +2,18 @@
 
 All names start with the store's prefix (default ``kolors:``), so several deployments (or test
 runs) can share one Redis. Python builds names through `Keys`; the Lua scripts build the names
-they discover at run time (a job id read from the stream, the key id read from a job) through
+they discover at run time (a job id bound to a ticket, the key id read from a job) through
 `LUA_KEYS`, which is generated from the same constants, so the two cannot drift apart.
 
 | name | type | holds |
 | --- | --- | --- |
-| ``queue`` | stream, group ``workers`` | one entry ``{job: id}`` per accepted job, until it ends |
+| ``queue`` | stream, group ``workers`` | one entry (a *ticket*) per queued or running job: unread while the job is queued (the lag), pending while a worker runs it; a claim binds the next unread ticket to the job it takes |
+| ``tickets`` | hash entry id → job id | which job a read ticket stands for (reclaim through XAUTOCLAIM) |
+| ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
+| ``fair`` | hash | ``vtime``; ``finish:{key id}``, ``odo:{key id}`` (a key's last finish tag, enqueued work) |
+| ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
-| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, positions) |
+| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, stats) |
 | ``processing`` | set of ids | PROCESSING jobs |
 | ``seq`` | counter | submission sequence (queue order, history order, cursors) |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
@@ -43,6 +47,9 @@ STREAM = "queue"
 #: The consumer group on STREAM; each worker is a consumer named by its worker id. Not a key.
 GROUP = "workers"
 DEAD_LETTERS = "dead-letters"
+TICKETS = "tickets"
+FAIR_ACTIVE = "fair-active"
+FAIR = "fair"
 QUEUED = "queued"
 PROCESSING = "processing"
 SEQ = "seq"
@@ -67,6 +74,7 @@ IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
 PREVIEW = "preview:"
+FAIR_QUEUE = "fair-queue:"
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -74,9 +82,9 @@ DEAD_LETTER_COUNT = "dead_letters"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
-SCRIPT_CLAIM_STALE = "claim_stale"
-SCRIPT_CLAIM_ENTRY = "claim_entry"
+SCRIPT_CLAIM = "claim"
 SCRIPT_CLAIM_QUEUED = "claim_queued"
+SCRIPT_POSITION = "position"
 SCRIPT_HEARTBEAT = "heartbeat"
 SCRIPT_PROGRESS = "progress"
 SCRIPT_COMPLETE = "complete"
@@ -91,7 +99,7 @@ SCRIPT_STATS = "stats"
 SCRIPT_HOOK_CLAIM = "hook_claim"
 SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
-    SCRIPT_SUBMIT, SCRIPT_CLAIM_STALE, SCRIPT_CLAIM_ENTRY, SCRIPT_CLAIM_QUEUED, SCRIPT_HEARTBEAT,
+    SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_QUEUED, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
     SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
 )
@@ -110,6 +118,9 @@ class Keys:
         self.stream = prefix + STREAM
         self.group = GROUP
         self.dead_letters = prefix + DEAD_LETTERS
+        self.tickets = prefix + TICKETS
+        self.fair_active = prefix + FAIR_ACTIVE
+        self.fair = prefix + FAIR
         self.queued = prefix + QUEUED
         self.processing = prefix + PROCESSING
         self.seq = prefix + SEQ
@@ -128,6 +139,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return self.prefix + JOB + job_id
+
+    def fair_queue(self, key_id: str) -> str:
+        return self.prefix + FAIR_QUEUE + key_id
 
     def preview(self, job_id: str) -> str:
         return self.prefix + PREVIEW + job_id
@@ -171,6 +185,9 @@ LUA_KEYS = "\n".join([
     f"local K_STREAM = P .. {_lua_string(STREAM)}",
     f"local K_GROUP = {_lua_string(GROUP)}",
     f"local K_DEAD = P .. {_lua_string(DEAD_LETTERS)}",
+    f"local K_TICKETS = P .. {_lua_string(TICKETS)}",
+    f"local K_FAIR_ACTIVE = P .. {_lua_string(FAIR_ACTIVE)}",
+    f"local K_FAIR = P .. {_lua_string(FAIR)}",
     f"local K_QUEUED = P .. {_lua_string(QUEUED)}",
     f"local K_PROCESSING = P .. {_lua_string(PROCESSING)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
@@ -193,5 +210,6 @@ LUA_KEYS = "\n".join([
     f"local function k_hook_log(id) return P .. {_lua_string(HOOK_LOG)} .. id end",
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
     f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
+    f"local function k_fair_queue(kid) return P .. {_lua_string(FAIR_QUEUE)} .. kid end",
     "",
 ])
