@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
@@ -111,6 +112,16 @@ WEBHOOK_EVENTS = ("start", "progress", "completed", "failed")
 WEBHOOK_STATES = ("pending", "delivered", "failed", "stopped")
 #: How long delivery records and attempt logs are kept after their last change.
 WEBHOOK_LOG_SECONDS = 2 * 24 * 3600
+
+
+def destination(url: str) -> str:
+    """The destination a webhook URL is delivered to, for the per-destination bound of the delivery
+    runner: its host and port as written (lower case, without user info). The Redis store's Lua
+    (`redis_hooks.LUA_OUTBOX`) computes the same."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    for sep in "/?#":
+        rest = rest.split(sep, 1)[0]
+    return rest.rsplit("@", 1)[-1].lower()
 
 
 def webhook_json(new: NewJob) -> str | None:
@@ -432,9 +443,13 @@ class JobStore(Protocol):
 
     # -- webhooks: `claim`, `progress`, `complete` and `fail` (and a cancel) put the deliveries a job's
     # webhook asks for in an outbox, in the same atomic step as the change; delivery runners take them.
-    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
-        """Take up to `limit` due deliveries for one attempt each; one not recorded within
-        `lease_seconds` (its runner died) is due again."""
+    async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
+                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
+        """Take up to `limit` due deliveries for one attempt each, the longest due first; one not recorded
+        within `lease_seconds` (its runner died) is due again. With `per_destination`, at most that many
+        minus `busy[d]` (the caller's tries in flight) of each `destination(url)` d: a destination that
+        hangs never takes the others' turn. Costs O(destinations with due deliveries), not O(backlog)
+        (Redis; SQLite reads the due rows' destinations)."""
         ...
 
     async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,

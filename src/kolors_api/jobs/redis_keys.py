@@ -7,7 +7,7 @@ they discover at run time (a job id bound to a ticket, the key id read from a jo
 
 | name | type | holds |
 | --- | --- | --- |
-| ``queue`` | stream, group ``workers`` | one entry (a *ticket*) per queued or running job: unread while the job is queued (the lag), pending while a worker runs it; a claim binds the next unread ticket to the job it takes |
+| ``queue`` | stream, group ``workers`` | one entry (a ticket) per queued or running job (see below) |
 | ``tickets`` | hash entry id → job id | which job a read ticket stands for (reclaim through XAUTOCLAIM) |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
 | ``fair`` | hash | ``vtime``; ``finish:{key id}``, ``odo:{key id}`` (a key's last finish tag, enqueued work) |
@@ -30,11 +30,17 @@ they discover at run time (a job id bound to a ticket, the key id read from a jo
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
-| ``hooks-due`` | zset delivery id → due time | pending webhook deliveries (a claim pushes it a lease ahead) |
+| ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
+| ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
+| ``hooks-due`` | zset delivery id → due time | an older version's pending deliveries (moved by a claim) |
 | ``hook:{delivery id}`` | hash | one webhook delivery: job, event, url, state, attempts, token |
 | ``hook-log:{id}`` | list of JSON | the job's webhook attempts |
 | ``webhook-secrets`` | hash key id → ``whsec_…`` | each API key's webhook signing secret |
 | ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
+
+Tickets: a ticket is unread while a job waits (the stream's lag) and pending while a worker runs
+one, so KEDA's triggers on the stream count the waiting and the running jobs; a claim binds the
+next unread ticket to the job the fair order gives it (`redis_fair.py`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ SECRET = "secret"  # noqa: S105 - a key name, not a secret
 KEY_INDEX = "key-index"
 KEY_LIST = "keys"
 HOOKS_DUE = "hooks-due"
+HOOK_DESTS = "hook-dests"
 WEBHOOK_SECRETS = "webhook-secrets"  # noqa: S105 - a key name, not a secret
 
 # -- per-id names (prefix + stem + id)
@@ -75,6 +82,7 @@ HOOK = "hook:"
 HOOK_LOG = "hook-log:"
 PREVIEW = "preview:"
 FAIR_QUEUE = "fair-queue:"
+DEST_DUE = "hooks-due:"
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -131,6 +139,7 @@ class Keys:
         self.key_index = prefix + KEY_INDEX
         self.key_list = prefix + KEY_LIST
         self.hooks_due = prefix + HOOKS_DUE
+        self.hook_dests = prefix + HOOK_DESTS
         self.webhook_secrets = prefix + WEBHOOK_SECRETS
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
@@ -139,6 +148,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return self.prefix + JOB + job_id
+
+    def dest_due(self, destination: str) -> str:
+        return self.prefix + DEST_DUE + destination
 
     def fair_queue(self, key_id: str) -> str:
         return self.prefix + FAIR_QUEUE + key_id
@@ -197,6 +209,7 @@ LUA_KEYS = "\n".join([
     f"local K_KEY_INDEX = P .. {_lua_string(KEY_INDEX)}",
     f"local K_KEY_LIST = P .. {_lua_string(KEY_LIST)}",
     f"local K_HOOKS_DUE = P .. {_lua_string(HOOKS_DUE)}",
+    f"local K_HOOK_DESTS = P .. {_lua_string(HOOK_DESTS)}",
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
@@ -211,5 +224,6 @@ LUA_KEYS = "\n".join([
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
     f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
     f"local function k_fair_queue(kid) return P .. {_lua_string(FAIR_QUEUE)} .. kid end",
+    f"local function k_dest_due(dest) return P .. {_lua_string(DEST_DUE)} .. dest end",
     "",
 ])

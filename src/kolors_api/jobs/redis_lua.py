@@ -342,5 +342,6 @@ return {redis.call('ZCARD', K_QUEUED), redis.call('SCARD', K_PROCESSING),
 """,
 }
 
-SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in (_LUA_BODIES | FAIR_BODIES | HOOK_BODIES).items()}
+_BODIES = _LUA_BODIES | FAIR_BODIES | HOOK_BODIES
+SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in _BODIES.items()}
 assert set(SCRIPTS) == set(names.SCRIPT_NAMES)

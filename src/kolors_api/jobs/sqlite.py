@@ -150,6 +150,7 @@ class SQLiteStore(hooks.SQLiteHooks):
                 c.execute("UPDATE jobs SET state='QUEUED', lease_token=NULL, lease_worker=NULL, "
                           "lease_until=NULL, version=version+1 WHERE state='PROCESSING'")
         fair_db.migrate(conn)  # after the recovery: the keys of re-queued jobs become active
+        hooks.migrate(conn)
 
     def _tx(self) -> Tx:
         assert self._conn is not None

@@ -68,6 +68,7 @@ export async function loadAccount() {
       ["Credits", data.credits === null ? "unlimited" : data.credits],
       ["Rate limit", data.limits.rate_limit || "none"],
       ["Max concurrency", data.limits.max_concurrency ?? "none"],
+      ["Weight (share of the workers)", data.limits.weight],
       ["Credits spent", data.usage.credits_spent], ["Credits reserved", data.usage.credits_reserved],
       ["Requests", data.usage.requests], ["Running now", data.usage.running],
     ];
@@ -94,6 +95,7 @@ export function setupKeys() {
     if (f.get("credits")) body.credits = Number(f.get("credits"));
     if (f.get("rate_limit")) body.rate_limit = String(f.get("rate_limit")).trim();
     if (f.get("max_concurrency")) body.max_concurrency = Number(f.get("max_concurrency"));
+    if (f.get("weight")) body.weight = Number(f.get("weight"));
     if (f.get("admin")) body.admin = true;
     try {
       const { data } = await api("v1/admin/keys", { method: "POST", body });
@@ -151,6 +153,18 @@ function keyRow(k) {
     }
     act(() => api(path, { method: "PATCH", body: { add_credits: value } }), `Added ${value} credits to ${k.name}.`);
   });
+  const weight = el("input", { type: "number", step: "any", min: "0", class: "weight-value", value: String(k.weight),
+    "aria-label": `weight of ${k.name}` });
+  const setWeight = el("button", { type: "button", class: "set-weight" }, "Set");
+  setWeight.addEventListener("click", () => {
+    const value = Number(weight.value);
+    if (!weight.value || !Number.isFinite(value) || value <= 0) {
+      $("#keys-msg").textContent = "weight: must be a number greater than 0";
+      weight.focus();
+      return;
+    }
+    act(() => api(path, { method: "PATCH", body: { weight: value } }), `Set the weight of ${k.name} to ${value}.`);
+  });
   const revoke = el("button", { type: "button", class: "revoke danger" }, "Revoke");
   revoke.addEventListener("click", () => {
     if (confirm(`Revoke the key ${k.name} (${k.prefix}…)? This cannot be undone.`)) {
@@ -162,5 +176,6 @@ function keyRow(k) {
     el("td", { class: "enabled" }, k.enabled ? "yes" : "no"),
     el("td", { class: "credits" }, k.credits === null ? "unlimited" : k.credits),
     el("td", {}, k.rate_limit || "–"), el("td", {}, k.max_concurrency ?? "–"),
+    el("td", { class: "weight" }, weight, setWeight),
     el("td", { class: "row-actions" }, toggle, amount, add, revoke));
 }
