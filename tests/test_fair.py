@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kolors_api.jobs import ApiKey, JobStore, NewJob, make_key_record, new_key
+from kolors_api.jobs.base import destination
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.fair import work
 from tests.store_helpers import CHANGES, READS
@@ -155,3 +156,29 @@ async def test_a_keys_weight_is_stored_and_can_change(store: JobStore) -> None:
     assert [k.weight for k in await store.list_keys()] == [4.0]
     plain = await key(store, "plain")
     assert (await store.get_key(plain.id)).weight == 1.0  # type: ignore[union-attr]
+
+
+def test_destination_is_host_and_port_as_written() -> None:
+    assert destination("https://User:pw@Hooks.Example.COM:8443/a/b?c#d") == "hooks.example.com:8443"
+    assert destination("http://127.0.0.1:9/hook") == "127.0.0.1:9"
+    assert destination("http://[::1]:80") == "[::1]:80"
+
+
+async def test_webhook_claims_are_bounded_per_destination_and_skip_none(store: JobStore) -> None:
+    """A destination with a backlog gives at most its bound less its tries in flight; others still get
+    their turn, the longest due first."""
+    slow = {"webhook": "http://slow.example:81/hook", "webhook_events": ("start",)}
+    fast = {"webhook": "http://fast.example:82/hook", "webhook_events": ("start",)}
+    for i in range(12):
+        await store.submit(NewJob(model="kolors", params=params(i), **slow))  # type: ignore[arg-type]
+    mine = await store.submit(NewJob(model="kolors", params=params(99), **fast))  # type: ignore[arg-type]
+    for _ in range(13):
+        assert await store.claim("w1", 30, 0.1) is not None  # each claim puts a "start" delivery in the outbox
+    got = await store.claim_webhooks(30, 16, per_destination=4, busy={"slow.example:81": 1})
+    by_dest = Counter(destination(d.url) for d in got)
+    assert by_dest == {"slow.example:81": 3, "fast.example:82": 1}
+    assert [d.job_id for d in got if "fast" in d.url] == [mine.id]
+    more = await store.claim_webhooks(30, 16, per_destination=4, busy={"slow.example:81": 4})
+    assert more == []  # the slow one is at its bound; nothing else is due
+    rest = await store.claim_webhooks(30, 16)  # no bound: the old behaviour
+    assert len(rest) == 9 and {destination(d.url) for d in rest} == {"slow.example:81"}
