@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -21,7 +22,8 @@ class Received:
 @dataclass
 class Receiver:
     """`statuses` are answered in turn (the last one from then on); a status 0 is no answer at all: the
-    request hangs until `close()` (a receiver that never answers)."""
+    request hangs until `close()` or until the client closes the connection (a receiver that never
+    answers); `hanging` counts such requests open right now."""
 
     statuses: list[int] = field(default_factory=lambda: [200])
     posts: list[Received] = field(default_factory=list)
@@ -44,7 +46,12 @@ class Receiver:
                     with receiver.lock:
                         receiver.hanging += 1
                         receiver.most_hanging = max(receiver.most_hanging, receiver.hanging)
-                    receiver.released.wait(120)
+                    # hang until released, or until the client gives up and closes the connection
+                    deadline = time.monotonic() + 120
+                    while not receiver.released.wait(0.05) and time.monotonic() < deadline:
+                        if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(
+                                1, socket.MSG_PEEK):
+                            break
                     with receiver.lock:
                         receiver.hanging -= 1
                     return

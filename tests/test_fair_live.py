@@ -62,11 +62,12 @@ def test_a_lone_keys_job_is_not_held_behind_another_keys_backlog(api: LiveServer
     status = httpx.get(f"{api.url}/v2/requests/{mine}/status", headers={"x-api-key": lone["key"]}).json()
     assert status["status"] != "QUEUED" or status["queue_position"] == 0, status
     wait_for_status(api, lone["key"], mine, lambda s: s["status"] == "COMPLETED", timeout=120)
-    at = started(api, lone["key"])[mine]
-    assert at is not None
-    before = [t for t in started(api, flood["key"]).values() if t is not None and t < at]
-    # it ran in the next engine call (which a batch may share with a few of the flood's), not after the 200
-    assert len(before) < 50, len(before)
+    (row,) = httpx.get(api.url + "/v1/requests", headers={"x-api-key": lone["key"]}).json()["data"]
+    submitted, at = row["created_at"], row["started_at"]
+    between = [t for t in started(api, flood["key"]).values() if t is not None and submitted < t < at]
+    # it ran in the next engine call (one of at most 8 images on CPU, which it may share with the
+    # flood's jobs of its shape), not after the flood's 200
+    assert len(between) < 8, len(between)
 
 
 def test_a_receiver_that_never_answers_does_not_hold_another_keys_webhook(api: LiveServer) -> None:

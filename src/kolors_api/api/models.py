@@ -203,7 +203,8 @@ class StatusBody(BaseModel):
 
     request_id: str
     status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
-    queue_position: int | None = Field(None, description="0 is next in line (QUEUED only)")
+    queue_position: int | None = Field(None, description="queued jobs the fair order serves before this one if "
+                                                         "no other arrives: 0 is next (QUEUED only)")
     progress: Progress | None = None
     error: str | None = None
 
