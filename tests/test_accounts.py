@@ -151,7 +151,7 @@ def test_a_keys_weight_is_set_on_create_and_patch_and_shown_everywhere(admin: ht
 def test_the_bootstrap_key_is_an_unlimited_admin(admin: httpx.Client) -> None:
     body = admin.get("/v1/account").json()
     assert body["admin"] is True and body["credits"] is None
-    assert body["limits"] == {"rate_limit": None, "max_concurrency": None}
+    assert body["limits"] == {"rate_limit": None, "max_concurrency": None, "weight": 1.0}
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_ROUTES)
