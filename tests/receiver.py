@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -15,28 +16,44 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int
+    at: float = 0.0  # time.time() when it came in
 
 
 @dataclass
 class Receiver:
     """`statuses` are answered in turn (the last one from then on); a status 0 is no answer at all: the
-    request hangs until `close()` (a receiver that never answers)."""
+    request hangs until `close()` or until the client closes the connection (a receiver that never
+    answers); `hanging` counts such requests open right now."""
 
     statuses: list[int] = field(default_factory=lambda: [200])
     posts: list[Received] = field(default_factory=list)
     released: threading.Event = field(default_factory=threading.Event)
+    #: Requests hanging right now (status 0), and the most there ever were at once.
+    hanging: int = 0
+    most_hanging: int = 0
 
     def __post_init__(self) -> None:
         receiver = self
+        self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 n = len(receiver.posts)
                 status = receiver.statuses[min(n, len(receiver.statuses) - 1)]
-                receiver.posts.append(Received(dict(self.headers.items()), body, status))
+                receiver.posts.append(Received(dict(self.headers.items()), body, status, time.time()))
                 if status == 0:
-                    receiver.released.wait(120)
+                    with receiver.lock:
+                        receiver.hanging += 1
+                        receiver.most_hanging = max(receiver.most_hanging, receiver.hanging)
+                    # hang until released, or until the client gives up and closes the connection
+                    deadline = time.monotonic() + 120
+                    while not receiver.released.wait(0.05) and time.monotonic() < deadline:
+                        if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(
+                                1, socket.MSG_PEEK):
+                            break
+                    with receiver.lock:
+                        receiver.hanging -= 1
                     return
                 self.send_response(status)
                 self.send_header("content-length", "0")

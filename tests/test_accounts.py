@@ -131,10 +131,27 @@ def test_top_ups_cannot_overflow_a_balance(scratch: httpx.Client) -> None:
     assert credits is not None and math.isfinite(credits)
 
 
+def test_a_keys_weight_is_set_on_create_and_patch_and_shown_everywhere(admin: httpx.Client) -> None:
+    body = create_key(admin, name="heavy", weight=2)
+    assert body["weight"] == 2 and create_key(admin, name="plain")["weight"] == 1
+    rows = {row["id"]: row for row in admin.get("/v1/admin/keys").json()["data"]}
+    assert rows[body["id"]]["weight"] == 2
+    r = admin.patch(f"/v1/admin/keys/{body['id']}", json={"weight": 4.5})
+    assert r.status_code == 200 and r.json()["weight"] == 4.5
+    assert admin.get("/v1/account", headers=as_key(body["key"])).json()["limits"]["weight"] == 4.5
+    for bad in (0, -1, "4", True, None, 10**24, 1e7):
+        r = admin.patch(f"/v1/admin/keys/{body['id']}", json={"weight": bad})
+        assert r.status_code == 400 and r.json()["error"].startswith("weight: must be a number greater than 0"), r.text
+    for raw in ("NaN", "Infinity", "1e400", "-0.0"):
+        r = admin.post("/v1/admin/keys", content=f'{{"name": "w", "weight": {raw}}}')
+        assert r.status_code == 400 and r.json()["error"].startswith("weight:"), r.text
+    assert admin.get("/v1/account", headers=as_key(body["key"])).json()["limits"]["weight"] == 4.5
+
+
 def test_the_bootstrap_key_is_an_unlimited_admin(admin: httpx.Client) -> None:
     body = admin.get("/v1/account").json()
     assert body["admin"] is True and body["credits"] is None
-    assert body["limits"] == {"rate_limit": None, "max_concurrency": None}
+    assert body["limits"] == {"rate_limit": None, "max_concurrency": None, "weight": 1.0}
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_ROUTES)
@@ -189,7 +206,7 @@ def test_account_reports_credits_limits_and_usage(admin: httpx.Client) -> None:
     assert body.pop("webhook_secret").startswith("whsec_")  # tests/test_webhooks.py
     assert body == {
         "id": user["id"], "name": "user", "admin": False, "credits": 9.5,
-        "limits": {"rate_limit": "100/min", "max_concurrency": 5},
+        "limits": {"rate_limit": "100/min", "max_concurrency": 5, "weight": 1.0},
         "usage": {"credits_spent": 0, "credits_reserved": 0.5, "requests": 2, "running": 2},
     }
 
@@ -253,6 +270,23 @@ def test_keys_cli_creates_lists_and_revokes_on_the_live_data_dir(srv: LiveServer
     assert run_cli("revoke", "nope", data_dir=srv.data_dir).returncode == 1
     bad = run_cli("create", "--name", "x", "--rate-limit", "fast", data_dir=srv.data_dir)
     assert bad.returncode == 2 and "--rate-limit" in bad.stderr
+
+
+def test_keys_cli_sets_and_updates_a_keys_weight(srv: LiveServer, admin: httpx.Client) -> None:
+    made = run_cli("create", "--name", "weighted", "--weight", "3", data_dir=srv.data_dir)
+    assert made.returncode == 0 and "weight=3" in made.stderr, made.stderr
+    key = made.stdout.strip()
+    account = admin.get("/v1/account", headers=as_key(key)).json()
+    assert account["limits"]["weight"] == 3
+    updated = run_cli("update", account["id"], "--weight", "0.5", data_dir=srv.data_dir)
+    assert updated.returncode == 0, updated.stderr
+    assert json.loads(updated.stdout)["weight"] == 0.5
+    assert admin.get("/v1/account", headers=as_key(key)).json()["limits"]["weight"] == 0.5
+    for flag in ("0", "inf", "nan", "-2"):
+        bad = run_cli("update", account["id"], "--weight", flag, data_dir=srv.data_dir)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: --weight: must be a number"), bad.stderr
+    assert run_cli("update", account["id"], data_dir=srv.data_dir).returncode == 2  # nothing to change
+    assert run_cli("update", "nope", "--weight", "2", data_dir=srv.data_dir).returncode == 1
 
 
 def test_no_plaintext_key_in_the_sqlite_files(srv: LiveServer, admin: httpx.Client) -> None:

@@ -128,16 +128,17 @@ def wait_all(api: LiveServer, key: str, ids: list[str], timeout: float = 300) ->
 
 
 def processing_pid(rdb: redis.Redis, pids: set[int], timeout: float = 60) -> tuple[int, str]:
-    """The pid of a worker that holds a pending (claimed) stream entry right now, and that job id."""
+    """The pid of a worker that holds a pending (claimed) ticket right now, and the job bound to it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for entry in rdb.xpending_range(STREAM, keys.GROUP, "-", "+", 10):
             consumer = entry["consumer"].decode()
             pid = int(consumer.rsplit("-", 2)[1])
             if pid in pids:
-                fields = rdb.xrange(STREAM, entry["message_id"], entry["message_id"])
-                if fields:
-                    return pid, fields[0][1][b"job"].decode()
+                # a ticket stands for the job a claim bound it to
+                job_id = rdb.hget(keys.DEFAULT_PREFIX + keys.TICKETS, entry["message_id"])
+                if job_id is not None:
+                    return pid, job_id.decode()
         time.sleep(0.02)
     raise AssertionError("no worker ever held a job")
 

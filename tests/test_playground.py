@@ -320,6 +320,7 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
     tab.page.fill("#key-create [name=credits]", "5")
     tab.page.fill("#key-create [name=rate_limit]", "10/min")
     tab.page.fill("#key-create [name=max_concurrency]", "2")
+    tab.page.fill("#key-create [name=weight]", "2")
     tab.page.click("#key-create button[type=submit]")
     tab.page.wait_for_selector("#new-key:not([hidden])")
     key = tab.page.inner_text("#new-key-value")
@@ -333,10 +334,17 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
 
     # the new key works, with the limits set on the page
     account = httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).json()
-    assert account["credits"] == 5 and account["limits"] == {"rate_limit": "10/min", "max_concurrency": 2}
+    assert account["credits"] == 5 and account["limits"] == {"rate_limit": "10/min", "max_concurrency": 2,
+                                                             "weight": 2}
     r = httpx.post(tab.server.url + "/v1/kolors", headers={"x-api-key": key}, timeout=120,
                    json={"prompt": "a key made in the browser", "width": 512, "height": 512, "steps": 2})
     assert r.status_code == 200 and r.content[:4] == b"RIFF"
+
+    assert row.locator("input.weight-value").input_value() == "2"
+    row.locator("input.weight-value").fill("0.5")
+    row.locator("button.set-weight").click()
+    tab.page.wait_for_function("() => document.querySelector('#keys-msg').textContent.startsWith('Set the weight')")
+    assert httpx.get(tab.server.url + "/v1/account", headers={"x-api-key": key}).json()["limits"]["weight"] == 0.5
 
     row.locator("input.add-amount").fill("3")
     row.locator("button.add").click()

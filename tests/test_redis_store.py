@@ -1,5 +1,5 @@
 """What only the Redis store has: several instances (API replicas, workers) sharing one Redis,
-the stream and its pending entries, TTLs, pub/sub, blob files. The shared behaviour is in test_store.py."""
+the stream of tickets and its pending entries, TTLs, pub/sub, blob files. The shared behaviour is in test_store.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ redis_asyncio = pytest.importorskip("redis.asyncio")
 
 from kolors_api.jobs import AlreadyExists, InsufficientFunds, JobState, NewJob, make_key_record, new_key  # noqa: E402
 from kolors_api.jobs.redis import RedisStore  # noqa: E402
-from kolors_api.jobs.redis_keys import SCRIPT_CLAIM_ENTRY  # noqa: E402
 from tests.conftest import REDIS_URL  # noqa: E402
 from tests.store_helpers import delete_redis_keys  # noqa: E402
 
@@ -195,31 +194,62 @@ async def test_a_cancelled_queued_job_leaves_the_stream_and_is_never_claimed(
     assert [e.kind for e in await store.ledger(key.id)] == ["topup", "reserve", "reserve", "refund"]
 
 
-async def test_an_entry_cancelled_after_a_worker_read_it_is_skipped(make: MakeStore) -> None:
-    store = await make()
-    job = await store.submit(NewJob(model="kolors", params=params()))
-    read = await store._read_new("w1", 0.5)  # the worker's XREADGROUP got it ...
-    assert [job_id for _, job_id in read] == [job.id]
-    await store.request_cancel(job.id)  # ... then the job was cancelled before its claim script ran
-    (entry, job_id), = read
-    got = await store._call(SCRIPT_CLAIM_ENTRY, "w1", "token", 30_000.0, 60_000, entry, job_id)
-    assert got == [b"none"]
-    after = await store.get(job.id)
-    assert after is not None and after.state == JobState.FAILED and after.deliveries == 0
-
-
-async def test_an_entry_read_by_a_worker_that_died_before_claiming_is_handed_out_again(
+async def test_a_ticket_read_by_a_dead_worker_whose_job_was_cancelled_is_dropped(
         make: MakeStore, raw: Any) -> None:
     store = await make()
     store.reclaim_horizon = 0.3
     job = await store.submit(NewJob(model="kolors", params=params()))
-    # a worker reads the entry and dies before its claim script runs: the job is still QUEUED
-    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)
-    assert await store.claim("w1", 30, 0.1) is None
+    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)  # read, then it died
+    await store.request_cancel(job.id)  # ... and the job was cancelled before any claim bound the ticket
+    after = await store.get(job.id)
+    assert after is not None and after.state == JobState.FAILED and after.deliveries == 0
     await asyncio.sleep(0.35)
-    lease = await store.claim("w1", 30, 1)
+    assert await store.claim("w1", 30, 0.1) is None  # the orphan ticket stands for nothing: acked
+    assert await raw.xlen(store.keys.stream) == 0
+    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
+
+
+async def test_tickets_count_the_queued_and_the_running_jobs(make: MakeStore, raw: Any) -> None:
+    """The stream's lag and pending entries (what KEDA scales on) follow the jobs, whatever the fair
+    order takes first: one ticket per queued or running job, pending exactly while one runs."""
+    store = await make()
+    first, second = (make_key_record(n, new_key()) for n in ("a", "b"))
+    for key in (first, second):
+        await store.add_key(key)
+    ids = [(await store.submit(NewJob(model="kolors", params=params(i), key_id=(first, second)[i // 3].id))).id
+           for i in range(6)]
+    await store.request_cancel(ids[1])
+    assert await raw.xlen(store.keys.stream) == 5
+    leases = [await store.claim("w1", 30, 0.1) for _ in range(3)]
+    taken = [lease.job.id for lease in leases if lease]
+    # one of each key first (both start at the same virtual time), then the first key's next
+    assert taken in ([ids[0], ids[3], ids[2]], [ids[3], ids[0], ids[2]])
+    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 3
+    assert await raw.xlen(store.keys.stream) == 5
+    for lease in leases:
+        assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
+    assert await raw.xlen(store.keys.stream) == 2
+    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
+    assert await raw.hlen(store.keys.tickets) == 0
+
+
+async def test_a_job_whose_ticket_a_dead_worker_read_is_still_claimed_at_once(make: MakeStore, raw: Any) -> None:
+    store = await make()
+    store.reclaim_horizon = 0.3
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    # a worker reads the ticket and dies before a claim binds it: the job is still QUEUED and is
+    # claimed at once, with a fresh ticket; the orphan is acked once past the horizon
+    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)
+    lease = await store.claim("w1", 30, 0.1)
     assert lease is not None and lease.job.id == job.id and lease.delivery == 1
+    assert await raw.xlen(store.keys.stream) == 2
+    await asyncio.sleep(0.35)
+    assert await store.claim("w1", 30, 0.1) is None
     assert (await store.stats()).reclaims == 0
+    assert await raw.xlen(store.keys.stream) == 1
+    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 1
+    assert await store.complete(lease, [b"x"], "png", [1], {})
+    assert await raw.xlen(store.keys.stream) == 0
 
 
 async def test_a_lease_longer_than_the_reclaim_horizon_is_kept_until_it_runs_out(make: MakeStore) -> None:

@@ -206,19 +206,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from kolors_api.api.models import KeyCreate, parse_body
+    from kolors_api.api.models import KeyCreate, KeyUpdate, parse_body
     from kolors_api.errors import BadRequest
     from kolors_api.jobs import make_key_record, make_store, new_key
 
     fields: dict[str, Any] = {}
-    if args.keys_cmd == "create":
-        # The very rules of `POST /v1/admin/keys`.
+    if args.keys_cmd in ("create", "update"):
+        # The very rules of `POST /v1/admin/keys` and `PATCH /v1/admin/keys/{id}`.
+        given = {name: getattr(args, name) for name in ("name", "credits", "rate_limit", "max_concurrency", "weight")
+                 if getattr(args, name) is not None}
         try:
-            fields = parse_body(KeyCreate, {"name": args.name, "credits": args.credits, "rate_limit": args.rate_limit,
-                                            "max_concurrency": args.max_concurrency, "admin": args.admin}).model_dump()
+            if args.keys_cmd == "create":
+                fields = parse_body(KeyCreate, {**given, "admin": args.admin}).model_dump()
+            else:
+                fields = parse_body(KeyUpdate, given).model_dump(exclude_unset=True)
         except BadRequest as exc:
             field, _, problem = exc.message.partition(": ")
             print(f"error: --{field.replace('_', '-')}: {problem}", file=sys.stderr)
+            return 2
+        if args.keys_cmd == "update" and not fields:
+            print("error: keys update: nothing to change (give --name, --credits, --rate-limit, "
+                  "--max-concurrency or --weight)", file=sys.stderr)
             return 2
     settings = _settings(args)
     if not settings.fleet and not settings.sqlite_path().exists() and not getattr(args, "init", False):
@@ -237,8 +245,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 record = make_key_record(fields.pop("name"), key, **fields)
                 await store.add_key(record)
                 print(key)
-                print(f"id={record.id} name={record.name} admin={record.admin} credits={record.credits}",
-                      file=sys.stderr)
+                print(f"id={record.id} name={record.name} admin={record.admin} credits={record.credits} "
+                      f"weight={record.weight:g}", file=sys.stderr)
+            elif args.keys_cmd == "update":
+                updated = await store.update_key(args.id, **fields)
+                if updated is None:
+                    print(f"unknown key: {args.id}", file=sys.stderr)
+                    return 1
+                print(json.dumps(updated.public()))
             elif args.keys_cmd == "list":
                 for k in await store.list_keys():
                     print(json.dumps(k.public()))
@@ -338,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
                                    "Pass the server's --data-dir/--store; no store is ever created but by "
                                    "`keys create --init`.")
     ks = k.add_subparsers(dest="keys_cmd", required=True,
-                          metavar="{create,list,disable,enable,delete,rotate-webhook-secret}")
+                          metavar="{create,update,list,disable,enable,delete,rotate-webhook-secret}")
     kc = ks.add_parser("create", help="create a key (printed once)", description="Create a key; it is printed "
                                       "once on stdout, its id, name, admin flag and credits on stderr.")
     kc.add_argument("--name", required=True, help="a name for the key (required)")
@@ -347,10 +361,26 @@ def parser() -> argparse.ArgumentParser:
                     help="requests per s, min or hour, e.g. 10/min (default no limit)")
     kc.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None, metavar="N",
                     help="queued + running jobs at once (default no cap)")
+    kc.add_argument("--weight", type=float, default=None, metavar="W",
+                    help="the key's share of the workers while several keys have queued work, a number > 0 "
+                         "(weighted fair queuing; default 1)")
     kc.add_argument("--admin", action="store_true", help="an admin key (may manage keys; default a user key)")
     kc.add_argument("--init", action="store_true",
                     help="create the store if there is none yet (default: refuse, naming the path)")
     _store_flags(kc)
+    ku = ks.add_parser("update", help="change a key's name, credits, limits or weight",
+                       description="Change a key (as PATCH /v1/admin/keys/{id}): only the flags given change; "
+                                   "prints the key's record as JSON.")
+    ku.add_argument("id", help="the key's id (from `keys list`)")
+    ku.add_argument("--name", default=None, help="a new name")
+    ku.add_argument("--credits", type=float, default=None, help="set the balance to this many credits")
+    ku.add_argument("--rate-limit", dest="rate_limit", default=None, metavar="N/PERIOD",
+                    help="requests per s, min or hour, e.g. 10/min")
+    ku.add_argument("--max-concurrency", dest="max_concurrency", type=int, default=None, metavar="N",
+                    help="queued + running jobs at once")
+    ku.add_argument("--weight", type=float, default=None, metavar="W",
+                    help="the key's share of the workers while several keys have queued work, a number > 0")
+    _store_flags(ku)
     kl = ks.add_parser("list", help="list keys (never the keys themselves)",
                        description="List keys, one JSON object a line (never the keys themselves).")
     _store_flags(kl)

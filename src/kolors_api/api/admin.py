@@ -47,7 +47,7 @@ async def list_keys(svc: ServiceDep, admin: AdminKey) -> Response:
     return JSONResponse({"data": [k.public() for k in await svc.store.list_keys()]})
 
 
-@router.patch("/v1/admin/keys/{key_id}", summary="Change a key: credits, enabled, limits",
+@router.patch("/v1/admin/keys/{key_id}", summary="Change a key: credits, enabled, limits, weight",
               openapi_extra=request_of(KeyUpdate), response_model=KeyPublic, responses=errors(400, 401, 403, 404, 413))
 async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBody) -> Response:
     fields = parse_body(KeyUpdate, body).model_dump(exclude_unset=True)
@@ -103,7 +103,7 @@ async def account(svc: ServiceDep, key: CallerKey) -> Response:
     running = await svc.store.running_count(key.id)
     return JSONResponse({
         "id": key.id, "name": key.name, "admin": key.admin, "credits": key.credits,
-        "limits": {"rate_limit": key.rate_limit, "max_concurrency": key.max_concurrency},
+        "limits": {"rate_limit": key.rate_limit, "max_concurrency": key.max_concurrency, "weight": key.weight},
         "usage": {**_usage(ledger), "running": running},
         "webhook_secret": await svc.store.webhook_secret(key.id),
     })

@@ -211,7 +211,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
                                delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve,
-                               outage=svc.outage_seen)
+                               outage=svc.outage_seen,
+                               counted=lambda outcome: svc.metrics.webhook_deliveries.labels(outcome).inc())
         svc.webhook_task = asyncio.create_task(runner.run())
         if svc.worker is not None:
             svc.worker_task = asyncio.create_task(svc.worker.run())

@@ -25,6 +25,10 @@ class Metrics:
                                      registry=self.registry)
         self.event_streams = Gauge("kolors_event_streams", "Open server-sent event streams (watchers of jobs)",
                                    registry=self.registry)
+        self.webhook_deliveries = Counter("kolors_webhook_deliveries_total",
+                                          "Webhook delivery tries by outcome: delivered (2xx), retry (to be tried "
+                                          "again), failed (out of tries, or refused), stopped (the receiver said 410)",
+                                          ["outcome"], registry=self.registry)
         #: The in-process worker's job durations (`kolors_job_duration_seconds`).
         self.jobs = JobMetrics(self.registry)
 

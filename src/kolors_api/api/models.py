@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from kolors_api.api.limits import MAX_QUOTA, parse_limit
 from kolors_api.errors import BadRequest
 from kolors_api.jobs.base import MAX_CREDITS
+from kolors_api.jobs.fair import DEFAULT_WEIGHT, MAX_WEIGHT, MIN_WEIGHT, valid_weight
 from kolors_api.schema import SCHEDULERS, check_text, is_finite, short, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
@@ -62,6 +63,14 @@ def _amount(lo: float, *, integer: bool = False, nullable: bool = True) -> Befor
     return BeforeValidator(check)
 
 
+def _weight(value: Any) -> float:
+    """A key's share of the workers (`kolors_api.jobs.fair`): a finite number in [MIN_WEIGHT, MAX_WEIGHT]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not valid_weight(float(value)):
+        raise _fail(f"must be a number greater than 0 and at most {MAX_WEIGHT:g} (a key's share of the workers; "
+                    f"default 1), got {short(value)}")
+    return float(value)
+
+
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > 200:
         raise _fail("must be a non-empty string of at most 200 characters")
@@ -86,6 +95,10 @@ Credits = Annotated[float | None, _amount(0), Field(json_schema_extra={"minimum"
 Rate = Annotated[str | None, BeforeValidator(_rate), Field(examples=["10/min"])]
 Concurrency = Annotated[int | None, _amount(1, integer=True),
                         Field(json_schema_extra={"minimum": 1, "maximum": MAX_AMOUNT})]
+_WEIGHT_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "minimum": MIN_WEIGHT, "maximum": MAX_WEIGHT,
+                  "description": "the key's share of the workers while several keys have queued work (default 1)"}
+Weight = Annotated[float, BeforeValidator(_weight), WithJsonSchema(_WEIGHT_SCHEMA)]
+OptWeight = Annotated[float | None, BeforeValidator(_weight), WithJsonSchema(_WEIGHT_SCHEMA)]
 
 
 class Body(BaseModel):
@@ -101,6 +114,7 @@ class KeyCreate(Body):
     credits: Credits = None
     rate_limit: Rate = None
     max_concurrency: Concurrency = None
+    weight: Weight = DEFAULT_WEIGHT
     admin: Flag = False
 
 
@@ -112,6 +126,7 @@ class KeyUpdate(Body):
     add_credits: Delta = None
     rate_limit: Rate = None
     max_concurrency: Concurrency = None
+    weight: OptWeight = None
     admin: OptFlag = None
     enabled: OptFlag = None
 
@@ -187,7 +202,8 @@ class StatusBody(BaseModel):
 
     request_id: str
     status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
-    queue_position: int | None = Field(None, description="0 is next in line (QUEUED only)")
+    queue_position: int | None = Field(None, description="queued jobs the fair order serves before this one if "
+                                                         "no other arrives: 0 is next (QUEUED only)")
     progress: Progress | None = None
     error: str | None = None
 
@@ -255,6 +271,7 @@ class KeyPublic(BaseModel):
     credits: float | None
     rate_limit: str | None
     max_concurrency: int | None
+    weight: float = Field(description="share of the workers while several keys have queued work")
     created_at: float
 
 
@@ -281,6 +298,7 @@ class Usage(BaseModel):
 class Limits(BaseModel):
     rate_limit: str | None
     max_concurrency: int | None
+    weight: float = Field(description="share of the workers while several keys have queued work (fair queuing)")
 
 
 class Account(BaseModel):

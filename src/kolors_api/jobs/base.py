@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
@@ -112,6 +112,16 @@ WEBHOOK_EVENTS = ("start", "progress", "completed", "failed")
 WEBHOOK_STATES = ("pending", "delivered", "failed", "stopped")
 #: How long delivery records and attempt logs are kept after their last change.
 WEBHOOK_LOG_SECONDS = 2 * 24 * 3600
+
+
+def destination(url: str) -> str:
+    """The destination a webhook URL is delivered to, for the per-destination bound of the delivery
+    runner: its host and port as written (lower case, without user info). The Redis store's Lua
+    (`redis_hooks.LUA_OUTBOX`) computes the same."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    for sep in "/?#":
+        rest = rest.split(sep, 1)[0]
+    return rest.rsplit("@", 1)[-1].lower()
 
 
 def webhook_json(new: NewJob) -> str | None:
@@ -204,12 +214,14 @@ class ApiKey:
     rate_limit: str | None = None
     max_concurrency: int | None = None
     created_at: float = 0.0
+    #: The key's share of the workers while several keys have queued work (`kolors_api.jobs.fair`).
+    weight: float = 1.0
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "prefix": self.prefix, "admin": self.admin,
             "enabled": self.enabled, "credits": self.credits, "rate_limit": self.rate_limit,
-            "max_concurrency": self.max_concurrency, "created_at": self.created_at,
+            "max_concurrency": self.max_concurrency, "weight": self.weight, "created_at": self.created_at,
         }
 
 
@@ -256,7 +268,7 @@ def show(credits: float) -> str:
 
 KEY_PREFIX = "kol_"
 #: The fields of a key that `update_key` sets as they are (credits move through the ledger).
-KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency")
+KEY_FIELDS = ("name", "enabled", "admin", "rate_limit", "max_concurrency", "weight")
 
 
 def new_key() -> str:
@@ -268,10 +280,11 @@ def hash_key(key: str) -> str:
 
 
 def make_key_record(name: str, key: str, *, admin: bool = False, credits: float | None = None,
-                    rate_limit: str | None = None, max_concurrency: int | None = None) -> ApiKey:
+                    rate_limit: str | None = None, max_concurrency: int | None = None,
+                    weight: float = 1.0) -> ApiKey:
     return ApiKey(id=uuid.uuid4().hex[:16], name=name, prefix=key[:10], key_hash=hash_key(key),
                   admin=admin, credits=credits, rate_limit=rate_limit,
-                  max_concurrency=max_concurrency, created_at=time.time())
+                  max_concurrency=max_concurrency, created_at=time.time(), weight=weight)
 
 
 class StoreError(Exception):
@@ -355,7 +368,8 @@ class JobStore(Protocol):
         ...
 
     async def queue_position(self, job_id: str) -> int | None:
-        """0 for the next job to be claimed; None when not queued."""
+        """How many queued jobs the fair order serves before this one if no other job arrives (0: it
+        is next); None when not queued. Jobs of a key that becomes active later may still go first."""
         ...
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
@@ -379,12 +393,14 @@ class JobStore(Protocol):
 
     # -- jobs: worker side
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
-        """Take the oldest queued job (or one whose lease ran out), waiting up to `timeout`."""
+        """Take a job whose lease ran out, else the next queued job in fair order (`kolors_api.jobs.fair`:
+        the oldest of the key with the least work served for its weight), waiting up to `timeout`."""
         ...
 
     async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        """Claim, oldest first, queued jobs that fit `batch` (`kolors_api.jobs.batching`: same shape,
-        within its budget), adding each to it; each gets a lease of its own. May return []."""
+        """Claim, in fair order across keys (`fair.fill`), queued jobs that fit `batch`
+        (`kolors_api.jobs.batching`: same shape, within its budget), adding each to it; each gets a
+        lease of its own. May return []."""
         ...
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
@@ -462,9 +478,13 @@ class JobStore(Protocol):
 
     # -- webhooks: `claim`, `progress`, `complete` and `fail` (and a cancel) put the deliveries a job's
     # webhook asks for in an outbox, in the same atomic step as the change; delivery runners take them.
-    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
-        """Take up to `limit` due deliveries for one attempt each; one not recorded within
-        `lease_seconds` (its runner died) is due again."""
+    async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
+                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
+        """Take up to `limit` due deliveries for one attempt each, the longest due first; one not recorded
+        within `lease_seconds` (its runner died) is due again. With `per_destination`, at most that many
+        minus `busy[d]` (the caller's tries in flight) of each `destination(url)` d: a destination that
+        hangs never takes the others' turn. Costs O(destinations with due deliveries), not O(backlog)
+        (Redis; SQLite reads the due rows' destinations)."""
         ...
 
     async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,

@@ -1,8 +1,11 @@
 """Redis backend of the job store: the fleet mode, shared by stateless API replicas and GPU workers.
 
-- The queue is one stream with one consumer group; each worker is a consumer named by its id.
-  `claim` first takes, with XAUTOCLAIM, entries whose lease ran out (a dead worker's), then blocks
-  in XREADGROUP (on connections of their own, so blocking reads never starve the pool).
+- Queued jobs wait in fair order across keys (`redis_fair.py`: one sorted set per key, the keys by
+  virtual time), so a claim costs O(log n). The stream with one consumer group keeps one ticket
+  per queued or running job; each worker is a consumer named by its id. `claim` first takes, with
+  XAUTOCLAIM, tickets whose lease ran out (a dead worker's), then the fair head, binding the next
+  unread ticket to it; with nothing queued it blocks in XREAD until a ticket is added (on
+  connections of their own, so blocking reads never starve the pool).
 - A lease lives in the job hash (`lease_token`, `lease_until`, `deliveries`). So that XAUTOCLAIM
   with one fixed min-idle (the horizon, 60 s) finds exactly the entries whose lease ran out,
   whatever each lease's length, every claim and heartbeat sets the entry's idle time to
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import secrets
@@ -37,6 +41,7 @@ from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
+from kolors_api.jobs import fair
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
@@ -65,6 +70,7 @@ from kolors_api.jobs.base import (
 from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
@@ -157,7 +163,8 @@ class RedisStore(RedisHooks):
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
         got = await self._call(names.SCRIPT_SUBMIT, new.id, int(queue_cap), new.key_id or "",
                                repr(float(new.cost)), new.model, json.dumps(new.params),
-                               new.idempotency_key or "", webhook_json(new) or "", new.request_hash)
+                               new.idempotency_key or "", webhook_json(new) or "", new.request_hash,
+                               repr(fair.work(new.params)))
         status = _str(got[0])
         if status == "idem_mismatch":
             raise IdempotencyMismatch()
@@ -178,8 +185,8 @@ class RedisStore(RedisHooks):
         return _live(_hash_of(raw))
 
     async def queue_position(self, job_id: str) -> int | None:
-        rank: Any = await (await self._conn()).zrank(self.keys.queued, job_id)
-        return None if rank is None else int(rank)
+        position = int(await self._call(names.SCRIPT_POSITION, job_id))
+        return None if position < 0 else position
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
         await self._listen()
@@ -277,38 +284,22 @@ class RedisStore(RedisHooks):
         lease_ms, horizon_ms = repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)
         while True:
             token = uuid.uuid4().hex
-            got = await self._call(names.SCRIPT_CLAIM_STALE, worker_id, token, lease_ms, horizon_ms,
-                                   self.max_deliveries)
+            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, horizon_ms, self.max_deliveries)
             if _str(got[0]) == "ok":
                 return _lease(got, token, worker_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            for entry, job_id in await self._read_new(worker_id, min(left, self.recheck)):
-                got = await self._call(names.SCRIPT_CLAIM_ENTRY, worker_id, token, lease_ms, horizon_ms,
-                                       entry, job_id, self.max_deliveries)
-                if _str(got[0]) == "ok":
-                    return _lease(got, token, worker_id)
+            await self._wait_ticket(_str(got[1]), min(left, self.recheck))
 
     async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        # Read the oldest queued jobs, then claim each that fits with a script fenced on its state
-        # (another worker may take it meanwhile); its stream entry follows when it is read.
+        # Choose in fair order from what is queued, then claim each with a script fenced on its state
+        # (another worker may take one meanwhile).
         r = await self._conn()
-        ids = [_str(i) for i in await r.zrange(self.keys.queued, 0, batch.limits.window - 1)]
-        if not ids:
-            return []
-        async with r.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.keys.job(job_id), "params")
-            raw = await pipe.execute()
+        chosen = fair.fill(await candidates(r, self.keys, batch.limits.window), copy.copy(batch))
         lease_ms, horizon_ms = repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)
         leases: list[Lease] = []
-        for job_id, text in zip(ids, raw, strict=True):
-            if batch.full:
-                break
-            params = json.loads(text) if text else None
-            if params is None or not batch.fits(params):
-                continue
+        for job_id, params in chosen:
             token = uuid.uuid4().hex
             got = await self._call(names.SCRIPT_CLAIM_QUEUED, worker_id, token, lease_ms, horizon_ms, job_id)
             if _str(got[0]) == "ok":
@@ -316,25 +307,11 @@ class RedisStore(RedisHooks):
                 batch.add(params)
         return leases
 
-    async def _read_new(self, worker_id: str, wait: float) -> list[tuple[str, str]]:
-        """XREADGROUP … BLOCK for one new entry: [(entry id, job id)] or []."""
+    async def _wait_ticket(self, after: str, wait: float) -> None:
+        """Block until the stream has a ticket newer than `after` (a submit), or `wait` passes."""
         await self._conn()
         assert self._blocking is not None
-        try:
-            resp: Any = await self._blocking.xreadgroup(self.keys.group, worker_id, {self.keys.stream: ">"},
-                                                   count=1, block=max(1, int(wait * 1000)))
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self._ensure_group()  # the stream was deleted under us
-            return []
-        out: list[tuple[str, str]] = []
-        for _stream, entries in resp or []:
-            for entry, fields in entries:
-                job_id = fields.get(b"job") if isinstance(fields, dict) else None
-                if job_id is not None:
-                    out.append((_str(entry), _str(job_id)))
-        return out
+        await self._blocking.xread({self.keys.stream: after}, count=1, block=max(1, int(wait * 1000)))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token,
@@ -418,7 +395,7 @@ class RedisStore(RedisHooks):
                              "created_at", repr(float(key.created_at))]
         exact = None if key.credits is None else credits_of(micro(key.credits))
         for name, value in (("credits", exact), ("rate_limit", key.rate_limit),
-                            ("max_concurrency", key.max_concurrency)):
+                            ("max_concurrency", key.max_concurrency), ("weight", float(key.weight))):
             if value is not None:
                 fields += [name, _encode(value)]
         credits = repr(exact) if exact is not None else ""
@@ -532,4 +509,5 @@ def _key(h: dict[str, str]) -> ApiKey:
                   admin=h.get("admin") == "1", enabled=h.get("enabled", "1") == "1",
                   credits=_opt_float(h.get("credits")), rate_limit=h.get("rate_limit"),
                   max_concurrency=int(h["max_concurrency"]) if h.get("max_concurrency") else None,
+                  weight=fair.weight_of(h.get("weight")),
                   created_at=float(h.get("created_at") or 0.0))

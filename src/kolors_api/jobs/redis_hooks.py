@@ -2,15 +2,19 @@
 
 `LUA_OUTBOX` is part of every script's common helpers: the scripts that change a job (claim, progress,
 complete, fail, cancel) call `outbox(id, event, t)` in the same atomic step, so a delivery exists
-exactly when its change does, whatever process dies after. A delivery's score in ``hooks-due`` is
-when it is due; a claim pushes it one lease ahead and sets a token, so a runner that dies mid-attempt
-leaves a delivery that is due again when the lease runs out.
+exactly when its change does, whatever process dies after. Deliveries wait per destination
+(`base.destination`: host and port) in ``hooks-due:{destination}``, scored by when they are due, and
+the destinations in ``hook-dests`` by their earliest; a claim visits the destinations that have
+something due (O(destinations), never the whole backlog), so one that hangs holds no other's turn.
+A claim pushes a delivery one lease ahead and sets a token, so a runner that dies mid-attempt leaves
+a delivery that is due again when the lease runs out.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kolors_api.jobs import redis_keys as names
@@ -29,6 +33,23 @@ if TYPE_CHECKING:
 LUA_OUTBOX = f"""
 local HOOK_TTL = {WEBHOOK_LOG_SECONDS}
 """ + r"""
+-- base.destination: host and port as written, lower case, without user info
+local function destination(url)
+  local rest = string.match(url, '^[^:/?#]*://(.*)$') or url
+  rest = string.match(rest, '^[^/?#]*')
+  return string.lower(string.match(rest, '([^@]*)$'))
+end
+-- (re)schedule a delivery in its destination's queue; the destination's place follows its earliest
+local function hook_due(did, dest, at)
+  redis.call('ZADD', k_dest_due(dest), at, did)
+  local first = redis.call('ZRANGE', k_dest_due(dest), 0, 0, 'WITHSCORES')
+  redis.call('ZADD', K_HOOK_DESTS, first[2], dest)
+end
+local function hook_done(did, dest)
+  redis.call('ZREM', k_dest_due(dest), did)
+  local first = redis.call('ZRANGE', k_dest_due(dest), 0, 0, 'WITHSCORES')
+  if first[1] then redis.call('ZADD', K_HOOK_DESTS, first[2], dest) else redis.call('ZREM', K_HOOK_DESTS, dest) end
+end
 -- put `event` of job `id` in the webhook outbox when its webhook asks for it
 local function outbox(id, event, t)
   local h = redis.call('HMGET', k_job(id), 'webhook', 'key_id', 'hook_stopped', 'hook_progress')
@@ -45,30 +66,50 @@ local function outbox(id, event, t)
     redis.call('HSET', k_job(id), 'hook_progress', did)
   end
   if redis.call('EXISTS', k_hook(did)) == 1 then return end
+  local dest = destination(hook.url)
   redis.call('HSET', k_hook(did), 'id', did, 'job', id, 'event', event, 'url', hook.url, 'key_id', h[2] or '',
-    'state', 'pending', 'attempts', 0)
-  redis.call('ZADD', K_HOOKS_DUE, num(t), did)
+    'state', 'pending', 'attempts', 0, 'dest', dest)
+  hook_due(did, dest, num(t))
 end
 """
 
 HOOK_BODIES: dict[str, str] = {
-    # ARGV: token, lease seconds, limit. Returns the claimed deliveries' hashes as JSON.
+    # ARGV: token, lease seconds, limit, per destination (0: no bound), {destination: tries in flight} JSON.
+    # Returns the claimed deliveries' hashes as JSON.
     names.SCRIPT_HOOK_CLAIM: r"""
-local t, token = now(), ARGV[3]
+local t, token, limit, per_dest = now(), ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
+local busy = cjson.decode(ARGV[7])
+-- deliveries of an older version, in one due set: each to its destination's queue
+local legacy = redis.call('ZRANGE', K_HOOKS_DUE, 0, 99, 'WITHSCORES')
+for i = 1, #legacy, 2 do
+  local url = redis.call('HGET', k_hook(legacy[i]), 'url')
+  redis.call('ZREM', K_HOOKS_DUE, legacy[i])
+  if url then
+    redis.call('HSET', k_hook(legacy[i]), 'dest', destination(url))
+    hook_due(legacy[i], destination(url), legacy[i + 1])
+  end
+end
 local out = {}
-for _, did in ipairs(redis.call('ZRANGEBYSCORE', K_HOOKS_DUE, '-inf', num(t), 'LIMIT', 0, tonumber(ARGV[5]))) do
-  local hk = k_hook(did)
-  local h = redis.call('HMGET', hk, 'state', 'job')
-  if h[1] == 'pending' and redis.call('HGET', k_job(h[2]), 'hook_stopped') ~= '1' then
-    redis.call('HSET', hk, 'token', token)
-    redis.call('HINCRBY', hk, 'attempts', 1)
-    redis.call('ZADD', K_HOOKS_DUE, num(t + tonumber(ARGV[4])), did)
-    local d = redis.call('HMGET', hk, 'id', 'job', 'key_id', 'event', 'url', 'attempts')
-    table.insert(out, cjson.encode(d))
-  else
-    redis.call('ZREM', K_HOOKS_DUE, did)
-    if h[1] == 'pending' then redis.call('HSET', hk, 'state', 'stopped') end
-    redis.call('EXPIRE', hk, HOOK_TTL)
+for _, dest in ipairs(redis.call('ZRANGEBYSCORE', K_HOOK_DESTS, '-inf', num(t), 'LIMIT', 0, 1000)) do
+  local room = limit - #out
+  if per_dest > 0 then room = math.min(room, per_dest - (tonumber(busy[dest]) or 0)) end
+  if limit - #out <= 0 then break end
+  if room > 0 then
+    for _, did in ipairs(redis.call('ZRANGEBYSCORE', k_dest_due(dest), '-inf', num(t), 'LIMIT', 0, room)) do
+      local hk = k_hook(did)
+      local h = redis.call('HMGET', hk, 'state', 'job')
+      if h[1] == 'pending' and redis.call('HGET', k_job(h[2]), 'hook_stopped') ~= '1' then
+        redis.call('HSET', hk, 'token', token)
+        redis.call('HINCRBY', hk, 'attempts', 1)
+        hook_due(did, dest, num(t + tonumber(ARGV[4])))
+        local d = redis.call('HMGET', hk, 'id', 'job', 'key_id', 'event', 'url', 'attempts')
+        table.insert(out, cjson.encode(d))
+      else
+        hook_done(did, dest)
+        if h[1] == 'pending' then redis.call('HSET', hk, 'state', 'stopped') end
+        redis.call('EXPIRE', hk, HOOK_TTL)
+      end
+    end
   end
 end
 return out
@@ -76,16 +117,17 @@ return out
     # ARGV: delivery id, token, attempt JSON, state, next_at
     names.SCRIPT_HOOK_RECORD: r"""
 local hk = k_hook(ARGV[3])
-local h = redis.call('HMGET', hk, 'token', 'job')
+local h = redis.call('HMGET', hk, 'token', 'job', 'dest', 'url')
 if h[1] ~= ARGV[4] then return 0 end
+local dest = h[3] or destination(h[4] or '')
 redis.call('HDEL', hk, 'token')
 redis.call('RPUSH', k_hook_log(h[2]), ARGV[5])
 redis.call('EXPIRE', k_hook_log(h[2]), HOOK_TTL)
 if ARGV[6] == 'pending' then
-  redis.call('ZADD', K_HOOKS_DUE, ARGV[7], ARGV[3])
+  hook_due(ARGV[3], dest, ARGV[7])
 else
   redis.call('HSET', hk, 'state', ARGV[6])
-  redis.call('ZREM', K_HOOKS_DUE, ARGV[3])
+  hook_done(ARGV[3], dest)
   redis.call('EXPIRE', hk, HOOK_TTL)
   -- 410: no more deliveries for this job (a job that expired is not brought back)
   if ARGV[6] == 'stopped' and redis.call('EXISTS', k_job(h[2])) == 1 then
@@ -113,9 +155,11 @@ class RedisHooks:
         first = json.loads(raw)
         return str(first["job"]), str(first["hash"])
 
-    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
+    async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
+                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
         token = uuid.uuid4().hex
-        got = await self._call(names.SCRIPT_HOOK_CLAIM, token, repr(float(lease_seconds)), int(limit))
+        got = await self._call(names.SCRIPT_HOOK_CLAIM, token, repr(float(lease_seconds)), int(limit),
+                               int(per_destination), json.dumps(dict(busy or {})))
         out = []
         for raw in got:
             did, job_id, key_id, event, url, attempts = json.loads(raw)

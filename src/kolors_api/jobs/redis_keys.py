@@ -2,14 +2,18 @@
 
 All names start with the store's prefix (default ``kolors:``), so several deployments (or test
 runs) can share one Redis. Python builds names through `Keys`; the Lua scripts build the names
-they discover at run time (a job id read from the stream, the key id read from a job) through
+they discover at run time (a job id bound to a ticket, the key id read from a job) through
 `LUA_KEYS`, which is generated from the same constants, so the two cannot drift apart.
 
 | name | type | holds |
 | --- | --- | --- |
-| ``queue`` | stream, group ``workers`` | one entry ``{job: id}`` per accepted job, until it ends |
+| ``queue`` | stream, group ``workers`` | one entry (a ticket) per queued or running job (see below) |
+| ``tickets`` | hash entry id → job id | which job a read ticket stands for (reclaim through XAUTOCLAIM) |
+| ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
+| ``fair`` | hash | ``vtime``; ``finish:{key id}``, ``odo:{key id}`` (a key's last finish tag, enqueued work) |
+| ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
-| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, positions) |
+| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, stats) |
 | ``processing`` | set of ids | PROCESSING jobs |
 | ``seq`` | counter | submission sequence (queue order, history order, cursors) |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
@@ -26,11 +30,17 @@ they discover at run time (a job id read from the stream, the key id read from a
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
-| ``hooks-due`` | zset delivery id → due time | pending webhook deliveries (a claim pushes it a lease ahead) |
+| ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
+| ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
+| ``hooks-due`` | zset delivery id → due time | an older version's pending deliveries (moved by a claim) |
 | ``hook:{delivery id}`` | hash | one webhook delivery: job, event, url, state, attempts, token |
 | ``hook-log:{id}`` | list of JSON | the job's webhook attempts |
 | ``webhook-secrets`` | hash key id → ``whsec_…`` | each API key's webhook signing secret |
 | ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
+
+Tickets: a ticket is unread while a job waits (the stream's lag) and pending while a worker runs
+one, so KEDA's triggers on the stream count the waiting and the running jobs; a claim binds the
+next unread ticket to the job the fair order gives it (`redis_fair.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ STREAM = "queue"
 #: The consumer group on STREAM; each worker is a consumer named by its worker id. Not a key.
 GROUP = "workers"
 DEAD_LETTERS = "dead-letters"
+TICKETS = "tickets"
+FAIR_ACTIVE = "fair-active"
+FAIR = "fair"
 QUEUED = "queued"
 PROCESSING = "processing"
 SEQ = "seq"
@@ -53,6 +66,7 @@ SECRET = "secret"  # noqa: S105 - a key name, not a secret
 KEY_INDEX = "key-index"
 KEY_LIST = "keys"
 HOOKS_DUE = "hooks-due"
+HOOK_DESTS = "hook-dests"
 WEBHOOK_SECRETS = "webhook-secrets"  # noqa: S105 - a key name, not a secret
 
 # -- per-id names (prefix + stem + id)
@@ -68,6 +82,8 @@ HOOK = "hook:"
 HOOK_LOG = "hook-log:"
 PREVIEW = "preview:"
 WATCH = "watch:"  # someone watches the job's previews (a string with a TTL)
+FAIR_QUEUE = "fair-queue:"
+DEST_DUE = "hooks-due:"
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -75,9 +91,9 @@ DEAD_LETTER_COUNT = "dead_letters"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
-SCRIPT_CLAIM_STALE = "claim_stale"
-SCRIPT_CLAIM_ENTRY = "claim_entry"
+SCRIPT_CLAIM = "claim"
 SCRIPT_CLAIM_QUEUED = "claim_queued"
+SCRIPT_POSITION = "position"
 SCRIPT_HEARTBEAT = "heartbeat"
 SCRIPT_PROGRESS = "progress"
 SCRIPT_COMPLETE = "complete"
@@ -92,7 +108,7 @@ SCRIPT_STATS = "stats"
 SCRIPT_HOOK_CLAIM = "hook_claim"
 SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
-    SCRIPT_SUBMIT, SCRIPT_CLAIM_STALE, SCRIPT_CLAIM_ENTRY, SCRIPT_CLAIM_QUEUED, SCRIPT_HEARTBEAT,
+    SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_QUEUED, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
     SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
 )
@@ -111,6 +127,9 @@ class Keys:
         self.stream = prefix + STREAM
         self.group = GROUP
         self.dead_letters = prefix + DEAD_LETTERS
+        self.tickets = prefix + TICKETS
+        self.fair_active = prefix + FAIR_ACTIVE
+        self.fair = prefix + FAIR
         self.queued = prefix + QUEUED
         self.processing = prefix + PROCESSING
         self.seq = prefix + SEQ
@@ -121,6 +140,7 @@ class Keys:
         self.key_index = prefix + KEY_INDEX
         self.key_list = prefix + KEY_LIST
         self.hooks_due = prefix + HOOKS_DUE
+        self.hook_dests = prefix + HOOK_DESTS
         self.webhook_secrets = prefix + WEBHOOK_SECRETS
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
@@ -129,6 +149,12 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return self.prefix + JOB + job_id
+
+    def dest_due(self, destination: str) -> str:
+        return self.prefix + DEST_DUE + destination
+
+    def fair_queue(self, key_id: str) -> str:
+        return self.prefix + FAIR_QUEUE + key_id
 
     def preview(self, job_id: str) -> str:
         return self.prefix + PREVIEW + job_id
@@ -175,6 +201,9 @@ LUA_KEYS = "\n".join([
     f"local K_STREAM = P .. {_lua_string(STREAM)}",
     f"local K_GROUP = {_lua_string(GROUP)}",
     f"local K_DEAD = P .. {_lua_string(DEAD_LETTERS)}",
+    f"local K_TICKETS = P .. {_lua_string(TICKETS)}",
+    f"local K_FAIR_ACTIVE = P .. {_lua_string(FAIR_ACTIVE)}",
+    f"local K_FAIR = P .. {_lua_string(FAIR)}",
     f"local K_QUEUED = P .. {_lua_string(QUEUED)}",
     f"local K_PROCESSING = P .. {_lua_string(PROCESSING)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
@@ -184,6 +213,7 @@ LUA_KEYS = "\n".join([
     f"local K_KEY_INDEX = P .. {_lua_string(KEY_INDEX)}",
     f"local K_KEY_LIST = P .. {_lua_string(KEY_LIST)}",
     f"local K_HOOKS_DUE = P .. {_lua_string(HOOKS_DUE)}",
+    f"local K_HOOK_DESTS = P .. {_lua_string(HOOK_DESTS)}",
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
@@ -198,5 +228,7 @@ LUA_KEYS = "\n".join([
     f"local function k_events(id) return P .. {_lua_string(EVENTS)} .. id end",
     f"local function k_preview(id) return P .. {_lua_string(PREVIEW)} .. id end",
     f"local function k_watch(id) return P .. {_lua_string(WATCH)} .. id end",
+    f"local function k_fair_queue(kid) return P .. {_lua_string(FAIR_QUEUE)} .. kid end",
+    f"local function k_dest_due(dest) return P .. {_lua_string(DEST_DUE)} .. dest end",
     "",
 ])

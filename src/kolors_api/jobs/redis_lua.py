@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs.base import IDEMPOTENCY_SECONDS, MAX_CREDITS, MICRO
+from kolors_api.jobs.redis_fair import BODIES as FAIR_BODIES
+from kolors_api.jobs.redis_fair import LUA_FAIR
 from kolors_api.jobs.redis_hooks import HOOK_BODIES, LUA_OUTBOX
 
 # ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
@@ -38,14 +40,16 @@ local function ack(entry)
   if entry then
     redis.call('XACK', K_STREAM, K_GROUP, entry)
     redis.call('XDEL', K_STREAM, entry)
+    redis.call('HDEL', K_TICKETS, entry)
   end
 end
 -- the idle time that makes an entry reach the horizon when `remaining_ms` have passed
 local function idle_for(remaining_ms, horizon)
   return math.max(0, math.floor(horizon - remaining_ms))
 end
-""" + LUA_OUTBOX + r"""
--- COMPLETED or FAILED: leave the queue, release the key's slot, ack the entry, start the TTL
+""" + LUA_OUTBOX + LUA_FAIR + r"""
+-- COMPLETED or FAILED: leave the queue (a queued job takes an unread ticket with it), release the
+-- key's slot, ack the job's ticket, start the TTL
 local function finish(id, fields, t)
   local jk = k_job(id)
   local h = redis.call('HMGET', jk, 'state', 'key_id', 'entry')
@@ -53,9 +57,15 @@ local function finish(id, fields, t)
   redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), unpack(fields))
   redis.call('HDEL', jk, 'lease_token', 'lease_until', 'lease_ms')
   redis.call('HINCRBY', jk, 'version', 1)
-  if h[1] == 'QUEUED' then redis.call('ZREM', K_QUEUED, id) else redis.call('SREM', K_PROCESSING, id) end
+  if h[1] == 'QUEUED' then
+    redis.call('ZREM', K_QUEUED, id)
+    fair_left(id, h[2] or '')
+    drop_ticket()
+  else
+    redis.call('SREM', K_PROCESSING, id)
+    ack(h[3])
+  end
   if h[2] and redis.call('DECR', k_running(h[2])) <= 0 then redis.call('DEL', k_running(h[2])) end
-  ack(h[3])
   local at_ms = math.ceil(exp * 1000)
   redis.call('PEXPIREAT', jk, at_ms)
   redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, h[2] or ''}))
@@ -73,13 +83,18 @@ local function fail_job(id, err, t)
   end
   publish(id)
 end
+-- lease job `id` to `worker`, bound to ticket `entry` (nil: the next unread ticket)
 local function take(id, entry, worker, token, lease_ms, horizon, t)
   local jk = k_job(id)
-  if redis.call('HGET', jk, 'state') == 'QUEUED' then
+  local h = redis.call('HMGET', jk, 'state', 'key_id', 'work')
+  if h[1] == 'QUEUED' then
     redis.call('ZREM', K_QUEUED, id)
     redis.call('SADD', K_PROCESSING, id)
+    fair_served(id, h[2] or '', tonumber(h[3] or '1'))  -- a reclaimed job was charged at its first claim
   end
-  redis.call('HSET', jk, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
+  if not entry then entry = next_ticket(worker, id) end
+  redis.call('HSET', K_TICKETS, entry, id)
+  redis.call('HSET', jk, 'entry', entry, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
     'lease_until', num(t + lease_ms / 1000), 'lease_ms', num(lease_ms), 'started_at', num(t), 'step', 0)
   redis.call('HINCRBY', jk, 'deliveries', 1)
   redis.call('HINCRBY', jk, 'version', 1)
@@ -103,7 +118,8 @@ end
 """
 
 _LUA_BODIES: dict[str, str] = {
-    # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook JSON, request hash
+    # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook JSON, request hash,
+    # work (fair.work)
     names.SCRIPT_SUBMIT: f"local IDEM_TTL = {IDEMPOTENCY_SECONDS}\n" + r"""
 local id, kid, cost = ARGV[3], ARGV[5], tonumber(ARGV[6])
 local jk = k_job(id)
@@ -143,11 +159,10 @@ if redis.call('EXISTS', K_STREAM) == 0 then
   redis.call('XGROUP', 'CREATE', K_STREAM, K_GROUP, '0', 'MKSTREAM')
 end
 local seq = redis.call('INCR', K_SEQ)
-local entry = redis.call('XADD', K_STREAM, '*', 'job', id)
+redis.call('XADD', K_STREAM, '*', 'job', id)  -- its ticket: one more unread entry
 redis.call('HSET', jk, 'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
   'created_at', num(t), 'step', 0, 'total_steps', 0, 'outputs', 0, 'ext', '', 'seeds', '[]',
-  'metrics', '{}', 'deliveries', 0, 'cancel_requested', 0, 'version', 1, 'seq', seq, 'entry', entry,
-  'reserved', reserved)
+  'metrics', '{}', 'deliveries', 0, 'cancel_requested', 0, 'version', 1, 'seq', seq, 'reserved', reserved)
 if kid ~= '' then
   redis.call('HSET', jk, 'key_id', kid)
   redis.call('INCR', k_running(kid))
@@ -156,68 +171,9 @@ end
 if ARGV[9] ~= '' then redis.call('HSET', jk, 'idempotency_key', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[10]) end
 redis.call('ZADD', K_QUEUED, seq, id)
+fair_enqueue(id, kid, tonumber(ARGV[12]))
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
 return with_status('ok', redis.call('HGETALL', jk))
-""",
-    # ARGV: worker, token, lease_ms, horizon_ms, max_deliveries
-    names.SCRIPT_CLAIM_STALE: r"""
-if redis.call('EXISTS', K_STREAM) == 0 then return {'none'} end
-local worker, token, lease_ms, horizon = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_deliveries = tonumber(ARGV[7])
-local t = now()
-local cursor = '0-0'
-for _ = 1, 1000 do
-  local r = redis.call('XAUTOCLAIM', K_STREAM, K_GROUP, worker, horizon, cursor, 'COUNT', 1)
-  cursor = r[1]
-  for _, e in ipairs(r[2]) do
-    if type(e) == 'table' then
-      local entry, id = e[1], e[2][2]
-      local h = redis.call('HMGET', k_job(id), 'state', 'lease_until', 'lease_worker', 'deliveries')
-      if h[1] == 'PROCESSING' and h[2] and tonumber(h[2]) > t then
-        -- its lease still runs (one longer than the horizon): back to its holder, idle restored
-        redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, entry,
-          'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
-      elseif h[1] == 'PROCESSING' or h[1] == 'QUEUED' then
-        -- QUEUED here: read by a worker that died before its claim script ran
-        local got = reclaim(id, entry, h[1], tonumber(h[4]), worker, token, lease_ms, horizon, max_deliveries, t)
-        if got[1] == 'ok' then return got end
-      else
-        ack(entry)  -- the job ended or went: nothing to deliver
-      end
-    end
-  end
-  if cursor == '0-0' then break end
-end
-return {'none'}
-""",
-    # ARGV: worker, token, lease_ms, horizon_ms, entry, job id, max_deliveries
-    names.SCRIPT_CLAIM_ENTRY: r"""
-local entry, id, horizon, t = ARGV[7], ARGV[8], tonumber(ARGV[6]), now()
-local h = redis.call('HMGET', k_job(id), 'state', 'lease_until', 'lease_worker', 'deliveries')
-if h[1] == 'PROCESSING' then
-  -- claimed into a batch (`claim_queued`) before its entry was read
-  if h[2] and tonumber(h[2]) > t then
-    -- its holder keeps it: the entry joins the holder's pending list, where heartbeats keep it fresh
-    redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, entry,
-      'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
-    return {'none'}
-  end
-  return reclaim(id, entry, h[1], tonumber(h[4]), ARGV[3], ARGV[4], tonumber(ARGV[5]), horizon,
-    tonumber(ARGV[9]), t)
-end
-if h[1] ~= 'QUEUED' then
-  ack(entry)  -- cancelled (or gone) after it was queued
-  return {'none'}
-end
-return take(id, entry, ARGV[3], ARGV[4], tonumber(ARGV[5]), horizon, t)
-""",
-    # ARGV: worker, token, lease_ms, horizon_ms, job id
-    names.SCRIPT_CLAIM_QUEUED: r"""
-local id = ARGV[7]
-local h = redis.call('HMGET', k_job(id), 'state', 'entry')
-if h[1] ~= 'QUEUED' then return {'none'} end
--- its stream entry is read later, by any worker: SCRIPT_CLAIM_ENTRY then hands it to this one
-return take(id, h[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now())
 """,
     # ARGV: id, token, lease_ms, horizon_ms
     names.SCRIPT_HEARTBEAT: r"""
@@ -390,5 +346,6 @@ return {redis.call('ZCARD', K_QUEUED), redis.call('SCARD', K_PROCESSING),
 """,
 }
 
-SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in (_LUA_BODIES | HOOK_BODIES).items()}
+_BODIES = _LUA_BODIES | FAIR_BODIES | HOOK_BODIES
+SCRIPTS = {name: names.LUA_KEYS + _LUA_COMMON + body for name, body in _BODIES.items()}
 assert set(SCRIPTS) == set(names.SCRIPT_NAMES)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kolors_api.jobs.sqlite_previews as previews
+from kolors_api.jobs import sqlite_fair as fair_db
 from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
@@ -46,6 +47,7 @@ from kolors_api.jobs.base import (
 )
 from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
+from kolors_api.jobs.fair import fill
 from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, key_of, ledger_entry, take
 from kolors_api.schema import decimal
 
@@ -150,6 +152,8 @@ class SQLiteStore(hooks.SQLiteHooks):
             with self._tx() as c:
                 c.execute("UPDATE jobs SET state='QUEUED', lease_token=NULL, lease_worker=NULL, "
                           "lease_until=NULL, version=version+1 WHERE state='PROCESSING'")
+        fair_db.migrate(conn)  # after the recovery: the keys of re-queued jobs become active
+        hooks.migrate(conn)
 
     def _tx(self) -> Tx:
         assert self._conn is not None
@@ -248,6 +252,7 @@ class SQLiteStore(hooks.SQLiteHooks):
                 "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
                 (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
                  new.idempotency_key, webhook_json(new)))
+            fair_db.enqueue(c, new.id, new.key_id, new.params)
             hooks.remember(c, new, now)
         job = self._get(new.id)
         assert job is not None
@@ -264,11 +269,11 @@ class SQLiteStore(hooks.SQLiteHooks):
 
     async def queue_position(self, job_id: str) -> int | None:
         def q() -> int | None:
-            row = self._q1("SELECT seq, state FROM jobs WHERE id=?", job_id)
+            row = self._q1("SELECT * FROM jobs WHERE id=?", job_id)
             if row is None or row["state"] != "QUEUED":
                 return None
-            (n,) = self._q1("SELECT COUNT(*) FROM jobs WHERE state='QUEUED' AND seq<?", row["seq"]) or (0,)
-            return int(n)
+            assert self._conn is not None
+            return fair_db.position(self._conn, row)
         return await self._run(q)
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
@@ -347,9 +352,9 @@ class SQLiteStore(hooks.SQLiteHooks):
         failed: list[str] = []
         with self._tx() as c:
             while True:
-                row = c.execute(
-                    "SELECT * FROM jobs WHERE state='QUEUED' OR (state='PROCESSING' AND lease_until<?) "
-                    "ORDER BY seq LIMIT 1", (now,)).fetchone()
+                # a job whose lease ran out goes first (served once already), then the fair order
+                row = c.execute("SELECT * FROM jobs WHERE state='PROCESSING' AND lease_until<? "
+                                "ORDER BY lease_until LIMIT 1", (now,)).fetchone() or fair_db.next_job(c)
                 if row is None:
                     return None, failed
                 if row["state"] == "PROCESSING":
@@ -367,16 +372,9 @@ class SQLiteStore(hooks.SQLiteHooks):
     async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
         def q() -> list[Lease]:
             with self._tx() as c:
-                now, leases = time.time(), []
-                for row in c.execute("SELECT id, params FROM jobs WHERE state='QUEUED' ORDER BY seq LIMIT ?",
-                                     (batch.limits.window,)).fetchall():
-                    if batch.full:
-                        break
-                    params = json.loads(row["params"])
-                    if batch.fits(params):
-                        leases.append(take(c, row["id"], worker_id, now, lease_seconds))
-                        batch.add(params)
-                return leases
+                now = time.time()
+                return [take(c, job_id, worker_id, now, lease_seconds)
+                        for job_id, _ in fill(fair_db.candidates(c, batch.limits.window), batch)]
         leases = await self._run(q)
         for lease in leases:
             self._notify(lease.job.id)
@@ -473,6 +471,8 @@ class SQLiteStore(hooks.SQLiteHooks):
                   "lease_until=NULL, version=version+1 WHERE id=?",
                   (error, now, now + self.retention, row["id"]))
         hooks.enqueue(c, row["id"], "failed")
+        if row["state"] == "QUEUED":
+            fair_db.left(c, row["key_id"])
         reserved = c.execute("SELECT 1 FROM ledger WHERE request_id=? AND kind='reserve'", (row["id"],))
         if row["key_id"] is not None and row["cost"] and reserved.fetchone():
             key = c.execute("SELECT credits FROM keys WHERE id=?", (row["key_id"],)).fetchone()
@@ -535,10 +535,10 @@ class SQLiteStore(hooks.SQLiteHooks):
                 if c.execute("SELECT 1 FROM keys WHERE id=? OR key_hash=?", (key.id, key.key_hash)).fetchone():
                     raise AlreadyExists(f"key {key.id} already exists")
                 c.execute("INSERT INTO keys(id, name, prefix, key_hash, admin, enabled, credits, rate_limit, "
-                          "max_concurrency, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                          "max_concurrency, created_at, weight) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                           (key.id, key.name, key.prefix, key.key_hash, int(key.admin), int(key.enabled),
                            None if key.credits is None else credits_of(micro(key.credits)), key.rate_limit,
-                           key.max_concurrency, key.created_at))
+                           key.max_concurrency, key.created_at, key.weight))
                 if key.credits:
                     c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
                               (key.id, "", "topup", credits_of(micro(key.credits)), time.time()))

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kolors_api.jobs.base import (
@@ -22,6 +22,7 @@ from kolors_api.jobs.base import (
     NewJob,
     WebhookAttempt,
     WebhookDelivery,
+    destination,
     new_webhook_secret,
 )
 
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     key_id TEXT,
     event TEXT NOT NULL,
     url TEXT NOT NULL,
+    dest TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
@@ -62,6 +64,15 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
 CREATE INDEX IF NOT EXISTS webhook_attempts_job ON webhook_attempts(job_id, seq);
 CREATE TABLE IF NOT EXISTS webhook_secrets (key_id TEXT PRIMARY KEY, secret TEXT NOT NULL);
 """
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Give deliveries of an older database their destination (`base.destination`)."""
+    if "dest" not in {r[1] for r in conn.execute("PRAGMA table_info(webhook_deliveries)")}:
+        conn.execute("ALTER TABLE webhook_deliveries ADD COLUMN dest TEXT NOT NULL DEFAULT ''")
+        for row in conn.execute("SELECT id, url FROM webhook_deliveries").fetchall():
+            conn.execute("UPDATE webhook_deliveries SET dest=? WHERE id=?", (destination(row[1]), row[0]))
+    conn.execute("CREATE INDEX IF NOT EXISTS webhook_dest_due ON webhook_deliveries(state, dest, next_at)")
 
 
 def replay_of(c: sqlite3.Connection, new: NewJob, now: float) -> str | None:
@@ -103,8 +114,9 @@ def enqueue(c: sqlite3.Connection, job_id: str, event: str) -> None:
             return
         delivery_id = f"{job_id}-progress-{uuid.uuid4().hex[:8]}"
     now = time.time()
-    c.execute("INSERT OR IGNORE INTO webhook_deliveries(id, job_id, key_id, event, url, next_at, changed_at) "
-              "VALUES (?,?,?,?,?,?,?)", (delivery_id, job_id, row["key_id"], event, hook["url"], now, now))
+    c.execute("INSERT OR IGNORE INTO webhook_deliveries(id, job_id, key_id, event, url, dest, next_at, changed_at) "
+              "VALUES (?,?,?,?,?,?,?,?)", (delivery_id, job_id, row["key_id"], event, hook["url"],
+                                           destination(hook["url"]), now, now))
 
 
 def expire(c: sqlite3.Connection, now: float) -> None:
@@ -131,7 +143,8 @@ class SQLiteHooks:
         result: tuple[str, str] | None = await self._run(q)
         return result
 
-    async def claim_webhooks(self, lease_seconds: float, limit: int) -> list[WebhookDelivery]:
+    async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
+                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
         def q() -> list[WebhookDelivery]:
             now, token = time.time(), uuid.uuid4().hex
             out: list[WebhookDelivery] = []
@@ -140,8 +153,18 @@ class SQLiteHooks:
                                   (now,)).fetchone() is None:
                 return out  # nothing due: no write lock taken (runners poll this twice a second)
             with self._tx() as c:
-                rows = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
-                                 "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+                if per_destination <= 0:
+                    rows = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
+                                     "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+                else:
+                    rows = []
+                    for dest, _ in c.execute("SELECT dest, MIN(next_at) AS due FROM webhook_deliveries WHERE "
+                                             "state='pending' AND next_at<=? GROUP BY dest ORDER BY due",
+                                             (now,)).fetchall():
+                        room = min(per_destination - (busy or {}).get(dest, 0), limit - len(rows))
+                        if room > 0:
+                            rows += c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND dest=? "
+                                              "AND next_at<=? ORDER BY next_at LIMIT ?", (dest, now, room)).fetchall()
                 for r in rows:
                     c.execute("UPDATE webhook_deliveries SET attempts=attempts+1, token=?, next_at=?, changed_at=? "
                               "WHERE id=?", (token, now + lease_seconds, now, r["id"]))

@@ -7,6 +7,7 @@ import sqlite3
 import time
 import uuid
 
+from kolors_api.jobs import sqlite_fair as fair_db
 from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs.base import ApiKey, Job, JobState, Lease
 
@@ -28,9 +29,12 @@ class Tx:
 def take(c: sqlite3.Connection, job_id: str, worker_id: str, now: float, lease_seconds: float) -> Lease:
     """Lease a job (queued, or one whose lease ran out) to `worker_id`: one more delivery."""
     token = uuid.uuid4().hex
+    before = c.execute("SELECT state, key_id, work FROM jobs WHERE id=?", (job_id,)).fetchone()
     c.execute("UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, lease_worker=?, "
               "lease_until=?, started_at=?, step=0, version=version+1 WHERE id=?",
               (token, worker_id, now + lease_seconds, now, job_id))
+    if before["state"] == "QUEUED":  # a reclaimed job was charged at its first claim
+        fair_db.taken(c, before["key_id"], before["work"])
     hooks.enqueue(c, job_id, "start")
     job = job_of(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
     return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
@@ -62,4 +66,4 @@ def key_of(row: sqlite3.Row) -> ApiKey:
     return ApiKey(id=row["id"], name=row["name"], prefix=row["prefix"], key_hash=row["key_hash"],
                   admin=bool(row["admin"]), enabled=bool(row["enabled"]), credits=row["credits"],
                   rate_limit=row["rate_limit"], max_concurrency=row["max_concurrency"],
-                  created_at=row["created_at"])
+                  created_at=row["created_at"], weight=row["weight"])

@@ -69,6 +69,7 @@ export async function loadAccount() {
       ["Credits", data.credits === null ? "unlimited" : data.credits],
       ["Rate limit", data.limits.rate_limit || "none"],
       ["Max concurrency", data.limits.max_concurrency ?? "none"],
+      ["Weight (share of the workers)", data.limits.weight],
       ["Credits spent", data.usage.credits_spent], ["Credits reserved", data.usage.credits_reserved],
       ["Requests", data.usage.requests], ["Running now", data.usage.running],
     ];
@@ -95,6 +96,7 @@ export function setupKeys() {
     if (f.get("credits")) body.credits = Number(f.get("credits"));
     if (f.get("rate_limit")) body.rate_limit = String(f.get("rate_limit")).trim();
     if (f.get("max_concurrency")) body.max_concurrency = Number(f.get("max_concurrency"));
+    if (f.get("weight")) body.weight = Number(f.get("weight"));
     if (f.get("admin")) body.admin = true;
     try {
       const { data } = await api("v1/admin/keys", { method: "POST", body });
@@ -152,6 +154,18 @@ function keyRow(k) {
     }
     act(() => api(path, { method: "PATCH", body: { add_credits: value } }), `Added ${value} credits to ${k.name}.`);
   });
+  const weight = el("input", { type: "number", step: "any", min: "0", class: "weight-value", value: String(k.weight),
+    "aria-label": `weight of ${k.name}` });
+  const setWeight = el("button", { type: "button", class: "set-weight" }, "Set");
+  setWeight.addEventListener("click", () => {
+    const value = Number(weight.value);
+    if (!weight.value || !Number.isFinite(value) || value <= 0) {
+      $("#keys-msg").textContent = "weight: must be a number greater than 0";
+      weight.focus();
+      return;
+    }
+    act(() => api(path, { method: "PATCH", body: { weight: value } }), `Set the weight of ${k.name} to ${value}.`);
+  });
   const remove = el("button", { type: "button", class: "delete danger" }, "Delete");
   remove.addEventListener("click", () => {
     if (confirm(`Delete the key ${k.name} (${k.prefix}…) for good? This cannot be undone; Disable can be.`)) {
@@ -163,5 +177,6 @@ function keyRow(k) {
     el("td", { class: "enabled" }, k.enabled ? "yes" : "no"),
     el("td", { class: "credits" }, k.credits === null ? "unlimited" : k.credits),
     el("td", {}, k.rate_limit || "–"), el("td", {}, k.max_concurrency ?? "–"),
+    el("td", { class: "weight" }, weight, setWeight),
     el("td", { class: "row-actions" }, toggle, amount, add, remove));
 }
