@@ -366,7 +366,8 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
 
     # The page's actions are the CLI's, by name: `kolors-api keys disable|enable|delete`.
     cli_actions = set(dict(commands(parser()))["keys"])
-    labels = {t.lower() for t in row.locator("button").all_inner_texts()} - {"add"}
+    # (besides the buttons of the credits and weight fields, "Add" and "Set": `keys update` on the CLI)
+    labels = {t.lower() for t in row.locator("button").all_inner_texts()} - {"add", "set"}
     assert labels == {"disable", "delete"} and labels <= cli_actions, labels
 
     tab.page.once("dialog", lambda d: d.accept())
