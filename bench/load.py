@@ -6,7 +6,8 @@ Every row of one run uses the same weights and the same arrival schedules (seede
   arrival order; its latency under load is its queue;
 - **LitServe peer** (bench/litserve_peer.py: stock pipeline, `max_batch_size` 8, `batch_timeout` 50 ms);
 - **kolors-api** (`kolors-api serve`, its defaults), and **kolors-api, batching off**
-  (`--max-batch-images 1`) for the lone-request comparison.
+  (`--max-batch-images 1`) for the lone-request comparison; with `--servers ...,ours-split`, also
+  `serve --no-worker` and a `kolors-api worker` as processes of their own on Redis.
 
 Loads, each client a thread with a connection of its own (as users send them):
 
@@ -210,27 +211,38 @@ def queue_waits(url: str, answers: list[Answer]) -> None:
                     a.queue_wait = r.json()["metrics"]["queue_time"]
 
 
-def start_server(kind: str, model: str, work: Path, device: str | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(kind: str, model: str, work: Path, device: str | None,
+                 redis: str = "redis://127.0.0.1:6379/9") -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The server of `kind` (NAMES), each process in a session of its own; the first is the HTTP one."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    engine = ["--model", model, "--data-dir", str(work / kind), *(["--device", device] if device else [])]
     if kind == "litserve":
-        cmd = [sys.executable, str(Path(__file__).with_name("litserve_peer.py")), "--model", model, "--port", str(port)]
+        cmds = [[sys.executable, str(Path(__file__).with_name("litserve_peer.py")), "--model", model,
+                 "--port", str(port)]]
         health = "/health"
     else:
-        cmd = [sys.executable, "-m", "kolors_api.cli", "serve", "--port", str(port), "--model", model,
-               "--data-dir", str(work / kind), *(["--device", device] if device else []),
-               *(["--max-batch-images", "1"] if kind == "ours-off" else [])]
+        serve = [sys.executable, "-m", "kolors_api.cli", "serve", "--port", str(port)]
+        if kind == "ours-split":  # the API and the worker in processes of their own, on Redis
+            import redis as redis_py
+
+            redis_py.Redis.from_url(redis).flushdb()
+            cmds = [[*serve, "--store", redis, "--no-worker", "--data-dir", str(work / kind)],
+                    [sys.executable, "-m", "kolors_api.cli", "worker", "--store", redis, *engine]]
+        else:
+            cmds = [[*serve, *engine, *(["--max-batch-images", "1"] if kind == "ours-off" else [])]]
         health = "/readyz"
     env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": KEY, "KOLORS_API_LOG_LEVEL": "warning"}
     # its own session: LitServe's inference and API workers are processes of their own, stopped with it
-    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_up(url, proc, health, timeout=1800)
-    return proc, url
+    procs = [subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True) for cmd in cmds]
+    wait_up(url, procs[0], health, timeout=1800)
+    return procs, url
 
 
 NAMES = {"stock": "stock diffusers, one after another", "litserve": "LitServe peer (batch 8, 50 ms)",
-         "ours": "kolors-api serve", "ours-off": "kolors-api, batching off"}
+         "ours": "kolors-api serve", "ours-off": "kolors-api, batching off",
+         "ours-split": "kolors-api, API + worker processes"}
 
 
 def stock_pipeline(model: str, device: str) -> Any:
@@ -263,7 +275,10 @@ def main() -> None:  # noqa: C901 - one linear script
     ap.add_argument("--seconds", type=float, default=15.0, help="arrivals last this long at each rate")
     ap.add_argument("--burst", type=int, default=8)
     ap.add_argument("--lone", type=int, default=7)
-    ap.add_argument("--servers", default="stock,litserve,ours,ours-off")
+    ap.add_argument("--servers", default="stock,litserve,ours,ours-off",
+                    help="of stock, litserve, ours, ours-off (batching off), ours-split (API and worker processes "
+                         "on --redis)")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/9", help="for ours-split (this database is flushed)")
     ap.add_argument("--capacity", type=float, default=None, help="images/s (skip measuring it)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default="bench/results/load.json")
@@ -325,7 +340,7 @@ def main() -> None:  # noqa: C901 - one linear script
     for name in servers:
         if name == "stock":
             continue
-        proc, url = start_server(name, model, work, args.device)
+        procs, url = start_server(name, model, work, args.device, args.redis)
         try:
             if name == "litserve":
                 send = http_send(url, "/predict", lambda i: body(i, size, steps))
@@ -344,8 +359,9 @@ def main() -> None:  # noqa: C901 - one linear script
                     return mean
                 loads(name, send, after)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # the process and its children (LitServe's workers)
-            proc.wait(60)
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGTERM)  # the process and its children (LitServe's workers)
+                proc.wait(60)
 
     print(f"\n{size}x{size}, {steps} steps, {device}, {os.cpu_count()} cores; capacity {capacity:.2f} img/s; "
           f"poisson for {args.seconds:g}s per rate; latency in seconds")
