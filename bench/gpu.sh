@@ -9,7 +9,8 @@
 #                                  # arrivals, a burst and a lone request (1024², 25 steps)
 #   bench/gpu.sh compile [ARGS]    # bench/compile_start.py: `serve --compile` ready cold and warm, and
 #                                  # every batch size after ready without a stall
-#   bench/gpu.sh all               # the three, with settings sized for about 12 minutes of an H100/H200
+#   bench/gpu.sh all               # engine and load, sized for about 10 minutes of an H100/H200; `compile`
+#                                  # needs a call of its own (a cold start compiles 1, 2, 4 and 8 rows)
 # Results go to $OUT (else bench/results/). Dry runs on CPU:
 #   bench/gpu.sh engine --size small --device cpu --repeats 1 --batches 1,2 --no-compile
 #   SIZE=small DEVICE=cpu bench/gpu.sh load --size 512 --steps 4 --fractions 0.8 --seconds 5 --lone 2
@@ -40,6 +41,5 @@ case "$what" in
   compile) compile "$@" ;;
   all)
     engine --repeats 1 --batches 1,8 --job-batches 8 --no-large --no-vae-rows
-    load --fractions 0.8 --seconds 40 --lone 3 --servers stock,litserve,ours
-    compile ;;
+    load --fractions 0.8 --seconds 40 --lone 3 --servers stock,litserve,ours ;;
 esac
