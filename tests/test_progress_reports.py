@@ -138,3 +138,25 @@ async def test_jobs_arriving_a_few_ms_apart_on_an_idle_worker_share_one_call(sto
         for job_id in ids:
             assert (await wait_for(store, job_id, terminal)).state == JobState.COMPLETED
     assert engine.calls == [1, 6]
+
+
+async def test_a_round_goes_without_the_jobs_that_are_done_or_stopped(store: JobStore) -> None:
+    """A job of the call that is already done (blocked by the prompt screening) or stopped reports no
+    more steps: the others' rounds go at once, not after the straggler wait."""
+    from kolors_api.worker.batch import CallReports, JobRun
+
+    ids = await submit_all(store, *(job_params(f"job {n}", steps=4) for n in range(3)))
+    leases = []
+    for _ in ids:
+        lease = await store.claim("w1", 30, 1)
+        assert lease is not None
+        leases.append(lease)
+    reports = CallReports(store, asyncio.get_running_loop())
+    reports.STRAGGLER_SECONDS = 600  # a round that waited for a straggler would not go in this test
+    blocked, stopped, running_ = (JobRun(store, lease, reports) for lease in leases)
+    blocked.done = True
+    stopped.stop("cancelled")
+    running_.on_step(1, 4)
+    job = await wait_for(store, running_.job.id, lambda job: job.step == 1, timeout=30)
+    assert job.state == JobState.PROCESSING
+    await reports.settle()

@@ -82,7 +82,8 @@ class CallReports:
         if not self._pending:
             return False
         newest = max(report.step for report in self._pending.values())
-        return all(self._latest.get(run, 0) >= newest for run in self._runs if not run.abort.is_set())
+        # (a job already done, e.g. blocked by the prompt screening, or stopped reports no more)
+        return all(self._latest.get(run, 0) >= newest for run in self._runs if not (run.done or run.abort.is_set()))
 
     def _arm(self) -> None:
         if self._timer is None:
