@@ -11,12 +11,12 @@ import pytest
 
 from kolors_api.jobs import JobState, JobStore, NewJob
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
-from tests.test_store import BACKENDS, drop, make
+from tests.test_store import BACKENDS, drop, open_store
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = await make(request.param, tmp_path)
+    s = await open_store(request, tmp_path)
     yield s
     await drop(s)
 

@@ -15,12 +15,12 @@ from kolors_api.jobs.base import destination
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.fair import work
 from tests.store_helpers import CHANGES, READS
-from tests.test_store import BACKENDS, drop, make
+from tests.test_store import BACKENDS, drop, open_store
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    s = await make(request.param, tmp_path)
+    s = await open_store(request, tmp_path)
     yield s
     await drop(s)
 

@@ -75,11 +75,17 @@ async def drop(store: JobStore) -> None:
     await store.close()
 
 
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
+    """`make` for a parametrised store fixture (`request.param` of BACKENDS), moto's server started
+    first for the S3 backends."""
     if request.param.endswith("-s3"):
         request.getfixturevalue("moto_s3")
-    s = await make(request.param, tmp_path)
+    return await make(request.param, tmp_path)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    s = await open_store(request, tmp_path)
     yield s
     await drop(s)
 
