@@ -127,10 +127,10 @@ async def test_a_cancel_lands_within_one_step_and_the_rest_of_the_call_goes_on(s
 async def test_jobs_arriving_a_few_ms_apart_on_an_idle_worker_share_one_call(store: JobStore) -> None:
     """The auto wait rule (`kolors_api.worker.company`): the first job finds the worker idle and waits
     a fraction of a step for company; each arrival a few ms later extends the wait."""
-    engine = StepEngine(step_seconds=0.03)
+    engine = StepEngine(step_seconds=0.1)
     async with running(store, engine, max_batch_images=8):
         first = await submit_all(store, job_params("warm-up", steps=4))
-        await wait_for(store, first[0], terminal)  # the worker has measured a step (about 30 ms)
+        await wait_for(store, first[0], terminal)  # the worker has measured a step (about 100 ms)
         ids = []
         for n in range(6):
             ids += await submit_all(store, job_params(f"burst {n}", steps=4))

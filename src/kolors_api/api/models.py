@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from kolors_api.api.limits import MAX_QUOTA, parse_limit
 from kolors_api.errors import BadRequest
 from kolors_api.jobs.base import MAX_CREDITS
-from kolors_api.jobs.fair import DEFAULT_WEIGHT, MAX_WEIGHT, MIN_WEIGHT, valid_weight
+from kolors_api.jobs.fair import DEFAULT_WEIGHT, MAX_WEIGHT, MIN_WEIGHT
 from kolors_api.schema import SCHEDULERS, check_text, is_finite, short, unknown_fields
 
 M = TypeVar("M", bound=BaseModel)
@@ -65,7 +65,9 @@ def _amount(lo: float, *, integer: bool = False, nullable: bool = True) -> Befor
 
 def _weight(value: Any) -> float:
     """A key's share of the workers (`kolors_api.jobs.fair`): a finite number in [MIN_WEIGHT, MAX_WEIGHT]."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not valid_weight(float(value)):
+    # compared as it comes: an int beyond float range is refused here, never an OverflowError (500)
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not is_finite(value)
+            or not MIN_WEIGHT <= value <= MAX_WEIGHT):
         raise _fail(f"must be a number greater than 0 and at most {MAX_WEIGHT:g} (a key's share of the workers; "
                     f"default 1), got {short(value)}")
     return float(value)
