@@ -15,6 +15,7 @@ then).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -114,7 +115,11 @@ class CallReports:
                     log.error("progress of %s not stored", " ".join(r.job.id for r in batch), exc_info=exc)
                 continue
             for run, ack in zip(batch, acks, strict=True):
-                await run.acknowledged(ack)
+                try:
+                    await run.acknowledged(ack)
+                except Exception as exc:  # storing a cancel failed: the job is stopped, its outcome tries again
+                    if not is_outage(exc):
+                        log.error("job %s: cancel not stored", run.job.id, exc_info=exc)
 
     async def settle(self) -> None:
         """Send every report put so far and wait for the answers (before the outcomes are stored:
@@ -122,7 +127,8 @@ class CallReports:
         while True:
             sending = self._sending
             if sending is not None and not sending.done():
-                await asyncio.shield(sending)
+                with contextlib.suppress(Exception):  # its failures were logged where they happened
+                    await asyncio.shield(sending)
                 continue
             with self._lock:
                 if not self._pending:
