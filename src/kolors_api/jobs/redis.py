@@ -322,9 +322,10 @@ class RedisStore(RedisHooks):
 
     async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
         # One script per job (each atomic), all in one pipeline: one round trip per engine step.
+        r_conn = await self._conn()  # opens the store on first use, as `_call` does, before its scripts
         script = self._scripts[names.SCRIPT_PROGRESS]
         retention = repr(float(self.retention))
-        async with (await self._conn()).pipeline(transaction=False) as pipe:
+        async with r_conn.pipeline(transaction=False) as pipe:
             for r in reports:
                 args: list[str | int | bytes] = [self.keys.prefix, retention, r.lease.job.id, r.lease.token,
                                                  int(r.step), int(r.total_steps)]
