@@ -128,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kolors_api.api.app import create_app
     from kolors_api.worker import EngineFactoryError
+    from kolors_api.worker.supervisor import DeviceError
 
     # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
     settings = _settings(args, **({"worker": False} if args.no_worker else {}))
@@ -150,31 +151,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
     except BaseException as exc:
         sock.close()
-        if isinstance(exc, EngineFactoryError):
+        if isinstance(exc, EngineFactoryError | DeviceError):
             return _refused(exc)
         raise
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=120,
-                                           **forwarding(settings)))
     svc = app.state.service
-    # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.
-    svc.on_worker_death = lambda cause: setattr(server, "should_exit", True)
+    grace = settings.shutdown_grace_seconds
+    server = make_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                        timeout_graceful_shutdown=max(1, round(grace)), **forwarding(settings)),
+                         on_exit=svc.begin_shutdown)
     logging.getLogger("kolors_api").info("kolors-api %s: %s", __version__, where_data_lives(settings))
     # What start-up built lives as long as the server: out of the collector's sight, so that the
     # collections a busy submit path triggers scan only the requests' own short-lived objects.
     gc.collect()
     gc.freeze()
     server.run(sockets=[sock])
-    if svc.worker_error is not None:
-        print(f"kolors-api: the in-process worker died: {svc.worker_error}", file=sys.stderr)
-        return 1
     return 0 if server.started else 3
+
+
+def make_server(config: Any, on_exit: Any) -> Any:
+    """uvicorn's server, which also calls `on_exit` when a signal asks it to stop (the engines start
+    draining at once, so that the whole shutdown fits in one grace)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from kolors_api.jobs import make_store
     from kolors_api.worker import EngineFactoryError, make_worker
+    from kolors_api.worker.messages import JobDone
     from kolors_api.worker.metrics import JobMetrics
+    from kolors_api.worker.supervisor import DeviceError, Supervisor
 
     settings = _settings(args)
     # before logging is set up: a refusal is one line, without the S3 client's info lines
@@ -183,10 +195,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
-    # A bad engine path, terms file or a missing `safety` extra fails here, before the engine loads.
+
+    def done(pid: int, job: JobDone) -> None:
+        if metrics is not None:
+            metrics.observe(job.seconds, job.outcome, job.stages)
+            metrics.report(pid, job.report)
+
+    # A bad engine path, device, terms file or a missing `safety` extra fails here, before an engine loads.
     try:
-        worker = make_worker(settings, store, on_job_done=metrics.observe if metrics else None)
-    except EngineFactoryError as exc:
+        make_worker(settings, store)
+        supervisor = Supervisor(settings, store, on_done=done)
+    except (EngineFactoryError, DeviceError) as exc:
         return _refused(exc)
     if metrics is not None:
         metrics.serve(args.metrics_port)
@@ -195,9 +214,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         await store.open()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, supervisor.drain)
         try:
-            await worker.run()
+            await supervisor.start()
+            await supervisor.drained()
+            await supervisor.stop(settings.shutdown_grace_seconds)
         finally:
             await store.close()
 

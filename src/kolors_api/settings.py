@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     #: `sqlite` (embedded default, under data_dir), `sqlite:///relative.db` or `sqlite:////abs.db`, or
     #: the fleet's Redis: `redis://host:port/db`, `rediss://…` (TLS), `unix:///path/to/redis.sock`.
     store: str = "sqlite"
-    #: Run an in-process worker inside `serve`.
+    #: `serve` starts and watches engine processes (one per device of `device`); off: an API only.
     worker: bool = True
+    #: The engine processes' devices: one (`cuda:1`, `cpu`), a comma-separated list (`cuda:0,cuda:1`;
+    #: a device may repeat: `cpu,cpu`), or `all` (every CUDA device); unset: CUDA when present, else CPU.
     device: str | None = None
     #: Weights' dtype: auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32.
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -85,6 +87,9 @@ class Settings(BaseSettings):
     #: A claimed job whose lease is not renewed for this long is handed to another worker.
     lease_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
+    #: On SIGINT/SIGTERM, how long running jobs may take to finish before their engine processes are
+    #: killed (their jobs go back to the queue) and the process exits.
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
     #: After this many deliveries a job ends FAILED and goes to the dead letters.
     max_deliveries: int = Field(3, ge=1)
     #: Queued jobs beyond this answer 503 (0 = no cap).

@@ -1,7 +1,7 @@
 """The FastAPI application: the Segmind-compatible v1/v2 routes, health and metrics.
 
-This process never imports torch: the in-process worker (embedded mode) imports the engine
-lazily, on its own thread, after the server is up.
+This process never imports torch and never runs engine code: with a worker (`serve`'s default)
+it starts one engine process per device (`kolors_api.worker.supervisor`) and watches it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from kolors_api.jobs import JobStore, make_store
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import clip
 from kolors_api.settings import Settings, retry_delays
+from kolors_api.worker.messages import JobDone
 
 log = logging.getLogger("kolors_api.api")
 
@@ -191,11 +192,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     hosts = allowed_hosts(settings)
     _redact_access_log()
     if settings.worker:
-        # Built now, so a bad --engine or safety setting stops `serve` before it binds its port;
-        # the engine itself loads when the worker runs (this imports no torch).
+        # Checked now, so a bad --engine, --device or safety setting stops `serve` before it binds
+        # its port; the engine itself loads in its own process (this one imports no torch).
         from kolors_api.worker import make_worker
+        from kolors_api.worker.supervisor import Supervisor
 
-        svc.worker = make_worker(settings, store, on_job_done=svc.metrics.jobs.observe)
+        make_worker(settings, store)
+        svc.engines = Supervisor(settings, store, on_done=functools.partial(_engine_job_done, svc))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -214,9 +217,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                                outage=svc.outage_seen,
                                counted=lambda outcome: svc.metrics.webhook_deliveries.labels(outcome).inc())
         svc.webhook_task = asyncio.create_task(runner.run())
-        if svc.worker is not None:
-            svc.worker_task = asyncio.create_task(svc.worker.run())
-            svc.worker_task.add_done_callback(functools.partial(_worker_ended, svc))
+        if svc.engines is not None:
+            await svc.engines.start()
         try:
             yield
         finally:
@@ -226,10 +228,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                 await svc.webhook_task  # a try in flight is dropped: its lease runs out, it is tried again
             if svc.probe_task is not None:
                 svc.probe_task.cancel()
-            if svc.worker is not None and svc.worker_task is not None:
-                svc.worker.stop()  # the job in hand finishes; queued jobs stay queued
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(svc.worker_task, 120)
+            if svc.engines is not None:
+                # the jobs in hand finish within what is left of the grace; queued jobs stay queued
+                await svc.engines.stop(svc.shutdown_left())
             await svc.store.close()
 
     # /docs is served from the package's own Swagger UI assets (offline); no ReDoc (it needs a CDN).
@@ -274,20 +275,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     return app
 
 
-def _worker_ended(svc: Service, task: asyncio.Task[None]) -> None:
-    """The in-process worker's task ended: unless the server stopped it, it died. Say why in the log,
-    in `/readyz` and `/metrics`, and let `svc.on_worker_death` end the process (a supervisor restarts
-    it) rather than serve on without a worker."""
-    if task.cancelled() or (svc.worker is not None and svc.worker.stopping):
-        return
-    exc = task.exception()
-    cause = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned without being stopped"
-    svc.worker_error = cause
-    svc.metrics.embedded_worker.set(0)
-    log.error("the in-process worker died: %s; the server shuts down so that its supervisor restarts it",
-              cause, exc_info=exc)
-    if svc.on_worker_death is not None:
-        svc.on_worker_death(cause)
+def _engine_job_done(svc: Service, pid: int, done: JobDone) -> None:
+    """An engine process stored a job: its durations and counters go to this process's `/metrics`."""
+    svc.metrics.jobs.observe(done.seconds, done.outcome, done.stages)
+    svc.metrics.jobs.report(pid, done.report)
 
 
 async def _expire_loop(svc: Service) -> None:

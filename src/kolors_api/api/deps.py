@@ -80,18 +80,16 @@ class Finished:
 
 @dataclass
 class Service:
-    """What every route needs: settings, the store, the URL signer, metrics, the embedded worker."""
+    """What every route needs: settings, the store, the URL signer, metrics, the engine processes."""
 
     settings: Settings
     store: JobStore
     metrics: Metrics = field(default_factory=Metrics)
     signer: Signer | None = None
-    worker: Any = None
-    worker_task: asyncio.Task[None] | None = None
-    #: Why the in-process worker died (None while it runs, or when there is none); `/readyz` says it.
-    worker_error: str | None = None
-    #: Called with that cause when the in-process worker dies (`serve` shuts the server down, exit 1).
-    on_worker_death: Callable[[str], None] | None = None
+    #: `serve`'s engine processes (`kolors_api.worker.supervisor.Supervisor`), None without a worker.
+    engines: Any = None
+    #: When the shutdown must be over (monotonic), once a signal asked for it (`begin_shutdown`).
+    shutdown_deadline: float | None = None
     expiry_task: asyncio.Task[None] | None = None
     admission: list[Admission] = field(default_factory=list)
     #: The store's outage, logged once (see `kolors_api.jobs.outage`), and the task that sees it end.
@@ -103,6 +101,19 @@ class Service:
     webhook_task: asyncio.Task[None] | None = None
     #: One submit at a time per Idempotency-Key (set by `create_app`; None: no such guard).
     inflight: InFlight | None = None
+
+    def begin_shutdown(self) -> None:
+        """A signal asked the server to stop: the grace starts now and the engines stop claiming."""
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+            if self.engines is not None:
+                self.engines.drain()
+
+    def shutdown_left(self) -> float:
+        """Seconds left of the shutdown grace (all of it when no signal started it)."""
+        if self.shutdown_deadline is None:
+            return self.settings.shutdown_grace_seconds
+        return max(0.0, self.shutdown_deadline - time.monotonic())
 
     def outage_seen(self, exc: BaseException) -> None:
         """Note an outage error (the first one logs) and watch, by pinging, for the store's return."""

@@ -21,15 +21,15 @@ class Metrics:
         self.dead_letters = Gauge("kolors_dead_letters_total", "Jobs failed after too many deliveries",
                                   registry=self.registry)
         self.embedded_worker = Gauge("kolors_embedded_worker_up",
-                                     "1 while serve's in-process worker runs; 0 when it died or there is none",
-                                     registry=self.registry)
+                                     "serve's engine processes that are ready (0 while they load or restart, "
+                                     "or with --no-worker)", registry=self.registry)
         self.event_streams = Gauge("kolors_event_streams", "Open server-sent event streams (watchers of jobs)",
                                    registry=self.registry)
         self.webhook_deliveries = Counter("kolors_webhook_deliveries_total",
                                           "Webhook delivery tries by outcome: delivered (2xx), retry (to be tried "
                                           "again), failed (out of tries, or refused), stopped (the receiver said 410)",
                                           ["outcome"], registry=self.registry)
-        #: The in-process worker's job durations (`kolors_job_duration_seconds`).
+        #: The engine processes' job durations and stages (`kolors_job_duration_seconds`, `_stage_seconds`).
         self.jobs = JobMetrics(self.registry)
 
     def render(self) -> bytes:

@@ -373,9 +373,23 @@ class Health(BaseModel):
     status: str
 
 
+class EngineProcess(BaseModel):
+    """One of `serve`'s engine processes (`kolors_api.worker.supervisor`)."""
+
+    index: int
+    device: str
+    state: str = Field(description="starting, ready, restarting or stopped")
+    pid: int | None
+    worker_id: str | None
+    restarts: int
+    last_exit: str | None = Field(description="how its last process ended, e.g. `killed by SIGKILL`")
+
+
 class Ready(Health):
     workers: int
     queued: int
+    engines: list[EngineProcess] | None = Field(None, description="serve's engine processes (none in an API "
+                                                "started with --no-worker)")
 
 
 class OpenAIErrorObject(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.responses import JSONResponse, Response
 
@@ -34,12 +36,16 @@ async def healthz() -> Response:
 async def readyz(svc: ServiceDep) -> Response:
     if not await svc.store.ping():
         raise Unavailable("store unreachable", headers={"Retry-After": "5"})
-    if svc.worker_error is not None:
-        raise Unavailable(f"the in-process worker died: {svc.worker_error}", headers={"Retry-After": "5"})
+    engines = svc.engines
+    if engines is not None and not engines.ready:
+        raise Unavailable(f"no engine ready: {engines.problem()}", headers={"Retry-After": "5"})
     stats = await svc.store.stats()
     if stats.workers_alive < 1:
         raise Unavailable("no worker alive", headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ready", "workers": stats.workers_alive, "queued": stats.queued})
+    body: dict[str, Any] = {"status": "ready", "workers": stats.workers_alive, "queued": stats.queued}
+    if engines is not None:
+        body["engines"] = [engine.describe() for engine in engines.engines]
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics",
@@ -52,6 +58,5 @@ async def metrics(svc: ServiceDep) -> Response:
     m.workers.set(stats.workers_alive)
     m.reclaims.set(stats.reclaims)
     m.dead_letters.set(stats.dead_letters)
-    task = svc.worker_task
-    m.embedded_worker.set(1 if task is not None and not task.done() else 0)
+    m.embedded_worker.set(svc.engines.ready if svc.engines is not None else 0)
     return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
@@ -442,6 +442,22 @@ class JobStore(Protocol):
         ...
 
     async def worker_alive(self, worker_id: str, ttl: float) -> None: ...
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when a job may have been queued since the last call (or the last claim), else after
+        `timeout` seconds: how a worker waiting for company learns of arrivals without polling."""
+        ...
+
+    def relay(self, send: Callable[[str | None], None] | None) -> None:
+        """Pass this process's own changes to `send` (a job id, or None for "a job was queued"), for the
+        other processes of one machine on the same store (`serve` and its engine processes); a no-op
+        where the store tells every process itself (Redis publishes every change)."""
+        ...
+
+    def changed(self, job_id: str | None) -> None:
+        """A change made by another process (what its `relay` sent): wake what waits for that job, or
+        (None) a worker waiting for work. Nothing is relayed on."""
+        ...
 
     async def stats(self) -> StoreStats: ...
 

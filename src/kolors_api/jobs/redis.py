@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class RedisStore(RedisHooks):
 
     #: Fallback re-check of `wait` and longest single block of `claim`, in seconds.
     recheck: float = 1.0
+    #: How often a worker waiting for company looks at the queue again (`wait_for_work`), in seconds.
+    work_poll: float = 0.002
     #: XAUTOCLAIM's min-idle: also how long an entry read by a worker that died before recording
     #: its claim waits to be handed out again.
     reclaim_horizon: float = 60.0
@@ -191,6 +193,15 @@ class RedisStore(RedisHooks):
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
         await self._listen()
         return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await asyncio.sleep(min(timeout, self.work_poll))
+
+    def relay(self, send: Callable[[str | None], None] | None) -> None:
+        """Nothing to relay: every change is published to every process."""
+
+    def changed(self, job_id: str | None) -> None:
+        """Nothing to do: the publication of the change wakes this process's waiters."""
 
     async def _listen(self) -> None:
         """Start this store's one pattern subscription to every job's channel (once)."""

@@ -8,6 +8,7 @@ share the file (the `keys` CLI, a second reader) see changes by polling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -127,6 +128,7 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
         self._conn: sqlite3.Connection | None = None
         self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
+        self._relay: Callable[[str | None], None] | None = None
 
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -205,10 +207,30 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
         return row
 
     def _notify(self, job_id: str | None = None, queue: bool = False) -> None:
+        for what in ([job_id] if job_id is not None else []) + ([None] if queue else []):
+            self.changed(what)
+            if self._relay is not None:
+                self._relay(what)
+
+    # -- wake-ups across the processes of one machine (serve and its engine processes)
+    def relay(self, send: Callable[[str | None], None] | None) -> None:
+        self._relay = send
+
+    def changed(self, job_id: str | None) -> None:
         if job_id is not None:
             self._waiters.notify(job_id)
-        if queue and self._queue_event is not None:
+        elif self._queue_event is not None:
             self._queue_event.set()
+
+    async def wait_for_work(self, timeout: float) -> None:
+        event = self._queue_event
+        if event is None:
+            await asyncio.sleep(timeout)
+            return
+        if not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
 
     # -- jobs: API side
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:

@@ -150,6 +150,7 @@ class JobRun:
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
+        self.call: tuple[float, float] | None = None  # the engine call's start and end (wall clock)
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():

@@ -1,9 +1,9 @@
 """The worker loop, written once against the `JobStore` interface.
 
 claim ▸ run the engine (in a thread, so heartbeats and the event loop keep going) ▸ store ▸ ack.
-The same loop runs inside `serve` (embedded) and as `kolors-api worker` (fleet), both built by
-`make_worker`. This module does not import torch: the engine comes from a factory, called on the
-engine's own thread (see `kolors_api.worker.engines`).
+The same loop runs in every engine process (`kolors_api.worker.process`), which `serve` and
+`kolors-api worker` start and watch, built by `make_worker`. This module does not import torch:
+the engine comes from a factory, called on the engine's own thread (see `kolors_api.worker.engines`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ from kolors_api.worker.company import StepClock, WaitRule
 from kolors_api.worker.engines import EngineLike
 
 log = logging.getLogger("kolors_api.worker")
-
-#: How often a claimed job waiting for company looks for more queued jobs of its shape, in seconds:
-#: with a fixed `batch_wait_ms`, and with the auto rule (whose waits are fractions of a step).
-BATCH_WAIT_POLL = 0.01
-AUTO_WAIT_POLL = 0.002
 
 
 class WorkerState(enum.StrEnum):
@@ -88,7 +83,7 @@ class Worker:
 
     def __init__(self, store: JobStore, engine_factory: Callable[[], EngineLike],
                  config: WorkerConfig | None = None, *, worker_id: str | None = None,
-                 on_job_done: Callable[[float, str], None] | None = None,
+                 on_job_done: Callable[[float, str, dict[str, float]], None] | None = None,
                  safety: SafetyLike | None = None) -> None:
         self.store = store
         self._engine_factory = engine_factory
@@ -98,6 +93,8 @@ class Worker:
         self.state = WorkerState.STARTING
         self.jobs_done = 0  # jobs taken to an end (stored or not), for the state log
         self._stopping = asyncio.Event()
+        #: Set once the engine has loaded (the engine process then says it is ready).
+        self.loaded = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-engine")
         # Output screening off the engine thread: the next batch denoises meanwhile.
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kolors-screen")
@@ -148,6 +145,7 @@ class Worker:
             if self.engine is None:
                 # Loading takes seconds to minutes: off the event loop, on the engine's own thread.
                 self.engine = await loop.run_in_executor(self._pool, self._engine_factory)
+            self.loaded.set()
             limits = self.batch_limits()
             if not self._stopping.is_set():
                 self._enter(WorkerState.IDLE)
@@ -227,7 +225,8 @@ class Worker:
             left = deadline - now
             if batch.full or left <= 0:
                 return leases
-            await asyncio.sleep(min(left, BATCH_WAIT_POLL if fixed >= 0 else AUTO_WAIT_POLL))
+            # woken by the next submit (SQLite: told by the API's process; Redis: a short poll)
+            await self.store.wait_for_work(left)
 
     async def process(self, lease: Lease) -> None:
         """Run one claimed job to COMPLETED or FAILED (unless its lease is lost)."""
@@ -259,6 +258,7 @@ class Worker:
             batch = [(run.params, run.on_step) for run in runs]
             deferred = {"defer_encoding": True} if getattr(engine, "defer_encoding", False) else {}
             started = time.monotonic()
+            call_started = time.time()
             outs = await loop.run_in_executor(self._pool, lambda: generate_batch(batch, **deferred))
             first = runs[0].params
             self.clock.observe(first.width, first.height, first.steps, sum(r.params.number_of_images for r in runs),
@@ -271,7 +271,11 @@ class Worker:
                     return [engine.generate(run.params, run.on_step)]
                 except Exception as exc:
                     return [exc]
+            call_started = time.time()
             outs = await loop.run_in_executor(self._pool, one)
+        call_ended = time.time()
+        for run in runs:
+            run.call = (call_started, call_ended)
         return self._finish(runs, outs, hb)
 
     async def _heartbeats(self, runs: list[JobRun]) -> None:
@@ -327,12 +331,8 @@ class Worker:
             if blocked:
                 await self.store.fail(lease, f"content blocked: {blocked}")
                 return
-        now = time.time()
-        metrics = {
-            "inference_time": round(out.inference_time, 4),
-            "queue_time": round(max(0.0, (job.started_at or now) - job.created_at), 4),
-            "total_time": round(now - job.created_at, 4),
-        }
+        metrics = timeline(job.created_at, job.started_at, run.call, time.time())
+        metrics["inference_time"] = round(out.inference_time, 4)
         peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
         if peak is not None:
             metrics["peak_memory_mb"] = round(peak / 2**20, 1)
@@ -343,9 +343,22 @@ class Worker:
             if state == JobState.FAILED:
                 log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)
             if self._on_job_done is not None:
-                self._on_job_done(out.inference_time, state.value)
+                self._on_job_done(out.inference_time, state.value, metrics)
         else:
             log.warning("job %s: lease lost before completion; result dropped", job.id)
+
+
+def timeline(created: float, claimed: float | None, call: tuple[float, float] | None,
+             stored: float) -> dict[str, float]:
+    """A job's stages on the worker's side, in seconds (wall clock, as the store's timestamps):
+    `queue_time` submit to claim, `batch_wait` claim to the engine call (waiting for company, the
+    prompt screening), `call_time` the engine call (the batch's), `finish_time` the call's end to the
+    store (encoding, image screening, progress settling), `total_time` submit to the store."""
+    claimed = claimed or stored
+    start, end = call or (claimed, claimed)
+    stages = {"queue_time": claimed - created, "batch_wait": start - claimed, "call_time": end - start,
+              "finish_time": stored - end, "total_time": stored - created}
+    return {name: round(max(0.0, value), 4) for name, value in stages.items()}
 
 
 async def _nothing() -> None:

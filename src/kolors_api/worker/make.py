@@ -14,11 +14,11 @@ from kolors_api.worker.safety import build_safety
 
 
 def make_worker(settings: Settings, store: JobStore, *,
-                on_job_done: Callable[[float, str], None] | None = None,
+                on_job_done: Callable[[float, str, dict[str, float]], None] | None = None,
                 worker_id: str | None = None) -> Worker:
     """The worker that `settings` describe, on `store`: the engine from `settings.engine` (loaded
-    when the worker runs), leases and heartbeats, content safety. `on_job_done(seconds, outcome)`
-    is called after each job stored COMPLETED (engine seconds), for metrics.
+    when the worker runs), leases and heartbeats, content safety. `on_job_done(seconds, outcome,
+    stages)` is called after each job stored COMPLETED (engine seconds, `loop.timeline`), for metrics.
 
     Everything that can be refused is refused here, before any engine loads: a bad engine path
     (`EngineFactoryError`), a model the default engine cannot load (`ModelNotFound`: no such folder,
