@@ -7,7 +7,8 @@ Every row of one run uses the same weights and the same arrival schedules (seede
 - **LitServe peer** (bench/litserve_peer.py: stock pipeline, `max_batch_size` 8, `batch_timeout` 50 ms);
 - **kolors-api** (`kolors-api serve`, its defaults), and **kolors-api, batching off**
   (`--max-batch-images 1`) for the lone-request comparison; with `--servers ...,ours-split`, also
-  `serve --no-worker` and a `kolors-api worker` as processes of their own on Redis.
+  `serve --no-worker` and a `kolors-api worker` as processes of their own on Redis; with
+  `ours-base --baseline-src OLD/src`, the `serve` of another checkout (a before/after in one run).
 
 Loads, each client a thread with a connection of its own (as users send them):
 
@@ -19,7 +20,9 @@ Loads, each client a thread with a connection of its own (as users send them):
 
 Per row: requests, throughput (answered / the time from the first arrival to the last answer),
 latency p50/p95/p99, queue wait (stock: its queue; kolors-api: the jobs' `queue_time`), mean batch
-(kolors-api: engine calls' jobs from /metrics; LitServe: the batch each answer came from).
+(kolors-api: engine calls' jobs from /metrics; LitServe: the batch each answer came from). Then, for
+kolors-api's rows, where the time went (medians of each job's timeline: queue, batching wait, engine
+call, finish; and what the serving path added to it), beside the peer's p50.
 
     .venv/bin/python bench/load.py                                   # CPU, tiny model, 512², 20 steps
     .venv/bin/python bench/load.py --servers ours,litserve --fractions 0.8 --seconds 30
@@ -61,6 +64,9 @@ class Answer:
     queue_wait: float | None = None
     batch: int | None = None
     request_id: str | None = None
+    #: The job's own timeline (`metrics` of its record: queue_time, batch_wait, call_time, finish_time,
+    #: total_time) and, as `serving`, the rest of the client's latency (HTTP, accept, wake-up, answer).
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,8 +99,16 @@ def row(server: str, load: str, answers: list[Answer], mean_batch: float | None 
     batches = [a.batch for a in ok if a.batch is not None]
     if mean_batch is None and batches:
         mean_batch = statistics.mean(batches)
-    return Row(server, load, len(answers), len(answers) - len(ok), len(ok) / span if ok else 0.0,
-               pct(lat, 50), pct(lat, 95), pct(lat, 99), statistics.median(waits) if waits else None, mean_batch)
+    out = Row(server, load, len(answers), len(answers) - len(ok), len(ok) / span if ok else 0.0,
+              pct(lat, 50), pct(lat, 95), pct(lat, 99), statistics.median(waits) if waits else None, mean_batch)
+    staged = [a.stages for a in ok if a.stages]
+    if staged:
+        out.extra["stages_p50"] = {name: statistics.median(s[name] for s in staged if name in s) for name in STAGES}
+    return out
+
+
+#: The breakdown printed per row of ours: the job's timeline, then what the serving path added.
+STAGES = ("queue_time", "batch_wait", "call_time", "finish_time", "serving")
 
 
 def poisson(rate: float, seconds: float, seed: int) -> list[float]:
@@ -208,7 +222,11 @@ def queue_waits(url: str, answers: list[Answer]) -> None:
             if a.request_id:
                 r = client.get(f"/v2/requests/{a.request_id}")
                 if r.status_code == 200:
-                    a.queue_wait = r.json()["metrics"]["queue_time"]
+                    metrics = r.json()["metrics"]
+                    a.queue_wait = metrics["queue_time"]
+                    a.stages = {name: float(metrics[name]) for name in STAGES if name in metrics}
+                    if "total_time" in metrics:
+                        a.stages["serving"] = max(0.0, (a.done - a.sent) - float(metrics["total_time"]))
 
 
 def start_server(kind: str, model: str, work: Path, device: str | None,
@@ -233,6 +251,8 @@ def start_server(kind: str, model: str, work: Path, device: str | None,
             cmds = [[*serve, *engine, *(["--max-batch-images", "1"] if kind == "ours-off" else [])]]
         health = "/readyz"
     env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": KEY, "KOLORS_API_LOG_LEVEL": "warning"}
+    if kind == "ours-base":  # the same serve command on another checkout's code (--baseline-src)
+        env["PYTHONPATH"] = BASELINE_SRC[0]
     # its own session: LitServe's inference and API workers are processes of their own, stopped with it
     procs = [subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True) for cmd in cmds]
@@ -242,7 +262,9 @@ def start_server(kind: str, model: str, work: Path, device: str | None,
 
 NAMES = {"stock": "stock diffusers, one after another", "litserve": "LitServe peer (batch 8, 50 ms)",
          "ours": "kolors-api serve", "ours-off": "kolors-api, batching off",
-         "ours-split": "kolors-api, API + worker processes"}
+         "ours-split": "kolors-api, API + worker processes", "ours-base": "kolors-api serve, --baseline-src"}
+#: The `src` folder of another checkout, for the `ours-base` row (set by --baseline-src).
+BASELINE_SRC: list[str] = [""]
 
 
 def stock_pipeline(model: str, device: str) -> Any:
@@ -280,6 +302,9 @@ def main() -> None:  # noqa: C901 - one linear script
                          "on --redis)")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/9", help="for ours-split (this database is flushed)")
     ap.add_argument("--capacity", type=float, default=None, help="images/s (skip measuring it)")
+    ap.add_argument("--baseline-src", default=None,
+                    help="the src/ folder of another checkout (e.g. a git worktree of main): the ours-base row "
+                         "runs its serve, for a before/after in one run")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args()
@@ -291,6 +316,9 @@ def main() -> None:  # noqa: C901 - one linear script
 
         model = str(build_tiny_model(work / "tiny"))
     servers = args.servers.split(",")
+    if "ours-base" in servers and not args.baseline_src:
+        ap.error("ours-base needs --baseline-src")
+    BASELINE_SRC[0] = str(Path(args.baseline_src).resolve()) if args.baseline_src else ""
     fractions = [float(f) for f in args.fractions.split(",")]
     size, steps = args.size, args.steps
     rows: list[Row] = []
@@ -375,6 +403,17 @@ def main() -> None:  # noqa: C901 - one linear script
         wait = f"{r.queue_wait_p50:6.2f}" if r.queue_wait_p50 is not None else f"{'-':>6}"
         print(f"{NAMES[r.server]:36} {r.load:13} {r.requests:>4} {r.throughput:>6.2f} {r.p50:>6.2f} {r.p95:>6.2f} "
               f"{r.p99:>6.2f} {wait} {(r.mean_batch or 0):>5.1f} {(f'{ratio:.2f}' if ratio else '-'):>6}")
+    staged = [r for r in rows if "stages_p50" in r.extra]
+    if staged:
+        print("\nwhere a request's time went, medians in ms (the job's timeline from its record; serving = the "
+              "client's latency minus the job's total: HTTP, accept, wake-up, answer)")
+        names = " ".join(f"{name:>11}" for name in STAGES)
+        print(f"{'server':36} {'load':13} {names} {'p50':>8} {'peer p50':>8}")
+        for r in staged:
+            peer_p50 = f"{peer[r.load].p50 * 1000:8.0f}" if r.load in peer else f"{'-':>8}"
+            print(f"{NAMES[r.server]:36} {r.load:13} "
+                  + " ".join(f"{r.extra['stages_p50'][name] * 1000:11.0f}" for name in STAGES)
+                  + f" {r.p50 * 1000:8.0f} {peer_p50}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"size": size, "steps": steps, "device": device, "model": args.model or "tiny",

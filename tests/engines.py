@@ -8,6 +8,7 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
 - `failing`: raises ``RuntimeError("injected fault")`` at step 1 when the prompt holds "fail";
 - `kill_on_claim`: SIGKILLs its own process when asked for a prompt holding "poison";
 - `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash";
+- `kill_once`: the same, only the first time (it leaves the file env ``KOLORS_TEST_KILL_MARK`` behind);
 - `slow_finish`: sleeps env ``KOLORS_TEST_FINISH_SECONDS`` (default 2) after the last step, before
   it hands the images back (a window for a cancel that comes "during the last step").
 - `unloadable`: raises ``OSError("injected: weights not fully cached")`` while loading, as
@@ -81,6 +82,17 @@ def kill_on_claim(settings: Settings) -> Wrapped:
 def kill_mid_step(settings: Settings) -> Wrapped:
     def crash(params: GenerateParams, i: int) -> None:
         if i == 2 and "crash" in params.prompt:
+            _sigkill()
+
+    return Wrapped(kolors(settings), after_step=crash)
+
+
+def kill_once(settings: Settings) -> Wrapped:
+    mark = Path(os.environ["KOLORS_TEST_KILL_MARK"])
+
+    def crash(params: GenerateParams, i: int) -> None:
+        if i == 2 and "crash" in params.prompt and not mark.exists():
+            mark.touch()
             _sigkill()
 
     return Wrapped(kolors(settings), after_step=crash)

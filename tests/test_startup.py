@@ -3,7 +3,6 @@ port is bound; a dead in-process worker is said (log, /readyz, /metrics) and end
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, free_port, redis_db_url, start_process, start_server
-from tests.engines import ENGINE_ENV
+from tests.conftest import ADMIN_KEY, free_port, redis_db_url, start_server
 
 #: A loopback port where nothing listens: a hub that cannot be reached, refused at once.
 CLOSED = f"http://127.0.0.1:{free_port()}"
@@ -64,46 +62,6 @@ def test_offline_a_repo_not_in_the_cache_is_refused_without_asking_the_hub(tmp_p
     line = one_line(serve(tmp_path, "--model", "Kwai-Kolors/Kolors-diffusers",
                           env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": CLOSED, "HF_HUB_CACHE": str(cache)}))
     assert "HF_HUB_OFFLINE is set, so the hub was not asked" in line and CLOSED not in line
-
-
-def test_a_worker_that_dies_ends_serve_with_its_cause_and_exit_1(tmp_path: Path) -> None:
-    proc, log = start_process(["serve", "--port", str(free_port()), "--data-dir", str(tmp_path),
-                               "--engine", "tests.engines:unloadable"], tmp_path, env=ENGINE_ENV)
-    try:
-        assert proc.wait(timeout=120) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert "the in-process worker died: OSError: injected: weights not fully cached" in text
-    assert "kolors-api: the in-process worker died: OSError: injected: weights not fully cached" \
-        in text.splitlines()  # the last word of serve, on stderr
-    assert text.index("Shutting down") < text.index("kolors-api: the in-process worker died")
-
-
-async def test_a_dead_worker_shows_in_readyz_and_metrics_and_async_submits_still_queue(tmp_path: Path) -> None:
-    from kolors_api.api.app import create_app
-    from kolors_api.settings import Settings
-
-    app = create_app(Settings(data_dir=tmp_path, bootstrap_key=ADMIN_KEY, engine="tests.engines:unloadable",
-                              allowed_hosts="kolors.test"))
-    transport = httpx.ASGITransport(app=app)
-    headers = {"x-api-key": ADMIN_KEY}
-    async with app.router.lifespan_context(app), \
-            httpx.AsyncClient(transport=transport, base_url="http://kolors.test", timeout=60) as http:
-        for _ in range(600):
-            ready = await http.get("/readyz")
-            if "died" in ready.text:
-                break
-            await asyncio.sleep(0.05)
-        assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
-        assert ready.json() == {"error": "the in-process worker died: OSError: injected: weights not fully cached"}
-        assert "kolors_embedded_worker_up 0.0" in (await http.get("/metrics")).text
-        # With no worker alive a sync request is refused, an async submit waits for one (scale-to-zero).
-        sync = await http.post("/v1/kolors", json={"prompt": "a fox"}, headers=headers)
-        assert (sync.status_code, sync.json()) == (503, {"error": "no worker alive"})
-        queued = await http.post("/v2/kolors", json={"prompt": "a fox"}, headers=headers)
-        assert queued.status_code == 200 and queued.json()["status"] == "QUEUED"
 
 
 def test_kolors_api_worker_false_is_honoured_and_the_start_up_line_says_where_data_lives(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,13 +99,25 @@ def test_an_engine_error_fails_the_job_and_the_segmind_sdk_sees_it(failing_serve
     assert sdk.run("kolors", prompt="a quiet harbour", **SMALL)["status"] == "COMPLETED"
 
 
-def test_a_server_killed_mid_step_completes_the_job_after_restart(tiny_model: Path, tmp_path: Path) -> None:
-    server = serve_with("kill_mid_step", tiny_model, tmp_path)
+def test_a_server_killed_mid_step_leaves_no_engine_and_completes_the_job_after_restart(tiny_model: Path,
+                                                                                       tmp_path: Path) -> None:
+    server = serve_with("slow", tiny_model, tmp_path)
     try:
+        engine_pid = httpx.get(server.url + "/readyz").json()["engines"][0]["pid"]
         r = httpx.post(server.url + "/v2/kolors", headers=server.headers(),
-                       json={"prompt": "crash here", **SMALL, "steps": 4})
+                       json={"prompt": "killed mid-step", **SMALL, "steps": 8})
         request_id = r.json()["request_id"]
-        assert server.proc.wait(timeout=120) == -signal.SIGKILL
+        wait_for(server, server.key, request_id, lambda body: body["status"] == "PROCESSING")
+        server.kill(signal.SIGKILL)
+        # its engine process goes with it (no orphan holding the job or the cores)
+        for _ in range(600):
+            try:
+                os.kill(engine_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the engine process outlived its serve")
     finally:
         server.stop()
     port = int(server.url.rsplit(":", 1)[1])

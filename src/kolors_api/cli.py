@@ -77,6 +77,20 @@ def _check_blobs(settings: Any) -> int | None:
     return None
 
 
+def _check_devices(settings: Any) -> int | None:
+    """`--device` read once (`all` asks torch, in a child process): None when it names devices (or no
+    engine runs here), else exit status 2 after one line."""
+    from kolors_api.worker.supervisor import DeviceError, engine_devices
+
+    if not settings.worker:
+        return None
+    try:
+        engine_devices(settings.device)
+    except DeviceError as exc:
+        return _refused(exc)
+    return None
+
+
 def _missing_extra(exc: ModuleNotFoundError) -> int | None:
     """A module of an extra that is not installed: one line naming the extra, exit 2 (else None)."""
     top = (exc.name or "").partition(".")[0]
@@ -143,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kolors-api: port {settings.port} on {settings.host} {what}: {exc}{hint}", file=sys.stderr)
         return 2
     # before logging is set up: a refusal is one line, without the S3 client's info lines
-    if (refused := _check_blobs(settings)) is not None:
+    if (refused := _check_blobs(settings) or _check_devices(settings)) is not None:
         sock.close()
         return refused
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -190,7 +204,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # before logging is set up: a refusal is one line, without the S3 client's info lines
-    if (refused := _check_blobs(settings)) is not None:
+    if (refused := _check_blobs(settings) or _check_devices(settings)) is not None:
         return refused
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     metrics = JobMetrics() if args.metrics_port is not None else None

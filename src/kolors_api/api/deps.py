@@ -195,7 +195,9 @@ class Service:
         Once the job is stored, every answer but the images names it: `request_id` in the body and
         the `X-Request-Id` header, and a 503 (the store went away while waiting) says that the job
         was accepted and goes on, so that a client fetches it instead of paying for it twice."""
+        started = time.monotonic()
         job = await self.submit(request, key, model, body, sync=True)
+        self.metrics.request_stage.labels("accept").observe(time.monotonic() - started)
         try:
             return await self._wait_sync(request, job)
         except KolorsAPIError as exc:
@@ -227,11 +229,16 @@ class Service:
             if latest is None:
                 raise NotFound(f"unknown request: {job.id}")
             job = latest
+        stage = self.metrics.request_stage
+        if job.finished_at is not None:  # from the engine's store write to this waiter's wake-up
+            stage.labels("wake").observe(max(0.0, time.time() - job.finished_at))
         if job.state == JobState.FAILED:
             raise failed(job)
+        reading = time.monotonic()
         images = await asyncio.gather(*(self.store.read_output(job.id, i) for i in range(job.outputs)))
         if any(img is None for img in images):
             raise NotFound(f"unknown request: {job.id}")
+        stage.labels("read").observe(time.monotonic() - reading)
         return Finished(job, [img for img in images if img is not None])
 
     async def own_job(self, key: ApiKey, job_id: str) -> Job:

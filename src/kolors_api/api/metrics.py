@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kolors_api.worker.metrics import JobMetrics
+from kolors_api.worker.metrics import STAGE_BUCKETS, JobMetrics
 
 
 class Metrics:
@@ -29,6 +29,11 @@ class Metrics:
                                           "Webhook delivery tries by outcome: delivered (2xx), retry (to be tried "
                                           "again), failed (out of tries, or refused), stopped (the receiver said 410)",
                                           ["outcome"], registry=self.registry)
+        #: A sync request's own stages in this process: `accept` (validate, admit, store the job), `wake`
+        #: (from the engine's write of the outcome to this process's waiter waking up), `read` (its images).
+        self.request_stage = Histogram("kolors_request_stage_seconds", "Where a sync request's time went in the "
+                                       "API process, by stage: accept, wake, read", ["stage"],
+                                       buckets=STAGE_BUCKETS, registry=self.registry)
         #: The engine processes' job durations and stages (`kolors_job_duration_seconds`, `_stage_seconds`).
         self.jobs = JobMetrics(self.registry)
 

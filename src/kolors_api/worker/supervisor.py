@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ def engine_devices(spec: str | None) -> list[str | None]:
     return devices
 
 
+@functools.cache
 def cuda_device_count() -> int:
     code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
@@ -162,8 +164,8 @@ class Supervisor:
         for engine in self.engines:
             proc = engine.proc
             if proc is not None and proc.returncode is None:
-                log.warning("engine process %d (pid %s) still running after the %g s grace: killed; its job "
-                            "goes back to the queue", engine.index, engine.pid, grace)
+                log.warning("engine process %d (pid %s) still running at the end of the shutdown grace: killed; "
+                            "its job goes back to the queue", engine.index, engine.pid)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         if pending:
