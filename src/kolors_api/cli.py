@@ -222,6 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except (EngineFactoryError, DeviceError) as exc:
         return _refused(exc)
     if metrics is not None:
+        metrics.watch(supervisor)
         metrics.serve(args.metrics_port)
 
     async def main() -> None:

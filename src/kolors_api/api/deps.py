@@ -302,7 +302,7 @@ def failed(job: Job) -> JobFailed:
     return JobFailed(job.error or "failed", extra={"request_id": job.id, "status": "FAILED"})
 
 
-def service(request: Request) -> Service:
+async def service(request: Request) -> Service:
     svc: Service = request.app.state.service
     return svc
 

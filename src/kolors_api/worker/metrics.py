@@ -53,6 +53,12 @@ class JobMetrics:
             if stage in STAGES:
                 self.job_stage.labels(stage).observe(value)
 
+    def watch(self, engines: Any) -> None:
+        """Show the engine processes of `engines` (a `kolors_api.worker.supervisor.Supervisor`):
+        `kolors_engine_up{engine,device}` (1 ready, 0 loading or restarting) and
+        `kolors_engine_restarts_total{engine,device}`."""
+        self.registry.register(_EnginesCollector(self._prometheus.metrics_core, engines))
+
     def report(self, pid: int, counters: Mapping[str, float]) -> None:
         """The latest counters of the engine in process `pid` (`engine_report` there): they add to this
         registry's, and stay counted after that process ends, so the totals never go down."""
@@ -81,6 +87,24 @@ def _cuda_peak_memory() -> float:
     if torch is None or not torch.cuda.is_initialized():
         return 0.0
     return float(torch.cuda.max_memory_allocated())
+
+
+class _EnginesCollector:
+    def __init__(self, metrics_core: Any, engines: Any) -> None:
+        self._core = metrics_core
+        self._engines = engines
+
+    def collect(self) -> Any:
+        up = self._core.GaugeMetricFamily("kolors_engine_up", "1 while the engine process is ready, 0 while it "
+                                          "loads or restarts", labels=["engine", "device"])
+        restarts = self._core.CounterMetricFamily("kolors_engine_restarts", "Engine processes started again "
+                                                  "after one died", labels=["engine", "device"])
+        for engine in self._engines.engines:
+            labels = [str(engine.index), engine.device or "auto"]
+            up.add_metric(labels, 1.0 if engine.state == "ready" else 0.0)
+            restarts.add_metric(labels, engine.restarts)
+        yield up
+        yield restarts
 
 
 class _PromptCacheCollector:
