@@ -128,13 +128,22 @@ def wait_all(api: LiveServer, key: str, ids: list[str], timeout: float = 300) ->
     return done
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process `pid` (Linux), or None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def processing_pid(rdb: redis.Redis, pids: set[int], timeout: float = 60) -> tuple[int, str]:
-    """The pid of a worker that holds a pending (claimed) ticket right now, and the job bound to it."""
+    """The pid of a worker (of `pids`) whose engine process holds a pending (claimed) ticket right
+    now, and the job bound to it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for entry in rdb.xpending_range(STREAM, keys.GROUP, "-", "+", 10):
             consumer = entry["consumer"].decode()
-            pid = int(consumer.rsplit("-", 2)[1])
+            pid = parent_pid(int(consumer.rsplit("-", 2)[1]))  # the engine process's worker
             if pid in pids:
                 # a ticket stands for the job a claim bound it to
                 job_id = rdb.hget(keys.DEFAULT_PREFIX + keys.TICKETS, entry["message_id"])
