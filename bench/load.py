@@ -103,7 +103,8 @@ def row(server: str, load: str, answers: list[Answer], mean_batch: float | None 
               pct(lat, 50), pct(lat, 95), pct(lat, 99), statistics.median(waits) if waits else None, mean_batch)
     staged = [a.stages for a in ok if a.stages]
     if staged:
-        out.extra["stages_p50"] = {name: statistics.median(s[name] for s in staged if name in s) for name in STAGES}
+        out.extra["stages_p50"] = {name: statistics.median(s[name] for s in staged if name in s)
+                                   for name in STAGES if any(name in s for s in staged)}
     return out
 
 
@@ -412,7 +413,8 @@ def main() -> None:  # noqa: C901 - one linear script
         for r in staged:
             peer_p50 = f"{peer[r.load].p50 * 1000:8.0f}" if r.load in peer else f"{'-':>8}"
             print(f"{NAMES[r.server]:36} {r.load:13} "
-                  + " ".join(f"{r.extra['stages_p50'][name] * 1000:11.0f}" for name in STAGES)
+                  + " ".join(f"{r.extra['stages_p50'][name] * 1000:11.0f}" if name in r.extra["stages_p50"]
+                             else f"{'-':>11}" for name in STAGES)
                   + f" {r.p50 * 1000:8.0f} {peer_p50}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
