@@ -44,7 +44,8 @@ def test_the_seed_request_returns_a_1024_webp_and_async_gives_the_same_bytes(sdk
 
     result = sdk.run("kolors", **SEED_REQUEST)  # v2 submit + wait, the SDK's default path
     assert result["status"] == "COMPLETED" and result["seeds"] == [441234134]
-    assert set(result["metrics"]) == {"inference_time", "queue_time", "total_time"}
+    assert set(result["metrics"]) == {"inference_time", "queue_time", "batch_wait", "call_time", "finish_time",
+                                      "total_time"}
     assert result["input"]["prompt"] == SEED_PROMPT
     (url,) = result["output"]
     image = httpx.get(url)  # signed: no key needed, as in an <img> tag
