@@ -1,0 +1,104 @@
+"""What an adversarial probe broke (issue 28), in process: the real app on a real SQLite store.
+
+Hostile values for key names and webhook URLs, the access log's redaction of signatures, and
+look-alike spellings of blocked prompt terms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from kolors_api.api.app import RedactSignatures
+from kolors_api.worker.safety import DEFAULT_BLOCKED_TERMS, PromptScreen
+from tests.test_webhooks import H, SMALL, app_client
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with app_client(tmp_path) as c:
+        yield c
+
+
+# -- 10. key names take no control or format characters
+@pytest.mark.parametrize(("name", "code"), [("a\nb", "U+000A"), ("a\rb", "U+000D"), ("evil\u202eexe.txt", "U+202E"),
+                                            ("nul\x00", "U+0000"), ("zero\u200bwidth", "U+200B")])
+def test_key_names_with_control_or_format_characters_are_refused_naming_name(client: TestClient, name: str,
+                                                                            code: str) -> None:
+    r = client.post("/v1/admin/keys", json={"name": name}, headers=H)
+    assert r.status_code == 400 and r.json()["error"].startswith("name: must not contain control or format "
+                                                                 f"characters, got {code}"), r.text
+    made = client.post("/v1/admin/keys", json={"name": "ok"}, headers=H).json()
+    r = client.patch(f"/v1/admin/keys/{made['id']}", json={"name": name}, headers=H)
+    assert r.status_code == 400 and r.json()["error"].startswith("name: "), r.text
+    names = {k["name"] for k in client.get("/v1/admin/keys", headers=H).json()["data"]}
+    assert name not in names and "ok" in names
+
+
+def test_key_names_in_any_script_are_still_taken(client: TestClient) -> None:
+    for name in ("Zoë's team", "研发部", "ci-bot 2", "équipe 🦊"):
+        r = client.post("/v1/admin/keys", json={"name": name}, headers=H)
+        assert r.status_code == 201 and r.json()["name"] == name, r.text
+
+
+# -- 5, 6. a webhook URL the IDNA codec refuses is a 400; no error echoes more than 100 characters of it
+@pytest.mark.parametrize("url", ["http://" + "b" * 64 + "/", "http://a..b/", "http://\u00ad/",
+                                 "http://" + "é" * 70 + "/"])
+def test_a_host_name_the_idna_codec_refuses_is_a_400_naming_webhook(client: TestClient, url: str) -> None:
+    r = client.post("/v2/kolors", json={**SMALL, "webhook": url}, headers=H)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("webhook: ") and "is not a valid host name" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("url", ["http://" + "a" * 490 + "/", "http://" + "a" * 60 + "." + "b" * 430 + ":8080/x",
+                                 "gopher" + "x" * 490 + "://h/", "http://10.0.0.1/" + "x" * 490])
+def test_webhook_errors_quote_at_most_100_characters_of_the_value(client: TestClient, url: str) -> None:
+    r = client.post("/v2/kolors", json={**SMALL, "webhook": url}, headers=H)
+    assert r.status_code == 400 and r.json()["error"].startswith("webhook: "), r.text
+    error = r.json()["error"]
+    assert len(error) <= 180 and not any(url[i:i + 101] in error for i in range(len(url) - 100)), error
+
+
+# -- 7. the access log holds no working signature, whatever the spelling of its name
+SECRET = "8d28d931" * 8
+
+
+@pytest.mark.parametrize("query", [f"exp=1900000000&SIG={SECRET}", f"exp=1900000000;sig={SECRET}",
+                                   f"exp=1900000000&%2573ig={SECRET}", f"exp=1900000000&sig[]={SECRET}",
+                                   f"exp=1900000000&sig%00={SECRET}", f"exp=1900000000&+sig={SECRET}",
+                                   f"exp=1900000000&sig={SECRET}", f"exp=1900000000&s={SECRET[:40]}"])
+def test_the_access_log_line_of_an_output_route_carries_no_signature_in_any_spelling(query: str) -> None:
+    path = f"/v2/requests/abc/outputs/0.webp?{query}"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", path, "1.1", 401), None)
+    RedactSignatures().filter(record)
+    line = record.getMessage()
+    assert SECRET[:40] not in line and "/v2/requests/abc/outputs/0.webp?exp=1900000000 " in line, line
+
+
+def test_the_access_log_keeps_other_routes_queries_but_drops_signature_like_values() -> None:
+    for path, logged in ((f"/v1/requests?limit=5&cursor=abc&x={SECRET}", "/v1/requests?limit=5&cursor=abc"),
+                         ("/v1/requests?limit=5", "/v1/requests?limit=5")):
+        record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                   ("127.0.0.1:5", "GET", path, "1.1", 200), None)
+        RedactSignatures().filter(record)
+        assert f"GET {logged} HTTP" in record.getMessage()
+
+
+# -- 9. look-alikes of a blocked term are caught; innocent words still pass
+@pytest.mark.parametrize("prompt", ["a l\u043eli in a park",  # Cyrillic о
+                                    "lo\u0301li",  # a combining acute accent
+                                    "\u0440edo bear",  # Cyrillic р
+                                    "l0li", "Ｌ\u043eＬＩ", "l\u03bfl\u0456"])
+def test_look_alike_spellings_of_a_blocked_term_are_blocked(prompt: str) -> None:
+    assert PromptScreen(DEFAULT_BLOCKED_TERMS).check(prompt) is not None, prompt
+
+
+@pytest.mark.parametrize("prompt", ["a pedometer on a desk", "a classic lollipop", "naïve café in Paris",
+                                    "Москва ночью", "Αθήνα at dawn", "10 red balloons", "ロボットの絵", "一只狐狸"])
+def test_innocent_words_in_any_script_still_pass_the_blocklist(prompt: str) -> None:
+    assert PromptScreen(DEFAULT_BLOCKED_TERMS).check(prompt) is None, prompt
