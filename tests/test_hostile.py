@@ -7,6 +7,7 @@ look-alike spellings of blocked prompt terms.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from kolors_api.api.app import RedactSignatures
+from kolors_api.jobs import JobStore, NewJob
 from kolors_api.worker.safety import DEFAULT_BLOCKED_TERMS, PromptScreen
+from tests.test_fair import params, store  # noqa: F401 - the store suite's fixture, both backends
 from tests.test_webhooks import H, SMALL, app_client
 
 
@@ -102,3 +105,21 @@ def test_look_alike_spellings_of_a_blocked_term_are_blocked(prompt: str) -> None
                                     "Москва ночью", "Αθήνα at dawn", "10 red balloons", "ロボットの絵", "一只狐狸"])
 def test_innocent_words_in_any_script_still_pass_the_blocklist(prompt: str) -> None:
     assert PromptScreen(DEFAULT_BLOCKED_TERMS).check(prompt) is None, prompt
+
+
+# -- 1. one key's deliveries never take every slot of a runner (both backends)
+async def test_webhook_claims_are_bounded_per_key(store: JobStore) -> None:
+    for d in range(25):  # one key's hanging destinations, each with a backlog
+        for i in range(3):
+            await store.submit(NewJob(model="kolors", params=params(d * 3 + i), key_id="hostile",
+                                      webhook=f"http://hang{d}.example/hook", webhook_events=("start",)))
+    mine = await store.submit(NewJob(model="kolors", params=params(99), key_id="other",
+                                     webhook="http://ok.example/hook", webhook_events=("start",)))
+    for _ in range(76):
+        assert await store.claim("w1", 30, 0.1) is not None  # each claim puts a "start" delivery in the outbox
+    got = await store.claim_webhooks(30, 64, per_destination=4, per_key=16, busy_keys={"hostile": 2})
+    assert Counter(d.key_id for d in got) == {"hostile": 14, "other": 1}
+    assert [d.job_id for d in got if d.key_id == "other"] == [mine.id]
+    assert await store.claim_webhooks(30, 64, per_destination=4, per_key=16, busy_keys={"hostile": 16}) == []
+    rest = await store.claim_webhooks(30, 100, per_destination=4)  # no key bound: the others come
+    assert len(rest) == 75 - 14 and {d.key_id for d in rest} == {"hostile"}

@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _refused(exc)
         raise
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=120,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
                                            **forwarding(settings)))
     svc = app.state.service
     # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.

@@ -118,6 +118,19 @@ class Settings(BaseSettings):
     webhook_allow_hosts: str = ""
     #: Seconds between the tries of a webhook delivery (comma-separated; one try more than delays).
     webhook_retry_delays: str = "30,120,480,1200,1800"
+    #: Webhook tries in flight at once in one API process (its delivery runner's connections).
+    webhook_concurrency: int = Field(64, ge=1, le=4096)
+    #: Webhook tries in flight at once to one destination: the address the SSRF guard connects to
+    #: (and the port), however the URLs spell it.
+    webhook_per_destination: int = Field(4, ge=1, le=4096)
+    #: Webhook tries in flight at once for one API key, so that one key's receivers that hang never
+    #: hold every slot (0 = a quarter of webhook_concurrency).
+    webhook_per_key: int = Field(0, ge=0, le=4096)
+    #: Seconds one try may take from the moment it is sent: connect, send, and the answer's status line.
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    #: On SIGINT/SIGTERM, how long `serve` waits for what is in flight (webhook tries, the server's
+    #: connections) before it exits; a webhook try cut off stays in the outbox, sent after the next start.
+    shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
     nudenet_threshold: float = Field(0.6, ge=0, le=1)
 

@@ -224,7 +224,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
                                delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve,
-                               outage=svc.outage_seen,
+                               outage=svc.outage_seen, **delivery_limits(settings),
                                counted=lambda outcome: svc.metrics.webhook_deliveries.labels(outcome).inc())
         svc.webhook_task = asyncio.create_task(runner.run())
         if svc.worker is not None:
@@ -234,9 +234,11 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             yield
         finally:
             svc.expiry_task.cancel()
+            # tries in flight get the grace, then are dropped: their leases run out, they are made again
+            runner.stop()
+            await asyncio.wait({svc.webhook_task}, timeout=settings.shutdown_grace_seconds + 3)
             svc.webhook_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await svc.webhook_task  # a try in flight is dropped: its lease runs out, it is tried again
+            await asyncio.wait({svc.webhook_task}, timeout=1)
             if svc.probe_task is not None:
                 svc.probe_task.cancel()
             if svc.worker is not None and svc.worker_task is not None:
@@ -285,6 +287,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
                            expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", "X-Request-Id",
                                            "X-Seed", "X-Inference-Time"])
     return app
+
+
+def delivery_limits(settings: Settings) -> dict[str, Any]:
+    """The webhook runner's bounds from the settings."""
+    return {"concurrency": settings.webhook_concurrency, "per_destination": settings.webhook_per_destination,
+            "per_key": settings.webhook_per_key, "timeout": settings.webhook_timeout_seconds,
+            "grace": settings.shutdown_grace_seconds}
 
 
 def _worker_ended(svc: Service, task: asyncio.Task[None]) -> None:

@@ -14,6 +14,7 @@ refused whatever they embed). `KOLORS_API_WEBHOOK_ALLOW_HOSTS` lists host names,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import re
 import socket
@@ -144,25 +145,42 @@ async def check_webhook_url(url: str, policy: Policy, resolve: Resolver = system
             raise Blocked(why)
 
 
+#: (host, port, address): the address a delivery chose (`GuardedBackend.pick`) for its connection to
+#: host and port, so that it connects to the very address its per-destination bound counted.
+PINNED: contextvars.ContextVar[tuple[str, int, IP] | None] = contextvars.ContextVar("pinned", default=None)
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend, dialling only addresses the policy allows: it resolves the host,
-    checks each address and connects to the first allowed one by address (TLS still verifies the name)."""
+    checks each address and connects to the first allowed one by address (TLS still verifies the name),
+    or to the address `PINNED` holds for that host and port (checked again)."""
 
     def __init__(self, policy: Policy, resolve: Resolver = system_resolve) -> None:
         self.policy = policy
         self.resolve = resolve
         self.inner = httpcore.AnyIOBackend()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def pick(self, host: str, port: int) -> IP:
+        """The first address of `host` the policy allows; Blocked when there is none."""
         refusals = []
         for ip in await self.resolve(host, port):
             why = self.policy.refusal(host, ip)
             if why is None:
-                return await self.inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
+                return ip
             refusals.append(why)
         raise Blocked(refusals[0] if refusals else f"{clip(host)} resolves to no address")
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        pinned = PINNED.get()
+        if pinned is not None and pinned[:2] == (host.lower().strip("[]"), port):
+            if (why := self.policy.refusal(host, pinned[2])) is not None:
+                raise Blocked(why)
+            ip = pinned[2]
+        else:
+            ip = await self.pick(host, port)
+        return await self.inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
