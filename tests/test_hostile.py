@@ -7,8 +7,9 @@ look-alike spellings of blocked prompt terms.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from starlette.testclient import TestClient
 from kolors_api.api.app import RedactSignatures
 from kolors_api.jobs import JobStore, NewJob
 from kolors_api.worker.safety import DEFAULT_BLOCKED_TERMS, PromptScreen
+from tests.conftest import ADMIN_KEY
+from tests.receiver import Receiver
 from tests.test_fair import params, store  # noqa: F401 - the store suite's fixture, both backends
 from tests.test_webhooks import H, SMALL, app_client
 
@@ -123,3 +126,62 @@ async def test_webhook_claims_are_bounded_per_key(store: JobStore) -> None:
     assert await store.claim_webhooks(30, 64, per_destination=4, per_key=16, busy_keys={"hostile": 16}) == []
     rest = await store.claim_webhooks(30, 100, per_destination=4)  # no key bound: the others come
     assert len(rest) == 75 - 14 and {d.key_id for d in rest} == {"hostile"}
+
+
+def cancelled_with_webhook(client: TestClient, key: str, url: str) -> str:
+    """A queued job (no worker here) with a webhook for "failed", cancelled: a delivery at once."""
+    h = {"x-api-key": key}
+    r = client.post("/v2/kolors", json={**SMALL, "webhook": url, "webhook_events_filter": ["failed"]}, headers=h)
+    assert r.status_code == 200, r.text
+    request_id = str(r.json()["request_id"])
+    assert client.post(f"/v2/requests/{request_id}/cancel", headers=h).status_code == 200
+    return request_id
+
+
+def wait_until(what: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert what()
+
+
+def test_one_keys_hanging_receivers_leave_another_keys_webhook_on_time(tmp_path: Path) -> None:
+    """25 destinations of one key accept and never answer, 8 deliveries each; another key's webhook
+    to a healthy receiver is delivered on its first attempt within 1 s."""
+    dead = [Receiver(statuses=[0]) for _ in range(25)]
+    healthy = Receiver()
+    try:
+        with app_client(tmp_path) as client:
+            hostile = client.post("/v1/admin/keys", json={"name": "hostile"}, headers=H).json()["key"]
+            other = client.post("/v1/admin/keys", json={"name": "other"}, headers=H).json()["key"]
+            for i in range(200):
+                cancelled_with_webhook(client, hostile, dead[i % 25].url)
+            wait_until(lambda: sum(r.hanging for r in dead) >= 16)
+            time.sleep(0.5)  # the runner takes what it will take of the hostile key's backlog
+            sent = time.time()
+            request_id = cancelled_with_webhook(client, other, healthy.url)
+            (post,) = healthy.wait_for(1, timeout=30)
+            assert post.at - sent < 1.0, f"delivered {post.at - sent:.2f}s after the cancel"
+            log = client.get(f"/v2/requests/{request_id}/webhooks", headers={"x-api-key": other}).json()["data"]
+            assert [(a["attempt"], a["status"]) for a in log] == [(1, 200)]
+            assert sum(r.hanging for r in dead) <= 16  # the hostile key holds at most its share
+    finally:
+        for r in [*dead, healthy]:
+            r.close()
+
+
+def test_the_per_destination_bound_counts_the_address_whatever_the_spelling(tmp_path: Path) -> None:
+    """Five spellings of one receiver's address and port: at most 4 tries hang on it at once."""
+    dead = Receiver(statuses=[0])
+    port = dead.url.rsplit(":", 1)[1].split("/")[0]
+    spellings = [f"http://127.0.0.1:{port}/hook", f"http://127.0.0.1:0{port}/hook", f"http://2130706433:{port}/hook",
+                 f"http://0x7f000001:{port}/hook", f"http://0177.0.0.1:{port}/hook"]
+    try:
+        with app_client(tmp_path) as client:
+            for i in range(20):
+                cancelled_with_webhook(client, ADMIN_KEY, spellings[i % 5])
+            wait_until(lambda: dead.hanging >= 4)
+            time.sleep(1.0)  # long enough for more tries to pile on, were they let through
+            assert dead.most_hanging == 4, dead.most_hanging
+    finally:
+        dead.close()
