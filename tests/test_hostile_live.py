@@ -3,10 +3,15 @@ real receivers that accept and never answer, real sockets that trickle their hea
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, start_server
+from tests.conftest import ADMIN_KEY, LiveServer, free_port, start_server, wait_up
 from tests.receiver import Receiver
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 512, "height": 512}
@@ -78,3 +83,75 @@ def test_sigterm_exits_within_the_grace_with_deliveries_to_a_dead_receiver_pendi
     rows = pending_deliveries(tmp_path)
     assert sorted(job for job, _, _ in rows) == sorted(hanging + churning)
     assert {state for _, state, _ in rows} == {"pending"}  # delivered after the next start
+
+
+# -- 3. slow clients do not take the server down
+def start_limited(tmp_path: Path, nofile: int, env: dict[str, str]) -> LiveServer:
+    """`serve --no-worker` with at most `nofile` open files (a default Linux limit is 1024)."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    full_env = {**os.environ, "KOLORS_API_BOOTSTRAP_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1", **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kolors_api.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path),
+         "--no-worker"], env=full_env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))  # noqa: PLW1509
+    srv = LiveServer(url=f"http://127.0.0.1:{port}", data_dir=tmp_path, proc=proc, log_path=log_path)
+    wait_up(srv, ready=False)
+    return srv
+
+
+class Tricklers:
+    """`n` connections that each send a request head one header line a second (never finishing it),
+    or with `body`, a whole head with a valid key and then a body one byte a second."""
+
+    def __init__(self, url: str, n: int, *, body: bool = False) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.socks: list[socket.socket] = []
+        self.stop = threading.Event()
+        for _ in range(n):
+            s = socket.socket()
+            s.settimeout(2)
+            try:
+                s.connect((host, int(port)))
+                if body:
+                    s.sendall(f"POST /v2/kolors HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {ADMIN_KEY}\r\n"
+                              "content-type: application/json\r\ncontent-length: 100000\r\n\r\n{".encode())
+                else:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            except OSError:
+                s.close()
+                continue
+            s.setblocking(False)
+            self.socks.append(s)
+        self.thread = threading.Thread(target=self._trickle, daemon=True)
+        self.thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stop.wait(1.0):
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.send(b" " if s.fileno() >= 0 else b"")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in self.socks:
+            s.close()
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["trickled-heads", "trickled-bodies"])
+def test_hundreds_of_trickling_connections_leave_healthz_and_a_real_request_answering(
+        tmp_path: Path, body: bool) -> None:
+    srv = start_limited(tmp_path, 512, {})
+    tricklers = Tricklers(srv.url, 700, body=body)
+    try:
+        time.sleep(2)  # the tricklers are in, sending
+        for _ in range(3):
+            for method, path, kw in (("GET", "/healthz", {}), ("POST", "/v2/kolors", {"json": SMALL})):
+                started = time.monotonic()
+                r = httpx.request(method, srv.url + path, headers=srv.headers(), timeout=5, **kw)  # type: ignore[arg-type]
+                took = time.monotonic() - started
+                assert r.status_code == 200 and took < 1.0, f"{method} {path}: {r.status_code} in {took:.2f}s"
+    finally:
+        tricklers.close()
+        srv.stop()

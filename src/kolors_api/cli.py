@@ -127,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kolors_api.api.app import create_app
+    from kolors_api.api.connections import uvicorn_limits
     from kolors_api.worker import EngineFactoryError
 
     # --no-worker turns the worker off; without it, KOLORS_API_WORKER decides (default: on).
@@ -154,8 +155,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _refused(exc)
         raise
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-                                           **forwarding(settings)))
+                                           log_level=settings.log_level,
+                                           timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+                                           **forwarding(settings), **uvicorn_limits(settings)))
     svc = app.state.service
     # The in-process worker died: stop serving (exit 1) so that a supervisor restarts the server.
     svc.on_worker_death = lambda cause: setattr(server, "should_exit", True)

@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     #: Queued jobs beyond this answer 503 (0 = no cap).
     queue_cap: int = Field(0, ge=0)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    #: A connection that has not sent a whole request head this long after it opened (or after its
+    #: next request's first byte) is closed (`kolors_api.api.connections`).
+    header_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    #: A request body not fully received this long after its head is cut off.
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Open client connections at most (and at most the open-file limit less a reserve); one beyond
+    #: evicts the connection that has waited longest for its own head or body.
+    max_connections: int = Field(1000, ge=16, le=1_000_000)
     bootstrap_key: str | None = None
     #: Public base URL for absolute links (status_url, output URLs); taken from the request if unset.
     public_url: str | None = None
