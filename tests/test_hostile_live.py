@@ -132,6 +132,18 @@ class Tricklers:
                 with contextlib.suppress(OSError):
                     s.send(b" " if s.fileno() >= 0 else b"")
 
+    def open_ones(self) -> int:
+        """How many of the connections the server has not closed yet."""
+        n = 0
+        for s in self.socks:
+            try:
+                n += s.recv(65536) != b""
+            except BlockingIOError:
+                n += 1
+            except OSError:
+                pass
+        return n
+
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
@@ -142,7 +154,7 @@ class Tricklers:
 @pytest.mark.parametrize("body", [False, True], ids=["trickled-heads", "trickled-bodies"])
 def test_hundreds_of_trickling_connections_leave_healthz_and_a_real_request_answering(
         tmp_path: Path, body: bool) -> None:
-    srv = start_limited(tmp_path, 512, {})
+    srv = start_limited(tmp_path, 512, {"KOLORS_API_HEADER_TIMEOUT_SECONDS": "4", "KOLORS_API_BODY_TIMEOUT_SECONDS": "4"})
     tricklers = Tricklers(srv.url, 700, body=body)
     try:
         time.sleep(2)  # the tricklers are in, sending
@@ -152,6 +164,11 @@ def test_hundreds_of_trickling_connections_leave_healthz_and_a_real_request_answ
                 r = httpx.request(method, srv.url + path, headers=srv.headers(), timeout=5, **kw)  # type: ignore[arg-type]
                 took = time.monotonic() - started
                 assert r.status_code == 200 and took < 1.0, f"{method} {path}: {r.status_code} in {took:.2f}s"
+        # and the server cuts off what trickles past its deadline
+        deadline = time.monotonic() + 30
+        while tricklers.open_ones() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert tricklers.open_ones() == 0
     finally:
         tricklers.close()
         srv.stop()
