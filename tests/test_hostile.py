@@ -6,22 +6,25 @@ look-alike spellings of blocked prompt terms.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from kolors_api.api.app import RedactSignatures
-from kolors_api.jobs import JobStore, NewJob
+from kolors_api.jobs import JobState, JobStore, NewJob, make_key_record, new_key, revoke
+from kolors_api.jobs.sqlite import SQLiteStore
 from kolors_api.worker.safety import DEFAULT_BLOCKED_TERMS, PromptScreen
 from tests.conftest import ADMIN_KEY
 from tests.receiver import Receiver
 from tests.test_fair import params, store  # noqa: F401 - the store suite's fixture, both backends
-from tests.test_webhooks import H, SMALL, app_client
+from tests.test_webhooks import H, SMALL, app_client, attempts
 
 
 @pytest.fixture
@@ -185,3 +188,76 @@ def test_the_per_destination_bound_counts_the_address_whatever_the_spelling(tmp_
             assert dead.most_hanging == 4, dead.most_hanging
     finally:
         dead.close()
+
+
+# -- 4. a disabled or deleted key's work neither runs nor goes out
+@pytest.mark.parametrize("how", ["disable", "delete"])
+async def test_revoking_a_key_cancels_and_refunds_its_queued_and_running_jobs(store: JobStore, how: str) -> None:
+    key = make_key_record("tenant", new_key(), credits=10)
+    await store.add_key(key)
+    other = make_key_record("other", new_key(), credits=10)
+    await store.add_key(other)
+    running = await store.submit(NewJob(model="kolors", params=params(1), key_id=key.id, cost=1.0))
+    queued = [await store.submit(NewJob(model="kolors", params=params(2 + i), key_id=key.id, cost=1.0))
+              for i in range(3)]
+    assert (await store.get_key(key.id)).credits == 10 - 4  # type: ignore[union-attr]  # reserved
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and lease.job.id == running.id
+    theirs = await store.submit(NewJob(model="kolors", params=params(9), key_id=other.id, cost=1.0))
+    if how == "disable":
+        assert await revoke.disable_key(store, key.id) is not None
+    else:
+        assert await revoke.delete_key(store, key.id)
+    for job in queued:
+        got = await store.get(job.id)
+        assert got is not None and got.state is JobState.FAILED and got.error == "cancelled"
+    got = await store.get(running.id)
+    assert got is not None and got.cancel_requested  # stopped at its next step, then refunded
+    assert (await store.get(theirs.id)).state is JobState.QUEUED  # type: ignore[union-attr]
+    if how == "disable":
+        assert (await store.get_key(key.id)).credits == 10 - 1  # type: ignore[union-attr]  # the running one
+        assert not await revoke.key_is_live(store, key.id)
+    else:
+        assert await store.get_key(key.id) is None and not await revoke.key_is_live(store, key.id)
+    assert await revoke.key_is_live(store, other.id)
+    next_lease = await store.claim("w1", 30, 0.1)
+    assert next_lease is not None and next_lease.job.id == theirs.id  # the revoked key's backlog is gone
+
+
+def test_no_webhook_or_signed_output_goes_out_for_a_disabled_key(tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        with app_client(tmp_path) as client:
+            made = client.post("/v1/admin/keys", json={"name": "tenant", "credits": 10}, headers=H).json()
+            user = {"x-api-key": made["key"]}
+            hook = {"webhook": receiver.url, "webhook_events_filter": ["completed", "failed"]}
+            first = client.post("/v2/kolors", json={**SMALL, **hook}, headers=user).json()["request_id"]
+            second = client.post("/v2/kolors", json={**SMALL, **hook}, headers=user).json()["request_id"]
+
+            async def claim() -> Any:
+                store = SQLiteStore(tmp_path / "kolors-api.sqlite3")
+                lease = await store.claim("stand-in", 30, 10)
+                await store.close()
+                return lease
+            lease = asyncio.run(claim())
+            assert lease.job.id == first
+            r = client.patch(f"/v1/admin/keys/{made['id']}", json={"enabled": False}, headers=H)
+            assert r.status_code == 200 and r.json()["enabled"] is False
+            assert client.get(f"/v2/requests/{second}/status", headers=H).json()["error"] == "cancelled"
+
+            async def finish() -> None:  # a worker that finishes before it sees the cancel
+                store = SQLiteStore(tmp_path / "kolors-api.sqlite3")
+                assert await store.complete(lease, [b"\x89PNG-not-really"], "png", [7], {"inference_time": 0.1})
+                await store.close()
+            asyncio.run(finish())
+            wait_until(lambda: len(attempts(client, first)) >= 1 and len(attempts(client, second)) >= 1)
+            for rid in (first, second):
+                assert [(a["status"], a["error"]) for a in attempts(client, rid)] == [
+                    (None, "not sent: the request's API key is disabled or deleted")]
+            assert receiver.posts == []
+            svc = client.app.state.service  # type: ignore[attr-defined]
+            path = f"/v2/requests/{first}/outputs/0.png"
+            r = client.get(f"{path}?{svc.signer.query(path, time.time() + 600)}")
+            assert r.status_code == 403 and "disabled or deleted" in r.json()["error"], r.text
+    finally:
+        receiver.close()

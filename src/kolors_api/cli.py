@@ -211,6 +211,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from kolors_api.api.models import KeyCreate, KeyUpdate, parse_body
     from kolors_api.errors import BadRequest
     from kolors_api.jobs import make_key_record, make_store, new_key
+    from kolors_api.jobs.revoke import delete_key, disable_key
 
     fields: dict[str, Any] = {}
     if args.keys_cmd in ("create", "update"):
@@ -260,12 +261,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     print(json.dumps(k.public()))
             elif args.keys_cmd in ("disable", "enable", "revoke"):
                 enabled = args.keys_cmd == "enable"
-                if await store.update_key(args.id, enabled=enabled) is None:
+                # disabled: its queued and running jobs are cancelled and refunded
+                changed = await (store.update_key(args.id, enabled=True) if enabled else disable_key(store, args.id))
+                if changed is None:
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
                 print(f"{'enabled' if enabled else 'disabled'} {args.id}")
             elif args.keys_cmd == "delete":
-                if not await store.delete_key(args.id):
+                if not await delete_key(store, args.id):
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
                 print(f"deleted {args.id}")

@@ -49,6 +49,7 @@ from kolors_api.api.ssrf import PINNED, Blocked, GuardedBackend, Policy, Resolve
 from kolors_api.jobs import Job, JobStore, WebhookAttempt, WebhookDelivery
 from kolors_api.jobs.base import destination
 from kolors_api.jobs.outage import is_outage
+from kolors_api.jobs.revoke import key_is_live
 
 log = logging.getLogger("kolors_api.webhooks")
 
@@ -207,6 +208,8 @@ class WebhookRunner:
         job = await self.store.get(delivery.job_id)
         if job is None:
             error, final = "the request expired before its webhook was delivered", True
+        elif not await key_is_live(self.store, delivery.key_id):
+            error, final = "not sent: the request's API key is disabled or deleted", True
         else:
             body = json.dumps(self.body_of(job), separators=(",", ":"))
             secret = await self.store.webhook_secret(delivery.key_id or "")
