@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, LiveServer, free_port, start_server, wait_up
+from tests.conftest import ADMIN_KEY, LiveServer, free_port, start_server, wait_for_status, wait_up
 from tests.receiver import Receiver
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 512, "height": 512}
@@ -172,3 +172,38 @@ def test_hundreds_of_trickling_connections_leave_healthz_and_a_real_request_answ
     finally:
         tricklers.close()
         srv.stop()
+
+
+# -- 8. a blob-store outage at commit keeps the images and stores them when it is back
+def test_an_s3_outage_at_commit_keeps_the_images_and_completes_once_without_a_lost_worker(
+        tiny_model: Path, tmp_path: Path) -> None:
+    from tests.s3_helpers import start_moto
+
+    s3 = start_moto()
+    bucket = s3.bucket()
+    # leases of 2 s and 3 deliveries: an outage of 12 s outlived them all before the fix
+    srv = start_server(tiny_model, tmp_path / "srv", extra=["--blob-url", f"s3://{bucket}/o"],
+                       env={**s3.env, "KOLORS_API_LEASE_SECONDS": "2", "KOLORS_API_HEARTBEAT_SECONDS": "0.5"})
+    try:
+        user = srv.create_key(credits=10)
+        s3.stop()
+        r = httpx.post(srv.url + "/v2/kolors", headers=srv.headers(user["key"]), json={**SMALL, "seed": 3})
+        request_id = r.json()["request_id"]
+        deadline = time.monotonic() + 120
+        while "could not be stored" not in srv.log():
+            assert time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.2)
+        time.sleep(12)
+        s3.start()
+        wait_for_status(srv, user["key"], request_id, lambda b: b["status"] in ("COMPLETED", "FAILED"), timeout=120)
+        result = httpx.get(f"{srv.url}/v2/requests/{request_id}", headers=srv.headers(user["key"])).json()
+        assert result["status"] == "COMPLETED", result
+        assert httpx.get(result["output"][0]).status_code == 200
+        account = httpx.get(srv.url + "/v1/account", headers=srv.headers(user["key"])).json()
+        assert account["credits"] == pytest.approx(10 - 0.02)  # charged once
+        log = srv.log()
+        assert log.count(f"job {request_id} could not be stored") == 1, log[-3000:]  # the model ran once
+        assert "worker lost" not in log and f"job {request_id} stored after" in log
+    finally:
+        srv.stop()
+        s3.stop()
