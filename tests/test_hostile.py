@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,23 @@ from kolors_api.jobs.sqlite import SQLiteStore
 from kolors_api.worker.safety import DEFAULT_BLOCKED_TERMS, PromptScreen
 from tests.conftest import ADMIN_KEY
 from tests.receiver import Receiver
-from tests.test_fair import params, store  # noqa: F401 - the store suite's fixture, both backends
-from tests.test_webhooks import H, SMALL, app_client, attempts
+from tests.test_fair import params
+from tests.test_store import BACKENDS, drop, open_store
+from tests.test_webhooks import SMALL, H, app_client, attempts
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     with app_client(tmp_path) as c:
         yield c
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    """The store suite's backends, each in turn."""
+    s = await open_store(request, tmp_path)
+    yield s
+    await drop(s)
 
 
 # -- 10. key names take no control or format characters
@@ -200,7 +209,7 @@ async def test_revoking_a_key_cancels_and_refunds_its_queued_and_running_jobs(st
     running = await store.submit(NewJob(model="kolors", params=params(1), key_id=key.id, cost=1.0))
     queued = [await store.submit(NewJob(model="kolors", params=params(2 + i), key_id=key.id, cost=1.0))
               for i in range(3)]
-    assert (await store.get_key(key.id)).credits == 10 - 4  # type: ignore[union-attr]  # reserved
+    assert (await store.get_key(key.id)).credits == 10 - 4  # reserved
     lease = await store.claim("w1", 30, 0.1)
     assert lease is not None and lease.job.id == running.id
     theirs = await store.submit(NewJob(model="kolors", params=params(9), key_id=other.id, cost=1.0))
@@ -213,9 +222,9 @@ async def test_revoking_a_key_cancels_and_refunds_its_queued_and_running_jobs(st
         assert got is not None and got.state is JobState.FAILED and got.error == "cancelled"
     got = await store.get(running.id)
     assert got is not None and got.cancel_requested  # stopped at its next step, then refunded
-    assert (await store.get(theirs.id)).state is JobState.QUEUED  # type: ignore[union-attr]
+    assert (await store.get(theirs.id)).state is JobState.QUEUED
     if how == "disable":
-        assert (await store.get_key(key.id)).credits == 10 - 1  # type: ignore[union-attr]  # the running one
+        assert (await store.get_key(key.id)).credits == 10 - 1  # the running one
         assert not await revoke.key_is_live(store, key.id)
     else:
         assert await store.get_key(key.id) is None and not await revoke.key_is_live(store, key.id)

@@ -59,7 +59,8 @@ def test_sigterm_exits_within_the_grace_with_deliveries_to_a_dead_receiver_pendi
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
     refused = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
-    env = {**HOOKS, "KOLORS_API_SHUTDOWN_GRACE_SECONDS": "3", "KOLORS_API_WEBHOOK_RETRY_DELAYS": "0," * 5000 + "0"}
+    env: dict[str, str | None] = {**HOOKS, "KOLORS_API_SHUTDOWN_GRACE_SECONDS": "3",
+                                  "KOLORS_API_WEBHOOK_RETRY_DELAYS": "0," * 5000 + "0"}
     srv = start_server("tiny", tmp_path, extra=["--no-worker"], ready=False, env=env)
     try:
         hanging = cancelled_jobs_with_webhooks(srv, dead_receiver.url, 12)
@@ -154,7 +155,8 @@ class Tricklers:
 @pytest.mark.parametrize("body", [False, True], ids=["trickled-heads", "trickled-bodies"])
 def test_hundreds_of_trickling_connections_leave_healthz_and_a_real_request_answering(
         tmp_path: Path, body: bool) -> None:
-    srv = start_limited(tmp_path, 512, {"KOLORS_API_HEADER_TIMEOUT_SECONDS": "4", "KOLORS_API_BODY_TIMEOUT_SECONDS": "4"})
+    deadlines = {"KOLORS_API_HEADER_TIMEOUT_SECONDS": "4", "KOLORS_API_BODY_TIMEOUT_SECONDS": "4"}
+    srv = start_limited(tmp_path, 512, deadlines)
     tricklers = Tricklers(srv.url, 700, body=body)
     try:
         time.sleep(2)  # the tricklers are in, sending
