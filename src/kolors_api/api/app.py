@@ -105,26 +105,22 @@ def host_name(header: str) -> str:
     return name if name and port.isascii() and port.isdigit() else header
 
 
-#: The output route, whose query carries a working signature under whatever spelling a client sent.
-_OUTPUT_ROUTE = re.compile(r"/v2/requests/[^/?]*/outputs/")
 #: A value that looks like a signature (the signer's 64 hex digits, or any long hex or base64 run).
 _SECRETISH = re.compile(r"[0-9a-fA-F]{32,}|[A-Za-z0-9_\-+/]{40,}")
 
 
 def redact_query(path: str) -> str:
-    """`path?query` fit for the access log: on output routes only a plain `exp=DIGITS` stays (the
-    signature goes whatever its spelling: `SIG=`, `;sig=`, `%2573ig=`, `sig[]=`); elsewhere every
-    parameter named `sig` as the server reads it, or whose value looks like a signature, goes."""
+    """`path?query` fit for the access log: without its `sig` parameters, told by the decoded name as
+    the server reads it (`%73ig=`, `si%67=` and `sig=` alike), and without any parameter whose value
+    looks like a signature whatever its name (`SIG=`, `;sig=`, `sig[]=`, `sig%00=`, `+sig=`: a
+    working signature is 64 hex digits); the other parameters stay as they were sent."""
     base, sep, query = path.partition("?")
     if not sep:
         return path
-    parts = re.split("[&;]", query)
-    if _OUTPUT_ROUTE.search(base):
-        kept = [part for part in parts if re.fullmatch(r"exp=[0-9]{1,20}", part)]
-    else:
-        # Starlette reads the query with parse_qsl: names percent- and '+'-decoded
-        kept = [part for part in parts if part and unquote_plus(part.partition("=")[0]).strip().lower() != "sig"
-                and not _SECRETISH.search(unquote_plus(part))]
+    # Starlette reads the query with parse_qsl: '&'-separated, names percent- and '+'-decoded
+    kept = [part for part in re.split("[&;]", query)
+            if part and unquote_plus(part.partition("=")[0]).strip().lower() != "sig"
+            and not _SECRETISH.search(unquote_plus(part))]
     rest = "&".join(kept)
     return f"{base}?{rest}" if rest else base
 
