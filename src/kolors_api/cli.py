@@ -141,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kolors_api.api.app import create_app
+    from kolors_api.api.connections import uvicorn_limits
     from kolors_api.worker import EngineFactoryError
     from kolors_api.worker.supervisor import DeviceError
 
@@ -171,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     svc = app.state.service
     grace = settings.shutdown_grace_seconds
     server = make_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                        timeout_graceful_shutdown=max(1, round(grace)), **forwarding(settings)),
+                                        timeout_graceful_shutdown=max(1, round(grace)), **forwarding(settings),
+                                        **uvicorn_limits(settings)),
                          on_exit=svc.begin_shutdown)
     logging.getLogger("kolors_api").info("kolors-api %s: %s", __version__, where_data_lives(settings))
     # What start-up built lives as long as the server: out of the collector's sight, so that the
@@ -245,6 +247,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from kolors_api.api.models import KeyCreate, KeyUpdate, parse_body
     from kolors_api.errors import BadRequest
     from kolors_api.jobs import make_key_record, make_store, new_key
+    from kolors_api.jobs.revoke import delete_key, disable_key
 
     fields: dict[str, Any] = {}
     if args.keys_cmd in ("create", "update"):
@@ -294,12 +297,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     print(json.dumps(k.public()))
             elif args.keys_cmd in ("disable", "enable", "revoke"):
                 enabled = args.keys_cmd == "enable"
-                if await store.update_key(args.id, enabled=enabled) is None:
+                # disabled: its queued and running jobs are cancelled and refunded
+                changed = await (store.update_key(args.id, enabled=True) if enabled else disable_key(store, args.id))
+                if changed is None:
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
                 print(f"{'enabled' if enabled else 'disabled'} {args.id}")
             elif args.keys_cmd == "delete":
-                if not await store.delete_key(args.id):
+                if not await delete_key(store, args.id):
                     print(f"unknown key: {args.id}", file=sys.stderr)
                     return 1
                 print(f"deleted {args.id}")

@@ -87,14 +87,19 @@ class Settings(BaseSettings):
     #: A claimed job whose lease is not renewed for this long is handed to another worker.
     lease_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
-    #: On SIGINT/SIGTERM, how long running jobs may take to finish before their engine processes are
-    #: killed (their jobs go back to the queue) and the process exits.
-    shutdown_grace_seconds: float = Field(30.0, ge=0)
     #: After this many deliveries a job ends FAILED and goes to the dead letters.
     max_deliveries: int = Field(3, ge=1)
     #: Queued jobs beyond this answer 503 (0 = no cap).
     queue_cap: int = Field(0, ge=0)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
+    #: A connection that has not sent a whole request head this long after it opened (or after its
+    #: next request's first byte) is closed (`kolors_api.api.connections`).
+    header_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    #: A request body not fully received this long after its head is cut off.
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Open client connections at most (and at most the open-file limit less a reserve); one beyond
+    #: evicts the connection that has waited longest for its own head or body.
+    max_connections: int = Field(1000, ge=16, le=1_000_000)
     bootstrap_key: str | None = None
     #: Public base URL for absolute links (status_url, output URLs); taken from the request if unset.
     public_url: str | None = None
@@ -123,6 +128,20 @@ class Settings(BaseSettings):
     webhook_allow_hosts: str = ""
     #: Seconds between the tries of a webhook delivery (comma-separated; one try more than delays).
     webhook_retry_delays: str = "30,120,480,1200,1800"
+    #: Webhook tries in flight at once in one API process (its delivery runner's connections).
+    webhook_concurrency: int = Field(64, ge=1, le=4096)
+    #: Webhook tries in flight at once to one destination: the address the SSRF guard connects to
+    #: (and the port), however the URLs spell it.
+    webhook_per_destination: int = Field(4, ge=1, le=4096)
+    #: Webhook tries in flight at once for one API key, so that one key's receivers that hang never
+    #: hold every slot (0 = a quarter of webhook_concurrency).
+    webhook_per_key: int = Field(0, ge=0, le=4096)
+    #: Seconds one try may take from the moment it is sent: connect, send, and the answer's status line.
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    #: On SIGINT/SIGTERM, how long `serve` (and `worker`) wait for what is in flight before they exit: the
+    #: server's connections, webhook tries (one cut off stays in the outbox, sent after the next start),
+    #: the engines' jobs in hand (an engine process still running is killed; its job goes back to the queue).
+    shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
     #: A detection of a blocking class at or above this score blocks the image (NudeNet reports none under 0.2).
     nudenet_threshold: float = Field(0.6, ge=0, le=1)
 

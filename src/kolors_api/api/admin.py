@@ -24,7 +24,7 @@ from kolors_api.api.models import (
     request_of,
 )
 from kolors_api.errors import BadRequest, NotFound, from_store
-from kolors_api.jobs import LedgerEntry, StoreError, make_key_record, new_key
+from kolors_api.jobs import LedgerEntry, StoreError, make_key_record, new_key, revoke
 from kolors_api.jobs.base import credits_of, micro
 from kolors_api.schema import clip, decimal, short
 
@@ -53,7 +53,10 @@ async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBo
     fields = parse_body(KeyUpdate, body).model_dump(exclude_unset=True)
     try:
         # the store bounds `add_credits` in the same transaction as the write (no race with submits)
-        record = await svc.store.update_key(key_id, **fields)
+        if fields.get("enabled") is False:  # its queued and running jobs are cancelled and refunded
+            record = await revoke.disable_key(svc.store, key_id, **{k: v for k, v in fields.items() if k != "enabled"})
+        else:
+            record = await svc.store.update_key(key_id, **fields)
     except StoreError as exc:
         raise from_store(exc) from None
     if record is None:
@@ -64,7 +67,7 @@ async def update_key(key_id: str, svc: ServiceDep, admin: AdminKey, body: JsonBo
 @router.delete("/v1/admin/keys/{key_id}", summary="Delete a key", response_model=KeyDeleted,
                responses=errors(401, 403, 404))
 async def delete_key(key_id: str, svc: ServiceDep, admin: AdminKey) -> Response:
-    if not await svc.store.delete_key(key_id):
+    if not await revoke.delete_key(svc.store, key_id):  # its queued and running jobs are cancelled, refunded
         raise NotFound(f"unknown key: {clip(key_id)}")
     return JSONResponse({"id": key_id, "deleted": True})
 

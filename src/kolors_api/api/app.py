@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import unquote_plus
@@ -105,15 +106,23 @@ def host_name(header: str) -> str:
     return name if name and port.isascii() and port.isdigit() else header
 
 
+#: A value that looks like a signature (the signer's 64 hex digits, or any long hex or base64 run).
+_SECRETISH = re.compile(r"[0-9a-fA-F]{32,}|[A-Za-z0-9_\-+/]{40,}")
+
+
 def redact_query(path: str) -> str:
-    """`path?query` without its `sig` parameters, told by the decoded name as the server reads it
-    (`%73ig=`, `si%67=` and `sig=` alike); the other parameters stay as they were sent."""
+    """`path?query` fit for the access log: without its `sig` parameters, told by the decoded name as
+    the server reads it (`%73ig=`, `si%67=` and `sig=` alike), and without any parameter whose value
+    looks like a signature whatever its name (`SIG=`, `;sig=`, `sig[]=`, `sig%00=`, `+sig=`: a
+    working signature is 64 hex digits); the other parameters stay as they were sent."""
     base, sep, query = path.partition("?")
     if not sep:
         return path
     # Starlette reads the query with parse_qsl: '&'-separated, names percent- and '+'-decoded
-    kept = [part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != "sig"]
-    rest = "&".join(kept).strip("&")
+    kept = [part for part in re.split("[&;]", query)
+            if part and unquote_plus(part.partition("=")[0]).strip().lower() != "sig"
+            and not _SECRETISH.search(unquote_plus(part))]
+    rest = "&".join(kept)
     return f"{base}?{rest}" if rest else base
 
 
@@ -215,8 +224,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
         # every serve process delivers webhooks: the outbox is in the store, claimed with leases
         runner = WebhookRunner(svc.store, functools.partial(webhook_body, svc), policy=svc.webhook_policy,
                                delays=retry_delays(settings.webhook_retry_delays), resolve=svc.resolve,
-                               outage=svc.outage_seen,
+                               outage=svc.outage_seen, **delivery_limits(settings),
                                counted=lambda outcome: svc.metrics.webhook_deliveries.labels(outcome).inc())
+        svc.webhook_runner = runner
         svc.webhook_task = asyncio.create_task(runner.run())
         if svc.engines is not None:
             await svc.engines.start()
@@ -224,14 +234,18 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
             yield
         finally:
             svc.expiry_task.cancel()
+            # One grace for all, from the signal on: webhook tries in flight get it, then are dropped
+            # (their leases run out, they are made again); the engines' jobs in hand finish within it
+            # or go back to the queue; queued jobs stay queued.
+            runner.stop()
+            ending = [asyncio.wait({svc.webhook_task}, timeout=svc.shutdown_left() + 3)]
+            if svc.engines is not None:
+                ending.append(svc.engines.stop(svc.shutdown_left()))
+            await asyncio.gather(*ending)
             svc.webhook_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await svc.webhook_task  # a try in flight is dropped: its lease runs out, it is tried again
+            await asyncio.wait({svc.webhook_task}, timeout=1)
             if svc.probe_task is not None:
                 svc.probe_task.cancel()
-            if svc.engines is not None:
-                # the jobs in hand finish within what is left of the grace; queued jobs stay queued
-                await svc.engines.stop(svc.shutdown_left())
             await svc.store.close()
 
     # /docs is served from the package's own Swagger UI assets (offline); no ReDoc (it needs a CDN).
@@ -280,6 +294,13 @@ def _engine_job_done(svc: Service, pid: int, done: JobDone) -> None:
     """An engine process stored a job: its durations and counters go to this process's `/metrics`."""
     svc.metrics.jobs.observe(done.seconds, done.outcome, done.stages)
     svc.metrics.jobs.report(pid, done.report)
+
+
+def delivery_limits(settings: Settings) -> dict[str, Any]:
+    """The webhook runner's bounds from the settings."""
+    return {"concurrency": settings.webhook_concurrency, "per_destination": settings.webhook_per_destination,
+            "per_key": settings.webhook_per_key, "timeout": settings.webhook_timeout_seconds,
+            "grace": settings.shutdown_grace_seconds}
 
 
 async def _expire_loop(svc: Service) -> None:

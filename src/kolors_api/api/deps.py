@@ -90,6 +90,8 @@ class Service:
     engines: Any = None
     #: When the shutdown must be over (monotonic), once a signal asked for it (`begin_shutdown`).
     shutdown_deadline: float | None = None
+    #: The webhook delivery runner (`kolors_api.api.delivery.WebhookRunner`), set by the lifespan.
+    webhook_runner: Any = None
     expiry_task: asyncio.Task[None] | None = None
     admission: list[Admission] = field(default_factory=list)
     #: The store's outage, logged once (see `kolors_api.jobs.outage`), and the task that sees it end.
@@ -108,6 +110,8 @@ class Service:
             self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
             if self.engines is not None:
                 self.engines.drain()
+            if self.webhook_runner is not None:
+                self.webhook_runner.stop()
 
     def shutdown_left(self) -> float:
         """Seconds left of the shutdown grace (all of it when no signal started it)."""

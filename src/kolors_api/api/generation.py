@@ -21,8 +21,9 @@ from kolors_api.api.models import (
     errors,
     submit_request,
 )
-from kolors_api.errors import NotFound, Unauthorized
+from kolors_api.errors import Forbidden, NotFound, Unauthorized
 from kolors_api.jobs import Job, JobState
+from kolors_api.jobs.revoke import key_is_live
 from kolors_api.schema import CONTENT_TYPES, MODELS, clip, decimal, json_schema, short
 
 router = APIRouter()
@@ -147,6 +148,9 @@ async def request_output(request_id: str, name: str, request: Request, svc: Serv
             raise Unauthorized(f"{what}: use the URL from the result as it is (with exp and sig), or send the "
                                f"owner's API key")
         await svc.own_job(await authenticate(svc.store, request), request_id)
+    job = await svc.store.get(request_id)
+    if job is not None and not await key_is_live(svc.store, job.key_id):
+        raise Forbidden("the API key of this request is disabled or deleted: its outputs are not served")
     stem, _, ext = name.partition(".")
     index = decimal(stem, 3)
     if index is None or ext not in CONTENT_TYPES:

@@ -8,6 +8,7 @@ own table in `kolors_api.schema`; its JSON Schema is declared on the routes from
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
@@ -73,9 +74,18 @@ def _weight(value: Any) -> float:
     return float(value)
 
 
+#: Unicode categories a key name may not hold: control (NUL, newlines), format (U+202E, zero-width),
+#: line and paragraph separators, surrogates, private use: names are printed in logs, the CLI and the
+#: playground, where these forge lines or reorder text.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
+
+
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > 200:
         raise _fail("must be a non-empty string of at most 200 characters")
+    for i, ch in enumerate(value):
+        if unicodedata.category(ch) in _UNPRINTABLE:
+            raise _fail(f"must not contain control or format characters, got U+{ord(ch):04X} at position {i}")
     return value.strip()
 
 

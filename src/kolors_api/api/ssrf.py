@@ -14,6 +14,7 @@ refused whatever they embed). `KOLORS_API_WEBHOOK_ALLOW_HOSTS` lists host names,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import re
 import socket
@@ -22,6 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore
+
+from kolors_api.schema import clip, short
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: (host, port) -> the addresses a host name resolves to.
@@ -81,7 +84,10 @@ async def system_resolve(host: str, port: int) -> list[IP]:
     """The addresses of `host` from the system resolver (a literal is itself)."""
     if (ip := literal(host)) is not None:
         return [ip]
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # the IDNA codec refuses it: an empty or over-long label, a lone soft hyphen
+        raise Blocked(f"{short(host)} is not a valid host name") from None
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
@@ -105,7 +111,8 @@ class Policy:
                                                          ip.version == net.version):
             return None
         why = why_blocked(ip)
-        return None if why is None else f"{host} is {why}" if literal(host) else f"{host} resolves to {ip}, {why}"
+        name = clip(host)
+        return None if why is None else f"{name} is {why}" if literal(host) else f"{name} resolves to {ip}, {why}"
 
 
 def split_url(url: str) -> tuple[str, str, int]:
@@ -116,9 +123,9 @@ def split_url(url: str) -> tuple[str, str, int]:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise Blocked(f"not a valid URL ({exc})") from None
+        raise Blocked(f"not a valid URL ({clip(str(exc))})") from None
     if parts.scheme not in ("http", "https"):
-        raise Blocked(f"must be an http or https URL, got scheme {parts.scheme or 'none'!r}")
+        raise Blocked(f"must be an http or https URL, got scheme {clip(parts.scheme or 'none')!r}")
     if not parts.hostname:
         raise Blocked("must name a host")
     if parts.username is not None or parts.password is not None:
@@ -132,31 +139,48 @@ async def check_webhook_url(url: str, policy: Policy, resolve: Resolver = system
     try:
         addresses = await asyncio.wait_for(resolve(host, port), 5)
     except (OSError, TimeoutError):
-        raise Blocked(f"{host} does not resolve") from None
+        raise Blocked(f"{clip(host)} does not resolve") from None
     for ip in addresses:
         if (why := policy.refusal(host, ip)) is not None:
             raise Blocked(why)
 
 
+#: (host, port, address): the address a delivery chose (`GuardedBackend.pick`) for its connection to
+#: host and port, so that it connects to the very address its per-destination bound counted.
+PINNED: contextvars.ContextVar[tuple[str, int, IP] | None] = contextvars.ContextVar("pinned", default=None)
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend, dialling only addresses the policy allows: it resolves the host,
-    checks each address and connects to the first allowed one by address (TLS still verifies the name)."""
+    checks each address and connects to the first allowed one by address (TLS still verifies the name),
+    or to the address `PINNED` holds for that host and port (checked again)."""
 
     def __init__(self, policy: Policy, resolve: Resolver = system_resolve) -> None:
         self.policy = policy
         self.resolve = resolve
         self.inner = httpcore.AnyIOBackend()
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def pick(self, host: str, port: int) -> IP:
+        """The first address of `host` the policy allows; Blocked when there is none."""
         refusals = []
         for ip in await self.resolve(host, port):
             why = self.policy.refusal(host, ip)
             if why is None:
-                return await self.inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
+                return ip
             refusals.append(why)
-        raise Blocked(refusals[0] if refusals else f"{host} resolves to no address")
+        raise Blocked(refusals[0] if refusals else f"{clip(host)} resolves to no address")
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        pinned = PINNED.get()
+        if pinned is not None and pinned[:2] == (host.lower().strip("[]"), port):
+            if (why := self.policy.refusal(host, pinned[2])) is not None:
+                raise Blocked(why)
+            ip = pinned[2]
+        else:
+            ip = await self.pick(host, port)
+        return await self.inner.connect_tcp(str(ip), port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:

@@ -112,6 +112,8 @@ WEBHOOK_EVENTS = ("start", "progress", "completed", "failed")
 WEBHOOK_STATES = ("pending", "delivered", "failed", "stopped")
 #: How long delivery records and attempt logs are kept after their last change.
 WEBHOOK_LOG_SECONDS = 2 * 24 * 3600
+#: Deliveries a claim looks past, per destination, for those of keys within their bound.
+CLAIM_LOOKAHEAD = 64
 
 
 def destination(url: str) -> str:
@@ -495,11 +497,14 @@ class JobStore(Protocol):
     # -- webhooks: `claim`, `progress`, `complete` and `fail` (and a cancel) put the deliveries a job's
     # webhook asks for in an outbox, in the same atomic step as the change; delivery runners take them.
     async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
-                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
+                             busy: Mapping[str, int] | None = None, per_key: int = 0,
+                             busy_keys: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
         """Take up to `limit` due deliveries for one attempt each, the longest due first; one not recorded
         within `lease_seconds` (its runner died) is due again. With `per_destination`, at most that many
         minus `busy[d]` (the caller's tries in flight) of each `destination(url)` d: a destination that
-        hangs never takes the others' turn. Costs O(destinations with due deliveries), not O(backlog)
+        hangs never takes the others' turn. With `per_key`, likewise at most that many minus
+        `busy_keys[k]` of each API key id k ("" for none): one key's hanging destinations never take
+        every slot of a runner. Costs O(destinations with due deliveries), not O(backlog)
         (Redis; SQLite reads the due rows' destinations)."""
         ...
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs.base import (
+    CLAIM_LOOKAHEAD,
     WEBHOOK_LOG_SECONDS,
     WebhookAttempt,
     WebhookDelivery,
@@ -74,11 +75,14 @@ end
 """
 
 HOOK_BODIES: dict[str, str] = {
-    # ARGV: token, lease seconds, limit, per destination (0: no bound), {destination: tries in flight} JSON.
+    # ARGV: token, lease seconds, limit, per destination (0: no bound), {destination: tries in flight} JSON,
+    # per key (0: no bound), {key id: tries in flight} JSON, how far past a destination's room to look.
     # Returns the claimed deliveries' hashes as JSON.
     names.SCRIPT_HOOK_CLAIM: r"""
 local t, token, limit, per_dest = now(), ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
 local busy = cjson.decode(ARGV[7])
+local per_key, keys, lookahead = tonumber(ARGV[8] or '0'), cjson.decode(ARGV[9] or '{}'), tonumber(ARGV[10] or '0')
+if per_key <= 0 then lookahead = 0 end
 -- deliveries of an older version, in one due set: each to its destination's queue
 local legacy = redis.call('ZRANGE', K_HOOKS_DUE, 0, 99, 'WITHSCORES')
 for i = 1, #legacy, 2 do
@@ -95,10 +99,16 @@ for _, dest in ipairs(redis.call('ZRANGEBYSCORE', K_HOOK_DESTS, '-inf', num(t), 
   if per_dest > 0 then room = math.min(room, per_dest - (tonumber(busy[dest]) or 0)) end
   if limit - #out <= 0 then break end
   if room > 0 then
-    for _, did in ipairs(redis.call('ZRANGEBYSCORE', k_dest_due(dest), '-inf', num(t), 'LIMIT', 0, room)) do
+    for _, did in ipairs(redis.call('ZRANGEBYSCORE', k_dest_due(dest), '-inf', num(t), 'LIMIT', 0, room + lookahead)) do
       local hk = k_hook(did)
-      local h = redis.call('HMGET', hk, 'state', 'job')
-      if h[1] == 'pending' and redis.call('HGET', k_job(h[2]), 'hook_stopped') ~= '1' then
+      local h = redis.call('HMGET', hk, 'state', 'job', 'key_id')
+      local key = h[3] or ''
+      if room <= 0 then break end
+      if h[1] == 'pending' and per_key > 0 and (tonumber(keys[key]) or 0) >= per_key then
+        -- the key holds its share of the slots: left due, for a later claim
+      elseif h[1] == 'pending' and redis.call('HGET', k_job(h[2]), 'hook_stopped') ~= '1' then
+        room = room - 1
+        keys[key] = (tonumber(keys[key]) or 0) + 1
         redis.call('HSET', hk, 'token', token)
         redis.call('HINCRBY', hk, 'attempts', 1)
         hook_due(did, dest, num(t + tonumber(ARGV[4])))
@@ -156,10 +166,12 @@ class RedisHooks:
         return str(first["job"]), str(first["hash"])
 
     async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
-                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
+                             busy: Mapping[str, int] | None = None, per_key: int = 0,
+                             busy_keys: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
         token = uuid.uuid4().hex
         got = await self._call(names.SCRIPT_HOOK_CLAIM, token, repr(float(lease_seconds)), int(limit),
-                               int(per_destination), json.dumps(dict(busy or {})))
+                               int(per_destination), json.dumps(dict(busy or {})), int(per_key),
+                               json.dumps(dict(busy_keys or {})), CLAIM_LOOKAHEAD)
         out = []
         for raw in got:
             did, job_id, key_id, event, url, attempts = json.loads(raw)

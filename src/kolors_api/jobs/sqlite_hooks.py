@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kolors_api.jobs.base import (
+    CLAIM_LOOKAHEAD,
     IDEMPOTENCY_SECONDS,
     WEBHOOK_LOG_SECONDS,
     IdempotencyMismatch,
@@ -144,7 +145,8 @@ class SQLiteHooks:
         return result
 
     async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
-                             busy: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
+                             busy: Mapping[str, int] | None = None, per_key: int = 0,
+                             busy_keys: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
         def q() -> list[WebhookDelivery]:
             now, token = time.time(), uuid.uuid4().hex
             out: list[WebhookDelivery] = []
@@ -152,19 +154,41 @@ class SQLiteHooks:
             if self._conn.execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
                                   (now,)).fetchone() is None:
                 return out  # nothing due: no write lock taken (runners poll this twice a second)
+            keys = dict(busy_keys or {})
+
+            def key_room(row: sqlite3.Row) -> bool:
+                # within the key's bound: counted as taken
+                key = row["key_id"] or ""
+                if per_key > 0 and keys.get(key, 0) >= per_key:
+                    return False
+                keys[key] = keys.get(key, 0) + 1
+                return True
+
+            def take(due: list[sqlite3.Row], room: int) -> list[sqlite3.Row]:
+                out: list[sqlite3.Row] = []
+                for r in due:
+                    if len(out) >= room:
+                        break
+                    if key_room(r):
+                        out.append(r)
+                return out
+
             with self._tx() as c:
+                rows: list[sqlite3.Row] = []
                 if per_destination <= 0:
-                    rows = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
-                                     "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+                    due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
+                                    "ORDER BY next_at LIMIT ?", (now, limit + (CLAIM_LOOKAHEAD if per_key else 0)))
+                    rows = take(due.fetchall(), limit)
                 else:
-                    rows = []
                     for dest, _ in c.execute("SELECT dest, MIN(next_at) AS due FROM webhook_deliveries WHERE "
                                              "state='pending' AND next_at<=? GROUP BY dest ORDER BY due",
                                              (now,)).fetchall():
                         room = min(per_destination - (busy or {}).get(dest, 0), limit - len(rows))
                         if room > 0:
-                            rows += c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND dest=? "
-                                              "AND next_at<=? ORDER BY next_at LIMIT ?", (dest, now, room)).fetchall()
+                            due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND dest=? "
+                                            "AND next_at<=? ORDER BY next_at LIMIT ?",
+                                            (dest, now, room + (CLAIM_LOOKAHEAD if per_key else 0)))
+                            rows += take(due.fetchall(), room)
                 for r in rows:
                     c.execute("UPDATE webhook_deliveries SET attempts=attempts+1, token=?, next_at=?, changed_at=? "
                               "WHERE id=?", (token, now + lease_seconds, now, r["id"]))

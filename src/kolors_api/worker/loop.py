@@ -26,6 +26,7 @@ from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.batch import CANCELLED, CallReports, JobAborted, JobRun, count_call
+from kolors_api.worker.commit import commit
 from kolors_api.worker.company import StepClock, WaitRule
 from kolors_api.worker.engines import EngineLike
 
@@ -336,7 +337,11 @@ class Worker:
         peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
         if peak is not None:
             metrics["peak_memory_mb"] = round(peak / 2**20, 1)
-        if await self.store.complete(lease, out.images, run.params.output_format, out.seeds, metrics):
+        # through a blob- or job-store outage: the images are kept and storing is tried again
+        done = await commit(self.store, lease, out.images, run.params.output_format, out.seeds, metrics)
+        if done is None:
+            return  # the stores stayed out past the bound: FAILED, saying so (logged there)
+        if done:
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
             stored = await self.store.get(job.id)
             state = stored.state if stored is not None else JobState.COMPLETED

@@ -4,9 +4,10 @@ Both run in the worker. A block ends the job FAILED with ``"content blocked: <re
 store refunds FAILED jobs and keeps no image.
 
 - **Prompts** (always on): the prompt (not the negative prompt: that is what the user does *not*
-  want) is NFKC-normalised, case-folded and stripped of invisible format characters (zero-width
-  spaces and joiners, soft hyphens), then matched against blocked terms on word boundaries, so
-  ``ＬＯＬＩ``, ``Loli`` and ``lo\u200bli`` are caught and ``classic`` does not match ``ass``.
+  want) is reduced to a skeleton (`normalize`: NFKC, case-folded, stripped of invisible format
+  characters and combining marks, Unicode TR39 look-alikes mapped to Latin), then matched against
+  blocked terms on word boundaries, so ``ＬＯＬＩ``, ``Loli``, ``lo\u200bli``, ``lo\u0301li`` and
+  ``lоli`` (a Cyrillic ``о``) are caught and ``classic`` does not match ``ass``.
   The terms are a short built-in list (`DEFAULT_BLOCKED_TERMS`) or, when
   `Settings.blocked_terms_file` is set, that file instead.
 - **Images** (opt-in): each `Screener` named in `Settings.screeners` sees the encoded images.
@@ -86,10 +87,34 @@ _WORD_CHAR = f"[^\\W_{_UNSPACED}]"
 _SEPARATORS = r"[\W_]+"
 
 
+#: Look-alikes of Latin letters, after NFKC and case folding: the lower-case Latin entries of Unicode
+#: TR39's confusables.txt for the Cyrillic, Greek, Armenian and IPA letters a prompt can hide a term
+#: with (``lоli`` with a Cyrillic ``о``), and the digits it maps to letters (``0`` → o, ``1`` → l).
+CONFUSABLES: dict[str, str] = {
+    # Cyrillic
+    "а": "a", "в": "b", "с": "c", "ԁ": "d", "е": "e", "һ": "h", "і": "i", "ӏ": "l", "ј": "j", "к": "k",
+    "о": "o", "р": "p", "ԛ": "q", "ѕ": "s", "т": "t", "у": "y", "ү": "y", "х": "x", "ԝ": "w", "ь": "b",
+    "ɡ": "g", "ѵ": "v", "ѡ": "w", "ҽ": "e", "ӕ": "ae",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o",
+    "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ϲ": "c", "ϳ": "j", "ω": "w",
+    # Armenian, Latin extensions and IPA
+    "օ": "o", "ս": "u", "ո": "n", "հ": "h", "ց": "g", "ı": "i", "ȷ": "j", "ɑ": "a", "ɩ": "i", "ǀ": "l",
+    "ɪ": "i", "ʟ": "l", "ᴏ": "o", "ᴘ": "p", "ꮪ": "s", "ɢ": "g", "ʜ": "h", "ᴋ": "k", "ɴ": "n",
+    # digits read as letters
+    "0": "o", "1": "l",
+}
+_SKELETON = str.maketrans(CONFUSABLES)
+
+
 def normalize(text: str) -> str:
-    """What matching sees: NFKC, case-folded, without format characters (zero-width and the like)."""
+    """What matching sees, a skeleton of the text: NFKC, case-folded, without format characters
+    (zero-width and the like) or combining marks (``lo\u0301li``), look-alikes (`CONFUSABLES`) as
+    the Latin letters they imitate. Terms and prompts both go through it."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")
+    visible = "".join(ch for ch in unicodedata.normalize("NFD", folded)
+                      if unicodedata.category(ch) not in ("Cf", "Mn", "Me"))
+    return unicodedata.normalize("NFC", visible.translate(_SKELETON))
 
 
 def _term_pattern(term: str) -> re.Pattern[str]:
