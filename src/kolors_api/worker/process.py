@@ -83,7 +83,15 @@ async def run(settings: Settings, sock: socket.socket) -> int:
     relay: Callable[[str | None], None] = lambda job_id: channel.send(Changed(job_id))  # noqa: E731
     store.relay(relay)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+
+    def stop() -> None:
+        if not worker.loaded.is_set():  # nothing in hand while the engine loads: no reason to wait for it
+            log.info("engine process %d: stopped while loading", os.getpid())
+            logging.shutdown()
+            os._exit(0)
+        worker.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
     await store.open()
     listening = asyncio.create_task(channel.listen(reader, store))
     channel.send(Hello(me, os.getpid(), settings.device or "auto"))
