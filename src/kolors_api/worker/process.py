@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings(**json.loads(sys.stdin.read()))
     logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s[engine {args.index}] %(message)s")
+                        format=f"%(asctime)s [engine {args.index}] %(levelname)s %(name)s %(message)s")
     sock = socket.socket(fileno=args.fd)
     try:
         return asyncio.run(run(settings, sock))
