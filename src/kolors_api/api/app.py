@@ -184,7 +184,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     settings = settings or Settings()
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
-    svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts))
+    svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts),
+                  fetch_policy=Policy(settings.fetch_allow_hosts))
     limits = RateLimits(settings)
     svc.admission.append(limits)
     svc.inflight = InFlight(limits.storage)

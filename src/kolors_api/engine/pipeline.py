@@ -19,6 +19,7 @@ import torch
 
 from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
+from kolors_api.engine.img2img import img2img_pipeline, start_latents
 from kolors_api.engine.previews import preview_webp
 from kolors_api.engine.prompt_cache import PromptCache
 from kolors_api.jobs.batching import BatchLimits, shape
@@ -333,7 +334,8 @@ class Engine:
         start = time.perf_counter()
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        pipe = self._call_pipeline(self.make_scheduler(first.scheduler))
+        scheduler = self.make_scheduler(first.scheduler)
+        pipe = self._call_pipeline(scheduler) if first.image is None else img2img_pipeline(self.pipe, scheduler)
         rows = sum(params.number_of_images for params, _ in jobs)
         pad = padded_rows(rows) - rows if self.pad_batches else 0
         # Padding rows: the first job's prompt (a cache hit) with generators of their own; dropped.
@@ -359,8 +361,13 @@ class Engine:
 
         try:
             with torch.inference_mode():
+                pictures: dict[str, Any] = {}
+                if first.image is not None:  # image to image: the rows' start latents (engine.img2img)
+                    pictures = {"image": start_latents(pipe, [params for params, _ in run], generators,
+                                                       pipe.unet.dtype), "strength": first.strength}
                 latents = pipe(
                     **self._embeddings(pipe, [params for params, _ in run]),
+                    **pictures,
                     guidance_scale=first.cfg,
                     num_inference_steps=first.steps,
                     width=first.width,
