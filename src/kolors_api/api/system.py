@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 from kolors_api.api.deps import ServiceDep
 from kolors_api.api.models import Health, ModelList, Ready, errors
 from kolors_api.errors import Unavailable
-from kolors_api.schema import IMG2IMG, MODEL, MODELS, GenerateParams, json_schema, price
+from kolors_api.schema import IMG2IMG, MODELS, GenerateParams, json_schema, price
 
 router = APIRouter()
 
