@@ -75,7 +75,8 @@ def test_without_width_and_height_the_output_keeps_the_inputs_aspect(server: Liv
     r = post(server, "/v1/kolors-img2img", {"prompt": "a fox", "image": b64(picture(160, 120)), "steps": 2,
                                            "strength": 0.5, "output_format": "png"})
     assert r.status_code == 200, r.text
-    assert Image.open(io.BytesIO(r.content)).size == (680, 512)  # 160x120 scaled to 512 high: 682.7 wide, to a multiple of 8
+    # 160x120 scaled to 512 high: 682.7 wide, to a multiple of 8
+    assert Image.open(io.BytesIO(r.content)).size == (680, 512)
 
 
 def test_the_price_is_by_the_steps_run(server: LiveServer) -> None:

@@ -287,7 +287,8 @@ def validate(body: Any, model: str = MODEL, *, ip_adapter: bool = True) -> Gener
     """Check a request body against the model's table and return the params, or raise `BadRequest`
     naming the field. Image fields keep their raw value here (`validate_request` for the API's intake)."""
     checked = validate_request(body, model, ip_adapter=ip_adapter)
-    return replace(checked.params, **checked.images)
+    return replace(checked.params, image=checked.images.get("image"),
+                   ip_adapter_image=checked.images.get("ip_adapter_image"))
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,8 @@ def with_inputs(checked: Checked, taken: dict[str, tuple[str, int, int]]) -> Gen
     """The params once the pictures are taken: `taken` maps each image field to (sha256, width,
     height) of its picture. The output of image to image without width/height keeps the input's
     aspect ratio (`kolors_api.images.auto_size`)."""
-    params = replace(checked.params, **{name: sha for name, (sha, _, _) in taken.items()})
+    sha = {name: value[0] for name, value in taken.items()}
+    params = replace(checked.params, image=sha.get("image"), ip_adapter_image=sha.get("ip_adapter_image"))
     if "image" in taken and not {"width", "height"} <= checked.given:
         from kolors_api.images import auto_size  # Pillow: only where a picture came
 

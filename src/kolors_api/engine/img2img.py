@@ -96,5 +96,7 @@ def start_latents(pipe: Pipeline, jobs: Sequence[GenerateParams], generators: li
     if mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, 4, 1, 1).to(device=device, dtype=dtype)
         std = torch.tensor(std).view(1, 4, 1, 1).to(device=device, dtype=dtype)
-        return (latents - mean) * vae.config.scaling_factor / std
-    return latents * vae.config.scaling_factor
+        scaled: torch.Tensor = (latents - mean) * vae.config.scaling_factor / std
+        return scaled
+    scaled = latents * vae.config.scaling_factor
+    return scaled

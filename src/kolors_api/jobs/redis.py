@@ -189,7 +189,8 @@ class RedisStore(RedisHooks):
             for name, data in inputs.items():
                 await asyncio.to_thread(self.blobs.write_input, job_id, name, data)
         elif inputs:
-            await (await self._conn()).hset(self.keys.input(job_id), mapping=dict(inputs))
+            mapping: dict[str | bytes, bytes] = {name: data for name, data in inputs.items()}  # noqa: C416
+            await (await self._conn()).hset(self.keys.input(job_id), mapping=mapping)  # type: ignore[arg-type]
 
     async def read_input(self, job_id: str, name: str) -> bytes | None:
         if self.blobs is not None:
