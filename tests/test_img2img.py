@@ -127,3 +127,55 @@ def test_engine_refuses_a_mixed_batch(engine: Engine) -> None:
     b = with_picture(gradient_png(), strength=0.75)
     with pytest.raises(ValueError, match="different shapes"):
         engine.generate_batch([(a, None), (b, None)])
+
+
+# -- the IP-Adapter (tiny image encoder and IP-Adapter-Plus weights, loaded through `load_ip_adapter`)
+@pytest.fixture(scope="module")
+def ip_engine(tiny: Path) -> Engine:
+    from kolors_api.engine.pipeline import EngineOptions
+
+    return Engine(str(tiny), device="cpu", options=EngineOptions(ip_adapter="tiny"))
+
+
+def with_reference(data: bytes, scale: float, **kw: Any) -> GenerateParams:
+    sha = hashlib.sha256(data).hexdigest()
+    base: dict[str, Any] = dict(prompt="a red fox", cfg=5.0, seed=42, steps=3, width=64, height=64,
+                                output_format="png")
+    return GenerateParams(**{**base, **kw}, ip_adapter_image=sha, ip_adapter_scale=scale, inputs={sha: data})
+
+
+def test_ip_adapter_loads_through_load_ip_adapter(ip_engine: Engine) -> None:
+    assert type(ip_engine.pipe.image_encoder).__name__ == "CLIPVisionModelWithProjection"
+    assert (Path(ip_engine.path) / "ip_adapter" / "ip_adapter_plus_general.safetensors").is_file()
+
+
+def test_scale_zero_is_exactly_the_plain_bytes_and_a_scale_steers(ip_engine: Engine, engine: Engine) -> None:
+    ref = gradient_png(seed=9)
+    no_ref = GenerateParams(**{k: v for k, v in with_reference(ref, 0.5).to_dict().items()
+                               if not k.startswith("ip_adapter")})
+    plain = engine.generate(no_ref)
+    assert ip_engine.generate(with_reference(ref, 0.0)).images == plain.images  # scale 0: the plain bytes
+    steered = ip_engine.generate(with_reference(ref, 1.0))
+    assert np.abs(pixels(steered.images[0]) - pixels(plain.images[0])).mean() > 1
+    # and the plain path of the IP engine is the plain engine's, after a call with a reference too
+    assert ip_engine.generate(no_ref).images == plain.images
+
+
+def test_ip_adapter_rows_with_different_references_batch_as_separate_calls(ip_engine: Engine) -> None:
+    a = with_reference(gradient_png(seed=1), 0.8, seed=1)
+    b = with_reference(gradient_png(seed=2), 0.8, seed=2, number_of_images=2, prompt="a blue car")
+    together = ip_engine.generate_batch([(a, None), (b, None)])
+    for got, params in zip(together, (a, b), strict=True):
+        assert isinstance(got, GenerationOutput)
+        for x, y in zip(got.images, ip_engine.generate(params).images, strict=True):
+            assert np.abs(pixels(x) - pixels(y)).max() <= 1
+
+
+def test_img2img_with_a_reference(ip_engine: Engine) -> None:
+    ref = gradient_png(seed=3)
+    p = with_picture(gradient_png(seed=4))
+    sha = hashlib.sha256(ref).hexdigest()
+    both = GenerateParams(**{**p.to_dict(), "ip_adapter_image": sha, "ip_adapter_scale": 0.7},
+                          inputs={**p.inputs, sha: ref})
+    out = ip_engine.generate(both)
+    assert out.images != ip_engine.generate(p).images

@@ -7,10 +7,11 @@ prompt-embedding cache (`prompt_cache`, locked).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class EngineOptions:
     #: The worker's images per call (`max_batch_images`; 0: `Engine.batch_limits`): the padded
     #: sizes compiled at start go up to it.
     batch_images: int = 0
+    #: The Kolors IP-Adapter-Plus: a repo id, a folder of its layout, or `tiny` (`engine.ip_adapter`).
+    ip_adapter: str | None = None
 
 
 @dataclass
@@ -200,6 +203,33 @@ class Engine:
         self.dtype_name = str(pipe.unet.dtype).removeprefix("torch.")
         self.prompts = PromptCache(options.prompt_cache_mb * 2**20)
         self.pipe = self._place(pipe)
+        self.ip_adapter: Any = None
+        if options.ip_adapter:
+            from kolors_api.engine import ip_adapter
+
+            self.ip_adapter = ip_adapter.load(self.pipe, options.ip_adapter, self.path)
+            log.info("IP-Adapter %s loaded", options.ip_adapter)
+
+    @contextlib.contextmanager
+    def _reference(self, pipe: Pipeline, jobs: list[GenerateParams]) -> Iterator[dict[str, Any]]:
+        """The pipeline arguments of the IP-Adapter for a call's rows (none without a reference or at
+        scale 0: then the UNet runs plain, exactly as without an IP-Adapter), its modules in place."""
+        first = jobs[0]
+        scale = first.ip_adapter_scale if first.ip_adapter_image is not None else None
+        if self.ip_adapter is None:
+            if scale:
+                raise ValueError("this engine has no IP-Adapter (start the worker with --ip-adapter)")
+            yield {}
+            return
+        from kolors_api.engine.ip_adapter import image_embeds
+
+        with self.ip_adapter.lock:
+            self.ip_adapter.use(pipe.unet, bool(scale))
+            if not scale:
+                yield {}
+                return
+            pipe.set_ip_adapter_scale(scale)
+            yield {"ip_adapter_image_embeds": image_embeds(pipe, jobs, first.cfg > 1)}
 
     def _place(self, pipe: Pipeline) -> Pipeline:
         """Put the loaded pipeline on the device, tuned for it."""
@@ -360,11 +390,11 @@ class Engine:
             return {}
 
         try:
-            with torch.inference_mode():
-                pictures: dict[str, Any] = {}
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                pictures: dict[str, Any] = stack.enter_context(self._reference(pipe, [params for params, _ in run]))
                 if first.image is not None:  # image to image: the rows' start latents (engine.img2img)
-                    pictures = {"image": start_latents(pipe, [params for params, _ in run], generators,
-                                                       pipe.unet.dtype), "strength": first.strength}
+                    pictures |= {"image": start_latents(pipe, [params for params, _ in run], generators,
+                                                        pipe.unet.dtype), "strength": first.strength}
                 latents = pipe(
                     **self._embeddings(pipe, [params for params, _ in run]),
                     **pictures,
