@@ -110,7 +110,8 @@ def build_tiny_ip_adapter(model: Path) -> Path:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     _image_encoder().save_pretrained(scratch / "image_encoder")
-    tensors = {f"image_proj.{k}": v.contiguous() for k, v in _image_proj(int(unet_config["cross_attention_dim"])).items()}
+    projection = _image_proj(int(unet_config["cross_attention_dim"]))
+    tensors = {f"image_proj.{k}": v.contiguous() for k, v in projection.items()}
     tensors |= {f"ip_adapter.{k}": v.contiguous() for k, v in _ip_layers(unet_config).items()}
     save_file(tensors, str(scratch / WEIGHT_NAME))
     shutil.rmtree(target, ignore_errors=True)
