@@ -4,7 +4,12 @@ against a live embedded server (tiny model)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -70,9 +75,54 @@ def test_segmind_sdk_runs_kolors_img2img(server: LiveServer) -> None:
             **SMALL}
     result = sdk.run("kolors-img2img", **body)  # v2 submit and wait, the SDK's default path
     assert result["status"] == "COMPLETED" and result["seeds"] == [5]
-    assert result["input"]["image"] == __import__("hashlib").sha256(PNG).hexdigest()
+    assert result["input"]["image"] == hashlib.sha256(PNG).hexdigest()
     (url,) = result["output"]
     image = httpx.get(url).content
     assert size_of(image) == (512, 512)
     sync = sdk.run_sync("kolors-img2img", **body)
     assert sync.content == image
+
+
+# -- the Python client and the CLI take a path, bytes, a PIL image or a URL for picture fields
+def test_client_takes_a_path_bytes_a_pil_image_or_base64(server: LiveServer, tmp_path: Path) -> None:
+    from kolors_api.client import Client
+
+    path = tmp_path / "in.png"
+    path.write_bytes(PNG)
+    body = {"prompt": "a watercolour", "width": 512, "height": 512, "output_format": "png", **SMALL}
+    with Client(api_key=server.key, base_url=server.url, timeout=120) as client:
+        answers = [client.run_sync("kolors-img2img", image=value, **body).content
+                   for value in (str(path), path, PNG, Image.open(io.BytesIO(PNG)), b64(PNG))]
+    assert all(a == answers[0] for a in answers) and size_of(answers[0]) == (512, 512)
+
+
+async def test_async_client_takes_a_picture(server: LiveServer) -> None:
+    from kolors_api.client import AsyncClient
+
+    async with AsyncClient(api_key=server.key, base_url=server.url, timeout=120) as client:
+        result = await client.run("kolors-img2img", prompt="a watercolour", image=PNG, width=512, height=512, **SMALL)
+    assert result["status"] == "COMPLETED" and result["input"]["image"] == hashlib.sha256(PNG).hexdigest()
+
+
+def test_urls_and_data_uris_go_as_they_are() -> None:
+    from kolors_api.client._images import image_value
+
+    for value in ("https://example.com/a.png", "HTTP://example.com/a.png", "data:image/png;base64,AAAA"):
+        assert image_value(value) == value
+
+
+def test_cli_generate_with_image_and_strength(server: LiveServer, tmp_path: Path) -> None:
+    picture_path = tmp_path / "in.png"
+    picture_path.write_bytes(PNG)
+    out = tmp_path / "out.png"
+    env = {**os.environ, "KOLORS_API_BASE_URL": server.url, "KOLORS_API_KEY": server.key}
+    done = subprocess.run([sys.executable, "-m", "kolors_api.cli", "generate", "a watercolour", "--image",
+                           str(picture_path), "--strength", "0.5", "--steps", "2", "--seed", "5", "--width", "512",
+                           "--height", "512", "-o", str(out), "--no-progress"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and size_of(out.read_bytes()) == (512, 512)
+    refused = subprocess.run([sys.executable, "-m", "kolors_api.cli", "generate", "x", "--image", str(picture_path),
+                              "--strength", "0", "--no-progress", "-o", str(tmp_path / "no.png")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "strength: must be more than 0" in refused.stderr
