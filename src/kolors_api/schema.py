@@ -75,7 +75,7 @@ PARAMS: tuple[Param, ...] = (
 BY_NAME = {p.name: p for p in PARAMS}
 FIELDS = tuple(BY_NAME)
 
-IMAGE_SCHEMA = {"type": "string", "description": "A picture: base64, a data URI (data:image/png;base64,…) or an "
+IMAGE_SCHEMA = {"type": "string", "contentMediaType": "image/*", "description": "A picture: base64, a data URI (data:image/png;base64,…) or an "
                 "http(s) URL the server fetches; PNG, JPEG or WebP, 64..4096 pixels a side, at most 10 MB."}
 #: What `kolors-img2img` takes beside `PARAMS`.
 IMG2IMG_PARAMS: tuple[Param, ...] = (
