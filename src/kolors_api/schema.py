@@ -75,8 +75,9 @@ PARAMS: tuple[Param, ...] = (
 BY_NAME = {p.name: p for p in PARAMS}
 FIELDS = tuple(BY_NAME)
 
-IMAGE_SCHEMA = {"type": "string", "contentMediaType": "image/*", "description": "A picture: base64, a data URI (data:image/png;base64,…) or an "
-                "http(s) URL the server fetches; PNG, JPEG or WebP, 64..4096 pixels a side, at most 10 MB."}
+IMAGE_SCHEMA = {"type": "string", "contentMediaType": "image/*",
+                "description": "A picture: base64, a data URI (data:image/png;base64,…) or an http(s) URL the "
+                               "server fetches; PNG, JPEG or WebP, 64..4096 pixels a side, at most 10 MB."}
 #: What `kolors-img2img` takes beside `PARAMS`.
 IMG2IMG_PARAMS: tuple[Param, ...] = (
     Param("image", "image", description="The picture to start from; resized to cover width×height and "
