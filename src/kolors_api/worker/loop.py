@@ -272,7 +272,7 @@ class Worker:
             started = time.monotonic()
             outs = await loop.run_in_executor(self._pool, lambda: generate_batch(batch, **deferred))
             first = runs[0].params
-            self.clock.observe(first.width, first.height, first.steps, sum(r.params.number_of_images for r in runs),
+            self.clock.observe(first.width, first.height, first.steps_run, sum(r.params.number_of_images for r in runs),
                                time.monotonic() - started)
         else:
             run = runs[0]
