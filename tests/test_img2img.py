@@ -179,3 +179,18 @@ def test_img2img_with_a_reference(ip_engine: Engine) -> None:
                           inputs={**p.inputs, sha: ref})
     out = ip_engine.generate(both)
     assert out.images != ip_engine.generate(p).images
+
+
+def test_the_tiny_ip_adapter_builds_byte_identical(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from kolors_api.engine.tiny_ip_adapter import build_tiny_ip_adapter
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny, copy, ignore=shutil.ignore_patterns("ip_adapter"))
+    a, b = build_tiny_ip_adapter(tiny), build_tiny_ip_adapter(copy)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert Path("ip_adapter_plus_general.safetensors") in files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
