@@ -60,14 +60,15 @@ class KolorsAPI(ls.LitAPI):  # type: ignore[misc]
         return {"image": base64.b64encode(buf.getvalue()).decode(), "batch": batch}
 
 
-def main() -> None:
+def main(api_class: type[ls.LitAPI] = KolorsAPI, port: int = 8011) -> None:
+    """Run `api_class` (bench/litserve_img2img_peer.py passes its img2img one) under LitServe."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--port", type=int, default=port)
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-timeout", type=float, default=0.05)
     args = ap.parse_args()
-    api = KolorsAPI(args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    api = api_class(args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     server = ls.LitServer(api, accelerator="auto", timeout=600)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
 

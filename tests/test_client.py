@@ -226,7 +226,7 @@ def test_cancelled_job_raises_inference_failed(client: Client) -> None:
 def test_base_url_may_end_in_v1(server: LiveServer) -> None:
     with Client(api_key=server.key, base_url=server.v1 + "/") as c:
         assert c.base_url == server.url
-        assert [m["id"] for m in c.models()] == ["kolors"]
+        assert [m["id"] for m in c.models()] == ["kolors", "kolors-img2img"]
 
 
 def test_module_level_run_uses_the_environment(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -326,8 +326,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from kolors_api.engine import build_tiny_model
+    from kolors_api.engine.tiny_ip_adapter import build_tiny_ip_adapter
 
     path = build_tiny_model(Path(args.path))
+    build_tiny_ip_adapter(path)  # `--ip-adapter tiny` with this model: image encoder and IP-Adapter-Plus weights
     print(path)
     return 0
 

@@ -15,7 +15,8 @@ def setting_help(text: str, name: str, default: str) -> str:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """`--dtype`, `--compile`, `--compile-shapes`, `--compile-batches`, `--compile-cache`, `--vae`, `--offload`,
+    """`--dtype`, `--compile`, `--compile-shapes`, `--compile-batches`, `--compile-cache`, `--vae`, `--ip-adapter`,
+    `--offload`,
     `--max-batch-images`, `--max-batch-megapixels`, `--batch-wait-ms` (settings of the same names)."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help=setting_help("weights' dtype", "dtype", "auto: float16 on CUDA, float32 on CPU"))
@@ -33,6 +34,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                                      "DATA_DIR/compile-cache"))
     p.add_argument("--vae", help=setting_help("another VAE, a diffusers folder or repo id; an fp16-safe one "
                                               "decodes in fp16", "vae", "the model's own"))
+    p.add_argument("--ip-adapter", dest="ip_adapter", metavar="REPO|PATH|tiny",
+                   help=setting_help("the Kolors IP-Adapter-Plus (ip_adapter_image, ip_adapter_scale): a repo id "
+                                     "such as Kwai-Kolors/Kolors-IP-Adapter-Plus, a folder of its layout, or tiny "
+                                     "(with --model tiny, built offline); give it to API replicas too",
+                                     "ip_adapter", "none"))
     p.add_argument("--offload", action="store_true", default=None,
                    help=setting_help("model CPU offload for cards of about 16 GB; slower", "offload", "off"))
     p.add_argument("--max-batch-images", dest="max_batch_images", type=int, metavar="N",

@@ -6,6 +6,8 @@ Examples::
     kolors-api generate "a red fox" -o fox.png --steps 30        # the format follows the suffix
     kolors-api generate "a red fox" -n 3 -o fox.webp             # -> fox-0.webp fox-1.webp fox-2.webp
     kolors-api generate "a red fox" --open                       # and open it in the image viewer
+    kolors-api generate "a watercolour" --image photo.jpg --strength 0.6    # image to image
+    kolors-api generate "a red fox" --ip-adapter-image ref.png    # a reference (server with --ip-adapter)
 
 The server is env `KOLORS_API_BASE_URL` (default http://127.0.0.1:8000) or `--base-url`; the key
 env `KOLORS_API_KEY` or `--api-key`. The request goes through v2 (submit, then follow the job's
@@ -35,6 +37,7 @@ from kolors_api.schema import GenerateParams
 log = logging.getLogger("kolors_api.cli")
 
 MODEL = "kolors"
+IMG2IMG = "kolors-img2img"
 #: The flags that are request parameters: (flags, argparse dest, type); the rest steer the command.
 PARAM_FLAGS: tuple[tuple[tuple[str, ...], str, type], ...] = (
     (("--negative-prompt",), "negative_prompt", str),
@@ -46,7 +49,18 @@ PARAM_FLAGS: tuple[tuple[tuple[str, ...], str, type], ...] = (
     (("--scheduler",), "scheduler", str),
     (("--quality",), "output_quality", int),
     (("-n", "--number-of-images"), "number_of_images", int),
+    (("--image",), "image", str),
+    (("--strength",), "strength", float),
+    (("--ip-adapter-image",), "ip_adapter_image", str),
+    (("--ip-adapter-scale",), "ip_adapter_scale", float),
 )
+#: What the picture flags say in --help (they are no `GenerateParams` defaults).
+PICTURE_HELP = {
+    "image": "PATH|URL: the picture to start from; runs kolors-img2img",
+    "strength": "with --image: how much is redrawn, 0 < S <= 1 (server default 0.75)",
+    "ip_adapter_image": "PATH|URL: a reference picture (a server started with --ip-adapter)",
+    "ip_adapter_scale": "with --ip-adapter-image: 0..1 (server default 0.5)",
+}
 PARAMS = (*(dest for _, dest, _ in PARAM_FLAGS), "output_format")
 SUFFIX_FORMATS = {".webp": "webp", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 POLL_INTERVAL_S = 0.25
@@ -59,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt (request parameter prompt)")
     parser.add_argument("-o", "--output", default=None, help="output file (default kolors-<seed>.<format>)")
     for flags, dest, kind in PARAM_FLAGS:
+        if dest in PICTURE_HELP:
+            parser.add_argument(*flags, dest=dest, type=kind, help=f"request parameter {dest}: {PICTURE_HELP[dest]}")
+            continue
         default = "random" if dest == "seed" else getattr(GenerateParams, dest) or "empty"
         parser.add_argument(*flags, dest=dest, type=kind, help=f"request parameter {dest} (server default {default})")
     parser.add_argument("--format", dest="output_format", choices=("webp", "jpg", "png"),
@@ -91,7 +108,8 @@ def generate(args: argparse.Namespace) -> int:
     job = None
     try:
         with client:
-            job = client.submit_async(MODEL, **params)
+            # a picture to start from makes it image to image; paths go as base64, URLs as they are
+            job = client.submit_async(IMG2IMG if "image" in params else MODEL, **params)
             with _progress(enabled=not args.no_progress) as on_status:
                 result = follow(job, on_status)
             urls = result.get("output") or []

@@ -11,14 +11,19 @@ from __future__ import annotations
 import math
 import secrets
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kolors_api.errors import BadRequest
 from kolors_api.jobs.base import WEBHOOK_EVENTS
 
 MODEL = "kolors"
-MODELS = (MODEL,)
+#: Image-to-image (diffusers `KolorsImg2ImgPipeline`, the same weights): every `kolors` parameter
+#: plus `image` and `strength` (DESIGN.md §2 "Images in").
+IMG2IMG = "kolors-img2img"
+MODELS = (MODEL, IMG2IMG)
+#: The fields that take a picture (base64, a data URI or an http(s) URL; `kolors_api.api.intake`).
+IMAGE_FIELDS = ("image", "ip_adapter_image")
 
 SCHEDULERS = (
     "EulerDiscreteScheduler",
@@ -39,7 +44,7 @@ class Param:
     """One request parameter: its JSON type, default and range, and how it reads in the schema."""
 
     name: str
-    kind: str  # "string" | "number" | "integer" | "enum"
+    kind: str  # "string" | "number" | "integer" | "enum" | "image"
     default: Any = None
     lo: float | None = None
     hi: float | None = None
@@ -70,6 +75,30 @@ PARAMS: tuple[Param, ...] = (
 BY_NAME = {p.name: p for p in PARAMS}
 FIELDS = tuple(BY_NAME)
 
+IMAGE_SCHEMA = {"type": "string", "contentMediaType": "image/*",
+                "description": "A picture: base64, a data URI (data:image/png;base64,…) or an http(s) URL the "
+                               "server fetches; PNG, JPEG or WebP, 64..4096 pixels a side, at most 10 MB."}
+#: What `kolors-img2img` takes beside `PARAMS`.
+IMG2IMG_PARAMS: tuple[Param, ...] = (
+    Param("image", "image", description="The picture to start from; resized to cover width×height and "
+          "centre-cropped (width/height omitted: the input's aspect ratio at about its pixel count)."),
+    Param("strength", "number", 0.75, 0, 1, schema={"exclusiveMinimum": 0, "minimum": None},
+          description="How much of the picture is redrawn; the steps run are int(steps × strength), at least 1."),
+)
+#: The IP-Adapter's fields, on every model, when the server runs one (`--ip-adapter`).
+IP_ADAPTER_PARAMS: tuple[Param, ...] = (
+    Param("ip_adapter_image", "image", description="A reference picture (IP-Adapter); needs a server "
+          "started with --ip-adapter."),
+    Param("ip_adapter_scale", "number", 0.5, 0, 1,
+          description="How strongly the reference steers; 0 gives exactly the output without it."),
+)
+NO_IP_ADAPTER = "ip_adapter_image: this server has no IP-Adapter (start it with --ip-adapter)"
+
+
+def params_of(model: str) -> tuple[Param, ...]:
+    """The parameter table of a model slug (`kolors` or `kolors-img2img`), the IP-Adapter's included."""
+    return PARAMS + (IMG2IMG_PARAMS if model == IMG2IMG else ()) + IP_ADAPTER_PARAMS
+
 
 def _default(name: str) -> Any:
     return field(default=BY_NAME[name].default)
@@ -90,6 +119,20 @@ class GenerateParams:
     scheduler: str = _default("scheduler")
     output_format: str = _default("output_format")
     output_quality: int = _default("output_quality")
+    #: `kolors-img2img`: the sha256 of the input picture and how much of it is redrawn (None: text to image).
+    image: str | None = None
+    strength: float | None = None
+    #: The IP-Adapter's reference (sha256) and scale; None without a reference.
+    ip_adapter_image: str | None = None
+    ip_adapter_scale: float | None = None
+    #: The bytes of the input pictures by sha256, as the worker read them from the blob store (never
+    #: serialised: records and answers carry the sha256 only).
+    inputs: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps a request runs: steps, or int(steps × strength) for image to image."""
+        return self.steps if self.strength is None else int(self.steps * self.strength)
 
     @property
     def content_type(self) -> str:
@@ -101,7 +144,12 @@ class GenerateParams:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.number_of_images)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record's form: no input bytes, and the image fields only where they are used."""
+        out = {k: v for k, v in asdict(self).items() if k != "inputs"}
+        for name in ("image", "strength", "ip_adapter_image", "ip_adapter_scale"):
+            if out[name] is None:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerateParams:
@@ -109,8 +157,9 @@ class GenerateParams:
 
 
 def price(params: GenerateParams, unit_price: float = 1.0) -> float:
-    """Credits: number_of_images × steps/25 × (w·h)/1024² × unit (the seed request costs 1.0)."""
-    units = params.number_of_images * (params.steps / 25) * (params.width * params.height / 1024**2)
+    """Credits: number_of_images × steps run/25 × (w·h)/1024² × unit (the seed request costs 1.0; steps
+    run = int(steps × strength) for image to image)."""
+    units = params.number_of_images * (params.steps_run / 25) * (params.width * params.height / 1024**2)
     return round(units * unit_price, 6)
 
 
@@ -235,18 +284,53 @@ def check(p: Param, value: Any) -> Any:
     return float(value) + 0.0 if p.kind == "number" else value
 
 
-def validate(body: Any) -> GenerateParams:
-    """Check a request body against `PARAMS` and return the params, or raise `BadRequest` naming the field."""
+def validate(body: Any, model: str = MODEL, *, ip_adapter: bool = True) -> GenerateParams:
+    """Check a request body against the model's table and return the params, or raise `BadRequest`
+    naming the field. Image fields keep their raw value here (`validate_request` for the API's intake)."""
+    checked = validate_request(body, model, ip_adapter=ip_adapter)
+    return replace(checked.params, image=checked.images.get("image"),
+                   ip_adapter_image=checked.images.get("ip_adapter_image"))
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A body checked against its model's table (`validate_request`), before the pictures are taken."""
+
+    params: GenerateParams
+    #: Image field -> its raw value (base64, a data URI or an http(s) URL), for the intake.
+    images: dict[str, str]
+    #: The parameter names the body set (width/height omitted: `with_inputs` sizes the output).
+    given: frozenset[str]
+
+
+def validate_request(body: Any, model: str = MODEL, *, ip_adapter: bool = True) -> Checked:
+    """Check a request body of `model` (`kolors` or `kolors-img2img`); raise `BadRequest` naming the field.
+
+    `ip_adapter`: whether the server runs one (else `ip_adapter_image` is the 400 `NO_IP_ADAPTER`)."""
     if not isinstance(body, dict):
         raise BadRequest(f"body: must be a JSON object, got {kind_of(body)}")
-    unknown = set(body) - set(FIELDS)
+    table = params_of(model)
+    unknown = set(body) - {p.name for p in table}
     if unknown:
         raise unknown_fields(list(unknown))
     if "prompt" not in body:
         raise BadRequest("prompt: is required")
+    if model == IMG2IMG and body.get("image") is None:
+        raise BadRequest("image: is required (base64, a data URI or an http(s) URL)")
+    if body.get("ip_adapter_image") is not None and not ip_adapter:
+        raise BadRequest(NO_IP_ADAPTER)
     values: dict[str, Any] = {}
-    for p in PARAMS:
+    images: dict[str, str] = {}
+    for p in table:
         value = body.get(p.name, p.default)
+        if p.kind == "image":
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise BadRequest(f"{p.name}: must be a string (base64, a data URI or an http(s) URL), "
+                                 f"got {kind_of(value)}")
+            images[p.name] = value
+            continue
         if p.name == "prompt":
             value = check(Param("prompt", "string"), value).strip()
             if is_blank(value):
@@ -254,7 +338,32 @@ def validate(body: Any) -> GenerateParams:
         elif p.name == "seed" and (value is None or (type(value) is int and value == -1)):
             value = secrets.randbelow(MAX_SEED + 1)
         values[p.name] = check(p, value)
-    return GenerateParams(**values)
+    if "strength" in values:
+        strength = values["strength"]
+        if strength <= 0:
+            raise BadRequest(f"strength: must be more than 0 and at most 1, got {short(body.get('strength'))}")
+        if int(values["steps"] * strength) < 1:
+            raise BadRequest(f"strength: steps × strength must be at least 1 (steps {values['steps']} × strength "
+                             f"{strength:g} runs no step); raise strength or steps")
+    if "ip_adapter_image" not in images:
+        values.pop("ip_adapter_scale", None)  # no reference: nothing to scale (and no batch split by it)
+    return Checked(GenerateParams(**values), images, frozenset(body))
+
+
+def with_inputs(checked: Checked, taken: dict[str, tuple[str, int, int]]) -> GenerateParams:
+    """The params once the pictures are taken: `taken` maps each image field to (sha256, width,
+    height) of its picture. The output of image to image without width/height keeps the input's
+    aspect ratio (`kolors_api.images.auto_size`)."""
+    sha = {name: value[0] for name, value in taken.items()}
+    params = replace(checked.params, image=sha.get("image"), ip_adapter_image=sha.get("ip_adapter_image"))
+    if "image" in taken and not {"width", "height"} <= checked.given:
+        from kolors_api.images import auto_size  # Pillow: only where a picture came
+
+        _, width, height = taken["image"]
+        w, h = auto_size(width, height, params.width if "width" in checked.given else None,
+                         params.height if "height" in checked.given else None)
+        params = replace(params, width=w, height=h)
+    return params
 
 
 #: The fields of a submit body beside the model's parameters (the JSON Schema of each).
@@ -287,10 +396,16 @@ def split_webhook(body: Any) -> tuple[Any, str | None, tuple[str, ...]]:
     return rest, url, tuple(dict.fromkeys(events))
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of a `kolors` request body (served by `GET /v1/models`)."""
+def json_schema(model: str = MODEL, *, ip_adapter: bool = True) -> dict[str, Any]:
+    """The JSON Schema of a request body of `model` (served by `GET /v1/models`); the IP-Adapter's
+    fields only when the server runs one."""
     properties: dict[str, Any] = {}
-    for p in PARAMS:
+    for p in params_of(model):
+        if p in IP_ADAPTER_PARAMS and not ip_adapter:
+            continue
+        if p.kind == "image":
+            properties[p.name] = {**IMAGE_SCHEMA, "description": f"{p.description} {IMAGE_SCHEMA['description']}"}
+            continue
         prop: dict[str, Any] = {"type": "string" if p.kind == "enum" else p.kind}
         if p.choices:
             prop["enum"] = list(p.choices)
@@ -306,6 +421,7 @@ def json_schema() -> dict[str, Any]:
             prop["default"] = p.default
         if p.description:
             prop["description"] = p.description
-        properties[p.name] = {**prop, **p.schema}
+        properties[p.name] = {k: v for k, v in {**prop, **p.schema}.items() if v is not None}
     properties |= WEBHOOK_FIELDS
-    return {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": properties}
+    required = ["prompt", "image"] if model == IMG2IMG else ["prompt"]
+    return {"type": "object", "additionalProperties": False, "required": required, "properties": properties}

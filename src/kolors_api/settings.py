@@ -126,6 +126,16 @@ class Settings(BaseSettings):
     #: Webhook hosts reached although the SSRF guard refuses their addresses (comma-separated host names,
     #: addresses or networks, e.g. `hooks.internal,10.0.5.0/24`): an operator's own receivers.
     webhook_allow_hosts: str = ""
+    #: Hosts that image URLs may be fetched from although the SSRF guard refuses their addresses
+    #: (comma-separated host names, addresses or networks, as `webhook_allow_hosts`).
+    fetch_allow_hosts: str = ""
+    #: The largest input picture taken (base64, data URI or URL), in bytes.
+    max_image_bytes: int = Field(10 * 2**20, gt=0)
+    #: How long fetching an image URL may take, redirects included, in seconds.
+    fetch_timeout_seconds: float = Field(15.0, gt=0, le=300)
+    #: The Kolors IP-Adapter-Plus (`--ip-adapter`): a Hugging Face repo id or a folder of the layout of
+    #: Kwai-Kolors/Kolors-IP-Adapter-Plus, or `tiny` (with `--model tiny`, built offline); unset: none.
+    ip_adapter: str | None = None
     #: Seconds between the tries of a webhook delivery (comma-separated; one try more than delays).
     webhook_retry_delays: str = "30,120,480,1200,1800"
     #: Webhook tries in flight at once in one API process (its delivery runner's connections).

@@ -33,6 +33,8 @@ from kolors_api.api.events import router as events_router
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import InFlight, RateLimits
+from kolors_api.api.openai_edits import EDITS_PATH
+from kolors_api.api.openai_edits import router as edits_router
 from kolors_api.api.openai_images import OPENAI_PARAMS, OPENAI_PATH
 from kolors_api.api.openai_images import router as openai_router
 from kolors_api.api.playground import add_playground, playground_url
@@ -64,7 +66,7 @@ def error_json(request: Request, status: int, message: str, *, extra: dict[str, 
     """An error answer: `{"error": message, **extra}` (Segmind's shape), or OpenAI's error object on
     the OpenAI route (its SDK shows `message`), `param` naming the request field that is wrong."""
     body: dict[str, Any]
-    if request.url.path == OPENAI_PATH:
+    if request.url.path in (OPENAI_PATH, EDITS_PATH):
         field, sep, _ = message.partition(": ")
         param = OPENAI_PARAMS.get(field, field) if sep and field.replace("_", "").isalnum() and status == 400 \
             else None
@@ -194,7 +196,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     settings = settings or Settings()
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
-    svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts))
+    svc = Service(settings=settings, store=store, webhook_policy=Policy(settings.webhook_allow_hosts),
+                  fetch_policy=Policy(settings.fetch_allow_hosts))
     limits = RateLimits(settings)
     svc.admission.append(limits)
     svc.inflight = InFlight(limits.storage)
@@ -278,7 +281,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
 
     app.add_middleware(Observe, svc=svc, hosts=hosts)
 
-    for router in (system_router, admin_router, openai_router, generation_router, events_router):
+    for router in (system_router, admin_router, openai_router, edits_router, generation_router, events_router):
         app.include_router(router)
     if settings.cors_origins:
         # Off by default; keys travel in headers, never cookies, so no credentials.

@@ -25,6 +25,7 @@ from fastapi import Depends
 from starlette.requests import ClientDisconnect, Request
 
 from kolors_api.api.auth import authenticate
+from kolors_api.api.intake import Intake, Picture
 from kolors_api.api.limits import InFlight
 from kolors_api.api.metrics import Metrics
 from kolors_api.api.signing import Signer
@@ -54,7 +55,18 @@ from kolors_api.jobs import (
 )
 from kolors_api.jobs.base import micro
 from kolors_api.jobs.outage import Outage, is_outage
-from kolors_api.schema import MODELS, GenerateParams, check_text, clip, decimal, price, split_webhook, validate
+from kolors_api.schema import (
+    IMG2IMG,
+    MODELS,
+    GenerateParams,
+    check_text,
+    clip,
+    decimal,
+    price,
+    split_webhook,
+    validate_request,
+    with_inputs,
+)
 from kolors_api.settings import Settings
 
 log = logging.getLogger("kolors_api.api")
@@ -103,6 +115,26 @@ class Service:
     webhook_task: asyncio.Task[None] | None = None
     #: One submit at a time per Idempotency-Key (set by `create_app`; None: no such guard).
     inflight: InFlight | None = None
+    #: Image URLs' allow-list (the webhooks' guard, `fetch_allow_hosts`) and the intake, made on first
+    #: use (with `resolve` as it is then: tests put a stub resolver there first).
+    fetch_policy: Policy = field(default_factory=Policy)
+    _intake: Intake | None = None
+
+    @property
+    def intake(self) -> Intake:
+        if self._intake is None:
+            self._intake = Intake(self.fetch_policy, self.resolve, max_bytes=self.settings.max_image_bytes,
+                                  timeout=self.settings.fetch_timeout_seconds)
+        return self._intake
+
+    def takes_images(self, model: str | None) -> bool:
+        """Whether requests of `model` may carry pictures (a larger body is taken then)."""
+        return model == IMG2IMG or (model in MODELS and bool(self.settings.ip_adapter))
+
+    def body_limit(self, model: str | None) -> int:
+        """The largest JSON body of a route: `max_body_bytes`, plus two base64 pictures where taken."""
+        extra = 2 * (self.settings.max_image_bytes * 4 // 3 + 4) if self.takes_images(model) else 0
+        return self.settings.max_body_bytes + extra
 
     def begin_shutdown(self) -> None:
         """A signal asked the server to stop: the grace starts now and the engines stop claiming."""
@@ -157,23 +189,42 @@ class Service:
         # no new request, and its answer must not change (the store decides, atomically, below)
         repeat = idempotency_key is not None and await self._seen(key.id, idempotency_key, digest)
         body, webhook, events = split_webhook(body)
-        params = validate(body)
+        checked = validate_request(body, model, ip_adapter=bool(self.settings.ip_adapter))
         if webhook is not None:
             try:
                 await check_webhook_url(webhook, self.webhook_policy, self.resolve)
             except Blocked as exc:
                 raise BadRequest(f"webhook: {exc}") from None
+        pictures: dict[str, Picture] = {}
+        for name, value in checked.images.items():
+            pictures[name] = await self.intake.take(name, value)
+        params = with_inputs(checked, {name: (p.sha256, p.width, p.height) for name, p in pictures.items()})
         cost = price(params, self.settings.unit_price)
         if not repeat:
             await self._admit(request, key, params, cost, sync=sync)
         new = NewJob(model=model, params=params.to_dict(), cost=cost, key_id=key.id, idempotency_key=idempotency_key,
                      request_hash=digest, webhook=webhook, webhook_events=events)
-        try:
-            job = await self.store.submit(new, queue_cap=self.settings.queue_cap)
-        except StoreError as exc:
-            raise from_store(exc) from None
+        job = await self._store_job(new, {p.sha256: p.data for p in pictures.values()})
         if job.id != new.id:
             request.state.extra_headers = {**getattr(request.state, "extra_headers", {}), "Idempotent-Replayed": "true"}
+        return job
+
+    async def _store_job(self, new: NewJob, inputs: dict[str, bytes]) -> Job:
+        """Submit `new` with its input pictures stored first (a worker may claim it at once); they go
+        again when the store refuses the job or answers with another (an Idempotency-Key's first)."""
+        if inputs:
+            await self.store.write_inputs(new.id, inputs)
+        try:
+            job = await self.store.submit(new, queue_cap=self.settings.queue_cap)
+        except BaseException as exc:
+            if inputs:
+                with contextlib.suppress(Exception):
+                    await self.store.remove_inputs(new.id)
+            if isinstance(exc, StoreError):
+                raise from_store(exc) from None
+            raise
+        if inputs and job.id != new.id:
+            await self.store.remove_inputs(new.id)
         return job
 
     async def _admit(self, request: Request, key: ApiKey, params: GenerateParams, cost: float, *, sync: bool) -> None:
@@ -350,8 +401,8 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 async def json_body(request: Request, svc: ServiceDep) -> Any:
-    """The request's JSON body (at most `max_body_bytes`), as a dependency."""
-    return await read_json(request, svc.settings.max_body_bytes)
+    """The request's JSON body (at most `max_body_bytes`; more where pictures are taken), as a dependency."""
+    return await read_json(request, svc.body_limit(request.path_params.get("model")))
 
 
 JsonBody = Annotated[Any, Depends(json_body)]

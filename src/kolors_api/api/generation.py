@@ -33,12 +33,18 @@ KOLORS_BODY = submit_request(json_schema())
 IMAGE = {"content": {ct: {"schema": {"type": "string", "format": "binary"}} for ct in CONTENT_TYPES.values()}}
 
 
+def steps_run(params: dict[str, Any]) -> int:
+    """The steps a job's record says it runs: steps, or int(steps × strength) for image to image."""
+    steps = int(params.get("steps", 0))
+    return steps if params.get("strength") is None else max(1, int(steps * float(params["strength"])))
+
+
 def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
     if job.state == JobState.QUEUED and position is not None:
         body["queue_position"] = position
     if job.state == JobState.PROCESSING:
-        body["progress"] = {"step": job.step, "total_steps": job.total_steps or job.params.get("steps", 0)}
+        body["progress"] = {"step": job.step, "total_steps": job.total_steps or steps_run(job.params)}
     if job.state == JobState.FAILED:
         body["error"] = job.error or "failed"
     return body

@@ -371,6 +371,8 @@ class ModelInfo(BaseModel):
     owned_by: str
     weights: str
     parameters: dict[str, Any] = Field(description="the JSON Schema of the request body")
+    images: dict[str, bool] = Field(description="which picture fields the model takes on this server "
+                                                "(`image`, `ip_adapter_image`)")
     pricing: Pricing
 
 

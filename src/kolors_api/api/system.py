@@ -10,20 +10,27 @@ from starlette.responses import JSONResponse, Response
 from kolors_api.api.deps import ServiceDep
 from kolors_api.api.models import Health, ModelList, Ready, errors
 from kolors_api.errors import Unavailable
-from kolors_api.schema import MODEL, GenerateParams, json_schema, price
+from kolors_api.schema import IMG2IMG, MODELS, GenerateParams, json_schema, price
 
 router = APIRouter()
 
 
 @router.get("/v1/models", summary="List models with their parameter JSON Schema", response_model=ModelList)
 async def list_models(svc: ServiceDep) -> Response:
+    ip_adapter = bool(svc.settings.ip_adapter)
     seed_price = price(GenerateParams(prompt="x"), svc.settings.unit_price)
-    return JSONResponse({"object": "list", "data": [{
-        "id": MODEL, "object": "model", "owned_by": "Kwai-Kolors",
-        "weights": svc.settings.model, "parameters": json_schema(),
-        "pricing": {"formula": "number_of_images * steps/25 * width*height/1024^2 * unit_price",
-                    "unit_price": svc.settings.unit_price, "default_request": seed_price},
-    }]})
+    img2img_price = price(GenerateParams(prompt="x", strength=0.75), svc.settings.unit_price)
+    formula = "number_of_images * steps/25 * width*height/1024^2 * unit_price"
+    data = [{
+        "id": model, "object": "model", "owned_by": "Kwai-Kolors",
+        "weights": svc.settings.model, "parameters": json_schema(model, ip_adapter=ip_adapter),
+        # which picture fields the model takes on this server (DESIGN.md §2 "Images in")
+        "images": {"image": model == IMG2IMG, "ip_adapter_image": ip_adapter},
+        "pricing": {"formula": formula.replace("steps", "int(steps*strength)") if model == IMG2IMG else formula,
+                    "unit_price": svc.settings.unit_price,
+                    "default_request": img2img_price if model == IMG2IMG else seed_price},
+    } for model in MODELS]
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/healthz", summary="Liveness", response_model=Health)

@@ -39,6 +39,7 @@ from kolors_api.client._client import (
 )
 from kolors_api.client._events import Event, Follow
 from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout
+from kolors_api.client._images import with_images
 
 __all__ = ["AsyncClient", "AsyncioJob"]
 
@@ -145,7 +146,7 @@ class AsyncClient:
 
     async def run_sync(self, model: str, /, **params: Any) -> httpx.Response:
         """`POST /v1/{model}`: one call that returns when the image is made."""
-        response = await self._http.post(model_path("v1", model), json=params)
+        response = await self._http.post(model_path("v1", model), json=with_images(params))
         if response.status_code == 422:
             raise_failed(response)
         raise_for_status(response)
@@ -153,7 +154,7 @@ class AsyncClient:
 
     async def submit_async(self, model: str, /, **params: Any) -> AsyncioJob:
         """`POST /v2/{model}`: queue the request and return its handle at once."""
-        response = await self._http.post(model_path("v2", model), json=params)
+        response = await self._http.post(model_path("v2", model), json=with_images(params))
         body = json_body(response)
         request_id, status_url, response_url = job_links(response, body)
         self._auth.trust(status_url, response_url)

@@ -30,6 +30,7 @@ import httpx
 
 from kolors_api.client._events import Event, Follow
 from kolors_api.client._exceptions import APIError, InferenceFailed, InferenceTimeout, KolorsAPIError
+from kolors_api.client._images import with_images
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -174,13 +175,16 @@ class Client:
         """Submit through v2 and wait (600 s at most): the result body of a COMPLETED job.
 
         Every keyword goes to the model; for another deadline use `submit_async(...).wait(timeout=...)`.
+        Picture fields (`image`, `ip_adapter_image`) take a path, bytes, a PIL image, a URL or base64::
+
+            client.run("kolors-img2img", prompt="a watercolour", image="photo.jpg", strength=0.6)
         """
         return self.submit_async(model, **params).wait()
 
     def run_sync(self, model: str, /, **params: Any) -> httpx.Response:
         """`POST /v1/{model}`: one blocking call. `.content` is the image when one is asked for
         (headers `X-Seed`, `X-Request-Id`); `.json()` has `images` (base64) and `seeds` when more."""
-        response = self._http.post(model_path("v1", model), json=params)
+        response = self._http.post(model_path("v1", model), json=with_images(params))
         if response.status_code == 422:
             raise_failed(response)
         raise_for_status(response)
@@ -188,7 +192,7 @@ class Client:
 
     def submit_async(self, model: str, /, **params: Any) -> AsyncJob:
         """`POST /v2/{model}`: queue the request and return its handle at once."""
-        response = self._http.post(model_path("v2", model), json=params)
+        response = self._http.post(model_path("v2", model), json=with_images(params))
         body = json_body(response)
         request_id, status_url, response_url = job_links(response, body)
         self._auth.trust(status_url, response_url)

@@ -7,10 +7,11 @@ prompt-embedding cache (`prompt_cache`, locked).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from kolors_api.engine._util import import_untyped, quiet_progress_bars, resolve_dtype
 from kolors_api.engine.encode import encode_image
+from kolors_api.engine.img2img import img2img_pipeline, start_latents
 from kolors_api.engine.previews import preview_webp
 from kolors_api.engine.prompt_cache import PromptCache
 from kolors_api.jobs.batching import BatchLimits, shape
@@ -81,6 +83,8 @@ class EngineOptions:
     #: The worker's images per call (`max_batch_images`; 0: `Engine.batch_limits`): the padded
     #: sizes compiled at start go up to it.
     batch_images: int = 0
+    #: The Kolors IP-Adapter-Plus: a repo id, a folder of its layout, or `tiny` (`engine.ip_adapter`).
+    ip_adapter: str | None = None
 
 
 @dataclass
@@ -199,6 +203,33 @@ class Engine:
         self.dtype_name = str(pipe.unet.dtype).removeprefix("torch.")
         self.prompts = PromptCache(options.prompt_cache_mb * 2**20)
         self.pipe = self._place(pipe)
+        self.ip_adapter: Any = None
+        if options.ip_adapter:
+            from kolors_api.engine import ip_adapter
+
+            self.ip_adapter = ip_adapter.load(self.pipe, options.ip_adapter, self.path)
+            log.info("IP-Adapter %s loaded", options.ip_adapter)
+
+    @contextlib.contextmanager
+    def _reference(self, pipe: Pipeline, jobs: list[GenerateParams]) -> Iterator[dict[str, Any]]:
+        """The pipeline arguments of the IP-Adapter for a call's rows (none without a reference or at
+        scale 0: then the UNet runs plain, exactly as without an IP-Adapter), its modules in place."""
+        first = jobs[0]
+        scale = first.ip_adapter_scale if first.ip_adapter_image is not None else None
+        if self.ip_adapter is None:
+            if scale:
+                raise ValueError("this engine has no IP-Adapter (start the worker with --ip-adapter)")
+            yield {}
+            return
+        from kolors_api.engine.ip_adapter import image_embeds
+
+        with self.ip_adapter.lock:
+            self.ip_adapter.use(pipe.unet, bool(scale))
+            if not scale:
+                yield {}
+                return
+            pipe.set_ip_adapter_scale(scale)
+            yield {"ip_adapter_image_embeds": image_embeds(pipe, jobs, first.cfg > 1)}
 
     def _place(self, pipe: Pipeline) -> Pipeline:
         """Put the loaded pipeline on the device, tuned for it."""
@@ -333,7 +364,8 @@ class Engine:
         start = time.perf_counter()
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        pipe = self._call_pipeline(self.make_scheduler(first.scheduler))
+        scheduler = self.make_scheduler(first.scheduler)
+        pipe = self._call_pipeline(scheduler) if first.image is None else img2img_pipeline(self.pipe, scheduler)
         rows = sum(params.number_of_images for params, _ in jobs)
         pad = padded_rows(rows) - rows if self.pad_batches else 0
         # Padding rows: the first job's prompt (a cache hit) with generators of their own; dropped.
@@ -358,9 +390,14 @@ class Engine:
             return {}
 
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), contextlib.ExitStack() as stack:
+                pictures: dict[str, Any] = stack.enter_context(self._reference(pipe, [params for params, _ in run]))
+                if first.image is not None:  # image to image: the rows' start latents (engine.img2img)
+                    pictures |= {"image": start_latents(pipe, [params for params, _ in run], generators,
+                                                        pipe.unet.dtype), "strength": first.strength}
                 latents = pipe(
                     **self._embeddings(pipe, [params for params, _ in run]),
+                    **pictures,
                     guidance_scale=first.cfg,
                     num_inference_steps=first.steps,
                     width=first.width,

@@ -369,6 +369,19 @@ class JobStore(Protocol):
         """The job, or None when unknown or expired."""
         ...
 
+    async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
+        """Keep a job's input pictures (name: their sha256) where every worker reads them (the blob
+        store, or the store itself), before its `submit`; they go when the job expires."""
+        ...
+
+    async def read_input(self, job_id: str, name: str) -> bytes | None:
+        """An input picture of a job; None when there is none."""
+        ...
+
+    async def remove_inputs(self, job_id: str) -> None:
+        """Drop a job's input pictures: its `submit` was refused (or answered with another job)."""
+        ...
+
     async def queue_position(self, job_id: str) -> int | None:
         """How many queued jobs the fair order serves before this one if no other job arrives (0: it
         is next); None when not queued. Jobs of a key that becomes active later may still go first."""

@@ -1,6 +1,9 @@
 """Which queued jobs may share one pipeline call with a claimed one, written once for every store.
 
-Jobs share a call when they have the same `SHAPE_FIELDS` (width, height, steps, scheduler, cfg):
+Jobs share a call when they have the same `SHAPE_FIELDS` (width, height, steps, scheduler, cfg, and for
+pictures in the strength of image to image and the IP-Adapter's scale, None where a job has none: a
+text-to-image job never shares a call with an image-to-image one, nor a job with a reference with one
+without, nor two references of different scales):
 prompts, negative prompts, seeds, number_of_images and output formats may differ. A batch is
 bounded by `BatchLimits`: images per call (each job's number_of_images counts) and images × pixels
 per call. The claimed job (the head of the queue) is always taken, even alone over the pixel
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The parameters jobs must share to run in one pipeline call.
-SHAPE_FIELDS = ("width", "height", "steps", "scheduler", "cfg")
+SHAPE_FIELDS = ("width", "height", "steps", "scheduler", "cfg", "strength", "ip_adapter_scale")
 
 
 @dataclass(frozen=True)

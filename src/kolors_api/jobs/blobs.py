@@ -15,6 +15,7 @@ Files:
 
     <root>/<job id>/<i>.<ext>           the outputs of the job, once its completion committed
     <root>/<job id>/.<token>/<i>.<ext>  one delivery's outputs, written before its commit
+    <root>/<job id>/inputs/<sha256>     the job's input pictures (`write_input`, at submit)
 
 A worker writes its images under its lease token (`write_pending`), then makes the lease-checked
 commit in the store; when that succeeds it moves them into place (`commit`), when the lease was
@@ -64,8 +65,14 @@ class Blobs(Protocol):
     def read(self, job_id: str, token: str | None, index: int, ext: str) -> bytes | None: ...
 
     def remove(self, job_id: str) -> None:
-        """Remove every image of a job (at expiry), leftovers of other deliveries included."""
+        """Remove every image of a job (at expiry), leftovers of other deliveries and inputs included."""
         ...
+
+    def write_input(self, job_id: str, name: str, data: bytes) -> None:
+        """Keep an input picture of a job (`name`: its sha256) until the job goes (`remove`)."""
+        ...
+
+    def read_input(self, job_id: str, name: str) -> bytes | None: ...
 
     def presign(self, job_id: str, token: str | None, index: int, ext: str, seconds: int) -> str | None:
         """A URL a client can GET for `seconds`, or None where there is none (files)."""
@@ -145,6 +152,18 @@ class BlobDir:
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def write_input(self, job_id: str, name: str, data: bytes) -> None:
+        folder = self.root / job_id / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        part = folder / f".{name}.{uuid.uuid4().hex}"
+        part.write_bytes(data)
+        os.replace(part, folder / name)  # a reader never sees half a file
+
+    def read_input(self, job_id: str, name: str) -> bytes | None:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.root / job_id / "inputs" / name).read_bytes()
+        return None
 
     def names(self, job_id: str) -> list[str]:
         """The files of a job, relative to `<root>/<job id>/` (tests, tools)."""

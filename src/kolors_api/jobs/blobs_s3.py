@@ -8,6 +8,7 @@ a profile or an instance role.
 Layout, one object per image::
 
     <prefix>/<job id>/<lease token>/<i>.<ext>
+    <prefix>/<job id>/inputs/<sha256>        an input picture (written by the API at submit)
 
 A worker uploads a delivery's images under its lease token before the store's lease-fenced
 commit, which records that token with the job; readers (the API, presigned URLs) only ever use
@@ -173,6 +174,22 @@ class S3Blobs:
 
     def remove(self, job_id: str) -> None:
         self._delete_under(self._key(job_id) + "/")
+
+    def write_input(self, job_id: str, name: str, data: bytes) -> None:
+        with self._calls():
+            self.client.put_object(Bucket=self.bucket, Key=self._key(job_id, "inputs", name), Body=data,
+                                   ContentType="application/octet-stream")
+
+    def read_input(self, job_id: str, name: str) -> bytes | None:
+        with self._calls():
+            try:
+                got = self.client.get_object(Bucket=self.bucket, Key=self._key(job_id, "inputs", name))
+            except ClientError as exc:
+                if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404 and _code(exc) != "NoSuchBucket":
+                    return None
+                raise
+            data: bytes = got["Body"].read()
+            return data
 
     def presign(self, job_id: str, token: str | None, index: int, ext: str, seconds: int) -> str | None:
         if token is None:

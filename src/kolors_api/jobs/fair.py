@@ -39,10 +39,13 @@ REFERENCE = 1024 * 1024 * 25
 
 
 def work(params: Mapping[str, Any]) -> float:
-    """Images × pixels × steps of a job, in reference requests (> 0)."""
+    """Images × pixels × steps run of a job, in reference requests (> 0; image to image runs
+    int(steps × strength) steps)."""
     n = int(params.get("number_of_images", 1) or 1)
     w, h = int(params.get("width", 1024) or 1024), int(params.get("height", 1024) or 1024)
     steps = int(params.get("steps", 25) or 25)
+    if params.get("strength") is not None:
+        steps = max(1, int(steps * float(params["strength"])))
     return max(n * w * h * steps, 1) / REFERENCE
 
 

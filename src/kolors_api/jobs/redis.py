@@ -32,7 +32,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,25 @@ class RedisStore(RedisHooks):
     async def get(self, job_id: str) -> Job | None:
         raw = await (await self._conn()).hgetall(self.keys.job(job_id))
         return _live(_hash_of(raw))
+
+    async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
+        if self.blobs is not None:
+            for name, data in inputs.items():
+                await asyncio.to_thread(self.blobs.write_input, job_id, name, data)
+        elif inputs:
+            mapping: dict[str | bytes, bytes] = {name: data for name, data in inputs.items()}  # noqa: C416
+            await (await self._conn()).hset(self.keys.input(job_id), mapping=mapping)  # type: ignore[arg-type]
+
+    async def read_input(self, job_id: str, name: str) -> bytes | None:
+        if self.blobs is not None:
+            return await asyncio.to_thread(self.blobs.read_input, job_id, name)
+        data = await (await self._conn()).hget(self.keys.input(job_id), name)
+        return data if isinstance(data, bytes) else None
+
+    async def remove_inputs(self, job_id: str) -> None:
+        if self.blobs is not None:
+            await asyncio.to_thread(self.blobs.remove, job_id)
+        await (await self._conn()).delete(self.keys.input(job_id))
 
     async def queue_position(self, job_id: str) -> int | None:
         position = int(await self._call(names.SCRIPT_POSITION, job_id))
@@ -388,6 +407,8 @@ class RedisStore(RedisHooks):
         while True:
             gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
+            if gone:  # input pictures kept in Redis (none with a blob store)
+                await (await self._conn()).delete(*(self.keys.input(job_id) for job_id in gone))
             if self.blobs is not None:
                 await asyncio.to_thread(remove_expired, self.blobs, gone, self.retention)
             if len(gone) < batch:

@@ -22,6 +22,7 @@ they discover at run time (a job id bound to a ticket, the key id read from a jo
 | ``secret`` | string | the shared secret that signs output URLs |
 | ``job:{id}`` | hash | the job record; TTL = retention once finished |
 | ``out:{id}:{i}`` | string | output image i (when no blob dir); same TTL |
+| ``in:{id}`` | hash sha256 → bytes | the job's input pictures (when no blob store); deleted by `expire()` |
 | ``running:{key id}`` | counter | that key's QUEUED + PROCESSING jobs |
 | ``history:{key id}`` | zset id → seq | that key's jobs |
 | ``ledger:{key id}`` | list of JSON | that key's credit movements |
@@ -72,6 +73,7 @@ WEBHOOK_SECRETS = "webhook-secrets"  # noqa: S105 - a key name, not a secret
 # -- per-id names (prefix + stem + id)
 JOB = "job:"
 OUTPUT = "out:"
+INPUT = "in:"
 RUNNING = "running:"
 HISTORY = "history:"
 LEDGER = "ledger:"
@@ -164,6 +166,9 @@ class Keys:
 
     def output(self, job_id: str, index: int) -> str:
         return f"{self.prefix}{OUTPUT}{job_id}:{index}"
+
+    def input(self, job_id: str) -> str:
+        return f"{self.prefix}{INPUT}{job_id}"
 
     def running(self, key_id: str) -> str:
         return self.prefix + RUNNING + key_id

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -284,6 +284,16 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
 
     async def get(self, job_id: str) -> Job | None:
         return await self._run(self._get, job_id)
+
+    async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
+        for name, data in inputs.items():
+            await asyncio.to_thread(self.blobs.write_input, job_id, name, data)
+
+    async def read_input(self, job_id: str, name: str) -> bytes | None:
+        return await asyncio.to_thread(self.blobs.read_input, job_id, name)
+
+    async def remove_inputs(self, job_id: str) -> None:
+        await asyncio.to_thread(self.blobs.remove, job_id)
 
     async def queue_position(self, job_id: str) -> int | None:
         def q() -> int | None:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 from kolors_api.jobs import JobStore, Lease, ProgressAck, ProgressReport
 from kolors_api.jobs.outage import is_outage
@@ -151,6 +152,20 @@ class JobRun:
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
         self.call: tuple[float, float] | None = None  # the engine call's start and end (wall clock)
+
+    async def load_inputs(self) -> str | None:
+        """Read the job's input pictures from the store into its params (`GenerateParams.inputs`);
+        what is missing, or None."""
+        names = [name for name in (self.params.image, self.params.ip_adapter_image) if name is not None]
+        inputs: dict[str, bytes] = {}
+        for name in names:
+            data = await self.store.read_input(self.job.id, name)
+            if data is None:
+                return f"input picture {name[:12]}… is missing from the store"
+            inputs[name] = data
+        if inputs:
+            self.params = replace(self.params, inputs=inputs)
+        return None
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():

@@ -100,7 +100,7 @@ def kolors(settings: Settings) -> EngineLike:
                             offload=settings.offload, compile_shapes=compile_shapes(settings.compile_shapes),
                             prompt_cache_mb=settings.prompt_cache_mb, compile_batches=settings.compile_batches,
                             compile_cache=str(settings.compile_cache or settings.data_dir / "compile-cache"),
-                            batch_images=settings.max_batch_images)
+                            batch_images=settings.max_batch_images, ip_adapter=settings.ip_adapter)
     engine = Engine(settings.model, data_dir=settings.data_dir, device=settings.device, options=options)
     engine.warm_up()
     return engine

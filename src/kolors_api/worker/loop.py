@@ -239,6 +239,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         reports = CallReports(self.store, loop)
         runs = [JobRun(self.store, lease, reports) for lease in leases]
+        for run in runs:  # input pictures (image to image, IP-Adapter) come from the store
+            try:
+                missing = await run.load_inputs()
+            except Exception as exc:  # the store is out: the lease runs out and the job comes again
+                self._store_error(exc, f"reading the inputs of job {run.job.id}")
+                run.done = True
+                continue
+            if missing:
+                await self._store(run, self.store.fail(run.lease, missing))
+                run.done = True
+        runs = [run for run in runs if not run.done]
         safety = self.safety
         if safety is not None:
             for run in runs:
@@ -262,7 +273,7 @@ class Worker:
             call_started = time.time()
             outs = await loop.run_in_executor(self._pool, lambda: generate_batch(batch, **deferred))
             first = runs[0].params
-            self.clock.observe(first.width, first.height, first.steps, sum(r.params.number_of_images for r in runs),
+            self.clock.observe(first.width, first.height, first.steps_run, sum(r.params.number_of_images for r in runs),
                                time.monotonic() - started)
         else:
             run = runs[0]

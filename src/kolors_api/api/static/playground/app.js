@@ -5,7 +5,8 @@ import { $, copyText, el } from "./dom.js";
 import { ParamsForm } from "./form.js";
 import { snippet } from "./snippets.js";
 
-const MODEL = "kolors";
+let model = "kolors";
+let models = [];
 let form = null;
 let lang = "segmind";
 let job = null; // {id, controller}
@@ -185,7 +186,7 @@ async function generate(event) {
   button.disabled = true;
   let submitted;
   try {
-    submitted = (await api(`v2/${MODEL}`, { method: "POST", body })).data;
+    submitted = (await api(`v2/${model}`, { method: "POST", body })).data;
   } catch (err) {
     button.disabled = false;
     showSubmitError(err);
@@ -223,13 +224,24 @@ async function loadModels() {
   try {
     const r = await fetch("v1/models");
     const data = await r.json();
-    const model = data.data.find((m) => m.id === MODEL) || data.data[0];
-    form = new ParamsForm($("#fields"), model.parameters);
+    models = data.data;
+    const select = $("#model");
+    select.replaceChildren(...models.map((m) => el("option", { value: m.id }, m.id)));
+    select.value = model;
+    useModel(model);
+    select.addEventListener("change", () => useModel(select.value));
     $("#gen-form").dataset.ready = "true";
-    updateCode();
   } catch (err) {
     $("#fields").textContent = `Cannot load the model list: ${err.message || err}`;
   }
+}
+
+/** Build the form for model `id` (its JSON Schema: pictures get a picker, `form.js`). */
+function useModel(id) {
+  const chosen = models.find((m) => m.id === id) || models[0];
+  model = chosen.id;
+  form = new ParamsForm($("#fields"), chosen.parameters);
+  updateCode();
 }
 
 function main() {

@@ -12,6 +12,11 @@ function label(name) {
   return LABELS[name] || name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, " ");
 }
 
+/** A picture field (`contentMediaType: image/*`): a file or a URL, with a preview. */
+const isImage = (prop) => typeof prop.contentMediaType === "string" && prop.contentMediaType.startsWith("image/");
+/** What a URL typed in shows as a preview: URLs of this server (the page's policy loads images from
+ * here only; the server fetches other URLs itself, at submit), else nothing. */
+const previewable = (text) => (text.startsWith(`${location.origin}/`) ? text : "");
 /** An array whose items are choices: shown as checkboxes. */
 const isChoices = (prop) => prop.type === "array" && Array.isArray(prop.items?.enum);
 const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
@@ -31,6 +36,8 @@ export class ParamsForm {
     this.props = schema.properties;
     this.inputs = {};
     this.errors = {};
+    this.pictures = {}; // picture field -> the chosen file as a data URI
+    this.previews = {};
     container.replaceChildren();
     for (const [name, prop] of Object.entries(this.props)) {
       container.append(this.field(name, prop));
@@ -40,6 +47,7 @@ export class ParamsForm {
 
   field(name, prop) {
     if (isChoices(prop)) return this.choices(name, prop);
+    if (isImage(prop)) return this.picture(name, prop);
     const id = `f-${name}`;
     let input;
     const help = [];
@@ -92,8 +100,50 @@ export class ParamsForm {
     return el("div", { class: "field wide" }, group);
   }
 
+  /** A picture: an http(s) URL typed in, or a file chosen (sent as a data URI), and its preview. */
+  picture(name, prop) {
+    const id = `f-${name}`;
+    const url = el("input", { id, name, type: "url", inputmode: "url", spellcheck: "false",
+      placeholder: "an http(s) URL, or choose a file" });
+    const file = el("input", { id: `${id}-file`, type: "file", accept: "image/png,image/jpeg,image/webp",
+      "aria-label": `${label(name)}: choose a file` });
+    const preview = el("img", { id: `${id}-preview`, class: "picked", alt: `the chosen ${label(name).toLowerCase()}`,
+      hidden: true });
+    const show = (src) => {
+      preview.hidden = !src;
+      if (src) preview.src = src;
+      else preview.removeAttribute("src");
+    };
+    file.addEventListener("change", () => {
+      const chosen = file.files && file.files[0];
+      if (!chosen) return;
+      const reader = new FileReader();
+      reader.onload = () => {
+        this.pictures[name] = String(reader.result);
+        url.value = "";
+        show(this.pictures[name]);
+        url.dispatchEvent(new Event("change", { bubbles: true })); // the code box follows
+      };
+      reader.readAsDataURL(chosen);
+    });
+    url.addEventListener("input", () => {
+      delete this.pictures[name];
+      file.value = "";
+      show(previewable(url.value.trim()));
+    });
+    const error = el("span", { class: "field-error", id: `err-${name}`, role: "alert" });
+    const hint = el("small", { class: "muted", id: `hint-${name}` }, prop.description || "");
+    url.setAttribute("aria-describedby", `hint-${name} err-${name}`);
+    this.inputs[name] = url;
+    this.errors[name] = error;
+    this.previews[name] = show;
+    return el("div", { class: "field wide picture", "data-field": name },
+      el("label", { for: id }, label(name)), url, file, preview, hint, error);
+  }
+
   /** What field `name` holds now: a string, or for checkboxes the checked choices. */
   read(name) {
+    if (this.pictures[name]) return this.pictures[name];
     const input = this.inputs[name];
     if (!isChoices(this.props[name])) return input.value;
     return [...input.querySelectorAll("input[type=checkbox]")].filter((box) => box.checked).map((box) => box.value);
@@ -101,6 +151,14 @@ export class ParamsForm {
 
   write(name, value) {
     const input = this.inputs[name];
+    if (this.previews[name]) {
+      // a record carries a picture's sha256, not the picture: a re-run asks for it again
+      delete this.pictures[name];
+      const url = typeof value === "string" && /^https?:\/\//i.test(value) ? value : "";
+      input.value = url;
+      this.previews[name](previewable(url));
+      return;
+    }
     if (isChoices(this.props[name])) {
       const wanted = Array.isArray(value) ? value : [];
       for (const box of input.querySelectorAll("input[type=checkbox]")) box.checked = wanted.includes(box.value);
