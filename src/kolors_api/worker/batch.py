@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from kolors_api.jobs import JobStore, Lease, ProgressAck, ProgressReport
+from kolors_api.jobs import Job, JobState, JobStore, Lease, ProgressAck, ProgressReport
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.previews import take_preview
@@ -136,6 +137,26 @@ class CallReports:
             self._kick(force=True)
 
 
+def outcome_line(lease: Lease, job: Job | None, key_name: str | None) -> str:
+    """`job 3f2a… key alice: 1024x1024 x1, 25 steps, queued 0.12 s, ran 3.40 s: COMPLETED`."""
+    params = lease.job.params
+    now = time.time()
+    started = lease.job.started_at or now
+    ended = job.finished_at if job is not None and job.finished_at else now
+    if job is None:
+        outcome = "gone (expired)"
+    elif job.state == JobState.COMPLETED:
+        outcome = "COMPLETED"
+    elif job.state == JobState.FAILED:
+        outcome = f"FAILED: {job.error}"
+    else:
+        outcome = f"lease lost (delivery {lease.delivery}); delivered again"
+    return (f"job {lease.job.id} key {key_name or '-'}: {params.get('width')}x{params.get('height')} "
+            f"x{params.get('number_of_images', 1)}, {params.get('steps')} steps, "
+            f"queued {max(0.0, started - lease.job.created_at):.2f} s, ran {max(0.0, ended - started):.2f} s: "
+            f"{outcome}")
+
+
 class JobRun:
     """A claimed job while the engine runs it."""
 
@@ -178,6 +199,19 @@ class JobRun:
     async def settle(self) -> None:
         """Wait for the reports the engine made so far (see `CallReports.settle`)."""
         await self.reports.settle()
+
+    async def log_outcome(self) -> None:
+        """The one INFO line of a job this worker took to an end: its id, key name, shape, steps,
+        queue and run time, and outcome (as stored; "lease lost" when another delivery has it now)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        try:
+            job = await self.store.get(self.job.id)
+            key = await self.store.get_key(self.job.key_id) if self.job.key_id else None
+        except Exception as exc:  # the store is away: the outcome was logged where it failed
+            log.debug("job %s: outcome not read for the log", self.job.id, exc_info=exc)
+            return
+        log.info(outcome_line(self.lease, job, key.name if key is not None else None))
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""

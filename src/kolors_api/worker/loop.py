@@ -246,6 +246,7 @@ class Worker:
                 if blocked:
                     await self._store(run, self.store.fail(run.lease, f"content blocked: {blocked}"))
                     run.done = True
+                    await run.log_outcome()
         runs = [run for run in runs if not run.done]
         if not runs:
             return _nothing()
@@ -294,6 +295,7 @@ class Worker:
                 await run.settle()
                 await self._store(run, self._outcome(run, out))
                 run.done = True
+                await run.log_outcome()
         finally:
             hb.cancel()
 
