@@ -197,6 +197,8 @@ class ErrorBody(BaseModel):
 class Progress(BaseModel):
     step: int
     total_steps: int
+    phase: Literal["denoising", "decoding", "encoding", "storing"] = Field(
+        description="denoising (step of total_steps), then decoding, encoding and storing the images")
 
 
 class StatusBody(BaseModel):
@@ -207,6 +209,8 @@ class StatusBody(BaseModel):
     queue_position: int | None = Field(None, description="queued jobs the fair order serves before this one if "
                                                          "no other arrives: 0 is next (QUEUED only)")
     progress: Progress | None = None
+    attempt: int | None = Field(None, description="the delivery of a job handed out again after its worker was "
+                                                  "lost (2 on the first retry); absent on the first")
     error: str | None = None
 
 

@@ -28,7 +28,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from kolors_api.jobs.batching import BatchBuilder
@@ -84,6 +84,27 @@ class Job:
     #: Bumped by every change; `wait` returns when it moves past what the caller saw.
     version: int = 0
     expires_at: float = 0.0
+    #: What a PROCESSING job does now (PHASES): denoising, then decoding, encoding, storing.
+    phase: str = ""
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery this is (1 the first): a job QUEUED again after a lost lease waits for its next."""
+        return self.deliveries + 1 if self.state == JobState.QUEUED and self.deliveries else max(1, self.deliveries)
+
+
+#: The phases of a PROCESSING job, in order (`Job.phase`, the status' `progress.phase`).
+PHASES = ("denoising", "decoding", "encoding", "storing")
+
+
+def as_seen(job: Job, lease_until: float | None, now: float) -> Job:
+    """`job` as every reader sees it: one PROCESSING whose lease ran out (its worker died or hangs) is
+    QUEUED again at once, whoever reads it, although no worker has reclaimed it yet (the next claim
+    takes it first: `claim`)."""
+    if job.state == JobState.PROCESSING and lease_until is not None and lease_until < now:
+        # one change past the record's version: the claim that takes it counts two (`take`)
+        return replace(job, state=JobState.QUEUED, step=0, total_steps=0, phase="", version=job.version + 1)
+    return job
 
 
 @dataclass(frozen=True)
@@ -188,6 +209,7 @@ class ProgressReport:
     step: int
     total_steps: int
     preview: bytes | None = None
+    phase: str = "denoising"
 
 
 @dataclass(frozen=True)

@@ -68,13 +68,13 @@ class CallReports:
     def add(self, run: JobRun) -> None:
         self._runs.append(run)
 
-    def put(self, run: JobRun, step: int, total: int, preview: bytes | None) -> None:
+    def put(self, run: JobRun, step: int, total: int, preview: bytes | None, phase: str = "denoising") -> None:
         """Queue a job's step (engine thread); a preview not yet sent stays with the newer step."""
         with self._lock:
             older = self._pending.get(run)
             if preview is None and older is not None:
                 preview = older.preview
-            self._pending[run] = ProgressReport(run.lease, step, total, preview)
+            self._pending[run] = ProgressReport(run.lease, step, total, preview, phase)
             self._latest[run] = step
             ready = self._round_complete()
         self.loop.call_soon_threadsafe(self._kick if ready else self._arm)
@@ -171,6 +171,7 @@ class JobRun:
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
+        self.total_steps = 0  # as the engine's last step said
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():
@@ -194,7 +195,23 @@ class JobRun:
         someone watches, made here: it is only valid during this call), or raise `JobAborted`."""
         if self.abort.is_set():
             raise JobAborted(self.reason or "aborted")
-        self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None))
+        self.total_steps = total
+        # after the last step the engine decodes the latents: that is what the job does next
+        self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None),
+                         "decoding" if step >= total else "denoising")
+
+    async def enter(self, phase: str) -> None:
+        """Say the phase that starts now, after the engine's (`encoding`, `storing`); a report the store
+        refuses (lease lost) stops the job, one that fails is only logged (the outcome goes on)."""
+        total = self.total_steps or self.params.steps
+        try:
+            acks = await self.store.progress_many([ProgressReport(self.lease, total, total, None, phase)])
+        except Exception as exc:
+            if not is_outage(exc):
+                log.error("job %s: phase %s not stored", self.job.id, phase, exc_info=exc)
+            return
+        if not acks[0].held:
+            self.stop(LEASE_LOST)
 
     async def settle(self) -> None:
         """Wait for the reports the engine made so far (see `CallReports.settle`)."""
