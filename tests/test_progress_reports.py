@@ -177,7 +177,8 @@ class DeferringEngine(StepEngine):
     def generate_batch(self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]],
                        defer_encoding: bool = False) -> list[Any]:
         outs = super().generate_batch(jobs, defer_encoding)
-        return [DeferredOut(params) if isinstance(out, Out) else out for out, (params, _) in zip(outs, jobs, strict=True)]
+        return [DeferredOut(params) if isinstance(out, Out) else out
+                for out, (params, _) in zip(outs, jobs, strict=True)]
 
 
 async def test_after_the_last_step_the_job_says_decoding_encoding_then_storing(store: JobStore) -> None:
