@@ -364,6 +364,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     owned_by: str
     weights: str
+    random_weights: bool = Field(description="true for test weights (the tiny model, random:SIZE): they draw "
+                                             "noise, not pictures")
     parameters: dict[str, Any] = Field(description="the JSON Schema of the request body")
     pricing: Pricing
 

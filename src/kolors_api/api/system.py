@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from starlette.responses import JSONResponse, Response
 
@@ -12,13 +14,28 @@ from kolors_api.schema import MODEL, GenerateParams, json_schema, price
 
 router = APIRouter()
 
+#: The file `kolors-api tiny-model` writes into the folder it builds (`kolors_api.engine.tiny.MARKER`; that
+#: module imports torch, which the API never does).
+TINY_MARKER = "kolors-api-tiny.json"
+
+
+def random_weights(model: str) -> bool:
+    """Whether `--model` names test weights that draw noise: tiny, random:SIZE, or a folder tiny-model built."""
+    if model == "tiny" or model.startswith("random:"):
+        return True
+    try:
+        return (Path(model) / TINY_MARKER).is_file()
+    except (OSError, ValueError):
+        return False
+
 
 @router.get("/v1/models", summary="List models with their parameter JSON Schema", response_model=ModelList)
 async def list_models(svc: ServiceDep) -> Response:
     seed_price = price(GenerateParams(prompt="x"), svc.settings.unit_price)
     return JSONResponse({"object": "list", "data": [{
         "id": MODEL, "object": "model", "owned_by": "Kwai-Kolors",
-        "weights": svc.settings.model, "parameters": json_schema(),
+        "weights": svc.settings.model, "random_weights": random_weights(svc.settings.model),
+        "parameters": json_schema(),
         "pricing": {"formula": "number_of_images * steps/25 * width*height/1024^2 * unit_price",
                     "unit_price": svc.settings.unit_price, "default_request": seed_price},
     }]})
