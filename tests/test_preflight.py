@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kolors_api import preflight
 from tests.conftest import free_port, redis_db_url, start_process, start_server
 from tests.test_startup import serve
 
@@ -79,6 +78,8 @@ def test_a_device_that_is_no_device_is_refused_before_the_server_says_it_is_read
 
 
 def test_a_cuda_device_this_machine_has_not_is_refused_naming_why(tmp_path: Path) -> None:
+    from kolors_api import preflight
+
     line = refused(serve(tmp_path, "--device", "cuda:99"))
     if preflight.torch_cuda_build() is None:  # a CPU build of torch (CI, laptops)
         assert re.fullmatch(r"kolors-api: device cuda:99: this torch \(\S+\) is a build without CUDA; install "
