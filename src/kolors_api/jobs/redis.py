@@ -272,11 +272,14 @@ class RedisStore(RedisHooks):
                 for member, _ in rows:
                     pipe.hgetall(self.keys.job(_str(member)))
                 hashes = await pipe.execute()
+            seconds, micros = await r.time()  # the clock of the lease deadlines
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
-                job = _live(_hash_of(raw))
+                h = _hash_of(raw)
+                job = _live(h)
                 if job is None:
                     continue  # expired, not yet swept by expire()
+                job = as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
                 if len(page) == limit:
                     more = True
                     break
