@@ -42,6 +42,10 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
+def _no_worker(args: argparse.Namespace) -> dict[str, Any]:
+    return {"worker": False} if args.no_worker else {}
+
+
 #: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
 EXTRAS = {"redis": "redis", "boto3": "s3", "botocore": "s3", "fastapi": "server", "uvicorn": "server",
           "starlette": "server", "pydantic": "server", "pydantic_settings": "server",
@@ -175,10 +179,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 3
 
 
-def _no_worker(args: argparse.Namespace) -> dict[str, Any]:
-    return {"worker": False} if args.no_worker else {}
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     if (refused := preflight.refuse("worker", lambda: _settings(args))) is not None:
         return refused
@@ -191,6 +191,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if (refused := _check_blobs(settings)) is not None:
         return refused
     logs.configure(settings.log_level)
+    logging.getLogger("kolors_api").info("kolors-api %s worker: %s", __version__, where_data_lives(settings, "worker"))
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
     # A bad engine path, terms file or a missing `safety` extra fails here, before the engine loads.
@@ -200,8 +201,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _refused(exc)
     if metrics is not None:
         metrics.serve(args.metrics_port)
-    logging.getLogger("kolors_api").info("kolors-api %s worker %s: %s", __version__, worker.id,
-                                         where_data_lives(settings, here="worker"))
 
     async def main() -> None:
         await store.open()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter
 from starlette.responses import JSONResponse, Response
 
@@ -21,6 +19,8 @@ TINY_MARKER = "kolors-api-tiny.json"
 
 def random_weights(model: str) -> bool:
     """Whether `--model` names test weights that draw noise: tiny, random:SIZE, or a folder tiny-model built."""
+    from pathlib import Path
+
     if model == "tiny" or model.startswith("random:"):
         return True
     try:

@@ -20,6 +20,7 @@ every movement is a ledger entry, so a key's balance equals the sum of its ledge
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import hashlib
 import json
@@ -28,7 +29,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from kolors_api.jobs.batching import BatchBuilder
@@ -103,7 +104,7 @@ def as_seen(job: Job, lease_until: float | None, now: float) -> Job:
     takes it first: `claim`)."""
     if job.state == JobState.PROCESSING and lease_until is not None and lease_until < now:
         # one change past the record's version: the claim that takes it counts two (`take`)
-        return replace(job, state=JobState.QUEUED, step=0, total_steps=0, phase="", version=job.version + 1)
+        return dataclasses.replace(job, state=JobState.QUEUED, step=0, total_steps=0, phase="", version=job.version + 1)
     return job
 
 

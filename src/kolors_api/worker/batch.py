@@ -167,11 +167,11 @@ class JobRun:
         self.params = GenerateParams.from_dict(lease.job.params)
         self.reports = reports
         reports.add(self)
+        self.total_steps = 0  # as the engine's last step said
         self.abort = threading.Event()
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
-        self.total_steps = 0  # as the engine's last step said
 
     def stop(self, reason: str) -> None:
         if not self.abort.is_set():
