@@ -128,8 +128,8 @@ def test_start_up_shows_our_lines_and_none_of_the_dependencies_noise(tiny_model:
         srv.stop()
     log = srv.log()
     # (the logger's name may say which engine process: kolors_api.worker[engine 0])
-    assert re.search(rf"INFO kolors_api\.worker\S* job {job_id} key bootstrap: 512x512 x1, 2 steps, queued \d+\.\d\d s, "
-                     r"ran \d+\.\d\d s: COMPLETED", log), log
+    assert re.search(rf"INFO kolors_api\.worker\S* job {job_id} key bootstrap: 512x512 x1, 2 steps, "
+                     r"queued \d+\.\d\d s, ran \d+\.\d\d s: COMPLETED", log), log
     for noise in ("[transformers]", "Warning:", "deprecated", "torchvision"):
         assert noise not in log, log
 
