@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def without(tmp_path: Path, *modules: str) -> dict[str, str | None]:
 
 
 def test_a_worker_without_a_redis_store_is_refused_instead_of_watching_a_local_sqlite(tmp_path: Path) -> None:
-    line = refused(serve(tmp_path, command="worker"))
+    line = refused(subprocess.run([sys.executable, "-m", "kolors_api.cli", "worker", "--data-dir",
+                                   str(tmp_path / "data")], cwd=tmp_path, capture_output=True, text=True, timeout=10,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"}))
     assert line == ("kolors-api: worker needs --store redis://HOST:PORT/DB (env KOLORS_API_STORE): a worker on "
                     "the embedded SQLite store never gets a job from another process; `serve` runs its own")
     assert not (tmp_path / "data").exists(), "refused before a store or the tiny model was made"

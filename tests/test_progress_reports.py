@@ -76,8 +76,11 @@ def record_progress(store: JobStore) -> list[list[tuple[str, int]]]:
     lock = threading.Lock()
 
     async def progress_many(reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        # the steps' round trips (a job's later phases, encoding and storing, are reports of their own)
+        trip = [(r.lease.job.id, r.step) for r in reports if r.phase in ("denoising", "decoding")]
         with lock:
-            trips.append([(r.lease.job.id, r.step) for r in reports])
+            if trip:
+                trips.append(trip)
         return await inner(reports)
 
     store.progress_many = progress_many  # type: ignore[method-assign]

@@ -100,8 +100,9 @@ def test_output_format_jpeg_is_taken_as_jpg_as_the_openai_route_names_it(client:
 def test_an_authorization_header_without_bearer_says_how_to_send_the_key(api_only: LiveServer) -> None:
     for value in (api_only.key, f"Basic {api_only.key}"):
         r = httpx.post(api_only.url + "/v2/kolors", json=GOOD, headers={"Authorization": value})
-        assert (r.status_code, r.json()) == (401, {"error": "the Authorization header must be `Bearer KEY`: use "
-                                                            "`Authorization: Bearer KEY` or `x-api-key: KEY`"})
+        assert (r.status_code, r.json()) == (401, {"error": "the Authorization header must be `Bearer KEY`: send "
+                                                            "the API key as `Authorization: Bearer KEY` or "
+                                                            "`x-api-key: KEY`"})
     r = httpx.post(api_only.url + "/v2/kolors", json=GOOD, headers={"Authorization": f"Bearer {api_only.key}"})
     assert r.status_code == 200, r.text
 

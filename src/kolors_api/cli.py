@@ -191,7 +191,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if (refused := _check_blobs(settings)) is not None:
         return refused
     logs.configure(settings.log_level)
-    logging.getLogger("kolors_api").info("kolors-api %s worker: %s", __version__, where_data_lives(settings, "worker"))
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
     # A bad engine path, terms file or a missing `safety` extra fails here, before the engine loads.
@@ -201,6 +200,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _refused(exc)
     if metrics is not None:
         metrics.serve(args.metrics_port)
+    logging.getLogger("kolors_api").info("kolors-api %s worker: %s", __version__, where_data_lives(settings, "worker"))
 
     async def main() -> None:
         await store.open()

@@ -29,8 +29,8 @@ async def authenticate(store: JobStore, request: Request, *, admin: bool = False
     if key is None:
         if request.headers.get("authorization", "").strip():
             # a key without its scheme (`Authorization: KEY`), or another scheme (Basic)
-            raise Unauthorized("the Authorization header must be `Bearer KEY`: use `Authorization: Bearer KEY` "
-                               "or `x-api-key: KEY`")
+            raise Unauthorized("the Authorization header must be `Bearer KEY`: send the API key as "
+                               "`Authorization: Bearer KEY` or `x-api-key: KEY`")
         raise Unauthorized("missing API key: send x-api-key or Authorization: Bearer")
     digest = hash_key(key)
     record = await store.key_by_hash(digest)
