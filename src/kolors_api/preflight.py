@@ -82,8 +82,8 @@ def devices(spec: str | None) -> list[str]:
     names = [part.strip() for part in spec.split(",")]
     for name in names:
         if not DEVICE.fullmatch(name):
-            raise Refused(f"device: {name[:40]!r} is not a device; expected cpu, cuda, cuda:N or mps, several "
-                          f"comma-separated (cuda:0,cuda:1), or all")
+            raise Refused(f"--device {spec[:60]!r}: expected cpu, cuda, cuda:N (or mps), a comma-separated list "
+                          f"of them (cuda:0,cuda:1), or all")
     for name in names:
         if name.startswith("cuda"):
             _check_cuda(name)
