@@ -325,6 +325,7 @@ class Worker:
         if getattr(out, "encode", None) is not None:  # encoded here, while the engine runs the next batch
             await run.enter("encoding")
             out.images = await loop.run_in_executor(self._post, out.encode)
+        await run.enter("storing")  # (the images' screening, then the store)
         if self.safety is not None:
             blocked = await loop.run_in_executor(self._post, self.safety.check_images, out.images)
             if blocked:
@@ -339,7 +340,6 @@ class Worker:
         peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
         if peak is not None:
             metrics["peak_memory_mb"] = round(peak / 2**20, 1)
-        await run.enter("storing")
         if await self.store.complete(lease, out.images, run.params.output_format, out.seeds, metrics):
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
             stored = await self.store.get(job.id)
