@@ -105,17 +105,21 @@ def test_events_come_in_order_with_their_bodies_and_a_watcher_sees_every_step(sr
     for t in threads:
         t.join(timeout=120)
 
-    # the figure: every step of a 20-step job, then its result
-    assert steps(seen[first]) == list(range(1, 21))
+    # the figure: every step of a 20-step job, then the phases after its last step, then its result
+    assert steps(seen[first])[:20] == list(range(1, 21)) and set(steps(seen[first])[20:]) <= {20}
     assert seen[first][-1].event == "completed"
     frames = seen[second]
     names = [f.event for f in frames]
-    assert names[0] == "queued" and names[-3:] == ["progress", "progress", "completed"]
+    assert names[0] == "queued" and names[-1] == "completed"
     assert names.index("started") == names.count("queued")
     assert frames[0].data == {"request_id": second, "status": "QUEUED", "queue_position": 0}
     assert frames[names.index("started")].data == {"request_id": second, "status": "PROCESSING"}
-    assert [f.data for f in frames if f.event == "progress"] == [
-        {"request_id": second, "status": "PROCESSING", "step": s, "total_steps": 3} for s in (1, 2, 3)]
+    progress = [f.data for f in frames if f.event == "progress"]
+    assert progress[:3] == [{"request_id": second, "status": "PROCESSING", "step": s, "total_steps": 3,
+                             "phase": phase} for s, phase in ((1, "denoising"), (2, "denoising"), (3, "decoding"))]
+    # then, the step done, what it does (a watcher may skip a phase that passed meanwhile), in order
+    later = [p["phase"] for p in progress[3:]]
+    assert {p["step"] for p in progress[3:]} <= {3} and later == sorted(later, key=["encoding", "storing"].index)
     assert frames[-1].data == result(srv, second)
     ids = [f.id for f in frames]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
@@ -227,7 +231,8 @@ def test_client_job_events_sync_and_async(srv: LiveServer) -> None:
         job = client.submit_async("kolors", **JOB, steps=6)
         events = list(job.events(previews=True))
         assert events[-1].event == "completed" and events[-1].data == job.result()
-        assert [e.data["step"] for e in events if e.event == "progress"] == list(range(1, 7))
+        # each step once, then the last one again for each phase after it (encoding, storing)
+        assert list(dict.fromkeys(e.data["step"] for e in events if e.event == "progress")) == list(range(1, 7))
         previews = [e.preview for e in events if e.preview is not None]
         assert previews and all(p[:4] == b"RIFF" and p[8:12] == b"WEBP" for p in previews)
 
@@ -237,7 +242,7 @@ def test_client_job_events_sync_and_async(srv: LiveServer) -> None:
             return [e.event async for e in ajob.events()]
 
     names = asyncio.run(follow())
-    assert names[-1] == "completed" and names.count("progress") == 3
+    assert names[-1] == "completed" and names.count("progress") >= 3
 
 
 def route_count(srv: LiveServer, route: str) -> float:

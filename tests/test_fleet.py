@@ -376,3 +376,32 @@ def test_a_worker_with_metrics_port_serves_its_job_durations(fleet: Fleet) -> No
     while wanted not in (text := httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text):
         assert time.monotonic() < deadline, text
         time.sleep(0.1)
+
+
+def test_a_killed_workers_job_is_queued_again_on_every_replica_once_its_lease_runs_out(fleet: Fleet) -> None:
+    a, b = fleet.api(), fleet.api()
+    victim = fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.3"}, engine="slow")
+    fleet.wait_workers(1)
+    _, key = create_key(a)
+    ids = [httpx.post(a.url + "/v2/kolors", headers={"x-api-key": key}, timeout=30,
+                      json={"prompt": f"lost {i}", **SMALL, "steps": 50}).json()["request_id"] for i in range(2)]
+    deadline = time.monotonic() + 120
+    while (body := status(b, key, ids[0])).get("progress", {}).get("step", 0) < 2:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert "attempt" not in body and body["progress"]["phase"] == "denoising"  # type: ignore[index]
+    victim.kill()
+    victim.wait(timeout=30)
+    # no other worker claims it: once the lease (3 s) runs out, every replica says QUEUED, retried
+    deadline = time.monotonic() + 60
+    while status(a, key, ids[0])["status"] != "QUEUED":
+        assert time.monotonic() < deadline, status(a, key, ids[0])
+        time.sleep(0.1)
+    for api in (a, b):
+        assert status(api, key, ids[0]) == {"request_id": ids[0], "status": "QUEUED", "queue_position": 0,
+                                            "attempt": 2}
+        assert status(api, key, ids[1]) == {"request_id": ids[1], "status": "QUEUED", "queue_position": 1}
+    # a worker that comes takes it first, as its second delivery, and finishes both
+    fleet.worker()
+    done = wait_all(b, key, ids)
+    assert {body["status"] for body in done.values()} == {"COMPLETED"}

@@ -380,7 +380,7 @@ def test_an_admin_creates_a_key_on_the_keys_page_and_it_works(tab: Page) -> None
 def test_a_user_key_sees_no_keys_page(tab: Page) -> None:
     user = tab.server.create_key(name="plain", credits=1)
     tab.open(key=user["key"])
-    assert tab.page.inner_text("#key-msg") == "Key of plain: 1 credits."
+    assert tab.page.inner_text("#key-msg") == "Key of plain: 1 credit."
     assert tab.page.is_hidden("#tab-keys")
 
 
@@ -497,3 +497,68 @@ def test_the_webhook_events_filter_is_checkboxes_and_the_job_gets_the_chosen_eve
         assert [{k.lower(): v for k, v in p.headers.items()}["x-kolors-event"] for p in receiver.posts] == ["start"]
     finally:
         receiver.close()
+
+
+def inside(box: dict[str, float] | None, width: int, height: int) -> bool:
+    """The element's bounding box lies wholly inside a `width` x `height` viewport."""
+    assert box is not None, "the element is not displayed"
+    return box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 900), (390, 844)])
+def test_the_generate_button_and_the_job_are_on_screen_at_laptop_and_phone_sizes(
+        browser: Any, server: LiveServer, shots: Path, width: int, height: int) -> None:
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.add_init_script(WATCH_CSP)
+    tab = Page(context.new_page(), server, shots)
+    try:
+        tab.open(key=server.key)
+        tab.fill(prompt="a lighthouse at dusk", **SLOW)
+        path = shots / f"fit-{width}x{height}-form.png"
+        tab.page.screenshot(path=str(path))  # what the window shows, not the whole page
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert inside(tab.page.locator("#generate").bounding_box(), width, height)
+        # one button says Generate: the submit (the first tab is the Playground)
+        texts = tab.page.locator("button").all_inner_texts()
+        assert [t for t in texts if t.startswith("Generate")] == ["Generate image"], texts
+        assert "Playground" in tab.page.locator("nav").inner_text()
+        # the tiny model is said to draw noise; the form's hints show code as code, not backticks
+        assert "draws noise, not pictures" in tab.page.inner_text("#model-note")
+        hint = tab.page.locator("#hint-webhook_events_filter")
+        assert "`" not in hint.inner_text() and hint.locator("code").inner_text() == "webhook"
+
+        tab.page.click("#generate")
+        tab.page.wait_for_function("() => document.querySelector('#bar').value >= 1", timeout=120_000)
+        path = shots / f"fit-{width}x{height}-progress.png"
+        tab.page.screenshot(path=str(path))
+        assert inside(tab.page.locator("#job").bounding_box(), width, height)
+        assert inside(tab.page.locator("#cancel").bounding_box(), width, height)
+        tab.page.click("#cancel")
+        tab.page.wait_for_selector("#job-error:not([hidden])", timeout=120_000)
+        assert inside(tab.page.locator("#job-error").bounding_box(), width, height)
+        assert tab.csp_violations() == []
+        assert not [m for m in tab.console if m.startswith("pageerror")], tab.console
+    finally:
+        context.close()
+
+
+def test_the_header_credits_follow_each_job_and_history_says_refunded(tab: Page) -> None:
+    user = tab.server.create_key(name="budget", credits=10)
+    tab.open(key=user["key"])
+    assert tab.page.inner_text("#key-msg") == "Key of budget: 10 credits."
+    tab.fill(prompt="a paid fox", **SMALL)  # 512x512, 4 steps: 0.04 credits
+    tab.page.click("#generate")
+    tab.page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    tab.page.wait_for_function("() => document.querySelector('#key-msg').textContent.includes('9.96')")
+    assert tab.page.inner_text("#key-msg") == "Key of budget: 9.96 credits."
+    tab.fill(prompt="a cancelled fox", **SLOW)
+    tab.page.click("#generate")
+    tab.page.wait_for_function("() => document.querySelector('#bar').value >= 1", timeout=120_000)
+    tab.page.click("#cancel")
+    tab.page.wait_for_selector("#job-error:not([hidden])", timeout=120_000)
+    tab.page.click("nav [data-tab=history]")
+    tab.page.wait_for_function("() => document.querySelectorAll('.history-item').length === 2")
+    costs = tab.page.locator(".history-item [data-cost]").all_inner_texts()
+    assert costs[0].endswith(" · refunded") and costs[1].endswith(" · 0.04 credits"), costs
+    tab.shot("history-refunded")
+    assert tab.page.inner_text("#key-msg") == "Key of budget: 9.96 credits."

@@ -4,6 +4,7 @@ steps stored in order, and a cancel that lands within one step (`kolors_api.work
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -75,8 +76,11 @@ def record_progress(store: JobStore) -> list[list[tuple[str, int]]]:
     lock = threading.Lock()
 
     async def progress_many(reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        # the steps' round trips (a job's later phases, encoding and storing, are reports of their own)
+        trip = [(r.lease.job.id, r.step) for r in reports if r.phase in ("denoising", "decoding")]
         with lock:
-            trips.append([(r.lease.job.id, r.step) for r in reports])
+            if trip:
+                trips.append(trip)
         return await inner(reports)
 
     store.progress_many = progress_many  # type: ignore[method-assign]
@@ -160,3 +164,63 @@ async def test_a_round_goes_without_the_jobs_that_are_done_or_stopped(store: Job
     job = await wait_for(store, running_.job.id, lambda job: job.step == 1, timeout=30)
     assert job.state == JobState.PROCESSING
     await reports.settle()
+
+
+class DeferredOut(Out):
+    """An output whose images are encoded after the engine call (as the Kolors engine defers them)."""
+
+    def __init__(self, params: GenerateParams) -> None:
+        super().__init__(params)
+        self.encode: Callable[[], list[bytes]] | None = lambda: [b"RIFF0000WEBP"] * params.number_of_images
+
+
+class DeferringEngine(StepEngine):
+    defer_encoding = True
+
+    def generate_batch(self, jobs: Sequence[tuple[GenerateParams, Callable[..., None] | None]],
+                       defer_encoding: bool = False) -> list[Any]:
+        outs = super().generate_batch(jobs, defer_encoding)
+        return [DeferredOut(params) if isinstance(out, Out) else out
+                for out, (params, _) in zip(outs, jobs, strict=True)]
+
+
+async def test_after_the_last_step_the_job_says_decoding_encoding_then_storing(store: JobStore) -> None:
+    phases: list[tuple[int, str]] = []
+    inner = store.progress_many
+
+    async def progress_many(reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        phases.extend((r.step, r.phase) for r in reports)
+        return await inner(reports)
+
+    store.progress_many = progress_many  # type: ignore[method-assign]
+    ids = await submit_all(store, job_params("phases", steps=4))
+    async with running(store, DeferringEngine(step_seconds=0.01), max_batch_images=1):
+        done = await wait_for(store, ids[0], terminal)
+    assert done.state == JobState.COMPLETED
+    assert phases[-3:] == [(4, "decoding"), (4, "encoding"), (4, "storing")], phases
+    assert {phase for step, phase in phases if step < 4} == {"denoising"}
+
+
+async def test_each_finished_job_is_one_info_line(store: JobStore, caplog: pytest.LogCaptureFixture) -> None:
+    from kolors_api.jobs import make_key_record, new_key
+
+    key = make_key_record("alice", new_key(), credits=100.0)
+    await store.add_key(key)
+    ids = await submit_all(store, job_params("logged", steps=3), job_params("cancelled", steps=200), key_id=key.id)
+    caplog.set_level("INFO", logger="kolors_api.worker")
+    async with running(store, StepEngine(step_seconds=0.01), max_batch_images=1):
+        await wait_for(store, ids[0], terminal)
+        await wait_for(store, ids[1], lambda job: job.step >= 1)
+        await store.request_cancel(ids[1])
+        await wait_for(store, ids[1], terminal)
+        for _ in range(200):
+            if sum("job " in r.getMessage() and "key alice" in r.getMessage() for r in caplog.records) >= 2:
+                break
+            await asyncio.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ") and "key " in r.getMessage()]
+    assert len(lines) == 2, lines
+    done = next(line for line in lines if ids[0] in line)
+    assert re.fullmatch(rf"job {ids[0]} key alice: 256x256 x1, 3 steps, queued \d+\.\d\d s, ran \d+\.\d\d s: "
+                        r"COMPLETED", done), done
+    cancelled = next(line for line in lines if ids[1] in line)
+    assert "key alice: 256x256 x1, 200 steps" in cancelled and cancelled.endswith("FAILED: cancelled"), cancelled

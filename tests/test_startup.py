@@ -22,7 +22,8 @@ def serve(tmp_path: Path, *args: str, env: dict[str, str | None] | None = None,
     """`kolors-api serve ARGS` to its end, which must come within 10 s (the issue's promise)."""
     full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "kolors_api.cli", command, "--data-dir", str(tmp_path / "data"),
-                           *(["--port", str(free_port())] if command == "serve" else []), *args],
+                           *(["--port", str(free_port())] if command == "serve" else ["--store", redis_db_url(14)]),
+                           *args],
                           env={k: v for k, v in full.items() if v is not None},
                           capture_output=True, text=True, timeout=10)
 

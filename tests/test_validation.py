@@ -87,6 +87,26 @@ def test_every_range_edge_is_accepted(field: str, value: object) -> None:
     assert getattr(params, field) == (value.strip() if isinstance(value, str) else value)
 
 
+def test_output_format_jpeg_is_taken_as_jpg_as_the_openai_route_names_it(client: httpx.Client) -> None:
+    assert validate({**GOOD, "output_format": "jpeg"}).output_format == "jpg"
+    r = client.post("/v2/kolors", json={**GOOD, "output_format": "jpeg"})
+    assert r.status_code == 200, r.text
+    job = client.get(f"/v2/requests/{r.json()['request_id']}/status")
+    assert job.status_code == 200
+    r = client.post("/v2/kolors", json={**GOOD, "output_format": "gif"})
+    assert (r.status_code, r.json()) == (400, {"error": "output_format: must be one of webp, jpg, png, got 'gif'"})
+
+
+def test_an_authorization_header_without_bearer_says_how_to_send_the_key(api_only: LiveServer) -> None:
+    for value in (api_only.key, f"Basic {api_only.key}"):
+        r = httpx.post(api_only.url + "/v2/kolors", json=GOOD, headers={"Authorization": value})
+        assert (r.status_code, r.json()) == (401, {"error": "the Authorization header must be `Bearer KEY`: send "
+                                                            "the API key as `Authorization: Bearer KEY` or "
+                                                            "`x-api-key: KEY`"})
+    r = httpx.post(api_only.url + "/v2/kolors", json=GOOD, headers={"Authorization": f"Bearer {api_only.key}"})
+    assert r.status_code == 200, r.text
+
+
 def test_missing_prompt_and_unknown_fields_are_named(client: httpx.Client) -> None:
     r = client.post("/v2/kolors", json={"steps": 2})
     assert r.status_code == 400 and r.json()["error"] == "prompt: is required"

@@ -282,6 +282,14 @@ def test_dns_rebinding_is_refused_at_connect_time(tmp_path: Path) -> None:
         trip.close()
 
 
+def test_a_loopback_webhook_is_refused_naming_the_setting_that_allows_it(tmp_path: Path) -> None:
+    with app_client(tmp_path, webhook_allow_hosts="") as c:
+        r = c.post("/v2/kolors", json={**SMALL, "webhook": "http://127.0.0.1:9000/hook"}, headers=H)
+    assert (r.status_code, r.json()) == (400, {"error": (
+        "webhook: 127.0.0.1 is a loopback address; the server allows such hosts when they are listed in "
+        "KOLORS_API_WEBHOOK_ALLOW_HOSTS (e.g. KOLORS_API_WEBHOOK_ALLOW_HOSTS=127.0.0.1)")})
+
+
 async def test_an_allow_listed_name_is_reached() -> None:
     receiver = Receiver()
     try:

@@ -18,7 +18,7 @@ from segmind import SegmindClient
 from segmind.exceptions import SegmindError
 from segmind.v2 import InferenceFailed
 
-from tests.conftest import LiveServer, start_server
+from tests.conftest import LiveServer, redis_db_url, start_server
 from tests.conftest import wait_for_status as wait_for
 from tests.engines import ENGINE_ENV
 
@@ -138,7 +138,9 @@ def test_a_server_killed_mid_step_leaves_no_engine_and_completes_the_job_after_r
 ])
 def test_a_bad_engine_path_refuses_to_start_in_one_line(command: str, engine: str, message: str,
                                                         tmp_path: Path) -> None:
+    store = ["--store", redis_db_url(14)] if command == "worker" else []  # a worker needs the fleet's store
     r = subprocess.run([sys.executable, "-m", "kolors_api.cli", command, "--engine", engine, "--data-dir",
-                        str(tmp_path)], env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=120)
+                        str(tmp_path), *store], env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [message]

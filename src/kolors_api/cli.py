@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_api import __version__
+from kolors_api import __version__, logs, preflight
 from kolors_api.cli_engine import add_engine_options, add_random_model_command, setting_help
 from kolors_api.cli_generate import add_arguments as add_generate_arguments
 from kolors_api.cli_generate import generate
@@ -42,6 +42,10 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     return Settings(**values)
 
 
+def _no_worker(args: argparse.Namespace) -> dict[str, Any]:
+    return {"worker": False} if args.no_worker else {}
+
+
 #: The extra of pyproject.toml that brings a module the command needs (by top-level module name).
 EXTRAS = {"redis": "redis", "boto3": "s3", "botocore": "s3", "fastapi": "server", "uvicorn": "server",
           "starlette": "server", "pydantic": "server", "pydantic_settings": "server",
@@ -50,9 +54,11 @@ EXTRAS = {"redis": "redis", "boto3": "s3", "botocore": "s3", "fastapi": "server"
           "PIL": "worker", "numpy": "worker"}
 
 
-def where_data_lives(settings: Any) -> str:
+def where_data_lives(settings: Any, here: str = "serve") -> str:
     """One line for the start-up log: the store, where images go, and whether a worker runs here."""
     worker = f"in-process worker on, model {settings.model}" if settings.worker else "no in-process worker"
+    if here == "worker":
+        worker = f"model {settings.model}, device {settings.device or 'auto'}"
     blobs = settings.blobs_url()
     if settings.fleet:
         url = re.sub(r"//[^@/]*@", "//***@", settings.store)  # no password in the log
@@ -73,20 +79,6 @@ def _check_blobs(settings: Any) -> int | None:
     try:
         make_blobs(url).check()
     except BlobStoreError as exc:
-        return _refused(exc)
-    return None
-
-
-def _check_devices(settings: Any) -> int | None:
-    """`--device` read once (`all` asks torch, in a child process): None when it names devices (or no
-    engine runs here), else exit status 2 after one line."""
-    from kolors_api.worker.supervisor import DeviceError, engine_devices
-
-    if not settings.worker:
-        return None
-    try:
-        engine_devices(settings.device)
-    except DeviceError as exc:
         return _refused(exc)
     return None
 
@@ -138,6 +130,8 @@ def forwarding(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if (refused := preflight.refuse("serve", lambda: _settings(args, **_no_worker(args)))) is not None:
+        return refused
     import uvicorn
 
     from kolors_api.api.app import create_app
@@ -158,10 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kolors-api: port {settings.port} on {settings.host} {what}: {exc}{hint}", file=sys.stderr)
         return 2
     # before logging is set up: a refusal is one line, without the S3 client's info lines
-    if (refused := _check_blobs(settings) or _check_devices(settings)) is not None:
+    if (refused := _check_blobs(settings)) is not None:
         sock.close()
         return refused
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level)
     try:
         app = create_app(settings)
     except BaseException as exc:
@@ -198,6 +192,8 @@ def make_server(config: Any, on_exit: Any) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if (refused := preflight.refuse("worker", lambda: _settings(args))) is not None:
+        return refused
     from kolors_api.jobs import make_store
     from kolors_api.worker import EngineFactoryError, make_worker
     from kolors_api.worker.messages import JobDone
@@ -206,9 +202,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # before logging is set up: a refusal is one line, without the S3 client's info lines
-    if (refused := _check_blobs(settings) or _check_devices(settings)) is not None:
+    if (refused := _check_blobs(settings)) is not None:
         return refused
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level)
     metrics = JobMetrics() if args.metrics_port is not None else None
     store = make_store(settings)
 
@@ -226,6 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if metrics is not None:
         metrics.watch(supervisor)
         metrics.serve(args.metrics_port)
+    logging.getLogger("kolors_api").info("kolors-api %s worker: %s", __version__, where_data_lives(settings, "worker"))
 
     async def main() -> None:
         await store.open()
@@ -359,6 +356,10 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
                                  "files under --data-dir (SQLite), in Redis (fleet)"))
     p.add_argument("--blob-dir", dest="blob_dir", metavar="DIR",
                    help=setting_help("the same as --blob-url file://DIR", "blob_dir", "none"))
+    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"),
+                   help=setting_help("our log lines from this level up; debug also shows the dependencies' "
+                                     "warnings and INFO lines (transformers, diffusers, botocore)", "log_level",
+                                     "info"))
     add_engine_options(p)
 
 

@@ -173,7 +173,8 @@ def _as_status(event: Event) -> dict[str, Any]:
     """An event as the status body it stands for (what the bar is drawn from)."""
     if event.event in ("started", "progress"):
         return {"status": "PROCESSING", "progress": {"step": event.data.get("step", 0),
-                                                     "total_steps": event.data.get("total_steps")}}
+                                                     "total_steps": event.data.get("total_steps"),
+                                                     "phase": event.data.get("phase")}}
     return event.data
 
 
@@ -233,7 +234,9 @@ def _progress(*, enabled: bool) -> Iterator[StatusHook | None]:
         elif state == "PROCESSING":
             info = body.get("progress") or {}
             total = info.get("total_steps") or None
-            progress.update(task, description="generating", total=total, completed=info.get("step", 0))
+            phase = info.get("phase")  # after the last step: decoding, encoding, storing
+            progress.update(task, description=phase if phase and phase != "denoising" else "generating",
+                            total=total, completed=info.get("step", 0))
         elif state == "COMPLETED":
             total = progress.tasks[0].total
             progress.update(task, description="done", completed=total or 0)

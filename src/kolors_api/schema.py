@@ -254,10 +254,15 @@ def kind_of(value: Any) -> str:
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+#: Other spellings an enum takes, as the value they stand for (`jpeg`: the OpenAI route's name of jpg).
+ALIASES: dict[str, dict[str, str]] = {"output_format": {"jpeg": "jpg"}}
+
+
 def check(p: Param, value: Any) -> Any:
     """`value` checked against its table entry; raises `BadRequest` naming the field."""
     name = p.name
     if p.kind == "enum":
+        value = ALIASES.get(name, {}).get(value, value) if isinstance(value, str) else value
         if not isinstance(value, str) or value not in p.choices:
             raise BadRequest(f"{name}: must be one of {', '.join(p.choices)}, got {short(value)}")
         return value

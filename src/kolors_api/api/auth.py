@@ -27,6 +27,10 @@ def presented_key(request: Request) -> str | None:
 async def authenticate(store: JobStore, request: Request, *, admin: bool = False) -> ApiKey:
     key = presented_key(request)
     if key is None:
+        if request.headers.get("authorization", "").strip():
+            # a key without its scheme (`Authorization: KEY`), or another scheme (Basic)
+            raise Unauthorized("the Authorization header must be `Bearer KEY`: send the API key as "
+                               "`Authorization: Bearer KEY` or `x-api-key: KEY`")
         raise Unauthorized("missing API key: send x-api-key or Authorization: Bearer")
     digest = hash_key(key)
     record = await store.key_by_hash(digest)

@@ -2,9 +2,11 @@
 
 Each frame is ``id: <int>\\nevent: <name>\\ndata: <one-line JSON>\\n\\n``:
 
-    queued     {"request_id", "status": "QUEUED", "queue_position"}   (again when the position moves)
+    queued     {"request_id", "status": "QUEUED", "queue_position"[, "attempt"]}   (again when the position
+               moves, and when a job's lease ran out: its worker was lost, it waits for its next attempt)
     started    {"request_id", "status": "PROCESSING"}
-    progress   {"request_id", "status": "PROCESSING", "step", "total_steps"[, "preview"]}
+    progress   {"request_id", "status": "PROCESSING", "step", "total_steps", "phase"[, "preview"]}
+               (phase: denoising, then decoding, encoding, storing)
     completed  the body of GET /v2/requests/{id}
     failed     {"request_id", "status": "FAILED", "error"}
 
@@ -41,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from kolors_api.api.deps import CallerKey, Service, ServiceDep
-from kolors_api.api.generation import result_body, status_body
+from kolors_api.api.generation import progress_of, result_body, status_body
 from kolors_api.api.models import errors
 from kolors_api.errors import BadRequest
 from kolors_api.jobs import ApiKey, Job, JobState, JobStore
@@ -127,6 +129,7 @@ class Watch:
     version: int = -1
     state: JobState | None = None
     step: int = -1
+    phase: str = ""
     position: int | None = None
     preview_step: int = 0
     #: When the queue position was last read.
@@ -152,15 +155,14 @@ class Watch:
             if self.state != JobState.PROCESSING:
                 out.append(frame(job.version, "started", {"request_id": job.id, "status": job.state.value}))
                 self.state, self.step, self.preview_step = JobState.PROCESSING, 0, 0
-            if job.step > 0 and job.step != self.step:
+            if job.step > 0 and (job.step, job.phase) != (self.step, self.phase):
                 out.append(frame(job.version, "progress", await self.progress(job)))
-                self.step = job.step
+                self.step, self.phase = job.step, job.phase
         self.version = max(self.version, job.version)
         return out
 
     async def progress(self, job: Job) -> dict[str, Any]:
-        body: dict[str, Any] = {"request_id": job.id, "status": job.state.value, "step": job.step,
-                                "total_steps": job.total_steps or job.params.get("steps", 0)}
+        body: dict[str, Any] = {"request_id": job.id, "status": job.state.value, **progress_of(job)}
         if self.previews:
             latest = await self.svc.store.read_preview(job.id)
             if latest is not None and latest[0] > self.preview_step:

@@ -44,10 +44,18 @@ def status_body(job: Job, position: int | None = None) -> dict[str, Any]:
     if job.state == JobState.QUEUED and position is not None:
         body["queue_position"] = position
     if job.state == JobState.PROCESSING:
-        body["progress"] = {"step": job.step, "total_steps": job.total_steps or steps_run(job.params)}
+        body["progress"] = progress_of(job)
+    if job.attempt > 1 and not job.state.terminal:
+        body["attempt"] = job.attempt  # delivered again: its worker was lost
     if job.state == JobState.FAILED:
         body["error"] = job.error or "failed"
     return body
+
+
+def progress_of(job: Job) -> dict[str, Any]:
+    """A PROCESSING job's `progress`: step, total_steps and phase (denoising, decoding, encoding, storing)."""
+    return {"step": job.step, "total_steps": job.total_steps or steps_run(job.params),
+            "phase": job.phase or "denoising"}
 
 
 def result_body(svc: Service, request: Request | None, job: Job) -> dict[str, Any]:

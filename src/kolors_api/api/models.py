@@ -207,6 +207,8 @@ class ErrorBody(BaseModel):
 class Progress(BaseModel):
     step: int
     total_steps: int
+    phase: Literal["denoising", "decoding", "encoding", "storing"] = Field(
+        description="denoising (step of total_steps), then decoding, encoding and storing the images")
 
 
 class StatusBody(BaseModel):
@@ -217,6 +219,8 @@ class StatusBody(BaseModel):
     queue_position: int | None = Field(None, description="queued jobs the fair order serves before this one if "
                                                          "no other arrives: 0 is next (QUEUED only)")
     progress: Progress | None = None
+    attempt: int | None = Field(None, description="the delivery of a job handed out again after its worker was "
+                                                  "lost (2 on the first retry); absent on the first")
     error: str | None = None
 
 
@@ -370,6 +374,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     owned_by: str
     weights: str
+    random_weights: bool = Field(description="true for test weights (the tiny model, random:SIZE): they draw "
+                                             "noise, not pictures")
     parameters: dict[str, Any] = Field(description="the JSON Schema of the request body")
     images: dict[str, bool] = Field(description="which picture fields the model takes on this server "
                                                 "(`image`, `ip_adapter_image`)")

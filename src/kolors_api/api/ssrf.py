@@ -142,7 +142,9 @@ async def check_webhook_url(url: str, policy: Policy, resolve: Resolver = system
         raise Blocked(f"{clip(host)} does not resolve") from None
     for ip in addresses:
         if (why := policy.refusal(host, ip)) is not None:
-            raise Blocked(why)
+            # an operator's own receiver (a local one while trying things out) is allowed by name
+            raise Blocked(f"{why}; the server allows such hosts when they are listed in "
+                          f"KOLORS_API_WEBHOOK_ALLOW_HOSTS (e.g. KOLORS_API_WEBHOOK_ALLOW_HOSTS={host.strip('[]')})")
 
 
 #: (host, port, address): the address a delivery chose (`GuardedBackend.pick`) for its connection to

@@ -14,6 +14,22 @@ from kolors_api.schema import IMG2IMG, MODELS, GenerateParams, json_schema, pric
 
 router = APIRouter()
 
+#: The file `kolors-api tiny-model` writes into the folder it builds (`kolors_api.engine.tiny.MARKER`; that
+#: module imports torch, which the API never does).
+TINY_MARKER = "kolors-api-tiny.json"
+
+
+def random_weights(model: str) -> bool:
+    """Whether `--model` names test weights that draw noise: tiny, random:SIZE, or a folder tiny-model built."""
+    from pathlib import Path
+
+    if model == "tiny" or model.startswith("random:"):
+        return True
+    try:
+        return (Path(model) / TINY_MARKER).is_file()
+    except (OSError, ValueError):
+        return False
+
 
 @router.get("/v1/models", summary="List models with their parameter JSON Schema", response_model=ModelList)
 async def list_models(svc: ServiceDep) -> Response:
@@ -23,7 +39,8 @@ async def list_models(svc: ServiceDep) -> Response:
     formula = "number_of_images * steps/25 * width*height/1024^2 * unit_price"
     data = [{
         "id": model, "object": "model", "owned_by": "Kwai-Kolors",
-        "weights": svc.settings.model, "parameters": json_schema(model, ip_adapter=ip_adapter),
+        "weights": svc.settings.model, "random_weights": random_weights(svc.settings.model),
+        "parameters": json_schema(model, ip_adapter=ip_adapter),
         # which picture fields the model takes on this server (DESIGN.md §2 "Images in")
         "images": {"image": model == IMG2IMG, "ip_adapter_image": ip_adapter},
         "pricing": {"formula": formula.replace("steps", "int(steps*strength)") if model == IMG2IMG else formula,

@@ -20,6 +20,7 @@ every movement is a ledger entry, so a key's balance equals the sum of its ledge
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import hashlib
 import json
@@ -84,6 +85,27 @@ class Job:
     #: Bumped by every change; `wait` returns when it moves past what the caller saw.
     version: int = 0
     expires_at: float = 0.0
+    #: What a PROCESSING job does now (PHASES): denoising, then decoding, encoding, storing.
+    phase: str = ""
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery this is (1 the first): a job QUEUED again after a lost lease waits for its next."""
+        return self.deliveries + 1 if self.state == JobState.QUEUED and self.deliveries else max(1, self.deliveries)
+
+
+#: The phases of a PROCESSING job, in order (`Job.phase`, the status' `progress.phase`).
+PHASES = ("denoising", "decoding", "encoding", "storing")
+
+
+def as_seen(job: Job, lease_until: float | None, now: float) -> Job:
+    """`job` as every reader sees it: one PROCESSING whose lease ran out (its worker died or hangs) is
+    QUEUED again at once, whoever reads it, although no worker has reclaimed it yet (the next claim
+    takes it first: `claim`)."""
+    if job.state == JobState.PROCESSING and lease_until is not None and lease_until < now:
+        # one change past the record's version: the claim that takes it counts two (`take`)
+        return dataclasses.replace(job, state=JobState.QUEUED, step=0, total_steps=0, phase="", version=job.version + 1)
+    return job
 
 
 @dataclass(frozen=True)
@@ -190,6 +212,7 @@ class ProgressReport:
     step: int
     total_steps: int
     preview: bytes | None = None
+    phase: str = "denoising"
 
 
 @dataclass(frozen=True)

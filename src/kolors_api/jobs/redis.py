@@ -61,6 +61,7 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    as_seen,
     credits_of,
     micro,
     output_readable,
@@ -183,8 +184,14 @@ class RedisStore(RedisHooks):
         return _job(_hash(got[1:]))
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await (await self._conn()).hgetall(self.keys.job(job_id))
-        return _live(_hash_of(raw))
+        # with the server's clock, the one that wrote the lease deadline (one round trip)
+        async with (await self._conn()).pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.time()
+            raw, (seconds, micros) = await pipe.execute()
+        h = _hash_of(raw)
+        job = _live(h)
+        return None if job is None else as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
 
     async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
         if self.blobs is not None:
@@ -295,11 +302,14 @@ class RedisStore(RedisHooks):
                 for member, _ in rows:
                     pipe.hgetall(self.keys.job(_str(member)))
                 hashes = await pipe.execute()
+            seconds, micros = await r.time()  # the clock of the lease deadlines
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
-                job = _live(_hash_of(raw))
+                h = _hash_of(raw)
+                job = _live(h)
                 if job is None:
                     continue  # expired, not yet swept by expire()
+                job = as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
                 if len(page) == limit:
                     more = True
                     break
@@ -358,7 +368,7 @@ class RedisStore(RedisHooks):
         async with r_conn.pipeline(transaction=False) as pipe:
             for r in reports:
                 args: list[str | int | bytes] = [self.keys.prefix, retention, r.lease.job.id, r.lease.token,
-                                                 int(r.step), int(r.total_steps)]
+                                                 int(r.step), int(r.total_steps), r.phase]
                 await script(args=[*args, *([r.preview] if r.preview is not None else [])], client=pipe)
             answers = await pipe.execute()
         return [ProgressAck(held=bool(a), cancel_requested=bool(int(a) & 2), previews_watched=bool(int(a) & 4))
@@ -522,7 +532,7 @@ def _job(h: dict[str, str]) -> Job:
         outputs=int(h["outputs"]), ext=h["ext"], seeds=json.loads(h["seeds"]),
         metrics=json.loads(h["metrics"]),
         deliveries=int(h["deliveries"]), cancel_requested=h["cancel_requested"] == "1",
-        version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0),
+        version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""),
     )
 
 

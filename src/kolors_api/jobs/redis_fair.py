@@ -163,12 +163,23 @@ return take(id, nil, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now
 """,
     # ARGV: job id. Returns -1 when the job is not queued, else how many queued jobs the fair order
     # serves before it (fair.bound, for each key whose tag is not past the job's)
+    # A PROCESSING job whose lease ran out counts as QUEUED: served before every queued job (claim), in
+    # the order of its lease deadline.
     names.SCRIPT_POSITION: r"""
-local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'key_id', 'odo')
+local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'key_id', 'odo', 'lease_until')
+local t = now()
+local mine_until = h[1] == 'PROCESSING' and tonumber(h[4] or '') or nil
+if mine_until and mine_until >= t then return -1 end
+local lapsed = 0
+for _, other in ipairs(redis.call('SMEMBERS', K_PROCESSING)) do
+  local u = tonumber(redis.call('HGET', k_job(other), 'lease_until') or '')
+  if u and u < t and (not mine_until or u < mine_until) then lapsed = lapsed + 1 end
+end
+if mine_until then return lapsed end
 if h[1] ~= 'QUEUED' then return -1 end
 local kid, odo = h[2] or '', tonumber(h[3] or '0')
 local q = k_fair_queue(kid)
-local ahead = redis.call('ZCOUNT', q, '-inf', '(' .. num(odo))
+local ahead = lapsed + redis.call('ZCOUNT', q, '-inf', '(' .. num(odo))
 local mine = tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
 if not mine then return ahead end
 local head = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')

@@ -22,6 +22,11 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local function num(x) return string.format('%.17g', x) end
+-- the lease `token` still holds: the job is PROCESSING under it and its deadline has not passed (past
+-- it, every reader sees the job QUEUED again, and the next claim takes it)
+local function holds(state, held_token, lease_until, token)
+  return state == 'PROCESSING' and held_token == token and tonumber(lease_until or '0') >= now()
+end
 -- credits move as integer micro-credits (exact in a double below 2^53; see base.MAX_CREDITS)
 local function micro(x) return math.floor(tonumber(x) * MICRO + 0.5) end
 local function credits(u) return num(u / MICRO) end
@@ -95,9 +100,11 @@ local function take(id, entry, worker, token, lease_ms, horizon, t)
   if not entry then entry = next_ticket(worker, id) end
   redis.call('HSET', K_TICKETS, entry, id)
   redis.call('HSET', jk, 'entry', entry, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
-    'lease_until', num(t + lease_ms / 1000), 'lease_ms', num(lease_ms), 'started_at', num(t), 'step', 0)
+    'lease_until', num(t + lease_ms / 1000), 'lease_ms', num(lease_ms), 'started_at', num(t), 'step', 0,
+    'phase', '')
   redis.call('HINCRBY', jk, 'deliveries', 1)
-  redis.call('HINCRBY', jk, 'version', 1)
+  -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
+  redis.call('HINCRBY', jk, 'version', h[1] == 'PROCESSING' and 2 or 1)
   redis.call('XCLAIM', K_STREAM, K_GROUP, worker, 0, entry, 'IDLE', idle_for(lease_ms, horizon), 'JUSTID')
   outbox(id, 'start', t)
   publish(id)
@@ -108,6 +115,8 @@ local function reclaim(id, entry, state, deliveries, worker, token, lease_ms, ho
   if state == 'PROCESSING' then redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1) end
   if deliveries >= max_deliveries then
     local reason = 'worker lost ' .. deliveries .. ' times'
+    -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change
+    if state == 'PROCESSING' then redis.call('HINCRBY', k_job(id), 'version', 1) end
     fail_job(id, reason, t)
     redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
     redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
@@ -178,23 +187,23 @@ return with_status('ok', redis.call('HGETALL', jk))
     # ARGV: id, token, lease_ms, horizon_ms
     names.SCRIPT_HEARTBEAT: r"""
 local jk, lease_ms = k_job(ARGV[3]), tonumber(ARGV[5])
-local h = redis.call('HMGET', jk, 'state', 'lease_token', 'lease_worker', 'entry')
-if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+local h = redis.call('HMGET', jk, 'state', 'lease_token', 'lease_worker', 'entry', 'lease_until')
+if not holds(h[1], h[2], h[5], ARGV[4]) then return 0 end
 redis.call('HSET', jk, 'lease_until', num(now() + lease_ms / 1000), 'lease_ms', num(lease_ms))
 redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, h[4], 'IDLE', idle_for(lease_ms, tonumber(ARGV[6])),
   'JUSTID')
 return 1
 """,
-    # ARGV: id, token, step, total_steps[, preview webp]
+    # ARGV: id, token, step, total_steps, phase[, preview webp]
     names.SCRIPT_PROGRESS: r"""
 local jk = k_job(ARGV[3])
-local h = redis.call('HMGET', jk, 'state', 'lease_token', 'cancel_requested')
-if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
-redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6])
-if ARGV[7] then
+local h = redis.call('HMGET', jk, 'state', 'lease_token', 'cancel_requested', 'lease_until')
+if not holds(h[1], h[2], h[4], ARGV[4]) then return 0 end
+redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6], 'phase', ARGV[7])
+if ARGV[8] then
   -- the latest preview, written before the change is published (a woken watcher finds it)
   local pk = k_preview(ARGV[3])
-  redis.call('HSET', pk, 'step', ARGV[5], 'data', ARGV[7])
+  redis.call('HSET', pk, 'step', ARGV[5], 'data', ARGV[8])
   redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
 end
 redis.call('HINCRBY', jk, 'version', 1)
@@ -211,8 +220,8 @@ return ack
     names.SCRIPT_COMPLETE: r"""
 local id = ARGV[3]
 local h = redis.call('HMGET', k_job(id), 'state', 'lease_token', 'key_id', 'cost', 'total_steps',
-  'cancel_requested')
-if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+  'cancel_requested', 'lease_until')
+if not holds(h[1], h[2], h[7], ARGV[4]) then return 0 end
 if h[6] == '1' then
   -- a cancel acknowledged before this completion wins: FAILED "cancelled", refunded
   fail_job(id, 'cancelled', now())
@@ -236,8 +245,8 @@ return 1
 """,
     # ARGV: id, token, error
     names.SCRIPT_FAIL: r"""
-local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'lease_token')
-if h[1] ~= 'PROCESSING' or h[2] ~= ARGV[4] then return 0 end
+local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'lease_token', 'lease_until')
+if not holds(h[1], h[2], h[3], ARGV[4]) then return 0 end
 fail_job(ARGV[3], ARGV[5], now())
 return 1
 """,

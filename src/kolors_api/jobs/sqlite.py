@@ -35,6 +35,7 @@ from kolors_api.jobs.base import (
     QueueFull,
     StoreStats,
     TooManyRunning,
+    as_seen,
     credits_of,
     micro,
     output_readable,
@@ -77,7 +78,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     version INTEGER NOT NULL DEFAULT 0,
     expires_at REAL,
     idempotency_key TEXT,
-    webhook TEXT
+    webhook TEXT,
+    phase TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key_id, seq);
@@ -150,6 +152,8 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
             with self._tx() as c:
                 c.execute("UPDATE jobs SET state='QUEUED', lease_token=NULL, lease_worker=NULL, "
                           "lease_until=NULL, version=version+1 WHERE state='PROCESSING'")
+        if "phase" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
+            conn.execute("ALTER TABLE jobs ADD COLUMN phase TEXT NOT NULL DEFAULT ''")  # a store of before
         fair_db.migrate(conn)  # after the recovery: the keys of re-queued jobs become active
         hooks.migrate(conn)
 
@@ -280,7 +284,7 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
         row = self._q1("SELECT * FROM jobs WHERE id=?", job_id)
         if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
             return None
-        return job_of(row)
+        return as_seen(job_of(row), row["lease_until"], time.time())
 
     async def get(self, job_id: str) -> Job | None:
         return await self._run(self._get, job_id)
@@ -298,10 +302,17 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
     async def queue_position(self, job_id: str) -> int | None:
         def q() -> int | None:
             row = self._q1("SELECT * FROM jobs WHERE id=?", job_id)
+            if row is not None and row["state"] == "PROCESSING" and row["lease_until"] is not None \
+                    and row["lease_until"] < time.time():
+                # QUEUED again (its lease ran out): served before every queued job, by lease deadline
+                ahead = self._q1("SELECT COUNT(*) FROM jobs WHERE state='PROCESSING' AND lease_until<?",
+                                 row["lease_until"])
+                return int(ahead[0]) if ahead is not None else 0
             if row is None or row["state"] != "QUEUED":
                 return None
             assert self._conn is not None
-            return fair_db.position(self._conn, row)
+            lapsed = self._q1("SELECT COUNT(*) FROM jobs WHERE state='PROCESSING' AND lease_until<?", time.time())
+            return fair_db.position(self._conn, row) + (int(lapsed[0]) if lapsed is not None else 0)
         return await self._run(q)
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
@@ -350,7 +361,9 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
                 "ORDER BY seq DESC LIMIT ?", (key_id, before, time.time(), limit + 1)).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
-            return [job_of(r) for r in rows], (str(rows[-1]["seq"]) if more and rows else None)
+            now = time.time()
+            return ([as_seen(job_of(r), r["lease_until"], now) for r in rows],
+                    str(rows[-1]["seq"]) if more and rows else None)
         return await self._run(q)
 
     # -- jobs: worker side
@@ -388,6 +401,8 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
                 if row["state"] == "PROCESSING":
                     bump(c, "reclaims")
                 if row["deliveries"] >= self.max_deliveries:
+                    if row["state"] == "PROCESSING":  # back to QUEUED when its lease ran out (`as_seen`)
+                        c.execute("UPDATE jobs SET version=version+1 WHERE id=?", (row["id"],))
                     reason = f"worker lost {row['deliveries']} times"
                     self._finish_failed(c, row, reason)
                     c.execute("INSERT OR REPLACE INTO dead_letters(job_id, reason, at) VALUES (?,?,?)",
@@ -410,15 +425,16 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
 
     def _holds(self, c: sqlite3.Connection, lease: Lease) -> sqlite3.Row | None:
         row: sqlite3.Row | None = c.execute(
-            "SELECT * FROM jobs WHERE id=? AND state='PROCESSING' AND lease_token=?",
-            (lease.job.id, lease.token)).fetchone()
+            "SELECT * FROM jobs WHERE id=? AND state='PROCESSING' AND lease_token=? AND lease_until>=?",
+            (lease.job.id, lease.token, time.time())).fetchone()
         return row
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         def q() -> bool:
             with self._tx() as c:
                 cur = c.execute("UPDATE jobs SET lease_until=? WHERE id=? AND state='PROCESSING' "
-                                "AND lease_token=?", (time.time() + lease_seconds, lease.job.id, lease.token))
+                                "AND lease_token=? AND lease_until>=?",
+                                (time.time() + lease_seconds, lease.job.id, lease.token, time.time()))
                 return cur.rowcount == 1
         return await self._run(q)
 
@@ -432,9 +448,10 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
             with self._tx() as c:
                 for r in reports:
                     job_id = r.lease.job.id
-                    row = c.execute("UPDATE jobs SET step=?, total_steps=?, version=version+1 WHERE id=? AND "
-                                    "state='PROCESSING' AND lease_token=? RETURNING cancel_requested",
-                                    (r.step, r.total_steps, job_id, r.lease.token)).fetchone()
+                    row = c.execute("UPDATE jobs SET step=?, total_steps=?, phase=?, version=version+1 WHERE id=? "
+                                    "AND state='PROCESSING' AND lease_token=? AND lease_until>=? RETURNING "
+                                    "cancel_requested", (r.step, r.total_steps, r.phase, job_id, r.lease.token,
+                                                         now)).fetchone()
                     if row is None:
                         acks.append(ProgressAck(held=False))
                         continue

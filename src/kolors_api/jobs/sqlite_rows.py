@@ -30,8 +30,10 @@ def take(c: sqlite3.Connection, job_id: str, worker_id: str, now: float, lease_s
     """Lease a job (queued, or one whose lease ran out) to `worker_id`: one more delivery."""
     token = uuid.uuid4().hex
     before = c.execute("SELECT state, key_id, work FROM jobs WHERE id=?", (job_id,)).fetchone()
+    # a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
     c.execute("UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, lease_worker=?, "
-              "lease_until=?, started_at=?, step=0, version=version+1 WHERE id=?",
+              "lease_until=?, started_at=?, step=0, phase='', "
+              "version=version+(CASE state WHEN 'PROCESSING' THEN 2 ELSE 1 END) WHERE id=?",
               (token, worker_id, now + lease_seconds, now, job_id))
     if before["state"] == "QUEUED":  # a reclaimed job was charged at its first claim
         fair_db.taken(c, before["key_id"], before["work"])
@@ -58,7 +60,7 @@ def job_of(row: sqlite3.Row) -> Job:
         outputs=row["outputs"], ext=row["ext"], seeds=json.loads(row["seeds"]),
         metrics=json.loads(row["metrics"]), deliveries=row["deliveries"],
         cancel_requested=bool(row["cancel_requested"]), version=row["version"],
-        expires_at=row["expires_at"] or 0.0,
+        expires_at=row["expires_at"] or 0.0, phase=row["phase"],
     )
 
 

@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from kolors_api.jobs import JobStore, Lease, ProgressAck, ProgressReport
+from kolors_api.jobs import Job, JobState, JobStore, Lease, ProgressAck, ProgressReport
 from kolors_api.jobs.outage import is_outage
 from kolors_api.schema import GenerateParams
 from kolors_api.worker.previews import take_preview
@@ -68,13 +69,13 @@ class CallReports:
     def add(self, run: JobRun) -> None:
         self._runs.append(run)
 
-    def put(self, run: JobRun, step: int, total: int, preview: bytes | None) -> None:
+    def put(self, run: JobRun, step: int, total: int, preview: bytes | None, phase: str = "denoising") -> None:
         """Queue a job's step (engine thread); a preview not yet sent stays with the newer step."""
         with self._lock:
             older = self._pending.get(run)
             if preview is None and older is not None:
                 preview = older.preview
-            self._pending[run] = ProgressReport(run.lease, step, total, preview)
+            self._pending[run] = ProgressReport(run.lease, step, total, preview, phase)
             self._latest[run] = step
             ready = self._round_complete()
         self.loop.call_soon_threadsafe(self._kick if ready else self._arm)
@@ -137,6 +138,26 @@ class CallReports:
             self._kick(force=True)
 
 
+def outcome_line(lease: Lease, job: Job | None, key_name: str | None) -> str:
+    """`job 3f2a… key alice: 1024x1024 x1, 25 steps, queued 0.12 s, ran 3.40 s: COMPLETED`."""
+    params = lease.job.params
+    now = time.time()
+    started = lease.job.started_at or now
+    ended = job.finished_at if job is not None and job.finished_at else now
+    if job is None:
+        outcome = "gone (expired)"
+    elif job.state == JobState.COMPLETED:
+        outcome = "COMPLETED"
+    elif job.state == JobState.FAILED:
+        outcome = f"FAILED: {job.error}"
+    else:
+        outcome = f"lease lost (delivery {lease.delivery}); delivered again"
+    return (f"job {lease.job.id} key {key_name or '-'}: {params.get('width')}x{params.get('height')} "
+            f"x{params.get('number_of_images', 1)}, {params.get('steps')} steps, "
+            f"queued {max(0.0, started - lease.job.created_at):.2f} s, ran {max(0.0, ended - started):.2f} s: "
+            f"{outcome}")
+
+
 class JobRun:
     """A claimed job while the engine runs it."""
 
@@ -147,6 +168,7 @@ class JobRun:
         self.params = GenerateParams.from_dict(lease.job.params)
         self.reports = reports
         reports.add(self)
+        self.total_steps = 0  # as the engine's last step said
         self.abort = threading.Event()
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
@@ -189,11 +211,40 @@ class JobRun:
         someone watches, made here: it is only valid during this call), or raise `JobAborted`."""
         if self.abort.is_set():
             raise JobAborted(self.reason or "aborted")
-        self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None))
+        self.total_steps = total
+        # after the last step the engine decodes the latents: that is what the job does next
+        self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None),
+                         "decoding" if step >= total else "denoising")
+
+    async def enter(self, phase: str) -> None:
+        """Say the phase that starts now, after the engine's (`encoding`, `storing`); a report the store
+        refuses (lease lost) stops the job, one that fails is only logged (the outcome goes on)."""
+        total = self.total_steps or self.params.steps
+        try:
+            acks = await self.store.progress_many([ProgressReport(self.lease, total, total, None, phase)])
+        except Exception as exc:
+            if not is_outage(exc):
+                log.error("job %s: phase %s not stored", self.job.id, phase, exc_info=exc)
+            return
+        if not acks[0].held:
+            self.stop(LEASE_LOST)
 
     async def settle(self) -> None:
         """Wait for the reports the engine made so far (see `CallReports.settle`)."""
         await self.reports.settle()
+
+    async def log_outcome(self) -> None:
+        """The one INFO line of a job this worker took to an end: its id, key name, shape, steps,
+        queue and run time, and outcome (as stored; "lease lost" when another delivery has it now)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        try:
+            job = await self.store.get(self.job.id)
+            key = await self.store.get_key(self.job.key_id) if self.job.key_id else None
+        except Exception as exc:  # the store is away: the outcome was logged where it failed
+            log.debug("job %s: outcome not read for the log", self.job.id, exc_info=exc)
+            return
+        log.info(outcome_line(self.lease, job, key.name if key is not None else None))
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""

@@ -257,6 +257,7 @@ class Worker:
                 if blocked:
                     await self._store(run, self.store.fail(run.lease, f"content blocked: {blocked}"))
                     run.done = True
+                    await run.log_outcome()
         runs = [run for run in runs if not run.done]
         if not runs:
             return _nothing()
@@ -310,6 +311,7 @@ class Worker:
                 await run.settle()
                 await self._store(run, self._outcome(run, out))
                 run.done = True
+                await run.log_outcome()
         finally:
             hb.cancel()
 
@@ -337,7 +339,9 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         if getattr(out, "encode", None) is not None:  # encoded here, while the engine runs the next batch
+            await run.enter("encoding")
             out.images = await loop.run_in_executor(self._post, out.encode)
+        await run.enter("storing")  # (the images' screening, then the store)
         if self.safety is not None:
             blocked = await loop.run_in_executor(self._post, self.safety.check_images, out.images)
             if blocked:

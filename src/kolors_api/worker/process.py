@@ -25,7 +25,9 @@ import socket
 import sys
 from collections.abc import Callable
 
+from kolors_api import logs
 from kolors_api.jobs import JobStore, make_store
+from kolors_api.logs import FORMAT
 from kolors_api.settings import Settings
 from kolors_api.worker.messages import Changed, Fatal, Hello, JobDone, Message, Ready, decode, encode
 from kolors_api.worker.metrics import engine_report
@@ -126,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl+C reaches the whole foreground group: the supervisor decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings(**json.loads(sys.stdin.read()))
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s [engine {args.index}] %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_level, FORMAT.replace("%(asctime)s", f"%(asctime)s [engine {args.index}]"))
     sock = socket.socket(fileno=args.fd)
     try:
         return asyncio.run(run(settings, sock))

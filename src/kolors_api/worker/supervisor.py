@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +40,6 @@ log = logging.getLogger("kolors_api.worker")
 #: Restart backoff of an engine process that died, in seconds: first, doubling up to the cap; back to
 #: the first once one ran `HEALTHY_SECONDS`.
 RESTART_FIRST, RESTART_CAP, HEALTHY_SECONDS = 1.0, 30.0, 60.0
-DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
 
 
 class DeviceError(ValueError):
@@ -50,33 +47,15 @@ class DeviceError(ValueError):
 
 
 def engine_devices(spec: str | None) -> list[str | None]:
-    """The devices of `--device`: one engine process each. None (the engine's own choice: CUDA when
-    there is one), a device (`cuda:1`), a list (`cuda:0,cuda:1`; repeats allowed: `cpu,cpu`), or `all`
-    (every CUDA device torch sees, asked of a short-lived child process: this one imports no torch;
-    the CPU when there is none). `DeviceError` for anything else, naming the forms."""
-    if spec is None or not spec.strip():
-        return [None]
-    if spec.strip().lower() == "all":
-        count = cuda_device_count()
-        return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
-    devices: list[str | None] = []
-    for item in (part.strip().lower() for part in spec.split(",")):
-        kind, _, index = item.partition(":")
-        if kind not in DEVICE_KINDS or (index and not (index.isascii() and index.isdigit())):
-            raise DeviceError(f"--device {spec[:60]!r}: expected cpu, cuda, cuda:N (or mps), a comma-separated "
-                             f"list of them (cuda:0,cuda:1), or all")
-        devices.append(item)
-    return devices
+    """The devices of `--device`, one engine process each (`kolors_api.preflight.devices`: a device,
+    a list with repeats allowed such as `cpu,cpu`, or `all`); unset: one, on the engine's own choice
+    (CUDA when there is one). `DeviceError` names what is wrong."""
+    from kolors_api.preflight import Refused, devices
 
-
-@functools.cache
-def cuda_device_count() -> int:
-    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return int(out.stdout.strip() or 0)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return 0
+        return list(devices(spec)) or [None]
+    except Refused as exc:
+        raise DeviceError(str(exc)) from None
 
 
 def exit_cause(returncode: int, fatal: str | None) -> str:

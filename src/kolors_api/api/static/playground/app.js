@@ -1,7 +1,7 @@
 // The playground: key, tabs, the generation form, a job followed to its end, "Copy as code".
 import { ApiError, api, baseUrl, explain, follow, getKey, setKey } from "./api.js";
 import { loadAccount, loadHistory, loadKeys, setupKeys } from "./console.js";
-import { $, copyText, el } from "./dom.js";
+import { $, copyText, credits, el } from "./dom.js";
 import { ParamsForm } from "./form.js";
 import { snippet } from "./snippets.js";
 
@@ -10,6 +10,9 @@ let models = [];
 let form = null;
 let lang = "segmind";
 let job = null; // {id, controller}
+//: What the job state line says in each phase of a running job (the status' progress.phase).
+const PHASES = { denoising: "Generating…", decoding: "Decoding the image…", encoding: "Encoding the image…",
+  storing: "Storing the image…" };
 
 // -- key
 function keyMessage(text, bad = false) {
@@ -27,8 +30,8 @@ async function checkKey() {
   keyMessage("Checking the key…");
   try {
     const { data } = await api("v1/account");
-    const credits = data.credits === null ? "unlimited credits" : `${data.credits} credits`;
-    keyMessage(`Key of ${data.name}${data.admin ? " (admin)" : ""}: ${credits}.`);
+    const left = data.credits === null ? "unlimited credits" : credits(data.credits);
+    keyMessage(`Key of ${data.name}${data.admin ? " (admin)" : ""}: ${left}.`);
     $("#tab-keys").hidden = !data.admin;
   } catch (err) {
     keyMessage(explain(err), true);
@@ -115,8 +118,9 @@ function onEvent(event, body) {
   } else if (event === "started") {
     $("#job-state").textContent = "Generating…";
   } else if (event === "progress") {
-    $("#job-state").textContent = "Generating…";
     const total = body.total_steps || 1;
+    const phase = body.phase || "denoising";
+    $("#job-state").textContent = PHASES[phase] || "Generating…";
     $("#bar").max = total;
     $("#bar").value = body.step;
     $("#step-text").textContent = `step ${body.step}/${total}`;
@@ -199,12 +203,16 @@ async function generate(event) {
   $("#job-state").textContent = "Queued";
   $("#job").dataset.request = current.id;
   button.disabled = false;
+  // the progress (and, on a phone, everything below the form) where the eye is
+  // (one column on a phone: the job to the top, with room below for the preview that comes)
+  $("#job").scrollIntoView({ block: matchMedia("(max-width: 760px)").matches ? "start" : "nearest" });
   try {
     await follow(current.id, (name, data) => { if (job === current) onEvent(name, data); }, current.controller.signal);
   } catch (err) {
     if (!current.controller.signal.aborted) showFailure(explain(err));
   } finally {
     if (job === current) job = null;
+    checkKey(); // the header's credits as they are now: charged, or refunded
   }
 }
 
@@ -230,6 +238,12 @@ async function loadModels() {
     select.value = model;
     useModel(model);
     select.addEventListener("change", () => useModel(select.value));
+    if (models.some((m) => m.random_weights)) {
+      // test weights: the pictures are noise by design, not a broken server
+      $("#model-note").textContent = "This server runs a test model with random weights (tiny): it draws noise, "
+        + "not pictures. Start it with --model Kwai-Kolors/Kolors-diffusers for real images.";
+      $("#model-note").hidden = false;
+    }
     $("#gen-form").dataset.ready = "true";
   } catch (err) {
     $("#fields").textContent = `Cannot load the model list: ${err.message || err}`;
@@ -261,6 +275,7 @@ function main() {
   });
   $("#reset").addEventListener("click", () => { form.reset(); updateCode(); });
   $("#cancel").addEventListener("click", cancel);
+  document.addEventListener("kolors:account", checkKey);
   loadModels();
   checkKey();
 }

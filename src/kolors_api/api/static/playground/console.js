@@ -2,7 +2,7 @@
 // and for an admin key the keys page (create, list, disable/enable, add credits, delete: the
 // actions of `kolors-api keys`, under the same names).
 import { api, explain } from "./api.js";
-import { $, copyText, el } from "./dom.js";
+import { $, copyText, credits, el } from "./dom.js";
 
 const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
 
@@ -29,12 +29,19 @@ export async function loadHistory(rerun, more = false) {
   }
 }
 
+/** What a request cost: charged once COMPLETED, refunded when FAILED, reserved until then. */
+function charged(item) {
+  if (item.status === "FAILED") return "refunded";
+  if (item.status === "COMPLETED") return credits(item.cost);
+  return `${credits(item.cost)} reserved`;
+}
+
 async function historyItem(item, rerun) {
   const li = el("li", { class: "history-item", "data-request": item.request_id });
   const meta = el("div", {},
     el("strong", { class: `state state-${item.status.toLowerCase()}` }, item.status), " ",
     el("code", {}, item.request_id), el("br"),
-    el("span", { class: "muted" }, `${when(item.created_at)} · ${item.cost} credits`));
+    el("span", { class: "muted", "data-cost": "" }, `${when(item.created_at)} · ${charged(item)}`));
   if (item.error) meta.append(el("br"), el("span", { class: "error" }, item.error));
   let thumb = el("div", { class: "thumb empty" });
   if (item.status === "COMPLETED") {
@@ -58,6 +65,7 @@ async function historyItem(item, rerun) {
 
 // -- account
 export async function loadAccount() {
+  document.dispatchEvent(new Event("kolors:account"));
   const dl = $("#account");
   const msg = $("#account-msg");
   dl.replaceChildren();
@@ -121,6 +129,7 @@ async function act(call, done) {
     await call();
     await loadKeys();
     $("#keys-msg").textContent = done;
+    document.dispatchEvent(new Event("kolors:account")); // the header's credits may have moved
   } catch (err) {
     $("#keys-msg").textContent = explain(err);
   }

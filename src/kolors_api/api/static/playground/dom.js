@@ -14,6 +14,16 @@ export function el(tag, attrs = {}, ...children) {
 
 export const $ = (selector) => document.querySelector(selector);
 
+/** `text` with its `code` spans (between backticks) as <code> elements: the nodes to append. */
+export function withCode(text) {
+  return String(text).split("`").map((part, i) => (i % 2 ? el("code", {}, part) : part)).filter((p) => p !== "");
+}
+
+/** "1 credit", "1.2 credits". */
+export function credits(amount) {
+  return `${amount} credit${Number(amount) === 1 ? "" : "s"}`;
+}
+
 /** Copy `text` to the clipboard; falls back to a selected, hidden textarea where the API is missing. */
 export async function copyText(text) {
   try {

@@ -3,7 +3,7 @@
 // mirror the server's (the server stays the judge: its 400 is shown next to the field it names).
 // A string enum is a select, an array of enum strings a group of checkboxes (one per choice), any
 // other string a text box, a number or an integer a number input.
-import { el } from "./dom.js";
+import { el, withCode } from "./dom.js";
 
 const LABELS = { cfg: "CFG (guidance)", number_of_images: "Images", output_format: "Format",
   output_quality: "Quality", negative_prompt: "Negative prompt" };
@@ -68,7 +68,7 @@ export class ParamsForm {
     }
     if (prop.description) help.push(prop.description);
     const error = el("span", { class: "field-error", id: `err-${name}`, role: "alert" });
-    const hint = el("small", { class: "muted", id: `hint-${name}` }, help.join(" · "));
+    const hint = el("small", { class: "muted", id: `hint-${name}` }, ...withCode(help.join(" · ")));
     input.setAttribute("aria-describedby", `hint-${name} err-${name}`);
     this.inputs[name] = input;
     this.errors[name] = error;
@@ -81,7 +81,7 @@ export class ParamsForm {
   choices(name, prop) {
     const legend = el("legend", {}, label(name));
     const help = [prop.description, prop.minItems ? "choose at least one" : ""].filter(Boolean).join(" · ");
-    const hint = el("small", { class: "muted", id: `hint-${name}` }, help);
+    const hint = el("small", { class: "muted", id: `hint-${name}` }, ...withCode(help));
     const error = el("span", { class: "field-error", id: `err-${name}`, role: "alert" });
     const group = el("fieldset", { id: `f-${name}`, class: "choices", "data-field": name,
       "aria-describedby": `hint-${name} err-${name}` }, legend);
