@@ -66,23 +66,30 @@ def slow(settings: Settings) -> Wrapped:
     return Wrapped(kolors(settings), after_step=lambda params, i: time.sleep(seconds))
 
 
-def failing(settings: Settings) -> Wrapped:
-    def fault(params: GenerateParams, i: int) -> None:
-        if "fail" in params.prompt:
-            raise RuntimeError("injected fault")
+def fault(params: GenerateParams, i: int) -> None:
+    if "fail" in params.prompt:
+        raise RuntimeError("injected fault")
 
+
+def poison(params: GenerateParams) -> None:
+    if "poison" in params.prompt:
+        _sigkill()
+
+
+def crash(params: GenerateParams, i: int) -> None:
+    if i == 2 and "crash" in params.prompt:
+        _sigkill()
+
+
+def failing(settings: Settings) -> Wrapped:
     return Wrapped(kolors(settings), after_step=fault)
 
 
 def kill_on_claim(settings: Settings) -> Wrapped:
-    return Wrapped(kolors(settings), before=lambda params: _sigkill() if "poison" in params.prompt else None)
+    return Wrapped(kolors(settings), before=poison)
 
 
 def kill_mid_step(settings: Settings) -> Wrapped:
-    def crash(params: GenerateParams, i: int) -> None:
-        if i == 2 and "crash" in params.prompt:
-            _sigkill()
-
     return Wrapped(kolors(settings), after_step=crash)
 
 

@@ -1,0 +1,150 @@
+"""Torch-free engines for the tests where the pixels are not the point: small real images, made by Pillow.
+
+A server or worker loads one with ``--engine tests.pixel_engines:NAME`` (and ``ENGINE_ENV`` from
+tests/engines.py, for the import path). None imports torch or diffusers, and none loads a model: a
+process that runs one is up in about a second, so cancels, leases, progress, credits, webhooks,
+rate limits, events and the fleet's behaviour are tested on processes that start fast. What the
+pixels must be (the SDK tests, parity with diffusers, the playground, the README, one chaos test)
+stays on the tiny Kolors pipeline (`tests.engines`, the default engine).
+
+- `pixels`: every image is a flat colour drawn from (prompt, negative prompt, seed of the image,
+  steps, cfg, scheduler), at the requested size, encoded in the requested format: same request,
+  same bytes; another seed, other bytes. ``on_step`` is called after each of ``steps`` steps, with
+  a small webp preview.
+- `gate`: `pixels`, but a job whose prompt holds ``hold:NAME`` stops after step
+  ``KOLORS_TEST_GATE_STEP`` (default 1) until the test opens the gate: it writes
+  ``$KOLORS_TEST_GATE_DIR/NAME.held`` when it gets there and goes on once
+  ``$KOLORS_TEST_GATE_DIR/NAME.open`` exists (`Gate` below is the test's side).
+- `slow`, `failing`, `kill_on_claim`, `kill_mid_step`, `slow_finish`: the broken engines of
+  tests/engines.py, around `pixels` instead of the tiny pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from kolors_api.schema import GenerateParams
+from kolors_api.settings import Settings
+from kolors_api.worker.engines import StepCallback
+from tests import engines
+from tests.engines import Wrapped
+
+ENGINE_ENV = engines.ENGINE_ENV
+#: Pillow's names of our output formats.
+FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+@dataclass
+class Output:
+    images: list[bytes]
+    seeds: list[int]
+    inference_time: float
+    content_type: str = field(default="image/webp")
+
+
+def colour(params: GenerateParams, seed: int) -> tuple[int, int, int]:
+    key = repr((params.prompt, params.negative_prompt, seed, params.steps, params.cfg, params.scheduler))
+    r, g, b = hashlib.sha256(key.encode()).digest()[:3]
+    return r, g, b
+
+
+def encode(size: tuple[int, int], rgb: tuple[int, int, int], output_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, FORMATS[output_format], quality=quality)
+    return buf.getvalue()
+
+
+class Pixels:
+    """Flat-colour images at the requested size, one step callback per step; no torch."""
+
+    def __init__(self, hold: Callable[[GenerateParams, int], None] | None = None) -> None:
+        self.hold = hold
+
+    def generate(self, params: GenerateParams, on_step: StepCallback | None = None) -> Output:
+        started = time.perf_counter()
+        first = colour(params, params.seeds[0])
+        size = (max(1, params.width // 8), max(1, params.height // 8))
+        for step in range(1, params.steps + 1):
+            if on_step is not None:
+                on_step(step, params.steps, lambda: encode(size, first, "webp", 50))
+            if self.hold is not None:
+                self.hold(params, step)
+        images = [encode((params.width, params.height), colour(params, seed), params.output_format,
+                         params.output_quality) for seed in params.seeds]
+        return Output(images, params.seeds, time.perf_counter() - started, params.content_type)
+
+
+def pixels(settings: Settings) -> Pixels:
+    return Pixels()
+
+
+class Gate:
+    """The test's side of the `gate` engine: `env` for the process, `wait_held(name)` until a job
+    holding ``hold:NAME`` waits at the gate, `open(name)` to let it go on."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**ENGINE_ENV, "KOLORS_TEST_GATE_DIR": str(self.dir)}
+
+    def held(self, name: str) -> bool:
+        return (self.dir / f"{name}.held").exists()
+
+    def wait_held(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.held(name):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no job reached the gate {name!r} in {timeout}s")
+            time.sleep(0.02)
+
+    def open(self, name: str) -> None:
+        (self.dir / f"{name}.open").touch()
+
+
+def _wait_at_gate(params: GenerateParams, step: int) -> None:
+    if step != int(os.environ.get("KOLORS_TEST_GATE_STEP", "1")):
+        return
+    for word in params.prompt.split():
+        if word.startswith("hold:"):
+            gate = Path(os.environ["KOLORS_TEST_GATE_DIR"])
+            name = word.removeprefix("hold:")
+            (gate / f"{name}.held").touch()
+            while not (gate / f"{name}.open").exists():
+                time.sleep(0.01)
+
+
+def gate(settings: Settings) -> Pixels:
+    return Pixels(hold=_wait_at_gate)
+
+
+# -- tests/engines.py's broken engines, torch-free
+def slow(settings: Settings) -> Wrapped:
+    seconds = float(os.environ.get("KOLORS_TEST_STEP_SECONDS", "0.5"))
+    return Wrapped(Pixels(), after_step=lambda params, i: time.sleep(seconds))
+
+
+def failing(settings: Settings) -> Wrapped:
+    return Wrapped(Pixels(), after_step=engines.fault)
+
+
+def kill_on_claim(settings: Settings) -> Wrapped:
+    return Wrapped(Pixels(), before=engines.poison)
+
+
+def kill_mid_step(settings: Settings) -> Wrapped:
+    return Wrapped(Pixels(), after_step=engines.crash)
+
+
+def slow_finish(settings: Settings) -> Wrapped:
+    return engines.SlowFinish(Pixels())
