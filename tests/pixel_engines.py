@@ -10,13 +10,15 @@ stays on the tiny Kolors pipeline (`tests.engines`, the default engine).
 - `pixels`: every image is a flat colour drawn from (prompt, negative prompt, seed of the image,
   steps, cfg, scheduler), at the requested size, encoded in the requested format: same request,
   same bytes; another seed, other bytes. ``on_step`` is called after each of ``steps`` steps, with
-  a small webp preview.
+  a preview: a webp of an eighth of the size, of another colour at each step.
 - `gate`: `pixels`, but a job whose prompt holds ``hold:NAME`` stops after step
   ``KOLORS_TEST_GATE_STEP`` (default 1) until the test opens the gate: it writes
   ``$KOLORS_TEST_GATE_DIR/NAME.held`` when it gets there and goes on once
   ``$KOLORS_TEST_GATE_DIR/NAME.open`` exists (`Gate` below is the test's side).
 - `slow`, `failing`, `kill_on_claim`, `kill_mid_step`, `slow_finish`: the broken engines of
-  tests/engines.py, around `pixels` instead of the tiny pipeline.
+  tests/engines.py, around `pixels` instead of the tiny pipeline (`slow` sleeps before the first
+  step too, where a pipeline encodes the prompt: ``KOLORS_TEST_FIRST_STEP_SECONDS``, by default a
+  step's time).
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Output:
     content_type: str = field(default="image/webp")
 
 
-def colour(params: GenerateParams, seed: int) -> tuple[int, int, int]:
-    key = repr((params.prompt, params.negative_prompt, seed, params.steps, params.cfg, params.scheduler))
+def colour(params: GenerateParams, seed: int, step: int | None = None) -> tuple[int, int, int]:
+    """The colour of image `seed` of a request (at `step`, for a preview)."""
+    key = repr((params.prompt, params.negative_prompt, seed, params.steps, params.cfg, params.scheduler, step))
     r, g, b = hashlib.sha256(key.encode()).digest()[:3]
     return r, g, b
 
@@ -70,11 +73,12 @@ class Pixels:
 
     def generate(self, params: GenerateParams, on_step: StepCallback | None = None) -> Output:
         started = time.perf_counter()
-        first = colour(params, params.seeds[0])
         size = (max(1, params.width // 8), max(1, params.height // 8))
         for step in range(1, params.steps + 1):
             if on_step is not None:
-                on_step(step, params.steps, lambda: encode(size, first, "webp", 50))
+                # the preview: a small webp of another colour at each step, as a denoising picture changes
+                on_step(step, params.steps, lambda step=step: encode(  # type: ignore[misc]
+                    size, colour(params, params.seeds[0], step), "webp", 50))
             if self.hold is not None:
                 self.hold(params, step)
         images = [encode((params.width, params.height), colour(params, seed), params.output_format,
@@ -130,8 +134,11 @@ def gate(settings: Settings) -> Pixels:
 
 # -- tests/engines.py's broken engines, torch-free
 def slow(settings: Settings) -> Wrapped:
+    # time before the first step too, as a pipeline encodes the prompt first
     seconds = float(os.environ.get("KOLORS_TEST_STEP_SECONDS", "0.5"))
-    return Wrapped(Pixels(), after_step=lambda params, i: time.sleep(seconds))
+    first = float(os.environ.get("KOLORS_TEST_FIRST_STEP_SECONDS", str(seconds)))
+    return Wrapped(Pixels(), before=lambda params: time.sleep(first),
+                   after_step=lambda params, i: time.sleep(seconds))
 
 
 def failing(settings: Settings) -> Wrapped:

@@ -55,10 +55,15 @@ class Fleet:
         return srv
 
     def worker(self, env: dict[str, str] | None = None, *, engine: str | None = None,
-               extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        """A `kolors-api worker`; `engine` names one of tests/engines.py."""
+               extra: tuple[str, ...] = (), tiny: bool = False) -> subprocess.Popen[bytes]:
+        """A `kolors-api worker` on a torch-free engine of tests/pixel_engines.py (`engine`, default
+        `pixels`): up in about a second. `tiny=True`: on the tiny Kolors pipeline instead, wrapped
+        by `engine` of tests/engines.py when given (where the pixels are the point)."""
         n = len(self.workers)
-        engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
+        if tiny:
+            engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
+        else:
+            engine_args = ["--engine", f"tests.pixel_engines:{engine or 'pixels'}"]
         proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model),
                                  "--data-dir", str(self.root / f"worker{n}"), *engine_args, *self.blob_args, *extra],
                                 self.root / f"worker{n}", {**FAST_LEASE, **ENGINE_ENV, **(env or {})}, "worker.log")
@@ -147,7 +152,10 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
                                                                                  images: str | None) -> None:
     a, b = fleet.api(), fleet.api()
     # a little slowness per step so that the killed worker really is mid-job when the signal lands
-    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow") for _ in range(2))
+    # the one fleet test on the tiny pipeline (images in Redis): real denoising, killed for real; with
+    # images on S3, where they go is the point, on the torch-free engine
+    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow", tiny=images is None)
+              for _ in range(2))
     fleet.wait_workers(2)
     key_id, key = create_key(a)
 
