@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -155,3 +156,11 @@ def kill_mid_step(settings: Settings) -> Wrapped:
 
 def slow_finish(settings: Settings) -> Wrapped:
     return engines.SlowFinish(Pixels())
+
+
+def serving(engine: str = "pixels", *, env: dict[str, str | None] | None = None,
+            extra: list[str] | None = None) -> dict[str, Any]:
+    """`start_server`'s `env` and `extra` for a server that runs `engine` of this module, with `env`
+    and `extra` added: ``start_server("tiny", data_dir, **serving("slow", env={...}))``."""
+    return {"env": {**ENGINE_ENV, **(env or {})},
+            "extra": ["--engine", f"tests.pixel_engines:{engine}", *(extra or [])]}
