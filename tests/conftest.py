@@ -281,11 +281,11 @@ def one_torch_thread() -> Iterator[None]:
 
 # -- the suite's own rules: what counts as slow, and no silent skips
 #: Fixtures that start a process of their own: the tiny model (built by the CLI, loaded by servers
-#: and workers), the modules' API servers and the fleets (test_fleet.py, test_events_fleet.py).
+#: and workers), the modules' servers and the fleets (test_fleet.py, test_events_fleet.py).
 #: A test that uses one is `slow`, and the fast lane
 #: (`pytest -m "not slow"`) leaves it out: what stays is in-process (stores on SQLite and Redis,
 #: schema, settings, signing, layout, client, engine).
-SLOW_FIXTURES = {"tiny_model", "srv", "api_only", "fleet"}
+SLOW_FIXTURES = {"tiny_model", "server", "srv", "api_only", "fleet"}
 #: Modules slow as a whole: fuzzing runs hundreds of requests; the others start servers or the CLI
 #: in most tests.
 SLOW_MODULES = {"test_schemathesis", "test_cli_keys", "test_embedded_promises", "test_worker_failures",

@@ -1,4 +1,4 @@
-"""`kolors-api generate` as a user runs it: a subprocess against a live server (tiny model)."""
+"""`kolors-api generate` as a user runs it: a subprocess against a live server (a torch-free engine)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,25 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import LiveServer, free_port
+import pytest
+
+from tests.conftest import LiveServer, free_port, start_server
+from tests.pixel_engines import serving
 
 SMALL = ["--steps", "2", "--width", "512", "--height", "512"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The module's live server on the torch-free engine (tests/pixel_engines.py): here the CLI is
+    the point, not the pixels."""
+    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
+                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
+    yield srv
+    srv.stop()
 
 
 def is_webp(data: bytes) -> bool:

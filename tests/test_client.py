@@ -1,4 +1,4 @@
-"""`kolors_api.client` against a live server (tiny model), FAILED jobs included (a prompt the
+"""`kolors_api.client` against a live server (a torch-free engine), FAILED jobs included (a prompt the
 built-in content screen blocks ends FAILED); a MockTransport only where a live server on loopback
 cannot stand in (a second host, for where the key is sent)."""
 
@@ -21,7 +21,18 @@ from kolors_api.client import (
     KolorsAPIError,
     SegmindError,
 )
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, start_server
+from tests.pixel_engines import serving
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The module's live server on the torch-free engine (tests/pixel_engines.py): here the client is
+    the point, not the pixels."""
+    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
+                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
+    yield srv
+    srv.stop()
 
 SMALL: dict[str, Any] = {"steps": 2, "width": 512, "height": 512}
 STATES = {"QUEUED", "PROCESSING", "COMPLETED", "FAILED"}
