@@ -12,6 +12,9 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
   it hands the images back (a window for a cancel that comes "during the last step").
 - `unloadable`: raises ``OSError("injected: weights not fully cached")`` while loading, as
   `from_pretrained` does when the weights are neither cached nor reachable.
+
+Where the pixels are not the point, tests/pixel_engines.py has the same broken engines around a
+torch-free one (its processes start in about a second).
 """
 
 from __future__ import annotations

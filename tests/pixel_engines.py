@@ -27,7 +27,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from kolors_api.schema import GenerateParams
 from kolors_api.settings import Settings
 from kolors_api.worker.engines import StepCallback
 from tests import engines
+from tests.conftest import LiveServer, start_server
 from tests.engines import Wrapped
 
 ENGINE_ENV = engines.ENGINE_ENV
@@ -164,3 +165,12 @@ def serving(engine: str = "pixels", *, env: dict[str, str | None] | None = None,
     and `extra` added: ``start_server("tiny", data_dir, **serving("slow", env={...}))``."""
     return {"env": {**ENGINE_ENV, **(env or {})},
             "extra": ["--engine", f"tests.pixel_engines:{engine}", *(extra or [])]}
+
+
+def pixel_server(tmp_path_factory: Any) -> Iterator[LiveServer]:
+    """A module's live server on the `pixels` engine; ``yield from`` it in a module-scoped `server`
+    fixture where the pixels are not the point (it overrides conftest's, on the tiny pipeline)."""
+    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
+                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
+    yield srv
+    srv.stop()

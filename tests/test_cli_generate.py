@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer, free_port, start_server
-from tests.pixel_engines import serving
+from tests.conftest import LiveServer, free_port
+from tests.pixel_engines import pixel_server
 
 SMALL = ["--steps", "2", "--width", "512", "--height", "512"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The module's live server on the torch-free engine (tests/pixel_engines.py): here the CLI is
-    the point, not the pixels."""
-    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
-                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
-    yield srv
-    srv.stop()
+    """The module's live server on the torch-free engine: here the CLI is the point, not the pixels."""
+    yield from pixel_server(tmp_path_factory)
 
 
 def is_webp(data: bytes) -> bool:

@@ -21,18 +21,14 @@ from kolors_api.client import (
     KolorsAPIError,
     SegmindError,
 )
-from tests.conftest import LiveServer, start_server
-from tests.pixel_engines import serving
+from tests.conftest import LiveServer
+from tests.pixel_engines import pixel_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The module's live server on the torch-free engine (tests/pixel_engines.py): here the client is
-    the point, not the pixels."""
-    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
-                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
-    yield srv
-    srv.stop()
+    """The module's live server on the torch-free engine: here the client is the point, not the pixels."""
+    yield from pixel_server(tmp_path_factory)
 
 SMALL: dict[str, Any] = {"steps": 2, "width": 512, "height": 512}
 STATES = {"QUEUED", "PROCESSING", "COMPLETED", "FAILED"}
