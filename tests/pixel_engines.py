@@ -124,6 +124,7 @@ def _wait_at_gate(params: GenerateParams, step: int) -> None:
     for word in params.prompt.split():
         if word.startswith("hold:"):
             gate = Path(os.environ["KOLORS_TEST_GATE_DIR"])
+            gate.mkdir(parents=True, exist_ok=True)
             name = word.removeprefix("hold:")
             (gate / f"{name}.held").touch()
             while not (gate / f"{name}.open").exists():
@@ -168,9 +169,16 @@ def serving(engine: str = "pixels", *, env: dict[str, str | None] | None = None,
 
 
 def pixel_server(tmp_path_factory: Any) -> Iterator[LiveServer]:
-    """A module's live server on the `pixels` engine; ``yield from`` it in a module-scoped `server`
-    fixture where the pixels are not the point (it overrides conftest's, on the tiny pipeline)."""
-    srv = start_server("tiny", tmp_path_factory.mktemp("server"),
-                       **serving(env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120"}))
+    """A module's live server on the `gate` engine (`pixels`; a ``hold:NAME`` prompt waits at the gate
+    `server_gate(srv)`); ``yield from`` it in a module-scoped `server` fixture where the pixels are not
+    the point (it overrides conftest's, on the tiny pipeline)."""
+    data_dir = tmp_path_factory.mktemp("server")
+    srv = start_server("tiny", data_dir, **serving("gate", env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "120",
+                                                                "KOLORS_TEST_GATE_DIR": str(data_dir / "gate")}))
     yield srv
     srv.stop()
+
+
+def server_gate(srv: LiveServer) -> Gate:
+    """The gate of a `pixel_server`."""
+    return Gate(srv.data_dir / "gate")

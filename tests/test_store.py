@@ -190,10 +190,10 @@ async def test_fail_records_the_error(store: JobStore) -> None:
 @on_every_blob_store
 async def test_expired_lease_is_reclaimed_and_the_stale_worker_is_fenced(store: JobStore) -> None:
     job = await store.submit(NewJob(model="kolors", params=params()))
-    stale = await store.claim("w1", 0.2, 0.1)
+    stale = await store.claim("w1", 1.0, 0.1)  # 1 s: still fresh at the next line on a loaded machine
     assert stale is not None
     assert await store.claim("w2", 30, 0.05) is None  # lease still fresh
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     fresh = await store.claim("w2", 30, 1)
     assert fresh is not None and fresh.job.id == job.id and fresh.delivery == 2
     assert not await store.heartbeat(stale, 30)
