@@ -16,23 +16,94 @@ import httpx
 import pytest
 
 ADMIN_KEY = "kol_test_admin_key_0123456789abcdef"
-#: The Redis the fleet tests use (the machine's; a second test run beside this one sets
-#: KOLORS_API_TEST_REDIS_ADDR to a redis-server of its own, so that their databases do not collide).
-REDIS_ADDR = os.environ.get("KOLORS_API_TEST_REDIS_ADDR", "127.0.0.1:6379")
-
-
-def redis_db_url(db: int) -> str:
-    """The URL of database `db` on the test Redis."""
-    return f"redis://{REDIS_ADDR}/{db}"
-
-
-REDIS_URL = os.environ.get("KOLORS_API_TEST_REDIS", redis_db_url(0))
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# -- the test Redis: a private redis-server per test process (per xdist worker), never the machine's
+class _SessionRedis:
+    """A `redis-server` of this test process's own (no persistence, on a free port), started on first
+    use and stopped when the process ends; it dies with the process even on SIGKILL (PDEATHSIG).
+    `KOLORS_API_TEST_REDIS_ADDR=HOST:PORT` names a Redis to use instead (its databases 0-15 are
+    flushed by the tests that use them)."""
+
+    def __init__(self) -> None:
+        self.addr: str | None = os.environ.get("KOLORS_API_TEST_REDIS_ADDR") or None
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: Why there is no Redis to test against, when there is none.
+        self.missing: str | None = None
+
+    def address(self) -> str:
+        if self.addr is None:
+            self.addr = self._start()
+        return self.addr
+
+    def _start(self) -> str:
+        import atexit
+        import shutil
+        import tempfile
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            # an address where nothing answers: the tests that need Redis fail there, saying why
+            self.missing = "redis-server is not installed (.ci/install-redis installs it)"
+            return f"127.0.0.1:{free_port()}"
+        workdir = tempfile.mkdtemp(prefix="kolors-test-redis-")
+        for _ in range(5):
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", workdir, "--logfile", "", "--loglevel", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                        conn.sendall(b"PING\r\n")
+                        if conn.recv(16).startswith(b"+PONG"):
+                            atexit.register(self.stop)
+                            return f"127.0.0.1:{port}"
+                except OSError:
+                    time.sleep(0.02)
+            self.stop()  # the port was taken between free_port() and the bind: try another
+        raise RuntimeError("the test redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the test process dies (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: S110 - not Linux: atexit stops it
+        pass
+
+
+_SESSION_REDIS = _SessionRedis()
+
+
+def redis_db_url(db: int) -> str:
+    """The URL of database `db` on the test Redis (this test process's private redis-server)."""
+    return f"redis://{_SESSION_REDIS.address()}/{db}"
+
+
+def __getattr__(name: str) -> str:
+    # REDIS_ADDR and REDIS_URL start the private redis-server only when a test module imports them.
+    if name == "REDIS_ADDR":
+        return _SESSION_REDIS.address()
+    if name == "REDIS_URL":
+        return os.environ.get("KOLORS_API_TEST_REDIS") or redis_db_url(0)
+    raise AttributeError(name)
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +261,7 @@ def flushed_redis(url: str) -> Iterator[Any]:
         client.ping()
     except Exception as exc:
         client.close()
-        skip_or_fail(f"no Redis at {url}: {exc}")
+        skip_or_fail(f"no Redis at {url}: {_SESSION_REDIS.missing or exc}")
     client.flushdb()
     yield client
     client.flushdb()
@@ -210,10 +281,11 @@ def one_torch_thread() -> Iterator[None]:
 
 # -- the suite's own rules: what counts as slow, and no silent skips
 #: Fixtures that start a process of their own: the tiny model (built by the CLI, loaded by servers
-#: and workers) and the modules' API servers. A test that uses one is `slow`, and the fast lane
+#: and workers), the modules' servers and the fleets (test_fleet.py, test_events_fleet.py).
+#: A test that uses one is `slow`, and the fast lane
 #: (`pytest -m "not slow"`) leaves it out: what stays is in-process (stores on SQLite and Redis,
 #: schema, settings, signing, layout, client, engine).
-SLOW_FIXTURES = {"tiny_model", "srv", "api_only"}
+SLOW_FIXTURES = {"tiny_model", "server", "srv", "api_only", "fleet"}
 #: Modules slow as a whole: fuzzing runs hundreds of requests; the others start servers or the CLI
 #: in most tests.
 SLOW_MODULES = {"test_schemathesis", "test_cli_keys", "test_embedded_promises", "test_worker_failures",

@@ -13,6 +13,9 @@ the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wher
   it hands the images back (a window for a cancel that comes "during the last step").
 - `unloadable`: raises ``OSError("injected: weights not fully cached")`` while loading, as
   `from_pretrained` does when the weights are neither cached nor reachable.
+
+Where the pixels are not the point, tests/pixel_engines.py has the same broken engines around a
+torch-free one (its processes start in about a second).
 """
 
 from __future__ import annotations
@@ -67,23 +70,30 @@ def slow(settings: Settings) -> Wrapped:
     return Wrapped(kolors(settings), after_step=lambda params, i: time.sleep(seconds))
 
 
-def failing(settings: Settings) -> Wrapped:
-    def fault(params: GenerateParams, i: int) -> None:
-        if "fail" in params.prompt:
-            raise RuntimeError("injected fault")
+def fault(params: GenerateParams, i: int) -> None:
+    if "fail" in params.prompt:
+        raise RuntimeError("injected fault")
 
+
+def poison(params: GenerateParams) -> None:
+    if "poison" in params.prompt:
+        _sigkill()
+
+
+def crash(params: GenerateParams, i: int) -> None:
+    if i == 2 and "crash" in params.prompt:
+        _sigkill()
+
+
+def failing(settings: Settings) -> Wrapped:
     return Wrapped(kolors(settings), after_step=fault)
 
 
 def kill_on_claim(settings: Settings) -> Wrapped:
-    return Wrapped(kolors(settings), before=lambda params: _sigkill() if "poison" in params.prompt else None)
+    return Wrapped(kolors(settings), before=poison)
 
 
 def kill_mid_step(settings: Settings) -> Wrapped:
-    def crash(params: GenerateParams, i: int) -> None:
-        if i == 2 and "crash" in params.prompt:
-            _sigkill()
-
     return Wrapped(kolors(settings), after_step=crash)
 
 

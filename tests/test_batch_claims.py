@@ -11,10 +11,10 @@ import pytest
 
 from kolors_api.jobs import JobState, JobStore, NewJob
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
-from tests.test_store import BACKENDS, drop, open_store
+from tests.test_store import STORES, drop, on_every_blob_store, open_store
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=STORES)  # queue cases: the two stores; image cases marked
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
     s = await open_store(request, tmp_path)
     yield s
@@ -77,6 +77,7 @@ async def test_a_batch_keeps_within_its_image_and_pixel_budgets(store: JobStore)
     assert lease3 is not None and lease3.job.id == also
 
 
+@on_every_blob_store
 async def test_every_job_of_a_batch_keeps_its_own_lease_and_outcome(store: JobStore) -> None:
     ids = [await submit(store, seed=i) for i in range(3)]
     head = await store.claim("w1", 30, 0.1)
@@ -93,6 +94,7 @@ async def test_every_job_of_a_batch_keeps_its_own_lease_and_outcome(store: JobSt
     assert await store.read_output(ids[2], 0) == b"b"
 
 
+@on_every_blob_store
 async def test_a_batch_claimed_job_whose_worker_died_is_delivered_again(store: JobStore) -> None:
     head_id = await submit(store, seed=1)
     extra_id = await submit(store, seed=2)

@@ -22,6 +22,7 @@ from kolors_api.jobs import JobState, NewJob
 from kolors_api.jobs.blobs_s3 import S3Blobs
 from kolors_api.jobs.outage import BlobUnavailable, is_outage
 from tests.conftest import LiveServer, free_port, start_process, start_server, wait_for_status
+from tests.pixel_engines import serving
 from tests.s3_helpers import MotoS3, start_moto
 from tests.test_store import drop, make, params
 
@@ -148,10 +149,10 @@ def submit(srv: LiveServer, body: dict[str, object], key: str | None = None) -> 
     return str(r.json()["request_id"])
 
 
-def test_embedded_serve_keeps_images_on_s3_streamed_or_redirected(tiny_model: Path, tmp_path: Path,
-                                                                   moto_s3: MotoS3, s3_url: str) -> None:
-    srv = start_server(tiny_model, tmp_path / "srv", extra=["--blob-url", s3_url],
-                       env={"KOLORS_API_RETENTION_SECONDS": "600"})
+def test_embedded_serve_keeps_images_on_s3_streamed_or_redirected(tmp_path: Path, moto_s3: MotoS3,
+                                                                   s3_url: str) -> None:
+    srv = start_server("tiny", tmp_path / "srv", **serving(extra=["--blob-url", s3_url],
+                                                          env={"KOLORS_API_RETENTION_SECONDS": "600"}))
     try:
         request_id = submit(srv, SMALL)
         wait_for_status(srv, srv.key, request_id, lambda b: b["status"] == "COMPLETED")
@@ -163,8 +164,8 @@ def test_embedded_serve_keeps_images_on_s3_streamed_or_redirected(tiny_model: Pa
         assert not (tmp_path / "srv" / "outputs").exists()  # nothing on the local disk
     finally:
         srv.stop()
-    redirecting = start_server(tiny_model, tmp_path / "srv", extra=["--blob-url", s3_url], port=urlsplit(srv.url).port,
-                               env={"KOLORS_API_BLOB_REDIRECT": "1", "KOLORS_API_RETENTION_SECONDS": "600"})
+    redirecting = start_server("tiny", tmp_path / "srv", port=urlsplit(srv.url).port, **serving(
+        extra=["--blob-url", s3_url], env={"KOLORS_API_BLOB_REDIRECT": "1", "KOLORS_API_RETENTION_SECONDS": "600"}))
     try:
         r = httpx.get(output)
         assert r.status_code == 302 and r.headers["location"].startswith(moto_s3.endpoint + "/")
@@ -175,13 +176,13 @@ def test_embedded_serve_keeps_images_on_s3_streamed_or_redirected(tiny_model: Pa
         redirecting.stop()
 
 
-def test_an_s3_outage_is_503_logged_once_and_the_job_in_hand_is_delivered_again(tiny_model: Path,
-                                                                                tmp_path: Path) -> None:
+def test_an_s3_outage_is_503_logged_once_and_the_job_in_hand_is_delivered_again(tmp_path: Path) -> None:
     s3 = start_moto()  # a server of this test's own, stopped and started again under the running API
     bucket = s3.bucket()
-    srv = start_server(tiny_model, tmp_path / "srv", extra=["--blob-url", f"s3://{bucket}/o"],
-                       env={**s3.env, "KOLORS_API_LEASE_SECONDS": "2", "KOLORS_API_HEARTBEAT_SECONDS": "0.5",
-                            "KOLORS_API_MAX_DELIVERIES": "50"})
+    srv = start_server("tiny", tmp_path / "srv", **serving(
+        extra=["--blob-url", f"s3://{bucket}/o"],
+        env={**s3.env, "KOLORS_API_LEASE_SECONDS": "2", "KOLORS_API_HEARTBEAT_SECONDS": "0.5",
+             "KOLORS_API_MAX_DELIVERIES": "50"}))
     try:
         user = srv.create_key(credits=10)
         first = submit(srv, SMALL, user["key"])

@@ -1,5 +1,5 @@
 """A cancel during the last step, end to end on both stores: the answer `cancel_requested: true`
-is kept. The engine (`tests.engines:slow_finish`) has finished every step and holds the images for
+is kept. The engine (`tests.pixel_engines:slow_finish`, torch-free) has finished every step and holds the images for
 two seconds before the worker stores them; the cancel comes in that window, so the worker never
 sees it between steps, and the completion itself must honour it: FAILED "cancelled", refunded, no
 images. A cancel after the completion answers `cancel_requested: false` and the job stays charged.
@@ -22,13 +22,13 @@ REDIS_DB_URL = redis_db_url(5)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def server(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> Iterator[LiveServer]:
-    extra = ["--engine", "tests.engines:slow_finish"]
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
+    extra = ["--engine", "tests.pixel_engines:slow_finish"]
     if request.param == "redis":
         redis_db = flushed_redis(REDIS_DB_URL)
         next(redis_db)
         extra += ["--store", REDIS_DB_URL]
-    srv = start_server(tiny_model, tmp_path, env=ENGINE_ENV, extra=extra)
+    srv = start_server("tiny", tmp_path, env=ENGINE_ENV, extra=extra)
     yield srv
     srv.stop()
     if request.param == "redis":

@@ -1,4 +1,4 @@
-"""`kolors-api generate` as a user runs it: a subprocess against a live server (tiny model)."""
+"""`kolors-api generate` as a user runs it: a subprocess against a live server (a torch-free engine)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,21 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LiveServer, free_port
+from tests.pixel_engines import pixel_server
 
 SMALL = ["--steps", "2", "--width", "512", "--height", "512"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The module's live server on the torch-free engine: here the CLI is the point, not the pixels."""
+    yield from pixel_server(tmp_path_factory)
 
 
 def is_webp(data: bytes) -> bool:

@@ -1,4 +1,4 @@
-"""`kolors_api.client` against a live server (tiny model), FAILED jobs included (a prompt the
+"""`kolors_api.client` against a live server (a torch-free engine), FAILED jobs included (a prompt the
 built-in content screen blocks ends FAILED); a MockTransport only where a live server on loopback
 cannot stand in (a second host, for where the key is sent)."""
 
@@ -22,6 +22,13 @@ from kolors_api.client import (
     SegmindError,
 )
 from tests.conftest import LiveServer
+from tests.pixel_engines import pixel_server, server_gate
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The module's live server on the torch-free engine: here the client is the point, not the pixels."""
+    yield from pixel_server(tmp_path_factory)
 
 SMALL: dict[str, Any] = {"steps": 2, "width": 512, "height": 512}
 STATES = {"QUEUED", "PROCESSING", "COMPLETED", "FAILED"}
@@ -117,13 +124,15 @@ def test_status_and_result_of_a_finished_job(client: Client) -> None:
     assert again["request_id"] == job.request_id
 
 
-def test_wait_past_its_timeout_raises_inference_timeout_and_the_job_goes_on(client: Client) -> None:
-    # A job of several steps takes far longer than one status round trip.
-    job = client.submit_async("kolors", prompt="a slow cathedral", steps=8, width=512, height=512)
+def test_wait_past_its_timeout_raises_inference_timeout_and_the_job_goes_on(client: Client,
+                                                                         server: LiveServer) -> None:
+    # The job waits at the engine's gate after its first step until the test opens it.
+    job = client.submit_async("kolors", prompt="a slow cathedral hold:timeout", steps=8, width=512, height=512)
 
     with pytest.raises(InferenceTimeout) as info:
         job.wait(timeout=0.05, interval=0.01)
     pending = job.result()  # 202 with the status body while it runs: a payload, not an error
+    server_gate(server).open("timeout")
 
     assert info.value.request_id == job.request_id
     assert info.value.elapsed_s >= 0.05
@@ -202,14 +211,16 @@ def test_errors_share_one_tree_under_the_segmind_names() -> None:
     assert APIError(400, "bad").to_dict() == {"status": 400, "detail": "bad"}
 
 
-def test_cancelled_job_raises_inference_failed(client: Client) -> None:
-    busy = client.submit_async("kolors", prompt="keeps the worker busy", steps=8, width=512, height=512)
+def test_cancelled_job_raises_inference_failed(client: Client, server: LiveServer) -> None:
+    # held at the engine's gate: the worker is busy until the test opens it
+    busy = client.submit_async("kolors", prompt="keeps the worker busy hold:busy", steps=8, width=512, height=512)
     job = client.submit_async("kolors", prompt="never drawn", **SMALL)
 
     cancelled = job.cancel()
     with pytest.raises(InferenceFailed) as info:
         job.wait(timeout=60, interval=0.05)
     failed = job.result()  # the FAILED body comes with 422: returned, not raised
+    server_gate(server).open("busy")
 
     assert cancelled["request_id"] == job.request_id
     assert cancelled["cancel_requested"] is True

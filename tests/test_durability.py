@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import LiveServer, start_server
+from tests.pixel_engines import ENGINE_ENV
 
 SLOW = {"prompt": "slow", "steps": 50, "width": 1024, "height": 1024}
+#: The torch-free engine, 0.1 s a step: SLOW takes 5 s, and a process is up in about a second.
+PIXELS: dict[str, Any] = {"env": {**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.1"},
+                          "extra": ["--engine", "tests.pixel_engines:slow"]}
 SMALL = {"prompt": "small", "steps": 2, "width": 512, "height": 512}
 
 
@@ -25,10 +30,9 @@ def poll(server: LiveServer, request_id: str, until: set[str], timeout: float = 
     raise AssertionError(f"{request_id} never reached {until}")
 
 
-def test_kill_9_with_a_job_running_and_one_queued_then_restart_completes_both(tiny_model: Path,
-                                                                            tmp_path: Path) -> None:
+def test_kill_9_with_a_job_running_and_one_queued_then_restart_completes_both(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    server = start_server(tiny_model, data)
+    server = start_server("tiny", data, **PIXELS)
     try:
         running = httpx.post(server.url + "/v2/kolors", json=SLOW, headers=server.headers()).json()["request_id"]
         queued = httpx.post(server.url + "/v2/kolors", json=SMALL, headers=server.headers()).json()["request_id"]
@@ -37,7 +41,7 @@ def test_kill_9_with_a_job_running_and_one_queued_then_restart_completes_both(ti
         assert status == {"request_id": queued, "status": "QUEUED", "queue_position": 0}
         server.kill(9)
         port = int(server.url.rsplit(":", 1)[1])
-        server = start_server(tiny_model, data, port=port, log_name="server2.log")
+        server = start_server("tiny", data, port=port, log_name="server2.log", **PIXELS)
         for request_id in (running, queued):
             assert poll(server, request_id, {"COMPLETED", "FAILED"})["status"] == "COMPLETED"
             result = httpx.get(f"{server.url}/v2/requests/{request_id}", headers=server.headers()).json()
@@ -50,9 +54,9 @@ def test_kill_9_with_a_job_running_and_one_queued_then_restart_completes_both(ti
 
 
 @pytest.fixture(scope="module")
-def short_retention(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
-    srv = start_server(tiny_model, tmp_path_factory.mktemp("retention"),
-                       env={"KOLORS_API_RETENTION_SECONDS": "3"})
+def short_retention(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    srv = start_server("tiny", tmp_path_factory.mktemp("retention"), extra=["--engine", "tests.pixel_engines:pixels"],
+                       env={**ENGINE_ENV, "KOLORS_API_RETENTION_SECONDS": "3"})
     yield srv  # type: ignore[misc]
     srv.stop()
 
@@ -89,8 +93,9 @@ def test_a_tampered_or_missing_signature_needs_the_owners_key(short_retention: L
     assert httpx.get(bare, headers=server.headers()).status_code == 200
 
 
-def test_a_sync_request_past_the_deadline_is_504_with_its_request_id(tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path / "d", env={"KOLORS_API_SYNC_TIMEOUT_SECONDS": "0.5"})
+def test_a_sync_request_past_the_deadline_is_504_with_its_request_id(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path / "d", env={**PIXELS["env"], "KOLORS_API_SYNC_TIMEOUT_SECONDS": "0.5"},
+                          extra=PIXELS["extra"])
     try:
         r = httpx.post(server.url + "/v1/kolors", json=SLOW, headers=server.headers(), timeout=60)
         assert r.status_code == 504

@@ -21,10 +21,15 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, start_server
+from tests.pixel_engines import ENGINE_ENV
 
-# Seconds of work for the tiny model (the server is stopped a poll after its first step, so it is
-# surely in flight), yet well inside the 120 s that `serve` gives the job in hand to finish on SIGTERM.
+# Seconds of work (50 steps of the torch-free engine at 0.1 s: the server is stopped a poll after its
+# first step, so it is surely in flight), yet well inside the 120 s that `serve` gives the job in hand
+# to finish on SIGTERM.
 SLOW = {"prompt": "a slow cathedral", "steps": 50, "width": 1024, "height": 1024}  # costs 2
+#: start_server's arguments for the torch-free engine (pixels are not the point here): up in a second.
+PIXELS: dict[str, Any] = {"env": {**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.1"},
+                          "extra": ["--engine", "tests.pixel_engines:slow"]}
 SMALL = {"prompt": "a small boat", "steps": 2, "width": 512, "height": 512}  # costs 0.02
 TERMINAL = {"COMPLETED", "FAILED"}
 
@@ -77,9 +82,8 @@ def restart(server: LiveServer, model: Path | str, log_name: str, **kwargs: Any)
 # -- kill -9 with a credit-limited job in flight: completed after restart, charged exactly once
 
 
-def test_kill_9_mid_job_then_restart_completes_it_and_charges_the_key_once(tiny_model: Path,
-                                                                          tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path / "data")
+def test_kill_9_mid_job_then_restart_completes_it_and_charges_the_key_once(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path / "data", **PIXELS)
     try:
         key = server.create_key(credits=10)
         running = submit(server, SLOW, key["key"])
@@ -92,7 +96,7 @@ def test_kill_9_mid_job_then_restart_completes_it_and_charges_the_key_once(tiny_
         states = dict(db_rows(server.data_dir, "SELECT id, state FROM jobs"))
         assert states == {running: "PROCESSING", queued: "QUEUED"}
 
-        server = restart(server, tiny_model, "server2.log")
+        server = restart(server, "tiny", "server2.log", **PIXELS)
         for request_id in (running, queued):
             assert poll(server, request_id, TERMINAL, key["key"])["status"] == "COMPLETED"
         result = httpx.get(f"{server.url}/v2/requests/{running}", headers=server.headers(key["key"])).json()
@@ -161,9 +165,10 @@ PRICED_COST = 0.6
 
 
 @pytest.fixture(scope="module")
-def configured(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = start_server(tiny_model, tmp_path_factory.mktemp("configured"),
-                       env={"KOLORS_API_PUBLIC_URL": PUBLIC_URL + "/", "KOLORS_API_UNIT_PRICE": str(UNIT_PRICE)})
+def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = start_server("tiny", tmp_path_factory.mktemp("configured"), extra=["--engine", "tests.pixel_engines:pixels"],
+                       env={**ENGINE_ENV, "KOLORS_API_PUBLIC_URL": PUBLIC_URL + "/",
+                            "KOLORS_API_UNIT_PRICE": str(UNIT_PRICE)})
     yield srv
     srv.stop()
 
@@ -220,9 +225,8 @@ def test_the_unit_price_scales_what_a_request_costs(configured: LiveServer) -> N
 # -- SIGTERM: the job in hand completes before the process exits; a queued job stays queued
 
 
-def test_sigterm_drains_the_running_job_and_leaves_the_queued_one_for_the_next_start(tiny_model: Path,
-                                                                                    tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path / "data")
+def test_sigterm_drains_the_running_job_and_leaves_the_queued_one_for_the_next_start(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path / "data", **PIXELS)
     try:
         running = submit(server, SLOW)
         queued = submit(server, SMALL)
@@ -241,7 +245,7 @@ def test_sigterm_drains_the_running_job_and_leaves_the_queued_one_for_the_next_s
         assert rows[running][0] == "COMPLETED", server.log()
         assert rows[queued] == ("QUEUED", None, None)
 
-        server = restart(server, tiny_model, "server2.log")
+        server = restart(server, "tiny", "server2.log", **PIXELS)
         assert poll(server, queued, TERMINAL)["status"] == "COMPLETED"
         history = {h["request_id"]: h for h in httpx.get(server.url + "/v1/requests",
                                                          headers=server.headers()).json()["data"]}

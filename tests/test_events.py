@@ -32,10 +32,11 @@ FRAME = re.compile(r"id: (\d+)\nevent: (queued|started|progress|completed|failed
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = start_server(tiny_model, tmp_path_factory.mktemp("events"),
-                          env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": STEP_SECONDS},
-                          extra=["--engine", "tests.engines:slow"])
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = start_server("tiny", tmp_path_factory.mktemp("events"),
+                          env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": STEP_SECONDS,
+                               "KOLORS_TEST_FIRST_STEP_SECONDS": "1"},
+                          extra=["--engine", "tests.pixel_engines:slow"])
     yield server
     server.stop()
 

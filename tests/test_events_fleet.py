@@ -29,14 +29,16 @@ JOB = {"prompt": "a harbour at night", "width": 512, "height": 512}
 
 
 @pytest.fixture
-def fleet(tiny_model: Path, tmp_path: Path) -> Iterator[list[LiveServer]]:
+def fleet(tmp_path: Path) -> Iterator[list[LiveServer]]:
     """Two API replicas (no worker) and one worker with 0.1 s steps, on a flushed Redis db."""
     for _ in flushed_redis(DB_URL):
-        apis = [start_server(tiny_model, tmp_path / f"api{n}", ready=False, extra=["--store", DB_URL, "--no-worker"])
+        apis = [start_server("tiny", tmp_path / f"api{n}", ready=False, extra=["--store", DB_URL, "--no-worker"])
                 for n in range(2)]
-        worker, _ = start_process(["worker", "--store", DB_URL, "--model", str(tiny_model), "--data-dir",
-                                   str(tmp_path / "worker"), "--engine", "tests.engines:slow"], tmp_path / "worker",
-                                  {**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.1"}, "worker.log")
+        worker, _ = start_process(["worker", "--store", DB_URL, "--model", "tiny", "--data-dir",
+                                   str(tmp_path / "worker"), "--engine", "tests.pixel_engines:slow"],
+                                  tmp_path / "worker",
+                                  {**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.1",
+                                   "KOLORS_TEST_FIRST_STEP_SECONDS": "1"}, "worker.log")
         try:
             deadline = time.monotonic() + 120
             while "kolors_workers_alive 1.0" not in httpx.get(apis[0].url + "/metrics").text:

@@ -15,10 +15,10 @@ from kolors_api.jobs.base import destination
 from kolors_api.jobs.batching import BatchBuilder, BatchLimits
 from kolors_api.jobs.fair import work
 from tests.store_helpers import CHANGES, READS
-from tests.test_store import BACKENDS, drop, open_store
+from tests.test_store import STORES, drop, open_store
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=STORES)  # queue cases: the two stores
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
     s = await open_store(request, tmp_path)
     yield s

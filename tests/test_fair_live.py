@@ -13,23 +13,27 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.conftest import LiveServer, start_server, wait_for_status
+from tests.pixel_engines import ENGINE_ENV
 from tests.receiver import Receiver
 from tests.test_fleet import SMALL, Fleet, fleet, rdb  # noqa: F401 - the fleet fixtures
 
 HOOKS = {"KOLORS_API_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "KOLORS_API_WEBHOOK_RETRY_DELAYS": "0.5,0.5,0.5"}
+#: The torch-free engine, 50 ms a step: a backlog of 200 jobs lasts about 20 s, far longer than the
+#: test takes to submit them, so a lone job that waited its turn behind them would show.
+ENGINE = {**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.05"}
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def api(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> Iterator[LiveServer]:
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
     """A server with one worker: embedded (SQLite, in-process worker) or a fleet (Redis)."""
     if request.param == "sqlite":
-        srv = start_server(tiny_model, tmp_path, env=HOOKS)
+        srv = start_server("tiny", tmp_path, env={**HOOKS, **ENGINE}, extra=["--engine", "tests.pixel_engines:slow"])
         yield srv
         srv.stop()
     else:
         group: Fleet = request.getfixturevalue("fleet")
         srv = group.api(HOOKS)
-        group.worker()
+        group.worker(ENGINE, engine="slow")
         group.wait_workers(1)
         yield srv
 

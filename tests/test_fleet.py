@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -40,27 +40,38 @@ def rdb() -> Iterator[redis.Redis]:
 
 
 class Fleet:
-    def __init__(self, tiny_model: Path, root: Path) -> None:
-        self.tiny_model = tiny_model
+    def __init__(self, tiny_model: Path | Callable[[], Path], root: Path) -> None:
+        #: The tiny pipeline's folder, or a callable that builds it on first use (only a `tiny=True`
+        #: worker needs it; the API replicas load no model).
+        self._tiny_model = tiny_model
         self.root = root
         #: Flags every API replica and worker gets: where the images go (default: in Redis).
         self.blob_args: list[str] = []
         self.apis: list[LiveServer] = []
         self.workers: list[subprocess.Popen[bytes]] = []
 
+    @property
+    def tiny_model(self) -> Path:
+        return self._tiny_model if isinstance(self._tiny_model, Path) else self._tiny_model()
+
     def api(self, env: dict[str, str] | None = None) -> LiveServer:
         n = len(self.apis)
-        srv = start_server(self.tiny_model, self.root / f"api{n}", env=env, ready=False,
+        srv = start_server("tiny", self.root / f"api{n}", env=env, ready=False,
                            extra=["--store", DB_URL, "--no-worker", *self.blob_args])
         self.apis.append(srv)
         return srv
 
     def worker(self, env: dict[str, str] | None = None, *, engine: str | None = None,
-               extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-        """A `kolors-api worker`; `engine` names one of tests/engines.py."""
+               extra: tuple[str, ...] = (), tiny: bool = False) -> subprocess.Popen[bytes]:
+        """A `kolors-api worker` on a torch-free engine of tests/pixel_engines.py (`engine`, default
+        `pixels`): up in about a second. `tiny=True`: on the tiny Kolors pipeline instead, wrapped
+        by `engine` of tests/engines.py when given (where the pixels are the point)."""
         n = len(self.workers)
-        engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
-        proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model),
+        if tiny:
+            engine_args = ["--engine", f"tests.engines:{engine}"] if engine else []
+        else:
+            engine_args = ["--engine", f"tests.pixel_engines:{engine or 'pixels'}"]
+        proc, _ = start_process(["worker", "--store", DB_URL, "--model", str(self.tiny_model) if tiny else "tiny",
                                  "--data-dir", str(self.root / f"worker{n}"), *engine_args, *self.blob_args, *extra],
                                 self.root / f"worker{n}", {**FAST_LEASE, **ENGINE_ENV, **(env or {})}, "worker.log")
         self.workers.append(proc)
@@ -89,8 +100,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tiny_model: Path, tmp_path: Path, rdb: redis.Redis) -> Iterator[Fleet]:
-    f = Fleet(tiny_model, tmp_path)
+def fleet(request: pytest.FixtureRequest, tmp_path: Path, rdb: redis.Redis) -> Iterator[Fleet]:
+    f = Fleet(lambda: Path(request.getfixturevalue("tiny_model")), tmp_path)
     yield f
     f.close()
 
@@ -157,7 +168,10 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
                                                                                  images: str | None) -> None:
     a, b = fleet.api(), fleet.api()
     # a little slowness per step so that the killed worker really is mid-job when the signal lands
-    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow") for _ in range(2))
+    # the one fleet test on the tiny pipeline (images in Redis): real denoising, killed for real; with
+    # images on S3, where they go is the point, on the torch-free engine
+    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow", tiny=images is None)
+              for _ in range(2))
     fleet.wait_workers(2)
     key_id, key = create_key(a)
 

@@ -33,6 +33,9 @@ from kolors_api.settings import Settings
 from tests.conftest import ADMIN_KEY, LiveServer, free_port, skip_or_fail, start_server, wait_up
 from tests.engines import ENGINE_ENV
 
+#: The torch-free engine: the outage is the point, not the pixels.
+PIXELS = "tests.pixel_engines:pixels"
+
 SMALL = {"prompt": "a fox", "steps": 2, "width": 512, "height": 512}
 UNAVAILABLE = {"error": "store unavailable: try again shortly"}
 
@@ -150,9 +153,9 @@ def wait_for(predicate: Any, timeout: float = 60) -> None:
 
 
 def test_redis_down_is_503_everywhere_logged_once_and_the_fleet_goes_on_after(
-        private_redis: PrivateRedis, tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path / "api", extra=["--store", private_redis.url],
-                          env={"KOLORS_API_HEARTBEAT_SECONDS": "1"})
+        private_redis: PrivateRedis, tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path / "api", extra=["--store", private_redis.url, "--engine", PIXELS],
+                          env={**ENGINE_ENV, "KOLORS_API_HEARTBEAT_SECONDS": "1"})
     try:
         key = server.create_key(credits=10)
         h = server.headers()
@@ -225,9 +228,9 @@ def test_a_locked_sqlite_database_is_503_logged_once_then_writes_go_on(tmp_path:
 
 # -- a sync request that is waiting when the store goes away: its job was accepted and goes on
 def test_a_sync_request_waiting_when_redis_goes_away_names_its_accepted_job(
-        private_redis: PrivateRedis, tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path / "api",
-                          extra=["--store", private_redis.url, "--engine", "tests.engines:slow"],
+        private_redis: PrivateRedis, tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path / "api",
+                          extra=["--store", private_redis.url, "--engine", "tests.pixel_engines:slow"],
                           env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "1", "KOLORS_API_HEARTBEAT_SECONDS": "1"})
     try:
         key = server.create_key(credits=10)

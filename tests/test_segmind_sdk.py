@@ -80,7 +80,8 @@ def test_same_seed_same_bytes_and_different_seed_different_bytes(sdk: SegmindCli
 
 
 def test_inference_timeout_carries_the_request_id(sdk: SegmindClient) -> None:
-    job = sdk.submit_async("kolors", prompt="slow", steps=50, width=2048, height=2048)
+    # 50 steps (about a second on the tiny model): never done within the 50 ms the SDK waits
+    job = sdk.submit_async("kolors", prompt="slow", steps=50, width=512, height=512)
     with pytest.raises(InferenceTimeout) as err:
         job.wait(timeout=0.05, interval=0.01)
     assert err.value.request_id == job.request_id
@@ -89,7 +90,7 @@ def test_inference_timeout_carries_the_request_id(sdk: SegmindClient) -> None:
 
 
 def test_a_failed_job_raises_inference_failed(sdk: SegmindClient, server: LiveServer) -> None:
-    busy = sdk.submit_async("kolors", prompt="keeps the worker busy", steps=50)
+    busy = sdk.submit_async("kolors", prompt="keeps the worker busy", steps=50, width=512, height=512)
     job = sdk.submit_async("kolors", prompt="boom", **SMALL)
     r = httpx.post(f"{server.url}/v2/requests/{job.request_id}/cancel", headers=server.headers())
     assert r.status_code == 200 and r.json()["status"] == "FAILED"

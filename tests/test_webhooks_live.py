@@ -13,6 +13,7 @@ from segmind import SegmindClient
 from standardwebhooks import Webhook
 
 from tests.conftest import ADMIN_KEY, LiveServer, start_server, wait_for_status
+from tests.pixel_engines import serving
 from tests.receiver import Receiver
 from tests.test_fleet import SMALL, Fleet, fleet, rdb  # noqa: F401 - the fleet fixtures
 
@@ -71,11 +72,11 @@ def test_a_worker_killed_after_completing_a_job_still_gets_its_webhook_delivered
         receiver.close()
 
 
-def test_a_pending_delivery_survives_the_embedded_server_being_killed(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_pending_delivery_survives_the_embedded_server_being_killed(tmp_path: Path) -> None:
     """SIGKILL `serve` while a delivery waits for its retry; the restarted server delivers it."""
     receiver = Receiver(statuses=[500, 200])
     env = {**HOOKS, "KOLORS_API_WEBHOOK_RETRY_DELAYS": "4,4"}
-    srv = start_server(tiny_model, tmp_path, env=env)
+    srv = start_server("tiny", tmp_path, **serving(env=env))
     try:
         r = httpx.post(srv.url + "/v2/kolors", json={"prompt": "a fox", **SMALL, "webhook": receiver.url},
                        headers=srv.headers())
@@ -86,7 +87,7 @@ def test_a_pending_delivery_survives_the_embedded_server_being_killed(tiny_model
             time.sleep(0.02)  # the first try is recorded: the delivery waits for its retry
         srv.kill()
         assert len(receiver.posts) == 1
-        srv = start_server(tiny_model, tmp_path, env=env)
+        srv = start_server("tiny", tmp_path, **serving(env=env))
         posts = receiver.wait_for(2)
         assert Webhook(secret_of(srv, ADMIN_KEY)).verify(posts[1].body, posts[1].headers)["request_id"] == request_id
         assert [a["status"] for a in attempts(srv, ADMIN_KEY, request_id)] == [500, 200]
@@ -95,8 +96,8 @@ def test_a_pending_delivery_survives_the_embedded_server_being_killed(tiny_model
         receiver.close()
 
 
-def test_idempotency_key_on_the_sync_routes_with_the_openai_sdk(tiny_model: Path, tmp_path: Path) -> None:
-    srv = start_server(tiny_model, tmp_path)
+def test_idempotency_key_on_the_sync_routes_with_the_openai_sdk(tmp_path: Path) -> None:
+    srv = start_server("tiny", tmp_path, **serving())
     try:
         made = srv.create_key(name="oai", credits=10)
         client = openai.OpenAI(api_key=made["key"], base_url=srv.v1, max_retries=0, timeout=120)

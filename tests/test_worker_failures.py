@@ -1,4 +1,4 @@
-"""Worker failures end to end, on a real `serve` with the tiny model and a broken engine from tests/engines.py:
+"""Worker failures end to end, on a real `serve` with a broken engine (tests/pixel_engines.py, torch-free):
 a running job cancelled, an engine error through the segmind SDK, a crash mid-step, a bad `--engine`."""
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from tests.engines import ENGINE_ENV
 SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
 
 
-def serve_with(engine: str, tiny_model: Path, data_dir: Path) -> LiveServer:
-    return start_server(tiny_model, data_dir, env=ENGINE_ENV, extra=["--engine", f"tests.engines:{engine}"])
+def serve_with(engine: str, data_dir: Path, **kwargs: Any) -> LiveServer:
+    """`serve` on `engine` of tests/pixel_engines.py: the broken engines, torch-free."""
+    return start_server("tiny", data_dir, env=ENGINE_ENV, extra=["--engine", f"tests.pixel_engines:{engine}"],
+                        **kwargs)
 
 
 def finished(body: dict[str, Any]) -> bool:
@@ -38,15 +40,15 @@ def credits(server: LiveServer, key: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def slow_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = serve_with("slow", tiny_model, tmp_path_factory.mktemp("slow"))
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = serve_with("slow", tmp_path_factory.mktemp("slow"))
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def failing_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    srv = serve_with("failing", tiny_model, tmp_path_factory.mktemp("failing"))
+def failing_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = serve_with("failing", tmp_path_factory.mktemp("failing"))
     yield srv
     srv.stop()
 
@@ -99,9 +101,8 @@ def test_an_engine_error_fails_the_job_and_the_segmind_sdk_sees_it(failing_serve
     assert sdk.run("kolors", prompt="a quiet harbour", **SMALL)["status"] == "COMPLETED"
 
 
-def test_a_server_killed_mid_step_leaves_no_engine_and_completes_the_job_after_restart(tiny_model: Path,
-                                                                                       tmp_path: Path) -> None:
-    server = serve_with("slow", tiny_model, tmp_path)
+def test_a_server_killed_mid_step_leaves_no_engine_and_completes_the_job_after_restart(tmp_path: Path) -> None:
+    server = serve_with("slow", tmp_path)
     try:
         engine_pid = httpx.get(server.url + "/readyz").json()["engines"][0]["pid"]
         r = httpx.post(server.url + "/v2/kolors", headers=server.headers(),
@@ -121,7 +122,7 @@ def test_a_server_killed_mid_step_leaves_no_engine_and_completes_the_job_after_r
     finally:
         server.stop()
     port = int(server.url.rsplit(":", 1)[1])
-    server = start_server(tiny_model, tmp_path, port=port, log_name="server2.log")  # the real engine
+    server = serve_with("pixels", tmp_path, port=port, log_name="server2.log")  # an engine that does not crash
     try:
         assert wait_for(server, server.key, request_id, finished)["status"] == "COMPLETED"
     finally:
