@@ -261,6 +261,18 @@ def start_server(kind: str, model: str, work: Path, device: str | None,
     return procs, url
 
 
+def gone(group: int, timeout: float = 60) -> None:
+    """Wait until every process of the group `group` has exited (the next server's rows must not share
+    the cores with the last one's children), killing what is left after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 NAMES = {"stock": "stock diffusers, one after another", "litserve": "LitServe peer (batch 8, 50 ms)",
          "ours": "kolors-api serve", "ours-off": "kolors-api, batching off",
          "ours-split": "kolors-api, API + worker processes", "ours-base": "kolors-api serve, --baseline-src"}
@@ -391,6 +403,7 @@ def main() -> None:  # noqa: C901 - one linear script
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGTERM)  # the process and its children (LitServe's workers)
                 proc.wait(60)
+                gone(proc.pid)
 
     print(f"\n{size}x{size}, {steps} steps, {device}, {os.cpu_count()} cores; capacity {capacity:.2f} img/s; "
           f"poisson for {args.seconds:g}s per rate; latency in seconds")
