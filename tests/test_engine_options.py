@@ -29,6 +29,7 @@ from kolors_api.engine.random_weights import (
 )
 from kolors_api.schema import GenerateParams
 from kolors_api.settings import Settings, compile_shapes, random_model_size
+from tests.conftest import redis_db_url
 
 PARAMS = GenerateParams(prompt="a red fox in the snow", steps=3, width=256, height=256, seed=7, number_of_images=2)
 
@@ -127,12 +128,13 @@ def test_compile_shapes_setting() -> None:
 
 def test_cli_engine_flags_and_random_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
     run = [sys.executable, "-m", "kolors_api.cli"]
-    bad = subprocess.run([*run, "worker", "--compile-shapes", "1000x7", "--data-dir", str(tmp_path)],
+    fleet = ["--store", redis_db_url(15)]  # a worker refuses the embedded store before anything else
+    bad = subprocess.run([*run, "worker", *fleet, "--compile-shapes", "1000x7", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert "compile_shapes (flag --compile-shapes, env KOLORS_API_COMPILE_SHAPES)" in bad.stderr
     assert "multiple of 8" in bad.stderr and "Traceback" not in bad.stderr
-    unknown = subprocess.run([*run, "worker", "--model", "random:huge", "--data-dir", str(tmp_path)],
+    unknown = subprocess.run([*run, "worker", *fleet, "--model", "random:huge", "--data-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     assert "the random models are random:small, random:full" in unknown.stderr

@@ -68,7 +68,7 @@ def test_a_sigkilled_engine_comes_back_and_its_job_completes_once_charged_once(t
         again = engines(server)[0]
         assert again["pid"] != first["pid"] and again["restarts"] == 1 and "SIGKILL" in again["last_exit"]
         metrics = httpx.get(server.url + "/metrics").text
-        assert 'kolors_engine_restarts_total{device="auto",engine="0"} 1.0' in metrics
+        assert 'kolors_engine_restarts{device="auto",engine="0"} 1.0' in metrics
         assert 'kolors_engine_up{device="auto",engine="0"} 1.0' in metrics
         assert 'kolors_job_stage_seconds_count{stage="call_time"} 1.0' in metrics
         assert len(re.findall(r"engine process 0 \(auto, pid \d+\) exited: killed by SIGKILL", server.log())) == 1

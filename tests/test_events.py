@@ -80,7 +80,8 @@ def watch(srv: LiveServer, request_id: str, *, key: str | None = None, previews:
 
 
 def steps(frames: list[Frame]) -> list[int]:
-    return [f.data["step"] for f in frames if f.event == "progress"]
+    """The steps the progress frames told, each once (the last step comes again with each phase after it)."""
+    return list(dict.fromkeys(f.data["step"] for f in frames if f.event == "progress"))
 
 
 def result(srv: LiveServer, request_id: str) -> dict[str, Any]:

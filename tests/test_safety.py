@@ -31,7 +31,7 @@ from kolors_api.worker.safety import (
     normalize,
 )
 
-from .conftest import ADMIN_KEY, LiveServer, start_process, start_server
+from .conftest import ADMIN_KEY, LiveServer, redis_db_url, start_process, start_server
 
 # -- pictures NudeNet really sees: a drawn (clothed) face, which it reports as FACE_FEMALE, and a wall
 
@@ -302,7 +302,8 @@ def test_serve_without_the_safety_extra_refuses_to_start(tmp_path: Path, tiny_mo
 
 
 def test_worker_with_a_missing_terms_file_refuses_to_start(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "kolors_api.cli", "worker", "--data-dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "kolors_api.cli", "worker", "--data-dir", str(tmp_path),
+                        "--store", redis_db_url(15)],
                        env={**os.environ, "KOLORS_API_BLOCKED_TERMS_FILE": str(tmp_path / "nope.txt")},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0

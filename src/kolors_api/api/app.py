@@ -211,7 +211,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
 
         make_worker(settings, store)
         svc.engines = Supervisor(settings, store, on_done=functools.partial(_engine_job_done, svc))
-        svc.metrics.jobs.watch(svc.engines)
+    svc.metrics.jobs.watch(svc.engines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -45,6 +45,9 @@ class JobMetrics:
         self.peak_memory.set_function(lambda: max([_cuda_peak_memory(), *(r.get("peak_memory", 0.0)
                                                                            for r in self.remote.values())]))
         self.registry.register(_PromptCacheCollector(prometheus_client.metrics_core, self.remote))
+        #: The engine processes shown (`watch`): a `kolors_api.worker.supervisor.Supervisor`, or None.
+        self.engines: Any = None
+        self.registry.register(_EnginesCollector(prometheus_client.metrics_core, self))
 
     def observe(self, seconds: float, outcome: str, stages: Mapping[str, float] | None = None) -> None:
         """A job stored by a worker: its engine seconds, its outcome and its stages (`loop.timeline`)."""
@@ -54,10 +57,11 @@ class JobMetrics:
                 self.job_stage.labels(stage).observe(value)
 
     def watch(self, engines: Any) -> None:
-        """Show the engine processes of `engines` (a `kolors_api.worker.supervisor.Supervisor`):
+        """Show the engine processes of `engines` (a `kolors_api.worker.supervisor.Supervisor`, or None:
+        the metrics are there, with no engine):
         `kolors_engine_up{engine,device}` (1 ready, 0 loading or restarting) and
-        `kolors_engine_restarts_total{engine,device}`."""
-        self.registry.register(_EnginesCollector(self._prometheus.metrics_core, engines))
+        `kolors_engine_restarts{engine,device}`."""
+        self.engines = engines
 
     def report(self, pid: int, counters: Mapping[str, float]) -> None:
         """The latest counters of the engine in process `pid` (`engine_report` there): they add to this
@@ -90,16 +94,18 @@ def _cuda_peak_memory() -> float:
 
 
 class _EnginesCollector:
-    def __init__(self, metrics_core: Any, engines: Any) -> None:
+    def __init__(self, metrics_core: Any, jobs: JobMetrics) -> None:
         self._core = metrics_core
-        self._engines = engines
+        self._jobs = jobs
 
     def collect(self) -> Any:
         up = self._core.GaugeMetricFamily("kolors_engine_up", "1 while the engine process is ready, 0 while it "
                                           "loads or restarts", labels=["engine", "device"])
-        restarts = self._core.CounterMetricFamily("kolors_engine_restarts", "Engine processes started again "
-                                                  "after one died", labels=["engine", "device"])
-        for engine in self._engines.engines:
+        restarts = self._core.GaugeMetricFamily("kolors_engine_restarts", "How often the engine process was "
+                                                "started again after it died, since this process started",
+                                                labels=["engine", "device"])
+        engines = self._jobs.engines
+        for engine in engines.engines if engines is not None else []:
             labels = [str(engine.index), engine.device or "auto"]
             up.add_metric(labels, 1.0 if engine.state == "ready" else 0.0)
             restarts.add_metric(labels, engine.restarts)
