@@ -170,7 +170,9 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
     # a little slowness per step so that the killed worker really is mid-job when the signal lands
     # the one fleet test on the tiny pipeline (images in Redis): real denoising, killed for real; with
     # images on S3, where they go is the point, on the torch-free engine
-    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": "0.2"}, engine="slow", tiny=images is None)
+    # (the torch-free engine's jobs are short: half a second a step, so that the kill lands mid-job)
+    step = "0.2" if images is None else "0.5"
+    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": step}, engine="slow", tiny=images is None)
               for _ in range(2))
     fleet.wait_workers(2)
     key_id, key = create_key(a)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from kolors_api.api.app import create_app
@@ -93,7 +93,18 @@ def test_every_route_declares_its_answers() -> None:
                 assert any(code.startswith("4") or code.startswith("5") for code in op["responses"]), path
 
 
-@served_api.parametrize()
-@FUZZ
-def test_the_served_schema_holds_under_fuzzing(case: Any, srv: LiveServer) -> None:
-    case.call_and_validate(base_url=srv.url, headers={"x-api-key": ADMIN_KEY}, checks=CHECKS)
+#: Every operation of the schema, one test each: distinct test ids (schemathesis' own `parametrize`
+#: gives its items one id, and pytest-xdist then runs only one of them).
+OPERATIONS = [(path, method) for path, ops in SERVED["paths"].items() for method in ops]
+
+
+@pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m.upper()} {p}" for p, m in OPERATIONS])
+def test_the_served_schema_holds_under_fuzzing(path: str, method: str, srv: LiveServer) -> None:
+    operation = served_api[path][method.upper()]
+
+    @FUZZ
+    @given(case=operation.as_strategy())
+    def fuzz(case: Any) -> None:
+        case.call_and_validate(base_url=srv.url, headers={"x-api-key": ADMIN_KEY}, checks=CHECKS)
+
+    fuzz()
