@@ -377,8 +377,8 @@ CallerKey = Annotated[ApiKey, Depends(caller_key)]
 AdminKey = Annotated[ApiKey, Depends(admin_key)]
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes, refusing more than `limit` before reading them all."""
     length = decimal(request.headers.get("content-length"))
     if length is not None and length > limit:
         raise PayloadTooLarge(f"body: larger than {limit} bytes")
@@ -390,6 +390,12 @@ async def read_json(request: Request, limit: int) -> Any:
                 raise PayloadTooLarge(f"body: larger than {limit} bytes")
     except ClientDisconnect:  # nobody reads the answer; not a fault of ours (no stack trace in the log)
         raise BadRequest("body: the client went away before sending all of it") from None
+    return bytes(data)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    data = await read_body(request, limit)
     if not data.strip():
         raise BadRequest("body: must be a JSON object, got nothing")
     try:

@@ -13,21 +13,20 @@ MIME parser (no extra dependency); the picture then goes through the same intake
 from __future__ import annotations
 
 import base64
-import time
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 
-from kolors_api.api.deps import CallerKey, ServiceDep
+from kolors_api.api.deps import CallerKey, ServiceDep, read_body
 from kolors_api.api.models import IDEMPOTENCY_KEY, ImagesResponse, OpenAIErrorBody, errors
-from kolors_api.api.openai_images import FORMATS, SIZE
-from kolors_api.errors import BadRequest, PayloadTooLarge
-from kolors_api.schema import IMG2IMG, SCHEDULERS, decimal, short, unknown_fields
+from kolors_api.api.openai_images import FORMATS, SIZE, openai_answer
+from kolors_api.errors import BadRequest
+from kolors_api.schema import IMG2IMG, SCHEDULERS, short, unknown_fields
 
 router = APIRouter()
 
@@ -55,21 +54,6 @@ EDITS_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data
         "steps": {"type": "integer"}, "scheduler": {"type": "string", "enum": list(SCHEDULERS)},
         "mask": {"type": "string", "format": "binary", "description": "not supported yet: a 400"},
     }}}}}, "parameters": [IDEMPOTENCY_KEY]}
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    length = decimal(request.headers.get("content-length"))
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"body: larger than {limit} bytes")
-    data = bytearray()
-    try:
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise PayloadTooLarge(f"body: larger than {limit} bytes")
-    except ClientDisconnect:
-        raise BadRequest("body: the client went away before sending all of it") from None
-    return bytes(data)
 
 
 def parts(content_type: str, body: bytes) -> list[tuple[str, Any]]:
@@ -154,12 +138,4 @@ def to_img2img(fields: list[tuple[str, Any]]) -> tuple[dict[str, Any], str]:
 async def images_edits(request: Request, svc: ServiceDep, key: CallerKey) -> Response:
     raw = await read_body(request, svc.body_limit(IMG2IMG))
     body, response_format = to_img2img(parts(request.headers.get("content-type", ""), raw))
-    done = await svc.run_sync(request, key, IMG2IMG, body)
-    job = done.job
-    if response_format == "url":
-        data = [{"url": url} for url in svc.output_urls(request, job)]
-    else:
-        data = [{"b64_json": b64} for b64 in done.b64()]
-    return JSONResponse({"created": int(time.time()), "data": data,
-                         "output_format": {"jpg": "jpeg"}.get(job.ext, job.ext)},
-                        headers={"X-Request-Id": job.id})
+    return openai_answer(svc, request, await svc.run_sync(request, key, IMG2IMG, body), response_format)

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kolors_api.api.deps import CallerKey, JsonBody, ServiceDep
+from kolors_api.api.deps import CallerKey, Finished, JsonBody, Service, ServiceDep
 from kolors_api.api.models import (
     IDEMPOTENCY_KEY,
     ImageGenerationRequest,
@@ -60,9 +60,13 @@ def to_kolors(req: ImageGenerationRequest) -> dict[str, Any]:
              responses=errors(400, 401, 403, 406, 413, 422, 429, 503, 504, body=OpenAIErrorBody))
 async def images_generations(request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
     req = parse_body(ImageGenerationRequest, body)
-    done = await svc.run_sync(request, key, MODEL, to_kolors(req))
+    return openai_answer(svc, request, await svc.run_sync(request, key, MODEL, to_kolors(req)), req.response_format)
+
+
+def openai_answer(svc: Service, request: Request, done: Finished, response_format: str | None) -> JSONResponse:
+    """OpenAI's images answer for a finished job: URLs or base64, as `response_format` asks."""
     job = done.job
-    if req.response_format == "url":
+    if response_format == "url":
         data = [{"url": url} for url in svc.output_urls(request, job)]
     else:
         data = [{"b64_json": b64} for b64 in done.b64()]
