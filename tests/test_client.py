@@ -387,9 +387,11 @@ async def test_async_client_bad_parameter_is_api_error_400(server: LiveServer) -
 
 async def test_async_wait_past_its_timeout_raises_inference_timeout(server: LiveServer) -> None:
     async with AsyncClient(api_key=server.key, base_url=server.url) as c:
-        job = await c.submit_async("kolors", prompt="x", steps=8, width=512, height=512)
+        # held at the engine's gate, so that it cannot be done before the wait gives up
+        job = await c.submit_async("kolors", prompt="x hold:async-timeout", steps=8, width=512, height=512)
         with pytest.raises(InferenceTimeout) as info:
             await job.wait(timeout=0.0, interval=0.01)
+        server_gate(server).open("async-timeout")
         await job.wait(timeout=120, interval=0.05)
 
     assert info.value.request_id == job.request_id
