@@ -74,4 +74,4 @@ def test_blob_url_takes_s3_and_file_urls_and_blob_dir_is_its_alias(tmp_path: Pat
     fleet = make_store(Settings(store="redis://127.0.0.1:6379/0", blob_url=(tmp_path / "f").as_uri()))
     assert isinstance(fleet, RedisStore) and isinstance(fleet.blobs, BlobDir) and fleet.blobs.root == tmp_path / "f"
     line = where_data_lives(Settings(store="redis://:pw@10.0.0.5:6379/0", blob_url="s3://bk/images", worker=False))
-    assert line == "store redis://***@10.0.0.5:6379/0 (fleet), images in s3://bk/images; no in-process worker"
+    assert line == "store redis://***@10.0.0.5:6379/0 (fleet), images in s3://bk/images; no engine process"

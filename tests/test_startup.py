@@ -74,7 +74,7 @@ def test_kolors_api_worker_false_is_honoured_and_the_start_up_line_says_where_da
         metrics = httpx.get(srv.url + "/metrics").text
         assert "kolors_embedded_worker_up 0.0" in metrics
         assert f"data in {tmp_path.resolve()} (store kolors-api.sqlite3, images under outputs/); " \
-               f"no in-process worker" in srv.log()
+               f"no engine process" in srv.log()
     finally:
         srv.stop()
 

@@ -56,7 +56,7 @@ EXTRAS = {"redis": "redis", "boto3": "s3", "botocore": "s3", "fastapi": "server"
 
 def where_data_lives(settings: Any, here: str = "serve") -> str:
     """One line for the start-up log: the store, where images go, and whether a worker runs here."""
-    worker = f"in-process worker on, model {settings.model}" if settings.worker else "no in-process worker"
+    worker = f"engine processes on, model {settings.model}" if settings.worker else "no engine process"
     if here == "worker":
         worker = f"model {settings.model}, device {settings.device or 'auto'}"
     blobs = settings.blobs_url()
@@ -371,13 +371,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=__version__)
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the API server (embedded: with an in-process worker)",
+    s = sub.add_parser("serve", help="run the API server (embedded: with its engine processes)",
                        description="Run the API server; embedded by default (SQLite and images under --data-dir, "
-                                   "one in-process worker).")
+                                   "one engine process per --device, started and watched by serve).")
     s.add_argument("--host", help=setting_help("address to listen on (0.0.0.0: every interface)", "host", "127.0.0.1"))
     s.add_argument("--port", type=int, help=setting_help("port to listen on", "port", "8000"))
     s.add_argument("--no-worker", action="store_true",
-                   help="API only, no in-process worker: a fleet replica (default off: a worker runs "
+                   help="API only, no engine process: a fleet replica (default off: a worker runs "
                         "here; env KOLORS_API_WORKER=false does the same)")
     _worker_flags(s)
     _store_flags(s)
