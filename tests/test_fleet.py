@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, free_port, redis_db_url, start_process, start_server
+from tests.conftest import LiveServer, flushed_redis, free_port, redis_db_url, start_process, start_server
 from tests.engines import ENGINE_ENV
 
 redis = pytest.importorskip("redis")
@@ -32,11 +32,7 @@ FAST_LEASE = {"KOLORS_API_LEASE_SECONDS": "3", "KOLORS_API_HEARTBEAT_SECONDS": "
 
 @pytest.fixture
 def rdb() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(DB_URL)
-    r.flushdb()
-    yield r
-    r.flushdb()
-    r.close()
+    yield from flushed_redis(DB_URL)
 
 
 class Fleet:

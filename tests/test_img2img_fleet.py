@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, redis_db_url, start_process, start_server, wait_for_status
+from tests.conftest import LiveServer, flushed_redis, redis_db_url, start_process, start_server, wait_for_status
 from tests.pictures import b64, picture
 
 redis = pytest.importorskip("redis")
@@ -28,11 +28,7 @@ RETENTION = {"KOLORS_API_RETENTION_SECONDS": "3"}
 
 @pytest.fixture
 def rdb() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(DB_URL)
-    r.flushdb()
-    yield r
-    r.flushdb()
-    r.close()
+    yield from flushed_redis(DB_URL)
 
 
 @pytest.fixture(params=["redis", "s3"])

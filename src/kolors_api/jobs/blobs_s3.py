@@ -162,9 +162,13 @@ class S3Blobs:
     def read(self, job_id: str, token: str | None, index: int, ext: str) -> bytes | None:
         if token is None:
             return None
+        return self._get(self._image_key(job_id, token, index, ext))
+
+    def _get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such key (a missing bucket still raises)."""
         with self._calls():
             try:
-                got = self.client.get_object(Bucket=self.bucket, Key=self._image_key(job_id, token, index, ext))
+                got = self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as exc:
                 if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404 and _code(exc) != "NoSuchBucket":
                     return None
@@ -181,15 +185,7 @@ class S3Blobs:
                                    ContentType="application/octet-stream")
 
     def read_input(self, job_id: str, name: str) -> bytes | None:
-        with self._calls():
-            try:
-                got = self.client.get_object(Bucket=self.bucket, Key=self._key(job_id, "inputs", name))
-            except ClientError as exc:
-                if _code(exc) in ("NoSuchKey", "404") or _status(exc) == 404 and _code(exc) != "NoSuchBucket":
-                    return None
-                raise
-            data: bytes = got["Body"].read()
-            return data
+        return self._get(self._key(job_id, "inputs", name))
 
     def presign(self, job_id: str, token: str | None, index: int, ext: str, seconds: int) -> str | None:
         if token is None:
