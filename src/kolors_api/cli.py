@@ -195,7 +195,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if (refused := preflight.refuse("worker", lambda: _settings(args))) is not None:
         return refused
     from kolors_api.jobs import make_store
-    from kolors_api.worker import EngineFactoryError, make_worker
+    from kolors_api.worker import EngineFactoryError
+    from kolors_api.worker.make import check_worker
     from kolors_api.worker.messages import JobDone
     from kolors_api.worker.metrics import JobMetrics
     from kolors_api.worker.supervisor import DeviceError, Supervisor
@@ -215,7 +216,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # A bad engine path, device, terms file or a missing `safety` extra fails here, before an engine loads.
     try:
-        make_worker(settings, store)
+        check_worker(settings)
         supervisor = Supervisor(settings, store, on_done=done)
     except (EngineFactoryError, DeviceError) as exc:
         return _refused(exc)

@@ -206,10 +206,10 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     if settings.worker:
         # Checked now, so a bad --engine, --device or safety setting stops `serve` before it binds
         # its port; the engine itself loads in its own process (this one imports no torch).
-        from kolors_api.worker import make_worker
+        from kolors_api.worker.make import check_worker
         from kolors_api.worker.supervisor import Supervisor
 
-        make_worker(settings, store)
+        check_worker(settings)
         svc.engines = Supervisor(settings, store, on_done=functools.partial(_engine_job_done, svc))
     svc.metrics.jobs.watch(svc.engines)
 
