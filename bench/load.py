@@ -22,7 +22,9 @@ Per row: requests, throughput (answered / the time from the first arrival to the
 latency p50/p95/p99, queue wait (stock: its queue; kolors-api: the jobs' `queue_time`), mean batch
 (kolors-api: engine calls' jobs from /metrics; LitServe: the batch each answer came from). Then, for
 kolors-api's rows, where the time went (medians of each job's timeline: queue, batching wait, engine
-call, finish; and what the serving path added to it), beside the peer's p50.
+call, finish; and what the serving path added to it), beside the peer's p50. Per server row, the CPU
+seconds its processes spent per answered request (`cpu/req`; `http`: its HTTP process's part), which
+holds on a busy machine where wall times do not.
 
     .venv/bin/python bench/load.py                                   # CPU, tiny model, 512², 20 steps
     .venv/bin/python bench/load.py --servers ours,litserve --fractions 0.8 --seconds 30
@@ -261,6 +263,23 @@ def start_server(kind: str, model: str, work: Path, device: str | None,
     return procs, url
 
 
+def group_cpu(group: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of every live process of the process group `group`, by pid:
+    what a server spends per request, in its HTTP process and its engine's (unlike wall time, it
+    holds on a machine that is busy with something else)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # after "(comm)": state ppid pgrp ... utime (12th) stime (13th)
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group:
+                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def gone(group: int, timeout: float = 60) -> None:
     """Wait until every process of the group `group` has exited (the next server's rows must not share
     the cores with the last one's children), killing what is left after `timeout`."""
@@ -360,20 +379,39 @@ def main() -> None:  # noqa: C901 - one linear script
           f"(the best of stock diffusers' one image and {args.batch} prompts in one call)", flush=True)
     schedules = {f: poisson(f * capacity, args.seconds, args.seed + n) for n, f in enumerate(fractions)}
 
-    def loads(name: str, send: Callable[[int], Answer], after: Callable[[list[Answer]], float | None]) -> None:
+    def loads(name: str, send: Callable[[int], Answer], after: Callable[[list[Answer]], float | None],
+              group: int | None = None) -> None:
+        cpu = [group_cpu(group) if group else {}]
+
+        def done(load: str, answers: list[Answer]) -> Row:
+            """The row of `answers`, with the server's CPU seconds per answered request (its HTTP
+            process, the rest), taken before `after` asks the server for the jobs' records."""
+            used: dict[int, float] = {}
+            if group:
+                now = group_cpu(group)
+                used = {pid: now[pid] - cpu[0].get(pid, 0.0) for pid in now}
+                cpu[0] = now
+            r = row(name, load, answers, after(answers))
+            if group:
+                answered = max(1, r.requests - r.failed)
+                r.extra["cpu_http"] = used.get(group, 0.0) / answered
+                r.extra["cpu_rest"] = sum(v for pid, v in used.items() if pid != group) / answered
+                cpu[0] = group_cpu(group)
+            return r
+
         lone = []
         for _ in range(args.lone):
             lone += [send(0)]
             time.sleep(0.5)
-        lone_row = row(name, "lone", lone, after(lone))
+        lone_row = done("lone", lone)
         lone_row.extra["lone_median"] = statistics.median(a.done - a.sent for a in lone if a.ok)
         show(lone_row)
         answers = burst(args.burst, send)
-        show(row(name, f"burst {args.burst}", answers, after(answers)))
+        show(done(f"burst {args.burst}", answers))
         for f, offsets in schedules.items():
             if name != "ours-off":
                 answers = open_loop(offsets, send)
-                show(row(name, f"poisson@{f:g}", answers, after(answers)))
+                show(done(f"poisson@{f:g}", answers))
 
     if stock is not None and "stock" in servers:
         loads("stock", stock.send, lambda answers: None)
@@ -386,7 +424,7 @@ def main() -> None:  # noqa: C901 - one linear script
             if name == "litserve":
                 send = http_send(url, "/predict", lambda i: body(i, size, steps))
                 http_send(url, "/predict", lambda i: body(i, size, steps))(0)  # warm-up
-                loads(name, send, lambda answers: None)
+                loads(name, send, lambda answers: None, procs[0].pid)
             else:
                 send = http_send(url, "/v1/kolors", lambda i: body(i, size, steps))
                 send(0)  # warm-up
@@ -398,7 +436,7 @@ def main() -> None:  # noqa: C901 - one linear script
                     mean = (jobs - before[0][1]) / max(1.0, calls - before[0][0])
                     before[0] = (calls, jobs)
                     return mean
-                loads(name, send, after)
+                loads(name, send, after, procs[0].pid)
         finally:
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGTERM)  # the process and its children (LitServe's workers)
@@ -408,15 +446,17 @@ def main() -> None:  # noqa: C901 - one linear script
     print(f"\n{size}x{size}, {steps} steps, {device}, {os.cpu_count()} cores; capacity {capacity:.2f} img/s; "
           f"poisson for {args.seconds:g}s per rate; latency in seconds")
     print(f"{'server':36} {'load':13} {'req':>4} {'req/s':>6} {'p50':>6} {'p95':>6} {'p99':>6} {'wait50':>6} "
-          f"{'batch':>5} {'x peer':>6}")
+          f"{'batch':>5} {'x peer':>6} {'cpu/req':>7} {'http':>5}")
     peer = {r.load: r for r in rows if r.server == "litserve"}
     for r in rows:
         ratio = r.throughput / peer[r.load].throughput if r.load in peer and peer[r.load].throughput else None
         if r.load == "lone" and r.server != "litserve" and "lone" in peer:
             ratio = peer["lone"].p50 / r.p50  # a lone request: speed, not throughput
         wait = f"{r.queue_wait_p50:6.2f}" if r.queue_wait_p50 is not None else f"{'-':>6}"
+        cpu = (f"{r.extra['cpu_http'] + r.extra['cpu_rest']:7.2f} {r.extra['cpu_http']:5.2f}"
+               if "cpu_http" in r.extra else f"{'-':>7} {'-':>5}")
         print(f"{NAMES[r.server]:36} {r.load:13} {r.requests:>4} {r.throughput:>6.2f} {r.p50:>6.2f} {r.p95:>6.2f} "
-              f"{r.p99:>6.2f} {wait} {(r.mean_batch or 0):>5.1f} {(f'{ratio:.2f}' if ratio else '-'):>6}")
+              f"{r.p99:>6.2f} {wait} {(r.mean_batch or 0):>5.1f} {(f'{ratio:.2f}' if ratio else '-'):>6} {cpu}")
     staged = [r for r in rows if "stages_p50" in r.extra]
     if staged:
         print("\nwhere a request's time went, medians in ms (the job's timeline from its record; serving = the "

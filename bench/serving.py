@@ -1,7 +1,8 @@
 """Async submit throughput and latency of the API for the SQLite and the Redis store.
 
 Starts `kolors-api serve --no-worker` for each store (so jobs stay queued and only the API and the
-store are measured), fires v2 submits from C concurrent clients, prints one table and writes JSON.
+store are measured), fires v2 submits from C concurrent clients, prints one table and writes JSON;
+`cpu ms/req` is the API process's CPU time per submit.
 The load comes from `wrk` (Debian's package) when it is installed — a Python client saturates
 before the server does — else from an httpx client firing N requests.
 
@@ -53,6 +54,13 @@ def start(store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str, flo
             time.sleep(0.02)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU seconds so far (user + system): the server's cost per submit, which holds on
+    a machine where the load generator shares the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -96,8 +104,6 @@ def wrk(url: str, seconds: int, concurrency: int) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % (json.dumps(BODY), KEY))
     threads = max(1, min(concurrency, (os.cpu_count() or 2) // 2))
-    subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", script.name, url + "/v2/kolors"],  # warm-up
-                   capture_output=True, check=True)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s",
                           script.name, url + "/v2/kolors"], capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
@@ -139,12 +145,17 @@ def main() -> None:
         try:
             row: dict[str, object] = {"store": name, "load": args.load, "concurrency": args.concurrency}
             if args.load == "wrk":
+                wrk(url, 2, 4)  # warm-up
+            cpu = cpu_seconds(proc.pid)
+            if args.load == "wrk":
                 row |= wrk(url, args.seconds, args.concurrency)
             else:
                 lat, wall, errors = asyncio.run(fire(url, args.requests, args.concurrency))
                 row |= {"requests": args.requests, "throughput_rps": round(args.requests / wall, 1),
                         "p50_ms": round(pct(lat, 50) * 1000, 2), "p99_ms": round(pct(lat, 99) * 1000, 2),
                         "mean_ms": round(statistics.mean(lat) * 1000, 2), "errors": errors}
+            used = cpu_seconds(proc.pid) - cpu
+            row["cpu_ms_per_request"] = round(1000 * used / max(1, int(row["requests"])), 3)  # type: ignore[call-overload]
             rows.append(row | {"startup_s": round(startup, 2), "rss_mb": round(rss_mb(proc.pid), 1)})
         finally:
             proc.terminate()
@@ -154,11 +165,11 @@ def main() -> None:
                 redis.Redis.from_url(args.redis).flushdb()
     base = float(rows[0]["throughput_rps"])  # type: ignore[arg-type]
     print(f"{'store':8} {'req':>6} {'conc':>5} {'rps':>8} {'x sqlite':>9} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} "
-          f"{'start s':>8} {'rss MB':>7}")
+          f"{'start s':>8} {'rss MB':>7} {'cpu ms/req':>10}")
     for r in rows:
         print(f"{r['store']:8} {r['requests']:>6} {r['concurrency']:>5} {r['throughput_rps']:>8} "
               f"{float(r['throughput_rps']) / base:>9.2f} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>4} "
-              f"{r['startup_s']:>8} {r['rss_mb']:>7}")
+              f"{r['startup_s']:>8} {r['rss_mb']:>7} {r['cpu_ms_per_request']:>10}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
     print(f"wrote {args.out}")

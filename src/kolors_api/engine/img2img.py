@@ -88,8 +88,9 @@ def start_latents(pipe: Pipeline, jobs: Sequence[GenerateParams], generators: li
     n = 0
     for params in jobs:
         image = pixels[id(params)].to(device=device, dtype=dtype).to(vae_dtype)
+        encoded = vae.encode(image)  # once per picture (as the stock pipeline's per-row encode gives it)
         for _ in range(params.number_of_images):
-            rows.append(retrieve(vae.encode(image), generator=generators[n]))
+            rows.append(retrieve(encoded, generator=generators[n]))
             n += 1
     latents = torch.cat(rows).to(dtype)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)

@@ -409,13 +409,17 @@ class Engine:
                     callback_on_step_end=step_end if watched else None,
                     callback_on_step_end_tensor_inputs=["latents"] if watched else [],
                 ).images
+                # the kept jobs' rows decoded in one go (on CPU one VAE call, as KolorsPipeline does)
+                kept = [latents[first_rows[n] : first_rows[n] + params.number_of_images]
+                        for n, (params, _) in enumerate(jobs) if n not in dropped]
+                images = self._decode(pipe, torch.cat(kept)) if kept else []
                 outputs: list[GenerationOutput | BaseException] = []
                 for n, (params, _) in enumerate(jobs):
                     if n in dropped:
                         outputs.append(dropped[n])
                         continue
-                    rows = latents[first_rows[n] : first_rows[n] + params.number_of_images]
-                    encode = _encoder(self._decode(pipe, rows), params)
+                    encode = _encoder(images[:params.number_of_images], params)
+                    images = images[params.number_of_images:]
                     outputs.append(GenerationOutput(images=[] if defer_encoding else encode(), seeds=params.seeds,
                                                     content_type=params.content_type, inference_time=0.0,
                                                     encode=encode if defer_encoding else None))
