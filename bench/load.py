@@ -6,8 +6,9 @@ Every row of one run uses the same weights and the same arrival schedules (seede
   arrival order; its latency under load is its queue;
 - **LitServe peer** (bench/litserve_peer.py: stock pipeline, `max_batch_size` 8, `batch_timeout` 50 ms);
 - **kolors-api** (`kolors-api serve`, its defaults), and **kolors-api, batching off**
-  (`--max-batch-images 1`) for the lone-request comparison; with `--servers ...,ours-split`, also
-  `serve --no-worker` and a `kolors-api worker` as processes of their own on Redis; with
+  (`--max-batch-images 1`: whether batching pays on this device at each load); with
+  `--servers ...,ours-split`, also `serve --no-worker` and a `kolors-api worker` as processes of
+  their own on Redis; with
   `ours-base --baseline-src OLD/src`, the `serve` of another checkout (a before/after in one run).
 
 Loads, each client a thread with a connection of its own (as users send them):
@@ -409,9 +410,8 @@ def main() -> None:  # noqa: C901 - one linear script
         answers = burst(args.burst, send)
         show(done(f"burst {args.burst}", answers))
         for f, offsets in schedules.items():
-            if name != "ours-off":
-                answers = open_loop(offsets, send)
-                show(done(f"poisson@{f:g}", answers))
+            answers = open_loop(offsets, send)
+            show(done(f"poisson@{f:g}", answers))
 
     if stock is not None and "stock" in servers:
         loads("stock", stock.send, lambda answers: None)
