@@ -2,8 +2,8 @@
 
 `fair_keys` holds, per key id (`fair.NO_KEY` for jobs without a key), its start tag while it has
 queued jobs (`start`, NULL when it has none), its last finish tag and its odometer (work enqueued
-so far); `fair_clock` the virtual time. Each job row keeps its `work` and `odo`. Every function
-here runs inside the transaction of the change it belongs to.
+so far); `fair_clock` the virtual time (tables in sqlite_schema.py). Each job row keeps its `work` and
+`odo`. Every function here runs inside the transaction of the change it belongs to.
 """
 
 from __future__ import annotations
@@ -14,39 +14,12 @@ from typing import Any
 
 from kolors_api.jobs import fair
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS fair_keys (
-    key_id TEXT PRIMARY KEY,
-    start REAL,
-    finish REAL NOT NULL DEFAULT 0,
-    odo REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS fair_active ON fair_keys(start, key_id) WHERE start IS NOT NULL;
-CREATE TABLE IF NOT EXISTS fair_clock (id INTEGER PRIMARY KEY CHECK (id = 0), vtime REAL NOT NULL);
-INSERT OR IGNORE INTO fair_clock(id, vtime) VALUES (0, 0);
-"""
 
-#: Columns added to tables of older databases.
-_COLUMNS = (("jobs", "work", "REAL NOT NULL DEFAULT 1"), ("jobs", "odo", "REAL NOT NULL DEFAULT 0"),
-            ("keys", "weight", "REAL NOT NULL DEFAULT 1"))
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Add the fair-queue columns to an older database, and (re)activate every key with queued jobs
-    (jobs re-queued by a recovery, or queued before the fair queue existed)."""
-    conn.executescript(SCHEMA)
-    for table, column, decl in _COLUMNS:
-        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-    conn.execute("CREATE INDEX IF NOT EXISTS jobs_fair ON jobs(key_id, state, odo, seq)")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for (key_id,) in conn.execute("SELECT DISTINCT key_id FROM jobs WHERE state='QUEUED'").fetchall():
-            _activate(conn, key_id or fair.NO_KEY)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+def activate_queued(c: sqlite3.Connection) -> None:
+    """(Re)activate every key with queued jobs: jobs queued again by a recovery, or queued before the
+    fair queue existed. Run when the store opens."""
+    for (key_id,) in c.execute("SELECT DISTINCT key_id FROM jobs WHERE state='QUEUED'").fetchall():
+        _activate(c, key_id or fair.NO_KEY)
 
 
 def _vtime(c: sqlite3.Connection) -> float:

@@ -1,9 +1,12 @@
-"""The SQLite store's Idempotency-Keys and webhook outbox (a mixin of `SQLiteStore`).
+"""The SQLite store's Idempotency-Keys and webhook outbox (functions on the store's connection).
 
 Deliveries are rows of `webhook_deliveries`, written by `enqueue` inside the transaction of the job's
 change (claim, progress, complete, fail), so a delivery exists exactly when its change does, whatever
 process dies after. A claim pushes `next_at` one lease ahead and sets a token: a runner that dies
 mid-attempt leaves a delivery that is due again when the lease runs out.
+
+`replay_of`, `remember`, `enqueue` and `expire` run inside the transaction of the change they belong
+to; the others are the store's webhook methods, each in a transaction of its own where it writes.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
 
 from kolors_api.jobs.base import (
     CLAIM_LOOKAHEAD,
@@ -26,54 +28,7 @@ from kolors_api.jobs.base import (
     destination,
     new_webhook_secret,
 )
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS idempotency (
-    key_id TEXT NOT NULL,
-    idem_key TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    request_hash TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (key_id, idem_key)
-);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    key_id TEXT,
-    event TEXT NOT NULL,
-    url TEXT NOT NULL,
-    dest TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    token TEXT,
-    changed_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries(state, next_at);
-CREATE INDEX IF NOT EXISTS webhook_job ON webhook_deliveries(job_id);
-CREATE TABLE IF NOT EXISTS webhook_attempts (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    delivery_id TEXT NOT NULL,
-    event TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    at REAL NOT NULL,
-    status INTEGER,
-    latency REAL NOT NULL,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS webhook_attempts_job ON webhook_attempts(job_id, seq);
-CREATE TABLE IF NOT EXISTS webhook_secrets (key_id TEXT PRIMARY KEY, secret TEXT NOT NULL);
-"""
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Give deliveries of an older database their destination (`base.destination`)."""
-    if "dest" not in {r[1] for r in conn.execute("PRAGMA table_info(webhook_deliveries)")}:
-        conn.execute("ALTER TABLE webhook_deliveries ADD COLUMN dest TEXT NOT NULL DEFAULT ''")
-        for row in conn.execute("SELECT id, url FROM webhook_deliveries").fetchall():
-            conn.execute("UPDATE webhook_deliveries SET dest=? WHERE id=?", (destination(row[1]), row[0]))
-    conn.execute("CREATE INDEX IF NOT EXISTS webhook_dest_due ON webhook_deliveries(state, dest, next_at)")
+from kolors_api.jobs.sqlite_rows import Tx
 
 
 def replay_of(c: sqlite3.Connection, new: NewJob, now: float) -> str | None:
@@ -126,129 +81,101 @@ def expire(c: sqlite3.Connection, now: float) -> None:
     c.execute("DELETE FROM webhook_attempts WHERE at<=?", (now - WEBHOOK_LOG_SECONDS,))
 
 
-class SQLiteHooks:
-    """The webhook methods of `JobStore` for `SQLiteStore`."""
+def idempotent_request(c: sqlite3.Connection, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
+    row = c.execute("SELECT job_id, request_hash FROM idempotency WHERE key_id=? AND idem_key=? "
+                    "AND expires_at>?", (key_id, idempotency_key, time.time())).fetchone()
+    return None if row is None else (str(row[0]), str(row[1]))
 
-    if TYPE_CHECKING:
-        _conn: sqlite3.Connection | None
 
-        def _run(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]: ...
-        def _tx(self) -> Any: ...
+def claim_webhooks(c: sqlite3.Connection, lease_seconds: float, limit: int, per_destination: int,
+                   busy: Mapping[str, int] | None, per_key: int,
+                   busy_keys: Mapping[str, int] | None) -> list[WebhookDelivery]:
+    now, token = time.time(), uuid.uuid4().hex
+    out: list[WebhookDelivery] = []
+    if c.execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
+                 (now,)).fetchone() is None:
+        return out  # nothing due: no write lock taken (runners poll this twice a second)
+    keys = dict(busy_keys or {})
 
-    async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
-        def q() -> tuple[str, str] | None:
-            assert self._conn is not None
-            row = self._conn.execute("SELECT job_id, request_hash FROM idempotency WHERE key_id=? AND idem_key=? "
-                                     "AND expires_at>?", (key_id, idempotency_key, time.time())).fetchone()
-            return None if row is None else (str(row[0]), str(row[1]))
-        result: tuple[str, str] | None = await self._run(q)
-        return result
+    def key_room(row: sqlite3.Row) -> bool:
+        # within the key's bound: counted as taken
+        key = row["key_id"] or ""
+        if per_key > 0 and keys.get(key, 0) >= per_key:
+            return False
+        keys[key] = keys.get(key, 0) + 1
+        return True
 
-    async def claim_webhooks(self, lease_seconds: float, limit: int, *, per_destination: int = 0,
-                             busy: Mapping[str, int] | None = None, per_key: int = 0,
-                             busy_keys: Mapping[str, int] | None = None) -> list[WebhookDelivery]:
-        def q() -> list[WebhookDelivery]:
-            now, token = time.time(), uuid.uuid4().hex
-            out: list[WebhookDelivery] = []
-            assert self._conn is not None
-            if self._conn.execute("SELECT 1 FROM webhook_deliveries WHERE state='pending' AND next_at<=? LIMIT 1",
-                                  (now,)).fetchone() is None:
-                return out  # nothing due: no write lock taken (runners poll this twice a second)
-            keys = dict(busy_keys or {})
+    def take(due: list[sqlite3.Row], room: int) -> list[sqlite3.Row]:
+        out: list[sqlite3.Row] = []
+        for r in due:
+            if len(out) >= room:
+                break
+            if key_room(r):
+                out.append(r)
+        return out
 
-            def key_room(row: sqlite3.Row) -> bool:
-                # within the key's bound: counted as taken
-                key = row["key_id"] or ""
-                if per_key > 0 and keys.get(key, 0) >= per_key:
-                    return False
-                keys[key] = keys.get(key, 0) + 1
-                return True
+    with Tx(c):
+        rows: list[sqlite3.Row] = []
+        if per_destination <= 0:
+            due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
+                            "ORDER BY next_at LIMIT ?", (now, limit + (CLAIM_LOOKAHEAD if per_key else 0)))
+            rows = take(due.fetchall(), limit)
+        else:
+            for dest, _ in c.execute("SELECT dest, MIN(next_at) AS due FROM webhook_deliveries WHERE "
+                                     "state='pending' AND next_at<=? GROUP BY dest ORDER BY due",
+                                     (now,)).fetchall():
+                room = min(per_destination - (busy or {}).get(dest, 0), limit - len(rows))
+                if room > 0:
+                    due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND dest=? "
+                                    "AND next_at<=? ORDER BY next_at LIMIT ?",
+                                    (dest, now, room + (CLAIM_LOOKAHEAD if per_key else 0)))
+                    rows += take(due.fetchall(), room)
+        for r in rows:
+            c.execute("UPDATE webhook_deliveries SET attempts=attempts+1, token=?, next_at=?, changed_at=? "
+                      "WHERE id=?", (token, now + lease_seconds, now, r["id"]))
+            out.append(WebhookDelivery(id=r["id"], job_id=r["job_id"], key_id=r["key_id"], event=r["event"],
+                                       url=r["url"], attempt=r["attempts"] + 1, token=token))
+    return out
 
-            def take(due: list[sqlite3.Row], room: int) -> list[sqlite3.Row]:
-                out: list[sqlite3.Row] = []
-                for r in due:
-                    if len(out) >= room:
-                        break
-                    if key_room(r):
-                        out.append(r)
-                return out
 
-            with self._tx() as c:
-                rows: list[sqlite3.Row] = []
-                if per_destination <= 0:
-                    due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND next_at<=? "
-                                    "ORDER BY next_at LIMIT ?", (now, limit + (CLAIM_LOOKAHEAD if per_key else 0)))
-                    rows = take(due.fetchall(), limit)
-                else:
-                    for dest, _ in c.execute("SELECT dest, MIN(next_at) AS due FROM webhook_deliveries WHERE "
-                                             "state='pending' AND next_at<=? GROUP BY dest ORDER BY due",
-                                             (now,)).fetchall():
-                        room = min(per_destination - (busy or {}).get(dest, 0), limit - len(rows))
-                        if room > 0:
-                            due = c.execute("SELECT * FROM webhook_deliveries WHERE state='pending' AND dest=? "
-                                            "AND next_at<=? ORDER BY next_at LIMIT ?",
-                                            (dest, now, room + (CLAIM_LOOKAHEAD if per_key else 0)))
-                            rows += take(due.fetchall(), room)
-                for r in rows:
-                    c.execute("UPDATE webhook_deliveries SET attempts=attempts+1, token=?, next_at=?, changed_at=? "
-                              "WHERE id=?", (token, now + lease_seconds, now, r["id"]))
-                    out.append(WebhookDelivery(id=r["id"], job_id=r["job_id"], key_id=r["key_id"], event=r["event"],
-                                               url=r["url"], attempt=r["attempts"] + 1, token=token))
-            return out
-        result: list[WebhookDelivery] = await self._run(q)
-        return result
+def record_webhook(c: sqlite3.Connection, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
+                   next_at: float) -> bool:
+    now = time.time()
+    with Tx(c):
+        cur = c.execute("UPDATE webhook_deliveries SET state=?, next_at=?, token=NULL, changed_at=? "
+                        "WHERE id=? AND token=?", (state, next_at, now, delivery.id, delivery.token))
+        if cur.rowcount != 1:
+            return False
+        c.execute("INSERT INTO webhook_attempts(job_id, delivery_id, event, attempt, at, status, latency, "
+                  "error) VALUES (?,?,?,?,?,?,?,?)",
+                  (delivery.job_id, delivery.id, attempt.event, attempt.attempt, attempt.at, attempt.status,
+                   attempt.latency, attempt.error))
+        if state == "stopped":
+            c.execute("UPDATE webhook_deliveries SET state='stopped', changed_at=? WHERE job_id=? AND "
+                      "state='pending'", (now, delivery.job_id))
+        return True
 
-    async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
-                             next_at: float = 0.0) -> bool:
-        def q() -> bool:
-            now = time.time()
-            with self._tx() as c:
-                cur = c.execute("UPDATE webhook_deliveries SET state=?, next_at=?, token=NULL, changed_at=? "
-                                "WHERE id=? AND token=?", (state, next_at, now, delivery.id, delivery.token))
-                if cur.rowcount != 1:
-                    return False
-                c.execute("INSERT INTO webhook_attempts(job_id, delivery_id, event, attempt, at, status, latency, "
-                          "error) VALUES (?,?,?,?,?,?,?,?)",
-                          (delivery.job_id, delivery.id, attempt.event, attempt.attempt, attempt.at, attempt.status,
-                           attempt.latency, attempt.error))
-                if state == "stopped":
-                    c.execute("UPDATE webhook_deliveries SET state='stopped', changed_at=? WHERE job_id=? AND "
-                              "state='pending'", (now, delivery.job_id))
-                return True
-        ok: bool = await self._run(q)
-        return ok
 
-    async def webhook_attempts(self, job_id: str) -> list[WebhookAttempt]:
-        def q() -> list[WebhookAttempt]:
-            assert self._conn is not None
-            rows = self._conn.execute("SELECT * FROM webhook_attempts WHERE job_id=? ORDER BY seq", (job_id,))
-            return [WebhookAttempt(delivery_id=r["delivery_id"], event=r["event"], attempt=r["attempt"], at=r["at"],
-                                   status=r["status"], latency=r["latency"], error=r["error"]) for r in rows]
-        result: list[WebhookAttempt] = await self._run(q)
-        return result
+def webhook_attempts(c: sqlite3.Connection, job_id: str) -> list[WebhookAttempt]:
+    rows = c.execute("SELECT * FROM webhook_attempts WHERE job_id=? ORDER BY seq", (job_id,))
+    return [WebhookAttempt(delivery_id=r["delivery_id"], event=r["event"], attempt=r["attempt"], at=r["at"],
+                           status=r["status"], latency=r["latency"], error=r["error"]) for r in rows]
 
-    async def webhook_secret(self, key_id: str) -> str:
-        def q() -> str:
-            with self._tx() as c:
-                c.execute("INSERT OR IGNORE INTO webhook_secrets(key_id, secret) VALUES (?,?)",
-                          (key_id, new_webhook_secret()))
-                return str(c.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()[0])
-        result: str = await self._run(q)
-        return result
 
-    async def rotate_webhook_secret(self, key_id: str) -> str:
-        def q() -> str:
-            secret = new_webhook_secret()
-            with self._tx() as c:
-                c.execute("INSERT OR REPLACE INTO webhook_secrets(key_id, secret) VALUES (?,?)", (key_id, secret))
-            return secret
-        result: str = await self._run(q)
-        return result
+def webhook_secret(c: sqlite3.Connection, key_id: str) -> str:
+    with Tx(c):
+        c.execute("INSERT OR IGNORE INTO webhook_secrets(key_id, secret) VALUES (?,?)",
+                  (key_id, new_webhook_secret()))
+        return str(c.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()[0])
 
-    async def current_webhook_secret(self, key_id: str) -> str | None:
-        def q() -> str | None:
-            assert self._conn is not None
-            row = self._conn.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()
-            return None if row is None else str(row[0])
-        result: str | None = await self._run(q)
-        return result
+
+def rotate_webhook_secret(c: sqlite3.Connection, key_id: str) -> str:
+    secret = new_webhook_secret()
+    with Tx(c):
+        c.execute("INSERT OR REPLACE INTO webhook_secrets(key_id, secret) VALUES (?,?)", (key_id, secret))
+    return secret
+
+
+def current_webhook_secret(c: sqlite3.Connection, key_id: str) -> str | None:
+    row = c.execute("SELECT secret FROM webhook_secrets WHERE key_id=?", (key_id,)).fetchone()
+    return None if row is None else str(row[0])

@@ -1,17 +1,14 @@
 """The latest preview of each job in the SQLite store: one row per job, replaced at each preview.
 
-Kept out of `sqlite.py` (the store calls these in its own transactions): a row is written in the
-same transaction as the progress it belongs to, and swept with the jobs that `expire` deletes.
+A row is written in the transaction of the progress it belongs to (`write`, `watched`), and swept
+with the jobs that `expire` deletes (`sweep`); `read` and `watch` are the store's own calls.
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS previews (job_id TEXT PRIMARY KEY, step INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS preview_watches (job_id TEXT PRIMARY KEY, until REAL NOT NULL);
-"""
+from kolors_api.jobs.sqlite_rows import Tx
 
 
 def write(c: sqlite3.Connection, job_id: str, step: int, data: bytes) -> None:
@@ -25,8 +22,9 @@ def read(c: sqlite3.Connection, job_id: str) -> tuple[int, bytes] | None:
 
 def watch(c: sqlite3.Connection, job_id: str, until: float) -> None:
     """Someone watches the job's previews until `until` (epoch seconds)."""
-    c.execute("INSERT INTO preview_watches(job_id, until) VALUES (?,?) "
-              "ON CONFLICT(job_id) DO UPDATE SET until=max(until, excluded.until)", (job_id, until))
+    with Tx(c):
+        c.execute("INSERT INTO preview_watches(job_id, until) VALUES (?,?) "
+                  "ON CONFLICT(job_id) DO UPDATE SET until=max(until, excluded.until)", (job_id, until))
 
 
 def watched(c: sqlite3.Connection, job_id: str, now: float) -> bool:

@@ -1,15 +1,12 @@
-"""The rows of the SQLite store: transactions, leases, ledger entries, and records as `Job` / `ApiKey`."""
+"""The rows of the SQLite store: transactions, counters, ledger entries, and records as `Job` / `ApiKey`."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
-import uuid
 
-from kolors_api.jobs import sqlite_fair as fair_db
-from kolors_api.jobs import sqlite_hooks as hooks
-from kolors_api.jobs.base import ApiKey, Job, JobState, Lease
+from kolors_api.jobs.base import ApiKey, Job, JobState
 
 
 class Tx:
@@ -24,22 +21,6 @@ class Tx:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-def take(c: sqlite3.Connection, job_id: str, worker_id: str, now: float, lease_seconds: float) -> Lease:
-    """Lease a job (queued, or one whose lease ran out) to `worker_id`: one more delivery."""
-    token = uuid.uuid4().hex
-    before = c.execute("SELECT state, key_id, work FROM jobs WHERE id=?", (job_id,)).fetchone()
-    # a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
-    c.execute("UPDATE jobs SET state='PROCESSING', deliveries=deliveries+1, lease_token=?, lease_worker=?, "
-              "lease_until=?, started_at=?, step=0, phase='', "
-              "version=version+(CASE state WHEN 'PROCESSING' THEN 2 ELSE 1 END) WHERE id=?",
-              (token, worker_id, now + lease_seconds, now, job_id))
-    if before["state"] == "QUEUED":  # a reclaimed job was charged at its first claim
-        fair_db.taken(c, before["key_id"], before["work"])
-    hooks.enqueue(c, job_id, "start")
-    job = job_of(c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone())
-    return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
 
 
 def bump(c: sqlite3.Connection, name: str) -> None:
