@@ -151,3 +151,24 @@ def test_a_worker_says_which_store_it_watches(tiny_model: Path, tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_an_embedded_database_of_a_newer_kolors_api_is_refused_untouched(tmp_path: Path) -> None:
+    import sqlite3
+
+    from kolors_api.jobs.sqlite_schema import VERSION
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "kolors-api.sqlite3"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY)")
+        c.execute(f"PRAGMA user_version={VERSION + 98}")
+    before = db.read_bytes()
+    line = refused(serve(tmp_path, "--no-worker"))
+    assert line == (f"kolors-api: {db} has schema version {VERSION + 98}, newer than this kolors-api knows "
+                    f"({VERSION}): run the kolors-api that made it, or a newer one")
+    assert db.read_bytes() == before
+    db.write_bytes(b"not a database at all, just some bytes that are long enough" * 10)
+    line = refused(serve(tmp_path, "--no-worker"))
+    assert line.startswith(f"kolors-api: {db} is not a database kolors-api can open (")

@@ -147,6 +147,7 @@ def check_store(settings: Settings, command: str) -> None:
         raise Refused("worker needs --store redis://HOST:PORT/DB (env KOLORS_API_STORE): a worker on the "
                       "embedded SQLite store never gets a job from another process; `serve` runs its own")
     if not settings.fleet:
+        _check_schema(settings.sqlite_path())
         return
     from redis import Redis  # the `redis` extra; a missing one is named by the caller
 
@@ -159,6 +160,22 @@ def check_store(settings: Settings, command: str) -> None:
                       f"there or fix --store (env KOLORS_API_STORE)") from None
     finally:
         client.close()
+
+
+def _check_schema(path: Path) -> None:
+    """An embedded database made by a newer kolors-api (a downgrade) is refused, untouched."""
+    import sqlite3
+
+    from kolors_api.jobs.sqlite_schema import VERSION, file_version
+
+    try:
+        at = file_version(path)
+    except sqlite3.Error as exc:
+        raise Refused(f"{path} is not a database kolors-api can open ({exc}); move it away or point --data-dir "
+                      "elsewhere") from None
+    if at is not None and at > VERSION:
+        raise Refused(f"{path} has schema version {at}, newer than this kolors-api knows ({VERSION}): run the "
+                      "kolors-api that made it, or a newer one")
 
 
 def warnings(settings: Settings, command: str) -> list[str]:

@@ -14,8 +14,10 @@ it whatever columns it has (the fair queue's `jobs.work`, `jobs.odo` and `keys.w
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 from kolors_api.jobs.base import StoreError, destination
 from kolors_api.jobs.sqlite_rows import Tx
@@ -169,6 +171,14 @@ VERSION = len(MIGRATIONS)
 
 def version(c: sqlite3.Connection) -> int:
     return int(c.execute("PRAGMA user_version").fetchone()[0])
+
+
+def file_version(path: Path) -> int | None:
+    """The schema version of the database file at `path`, read without writing; None without one."""
+    if not path.is_file():
+        return None
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as c:
+        return version(c)
 
 
 def migrate(c: sqlite3.Connection) -> None:
