@@ -264,21 +264,30 @@ def start_server(kind: str, model: str, work: Path, device: str | None,
     return procs, url
 
 
-def group_cpu(group: int) -> dict[int, float]:
-    """CPU seconds (user + system) so far of every live process of the process group `group`, by pid:
-    what a server spends per request, in its HTTP process and its engine's (unlike wall time, it
-    holds on a machine that is busy with something else)."""
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of the live process `root` and all its descendants, by pid:
+    what a server spends per request, in its HTTP process and the rest (engine processes, LitServe's
+    workers), which holds on a machine busy with something else where wall times do not."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
+    parent: dict[int, int] = {}
+    seconds: dict[int, float] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:  # after "(comm)": state ppid pgrp ... utime (12th) stime (13th)
                 fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == group:
-                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+            parent[int(entry.name)] = int(fields[1])
+            seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return {pid: used for pid, used in seconds.items() if under(pid)}
 
 
 def gone(group: int, timeout: float = 60) -> None:
@@ -381,23 +390,23 @@ def main() -> None:  # noqa: C901 - one linear script
     schedules = {f: poisson(f * capacity, args.seconds, args.seed + n) for n, f in enumerate(fractions)}
 
     def loads(name: str, send: Callable[[int], Answer], after: Callable[[list[Answer]], float | None],
-              group: int | None = None) -> None:
-        cpu = [group_cpu(group) if group else {}]
+              root: int | None = None) -> None:
+        cpu = [tree_cpu(root) if root else {}]
 
         def done(load: str, answers: list[Answer]) -> Row:
             """The row of `answers`, with the server's CPU seconds per answered request (its HTTP
             process, the rest), taken before `after` asks the server for the jobs' records."""
             used: dict[int, float] = {}
-            if group:
-                now = group_cpu(group)
+            if root:
+                now = tree_cpu(root)
                 used = {pid: now[pid] - cpu[0].get(pid, 0.0) for pid in now}
                 cpu[0] = now
             r = row(name, load, answers, after(answers))
-            if group:
+            if root:
                 answered = max(1, r.requests - r.failed)
-                r.extra["cpu_http"] = used.get(group, 0.0) / answered
-                r.extra["cpu_rest"] = sum(v for pid, v in used.items() if pid != group) / answered
-                cpu[0] = group_cpu(group)
+                r.extra["cpu_http"] = used.get(root, 0.0) / answered
+                r.extra["cpu_rest"] = sum(v for pid, v in used.items() if pid != root) / answered
+                cpu[0] = tree_cpu(root)
             return r
 
         lone = []
