@@ -435,8 +435,8 @@ class JobStore(Protocol):
         the oldest of the key with the least work served for its weight), waiting up to `timeout`."""
         ...
 
-    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        """Claim, in fair order across keys (`fair.fill`), queued jobs that fit `batch`
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+        """Claim, in fair order across keys (`batching.fill`), queued jobs that fit `batch`
         (`kolors_api.jobs.batching`: same shape, within its budget), adding each to it; each gets a
         lease of its own. May return []."""
         ...

@@ -13,7 +13,7 @@ image, 25 steps): the price formula without credits, so that keys without credit
 Jobs without a key share one queue, `NO_KEY`, of weight 1.
 
 Within a key jobs go first in, first out, by their *odometer*: the key's enqueued work before
-them. A batch (`claim_compatible`) is filled in the same fair order among jobs of the head's
+them. A batch (`claim_batch`) is filled in the same fair order among jobs of the head's
 shape (`fill`). A job whose lease ran out is handed out again before any queued job (it was
 served once already: it is not charged twice).
 """
@@ -109,5 +109,5 @@ def fill(queues: list[KeyQueue], batch: BatchBuilder) -> list[tuple[str, dict[st
 
 
 def per_key(window: int, keys: int) -> int:
-    """How many queued jobs of each key `claim_compatible` looks at: `window` in all."""
+    """How many queued jobs of each key `claim_batch` looks at: `window` in all."""
     return max(1, window // max(keys, 1))

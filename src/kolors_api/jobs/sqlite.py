@@ -412,7 +412,7 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
                     continue
                 return take(c, row["id"], worker_id, now, lease_seconds), failed
 
-    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
         def q() -> list[Lease]:
             with self._tx() as c:
                 now = time.time()

@@ -210,7 +210,7 @@ class Worker:
         seen: list[float] = []
         while True:
             try:
-                got = await self.store.claim_compatible(self.id, self.config.lease_seconds, batch)
+                got = await self.store.claim_batch(self.id, self.config.lease_seconds, batch)
             except Exception as exc:
                 self._store_error(exc, "while batching")  # the head runs without company
                 return leases
