@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import secrets
@@ -48,6 +47,7 @@ from kolors_api.jobs.base import (
     AlreadyExists,
     ApiKey,
     BalanceOutOfRange,
+    Batch,
     IdempotencyMismatch,
     InsufficientFunds,
     Job,
@@ -67,7 +67,6 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
-from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_fair import candidates
@@ -338,11 +337,11 @@ class RedisStore(RedisHooks):
                 return None
             await self._wake(min(left, self.recheck))
 
-    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
         # Choose in fair order from what is queued, then claim them in one script that takes each one
         # still QUEUED (another worker may take one meanwhile).
         r = await self._conn()
-        chosen = fair.fill(await candidates(r, self.keys, batch.limits.window), copy.copy(batch))
+        chosen = batch.choose(await candidates(r, self.keys, batch.window))
         woken, self._woken = self._woken, False
         if not chosen:
             if woken:  # a wake-up for a job that does not fit: an idle worker may want it

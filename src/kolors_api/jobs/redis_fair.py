@@ -166,7 +166,7 @@ return ahead
 
 
 async def candidates(r: Redis, keys: Keys, window: int) -> list[fair.KeyQueue]:
-    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for `fair.fill`):
+    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for a batch's `choose`):
     one round trip when nothing is queued, three else."""
     active: Any = await r.zrange(keys.fair_active, 0, window - 1, withscores=True)
     if not active:

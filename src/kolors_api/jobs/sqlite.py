@@ -26,6 +26,7 @@ from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
     AlreadyExists,
+    Batch,
     InsufficientFunds,
     Job,
     Lease,
@@ -42,9 +43,7 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
-from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
-from kolors_api.jobs.fair import fill
 from kolors_api.jobs.sqlite_keys import SQLiteKeys
 from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, ledger_entry, take
 from kolors_api.schema import decimal
@@ -412,12 +411,14 @@ class SQLiteStore(SQLiteKeys, hooks.SQLiteHooks):
                     continue
                 return take(c, row["id"], worker_id, now, lease_seconds), failed
 
-    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
         def q() -> list[Lease]:
             with self._tx() as c:
                 now = time.time()
-                return [take(c, job_id, worker_id, now, lease_seconds)
-                        for job_id, _ in fill(fair_db.candidates(c, batch.limits.window), batch)]
+                chosen = batch.choose(fair_db.candidates(c, batch.window))
+                for _, params in chosen:
+                    batch.add(params)
+                return [take(c, job_id, worker_id, now, lease_seconds) for job_id, _ in chosen]
         leases = await self._run(q)
         for lease in leases:
             self._notify(lease.job.id)

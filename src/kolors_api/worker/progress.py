@@ -1,4 +1,5 @@
-"""One claimed job inside a worker's pipeline call: its lease, its progress, its way out.
+"""Progress reporting: one claimed job inside a worker's pipeline call (its lease, its progress, its
+way out) and the reports of one call.
 
 A worker runs a batch of jobs (one, or several of one shape: `kolors_api.jobs.batching`) in one
 engine call. Each job keeps its own lease, progress reports, cancellation and outcome: `JobRun`
