@@ -36,6 +36,7 @@ in fair order.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,8 +109,7 @@ class BatchBuilder:
         """The jobs that would join, in fair order: each time the key of the smallest tag gives its oldest
         job that fits, and its tag moves by that job's work; a key with none that fits drops out. This
         batch is left as it is (the store `add`s each job it claims)."""
-        grown = BatchBuilder(self.limits, {})
-        grown.shape, grown.images, grown.pixels = self.shape, self.images, self.pixels
+        grown = copy.copy(self)
         heap = [(q.start, q.key, i) for i, q in enumerate(queues) if q.jobs]
         heapq.heapify(heap)
         chosen: list[tuple[str, dict[str, Any]]] = []
