@@ -326,7 +326,7 @@ class Worker:
             return  # the stores stayed out past the bound: FAILED, saying so (logged there)
         if done:
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
-            stored = await self.store.get(job.id)
+            stored = run.stored = await self.store.get(job.id)
             state = stored.state if stored is not None else JobState.COMPLETED
             if state == JobState.FAILED:
                 log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)
