@@ -50,8 +50,8 @@ local function fair_left(id, kid)
   if redis.call('ZCARD', k_fair_queue(kid)) == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
 end
 -- a QUEUED job was taken: its key's tag (`start` when known) moves by work / weight, the virtual time
--- to the key's start
-local function fair_served(id, kid, work, start)
+-- to the key's start; `more`: whether the key has other queued jobs, when known
+local function fair_served(id, kid, work, start, more)
   redis.call('ZREM', k_fair_queue(kid), id)
   local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED)
   local vtime = tonumber(f[1] or '0')
@@ -60,7 +60,8 @@ local function fair_served(id, kid, work, start)
   local finish = start + work / fair_weight(kid)
   redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
     F_QUEUED, tonumber(f[3] or '1') - 1)
-  if redis.call('ZCARD', k_fair_queue(kid)) > 0 then
+  if more == nil then more = redis.call('ZCARD', k_fair_queue(kid)) > 0 end
+  if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
   else
     redis.call('ZREM', K_FAIR_ACTIVE, kid)
@@ -70,18 +71,18 @@ end
 
 # The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
 LUA_CLAIM = r"""
--- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its CLAIM_FIELDS
--- and its key's tag; nil when none is queued
+-- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its CLAIM_FIELDS,
+-- its key's tag and whether the key has more queued; nil when none is queued
 local function fair_head()
   for _ = 1, 1000 do
     local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
     if not top[1] then return nil end
-    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 0)
+    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 1)
     if not head[1] then
       redis.call('ZREM', K_FAIR_ACTIVE, top[1])
     else
       local j = fields(head[1], CLAIM_FIELDS)
-      if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]) end
+      if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]), head[2] ~= nil end
       redis.call('ZREM', k_fair_queue(top[1]), head[1])  -- not queued any more: a stale index entry
     end
   end
@@ -113,8 +114,8 @@ for _ = 1, 1000 do
     redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
   end
 end
-local id, j, start = fair_head()
-if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start)) end
+local id, j, start, more = fair_head()
+if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start, more)) end
 redis.call('DEL', K_WAKE)  -- nothing queued: wake-ups pushed so far stand for nothing
 return {'none'}
 """,

@@ -93,13 +93,13 @@ local function fail_job(id, err, t, j, skipped)
 end
 -- the fields a claim reads of a job it may take (or dead-letter)
 local CLAIM_FIELDS = with_hooks({'state', 'work', 'version', 'deliveries', 'cost', 'reserved'})
--- lease job `id` (`j`: CLAIM_FIELDS) to `worker` until `lease_ms` from now; `start`: its key's tag when
--- known. Returns the job's hash.
-local function take(id, j, worker, token, lease_ms, t, start)
+-- lease job `id` (`j`: CLAIM_FIELDS) to `worker` until `lease_ms` from now; `start`, `more`: its key's
+-- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash.
+local function take(id, j, worker, token, lease_ms, t, start, more)
   local jk = k_job(id)
   local lease_until = t + lease_ms / 1000
   if j.state == 'QUEUED' then
-    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start)  -- a reclaimed job was charged at its first claim
+    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)  -- a reclaimed job was charged at its first claim
   end
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
   local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
