@@ -24,6 +24,7 @@ from kolors_api.jobs import (  # noqa: E402
     make_key_record,
     new_key,
 )
+from kolors_api.jobs.batching import BatchBuilder, BatchLimits  # noqa: E402
 from kolors_api.jobs.redis import RedisStore  # noqa: E402
 from tests.conftest import REDIS_URL  # noqa: E402
 from tests.store_helpers import delete_redis_keys  # noqa: E402
@@ -459,3 +460,32 @@ async def test_jobs_of_the_stream_layout_are_moved_over_on_the_first_start(raw: 
     finally:
         await delete_redis_keys(store)
         await store.close()
+
+
+async def test_a_worker_waiting_for_company_hears_a_submit_and_leaves_the_idle_workers_wake_up(
+        make: MakeStore, raw: Any) -> None:
+    """`wait_for_work` on Redis: a submit in another process ends the wait at once (no polling: long
+    before its timeout), and the wake-up an idle worker blocks on is still there for it."""
+    worker, idle, api = await make(), await make(), await make()
+    await api.submit(NewJob(model="kolors", params=params(1)))
+    head = await worker.claim("w1", 30, 0.1)
+    assert head is not None
+    batch = BatchBuilder(BatchLimits(max_images=4), head.job.params)
+    assert await worker.claim_batch("w1", 30, batch) == []
+    assert await idle.claim("w2", 30, 0.05) is None  # nothing queued: the wake list is emptied
+    await worker.wait_for_work(0.01)  # subscribed (and any earlier submit heard)
+    waiting = asyncio.create_task(worker.wait_for_work(20))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    loop = asyncio.get_running_loop()
+    other = await api.submit(NewJob(model="kolors", params={**params(2), "width": 1024}))  # another shape
+    started = loop.time()
+    await asyncio.wait_for(waiting, 5)
+    assert loop.time() - started < 1.0  # woken, not timed out (20 s)
+    assert await worker.claim_batch("w1", 30, batch) == []  # it does not fit
+    assert await raw.llen(worker.keys.wake) == 1
+    taken = await idle.claim("w2", 30, 0.5)
+    assert taken is not None and taken.job.id == other.id
+    alike = await api.submit(NewJob(model="kolors", params=params(3)))
+    await asyncio.wait_for(worker.wait_for_work(20), 5)
+    assert [lease.job.id for lease in await worker.claim_batch("w1", 30, batch)] == [alike.id]

@@ -4,8 +4,10 @@
   sorted set per key, the keys by virtual time), so a claim costs O(log n); a running job's lease is
   its member in ``leases``, scored by its deadline. `claim` is one script: a job whose lease ran out
   (a dead worker's) first, then the fair head. With nothing queued a worker blocks on ``wake``
-  (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. Blocking reads
-  run on connections of their own, so they never starve the pool.
+  (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. A worker
+  waiting for company (`wait_for_work`) hears every submit on the ``submitted`` channel instead, so
+  it never takes an idle worker's wake-up. Blocking reads run on connections of their own, so they
+  never starve the pool.
 - A lease lives in the job hash (`lease_token`, `lease_until`, `deliveries`) and in ``leases``.
   Every write of a worker (progress, heartbeat, complete, fail) is a Lua script that checks
   state == PROCESSING, lease_token == the lease's token and the deadline first: a stale worker
@@ -103,10 +105,10 @@ class RedisStore(RedisHooks):
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
         self._waiters = Waiters()
-        #: A wake-up this store took while waiting for company, and gave back as it found nothing
-        #: that fit: the next `wait_for_work` sleeps instead of taking it again.
-        self._gave_back = False
-        self._woken = False  # `wait_for_work` took a wake-up (a submit) that `claim_batch` has not used yet
+        #: Subscriptions of the one pub/sub connection, each set once its confirmation came.
+        self._subscribed: dict[str, asyncio.Event] = {}
+        #: Set by every submit's publication (once `wait_for_work` subscribed), cleared by `wait_for_work`.
+        self._submitted = asyncio.Event()
 
     # -- plumbing
     async def open(self) -> None:
@@ -218,15 +220,16 @@ class RedisStore(RedisHooks):
         return None if position < 0 else position
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        await self._listen()
+        await self._listen(self.keys.events_pattern, pattern=True)
         return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
 
     async def wait_for_work(self, timeout: float) -> None:
-        if self._gave_back:  # the wake-up there is ours, given back: wait out the rest
-            self._gave_back = False
-            await asyncio.sleep(timeout)
-            return
-        self._woken = await self._wake(timeout)
+        # Every submit publishes on `submitted`: a worker waiting for company hears each one without
+        # taking the idle workers' wake-ups (those are `wake`'s, for `claim`).
+        await self._listen(self.keys.submitted, pattern=False)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._submitted.wait(), timeout)
+        self._submitted.clear()
 
     def relay(self, send: Callable[[str | None], None] | None) -> None:
         """Nothing to relay: every change is published to every process."""
@@ -234,38 +237,41 @@ class RedisStore(RedisHooks):
     def changed(self, job_id: str | None) -> None:
         """Nothing to do: the publication of the change wakes this process's waiters."""
 
-    async def _listen(self) -> None:
-        """Start this store's one pattern subscription to every job's channel (once)."""
-        if self._listener is not None:
+    async def _listen(self, channel: str, *, pattern: bool) -> None:
+        """Subscribe this store's one pub/sub connection to `channel` (once), and return once Redis
+        confirmed it: from then on no publication can be missed."""
+        if channel in self._subscribed:
+            await asyncio.wait_for(self._subscribed[channel].wait(), 10)
             return
         async with self._listen_lock:
-            if self._listener is not None:
-                return
-            pubsub = (await self._conn()).pubsub()
-            await pubsub.psubscribe(self.keys.events_pattern)
-            # From the confirmation on, no publication can be missed.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is not None and _str(msg["type"]) == "psubscribe":
-                    break
-            self._pubsub = pubsub
-            self._listener = asyncio.create_task(self._dispatch(pubsub))
+            if channel not in self._subscribed:
+                self._subscribed[channel] = asyncio.Event()
+                if self._pubsub is None:
+                    self._pubsub = (await self._conn()).pubsub()
+                await (self._pubsub.psubscribe if pattern else self._pubsub.subscribe)(channel)
+                if self._listener is None:
+                    self._listener = asyncio.create_task(self._dispatch(self._pubsub))
+        await asyncio.wait_for(self._subscribed[channel].wait(), 10)
 
     async def _dispatch(self, pubsub: PubSub) -> None:
         events = Outage(log, "job events subscription", meanwhile="waiters poll every second until it is back")
         while True:
             try:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await pubsub.get_message(timeout=1.0)
                 events.ok()
-            except (RedisError, OSError) as exc:  # the fallback re-check covers the gap
+            except (RedisError, OSError) as exc:  # the fallback re-checks cover the gap
                 events.failed(exc)
+                self._submitted.set()  # a worker waiting for company looks again rather than miss one
                 await asyncio.sleep(0.5)
                 continue
-            if msg is None or _str(msg["type"]) != "pmessage":
+            if msg is None:
                 continue
-            job_id = self.keys.job_id_of_channel(_str(msg["channel"]))
-            if job_id is not None:
+            kind, channel = _str(msg["type"]), _str(msg["channel"])
+            if kind in ("subscribe", "psubscribe") and channel in self._subscribed:
+                self._subscribed[channel].set()
+            elif kind == "message":
+                self._submitted.set()
+            elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
                 self._waiters.notify(job_id)
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
@@ -342,11 +348,7 @@ class RedisStore(RedisHooks):
         # still QUEUED (another worker may take one meanwhile).
         r = await self._conn()
         chosen = batch.choose(await candidates(r, self.keys, batch.window))
-        woken, self._woken = self._woken, False
         if not chosen:
-            if woken:  # a wake-up for a job that does not fit: an idle worker may want it
-                await r.rpush(self.keys.wake, "1")
-                self._gave_back = True
             return []
         tokens = {job_id: uuid.uuid4().hex for job_id, _ in chosen}
         got = await self._call(names.SCRIPT_CLAIM_BATCH, worker_id, repr(lease_seconds * 1000.0),
@@ -358,11 +360,11 @@ class RedisStore(RedisHooks):
             batch.add(json.loads(h["params"]))
         return leases
 
-    async def _wake(self, wait: float) -> bool:
-        """Block until a submit pushes a wake-up (True), or `wait` seconds pass."""
+    async def _wake(self, wait: float) -> None:
+        """Block until a submit pushes a wake-up (taking it), or `wait` seconds pass."""
         await self._conn()
         assert self._blocking is not None
-        return await self._blocking.blpop([self.keys.wake], timeout=max(0.001, wait)) is not None
+        await self._blocking.blpop([self.keys.wake], timeout=max(0.001, wait))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token, repr(lease_seconds * 1000.0)))

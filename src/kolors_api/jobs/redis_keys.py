@@ -28,6 +28,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``key-index`` | hash key_hash → key id | lookup by presented key |
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+| ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
 | ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
@@ -71,6 +72,7 @@ HISTORY = "history:"
 LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
+SUBMITTED = "submitted"  # a pub/sub channel
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
@@ -137,6 +139,7 @@ class Keys:
         self.webhook_secrets = prefix + WEBHOOK_SECRETS
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
+        self.submitted = prefix + SUBMITTED
         #: Matches every job's event channel (PSUBSCRIBE).
         self.events_pattern = glob_escape(prefix + EVENTS) + "*"
 
@@ -199,6 +202,7 @@ LUA_KEYS = "\n".join([
     f"local K_FAIR = P .. {_lua_string(FAIR)}",
     f"local K_LEASES = P .. {_lua_string(LEASES)}",
     f"local K_WAKE = P .. {_lua_string(WAKE)}",
+    f"local K_SUBMITTED = P .. {_lua_string(SUBMITTED)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
     f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
     f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",

@@ -98,8 +98,8 @@ local CLAIM_FIELDS = with_hooks({'state', 'work', 'version', 'deliveries', 'cost
 local function take(id, j, worker, token, lease_ms, t, start, more)
   local jk = k_job(id)
   local lease_until = t + lease_ms / 1000
-  if j.state == 'QUEUED' then
-    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)  -- a reclaimed job was charged at its first claim
+  if j.state == 'QUEUED' then  -- a reclaimed job was charged at its first claim
+    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)
   end
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
   local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
@@ -174,6 +174,7 @@ if ARGV[10] ~= '' then
 end
 redis.call('HSET', jk, unpack(job))
 redis.call('RPUSH', K_WAKE, '1')  -- an idle worker wakes (the list is emptied when a claim finds nothing)
+redis.call('PUBLISH', K_SUBMITTED, id)  -- and those waiting for company look again
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
 return with_status('ok', job)
 """,
