@@ -1,4 +1,4 @@
-"""Batch claims (`claim_compatible`), in the shared store suite: every backend runs these tests."""
+"""Batch claims (`claim_batch`), in the shared store suite: every backend runs these tests."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ async def test_a_batch_takes_the_oldest_queued_jobs_of_the_heads_shape_only(stor
     lease = await store.claim("w1", 30, 0.1)
     assert lease is not None and lease.job.id == head
     batch = BatchBuilder(BatchLimits(max_images=8), lease.job.params)
-    got = await store.claim_compatible("w1", 30, batch)
+    got = await store.claim_batch("w1", 30, batch)
     assert [g.job.id for g in got] == [same, same_again]
     assert batch.images == 4
     for g in got:
@@ -65,13 +65,13 @@ async def test_a_batch_keeps_within_its_image_and_pixel_budgets(store: JobStore)
     assert lease is not None
     # 4 images: the 3-image job does not fit beside the head's 2, the 1-image job does, then it is full
     batch = BatchBuilder(BatchLimits(max_images=4), lease.job.params)
-    assert [g.job.id for g in await store.claim_compatible("w1", 30, batch)] == [one]
+    assert [g.job.id for g in await store.claim_batch("w1", 30, batch)] == [one]
     assert batch.images == 3
     # pixels: 512² each; a budget of three images' worth takes one more image only
     lease2 = await store.claim("w1", 30, 0.1)
     assert lease2 is not None and lease2.job.id == three
     batch2 = BatchBuilder(BatchLimits(max_images=16, max_pixels=4 * 512 * 512), lease2.job.params)
-    assert await store.claim_compatible("w1", 30, batch2) == []  # `also` has two images: 5 > 4
+    assert await store.claim_batch("w1", 30, batch2) == []  # `also` has two images: 5 > 4
     assert batch2.images == 3
     lease3 = await store.claim("w1", 30, 0.1)
     assert lease3 is not None and lease3.job.id == also
@@ -82,7 +82,7 @@ async def test_every_job_of_a_batch_keeps_its_own_lease_and_outcome(store: JobSt
     ids = [await submit(store, seed=i) for i in range(3)]
     head = await store.claim("w1", 30, 0.1)
     assert head is not None
-    rest = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))
+    rest = await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))
     a, b = rest
     assert await store.progress(a, 1, 2) and await store.heartbeat(b, 30)
     assert await store.complete(head, [b"h"], "png", [0], {})
@@ -100,7 +100,7 @@ async def test_a_batch_claimed_job_whose_worker_died_is_delivered_again(store: J
     extra_id = await submit(store, seed=2)
     head = await store.claim("w1", 0.3, 0.1)
     assert head is not None and head.job.id == head_id
-    extra = await store.claim_compatible("w1", 0.3, BatchBuilder(BatchLimits(max_images=8), head.job.params))
+    extra = await store.claim_batch("w1", 0.3, BatchBuilder(BatchLimits(max_images=8), head.job.params))
     assert [e.job.id for e in extra] == [extra_id]
     # while the leases run, another worker gets nothing (Redis: it reads the extra job's entry and
     # hands it to its holder)
@@ -123,7 +123,7 @@ async def test_a_batch_claimed_job_kept_alive_by_heartbeats_is_not_taken_by_othe
     extra_id = await submit(store, seed=2)
     head = await store.claim("w1", 0.5, 0.1)
     assert head is not None
-    (extra,) = await store.claim_compatible("w1", 0.5, BatchBuilder(BatchLimits(max_images=8), head.job.params))
+    (extra,) = await store.claim_batch("w1", 0.5, BatchBuilder(BatchLimits(max_images=8), head.job.params))
     for _ in range(4):
         await asyncio.sleep(0.25)
         assert await store.heartbeat(head, 0.5) and await store.heartbeat(extra, 0.5)
@@ -140,7 +140,7 @@ async def test_a_cancelled_queued_job_is_not_claimed_into_a_batch(store: JobStor
     await store.request_cancel(cancelled)
     head = await store.claim("w1", 30, 0.1)
     assert head is not None
-    got = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))
+    got = await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))
     assert [g.job.id for g in got] == [kept]
 
 
@@ -150,7 +150,7 @@ async def test_jobs_taken_into_a_batch_put_their_start_webhook_in_the_outbox(sto
            for i in range(3)]
     lease = await store.claim("w1", 30, 0.1)
     assert lease is not None
-    got = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), lease.job.params))
+    got = await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=8), lease.job.params))
     assert {lease.job.id, *(g.job.id for g in got)} == set(ids)
     assert sorted(d.job_id for d in await store.claim_webhooks(30, 10)) == sorted(ids)
 
@@ -161,7 +161,7 @@ async def test_progress_of_a_call_is_one_answer_per_job_with_its_cancel_flag_and
     ids = [await submit(store, seed=n) for n in range(3)]
     head = await store.claim("w1", 30, 0.1)
     assert head is not None
-    leases = [head, *await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))]
+    leases = [head, *await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=8), head.job.params))]
     assert [lease.job.id for lease in leases] == ids
     await store.request_cancel(ids[1])
     await store.watch_previews(ids[2], 60)

@@ -18,7 +18,7 @@ from kolors_api.jobs import Job, JobState, JobStore, NewJob, make_key_record, ne
 from kolors_api.jobs.batching import BatchLimits
 from kolors_api.schema import GenerateParams
 from kolors_api.worker import Worker, WorkerConfig
-from kolors_api.worker.batch import CALLS
+from kolors_api.worker.progress import CALLS
 from tests.test_store import drop, make
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,11 +1,11 @@
-"""The auto rule for waiting for company (`kolors_api.worker.company`): its decisions on given
+"""The auto rule for waiting for company (`kolors_api.jobs.batching`): its decisions on given
 arrival histories, and the step clock it reads."""
 
 from __future__ import annotations
 
 import pytest
 
-from kolors_api.worker.company import StepClock, WaitRule
+from kolors_api.jobs.batching import StepClock, WaitRule
 
 RULE = WaitRule()  # probe 0.25, most 2, busy_after 1 step
 STEP = 0.040  # seconds

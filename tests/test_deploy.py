@@ -1,7 +1,7 @@
 """The deployment files (deploy/) are consistent with the code: they parse, every `kolors-api`
 command in them is accepted by the real CLI parser, the API image stays free of the GPU stack,
 the worker image installs torch before the project, and the Kubernetes and KEDA objects point
-at each other and at the real endpoints, stream and consumer group.
+at each other and at the real endpoints and metrics.
 
 No Docker engine or cluster is needed: these are static checks.
 """
@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 
-#: The Redis job stream and its consumer group (default key prefix `kolors:`); the KEDA
-#: trigger must name exactly these, or it scales on a stream nobody writes to.
-QUEUE_STREAM = "kolors:queue"
-CONSUMER_GROUP = "workers"
+#: What KEDA scales on: the API's queue figures (its /metrics, Prometheus text); a trigger must
+#: name exactly these, or it scales on a metric nobody exports.
+QUEUE_METRICS = {"kolors_jobs_processing", "kolors_queue_depth"}
 
 NAMESPACE = "kolors-api"
 K8S_FILES = ["namespace.yaml", "redis.yaml", "api.yaml", "worker.yaml", "keda-scaledobject.yaml", "minio.yaml"]
@@ -421,7 +420,7 @@ def test_worker_deployment_has_one_gpu_and_a_long_grace_period() -> None:
     assert "replicas" not in dep["spec"], "KEDA owns the worker count"
 
 
-def test_keda_scales_the_worker_deployment_on_the_job_stream() -> None:
+def test_keda_scales_the_worker_deployment_on_the_apis_queue_metrics() -> None:
     so = one("ScaledObject", file="keda-scaledobject.yaml")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     worker = one("Deployment", "kolors-worker")
@@ -434,34 +433,29 @@ def test_keda_scales_the_worker_deployment_on_the_job_stream() -> None:
     assert 1 <= low < high
 
     triggers = so["spec"]["triggers"]
-    assert triggers and all(t["type"] == "redis-streams" for t in triggers)
-    redis_svc = one("Service", "redis")
+    assert triggers and all(t["type"] == "metrics-api" for t in triggers)
+    api_svc = one("Service", "kolors-api")
+    (port,) = api_svc["spec"]["ports"]
+    host = f"{api_svc['metadata']['name']}.{NAMESPACE}.svc"
     for t in triggers:
         meta = t["metadata"]
-        assert meta["stream"] == QUEUE_STREAM
-        assert meta["consumerGroup"] == CONSUMER_GROUP
-        assert meta["address"] == f"{redis_svc['metadata']['name']}.{NAMESPACE}.svc:6379"
+        assert meta["url"] == f"http://{host}{'' if port['port'] == 80 else ':' + str(port['port'])}/metrics"
+        assert meta["format"] == "prometheus"
+        assert int(meta["targetValue"]) >= 1
         # KEDA reads trigger metadata as strings
         assert all(isinstance(v, str) for v in meta.values()), meta
-    pending = [t["metadata"] for t in triggers if "pendingEntriesCount" in t["metadata"]]
-    assert len(pending) == 1 and int(pending[0]["pendingEntriesCount"]) >= 1
-    assert "lagCount" not in pending[0], "with consumerGroup, lagCount would replace pendingEntriesCount"
-    lag = [t["metadata"] for t in triggers if "lagCount" in t["metadata"]]
-    assert len(lag) == 1 and int(lag[0]["lagCount"]) >= 1
+    assert {t["metadata"]["valueLocation"] for t in triggers} == QUEUE_METRICS
 
 
-def test_the_stream_and_group_constants_are_the_redis_backends() -> None:
-    from kolors_api.jobs import redis_keys
+def test_the_metrics_keda_reads_are_the_apis() -> None:
+    from kolors_api.api.metrics import Metrics
 
-    assert redis_keys.DEFAULT_PREFIX + redis_keys.STREAM == QUEUE_STREAM
-    assert redis_keys.GROUP == CONSUMER_GROUP
+    exported = Metrics().render().decode()  # what an API process's /metrics serves, no key needed
+    for metric in QUEUE_METRICS:
+        assert f"# TYPE {metric} gauge" in exported, metric
+    from kolors_api.api.app import PROBES
 
-
-def test_keda_and_the_workers_read_the_same_redis_database() -> None:
-    (c,) = one("Deployment", "kolors-worker")["spec"]["template"]["spec"]["containers"]
-    db = k8s_env(c)["KOLORS_API_STORE"].rsplit("/", 1)[1]
-    for t in one("ScaledObject")["spec"]["triggers"]:
-        assert t["metadata"].get("databaseIndex", "0") == db
+    assert "/metrics" in PROBES
 
 
 # --------------------------------------------------------------------------- README
@@ -479,7 +473,7 @@ def test_readme_names_real_metrics_and_files() -> None:
         assert f"# TYPE {metric} " in exported, f"README names {metric}, which /metrics does not export"
     for path in re.findall(r"deploy/[\w./-]+\.(?:ya?ml|api|worker)", readme):
         assert (ROOT / path).exists(), f"README names {path}, which does not exist"
-    for phrase in ("/readyz", "/healthz", "/metrics", QUEUE_STREAM, "SIGTERM", "never lost"):
+    for phrase in ("/readyz", "/healthz", "/metrics", *QUEUE_METRICS, "SIGTERM", "never lost"):
         assert phrase in readme, phrase
     # the apply order: namespace first, the ScaledObject after the Deployment it scales
     order = [readme.index(f"deploy/k8s/{n}") for n in K8S_FILES if f"deploy/k8s/{n}" in readme]

@@ -61,7 +61,7 @@ async def test_a_lone_keys_job_goes_next_past_another_keys_backlog(store: JobSto
     nxt = await store.claim("w1", 30, 0.1)
     assert nxt is not None and nxt.job.id == mine
     # and so it heads the next engine call; a batch fills with the flood's jobs behind it
-    extra = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=4), nxt.job.params))
+    extra = await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=4), nxt.job.params))
     assert [e.job.key_id for e in extra] == [flood.id] * 3
 
 
@@ -107,7 +107,7 @@ async def test_a_batch_fills_in_fair_order_across_keys(store: JobStore) -> None:
         await submit(store, b, 10 + i)
     head = await store.claim("w1", 30, 0.1)
     assert head is not None
-    extra = await store.claim_compatible("w1", 30, BatchBuilder(BatchLimits(max_images=4), head.job.params))
+    extra = await store.claim_batch("w1", 30, BatchBuilder(BatchLimits(max_images=4), head.job.params))
     owners = Counter([head.job.key_id, *(e.job.key_id for e in extra)])
     assert owners == {a.id: 2, b.id: 2}
 

@@ -24,7 +24,7 @@ keys = pytest.importorskip("kolors_api.jobs.redis_keys")
 
 # A db of its own; the env names another where several checkouts share one Redis.
 DB_URL = os.environ.get("KOLORS_API_TEST_FLEET_REDIS", redis_db_url(13))
-STREAM = keys.DEFAULT_PREFIX + keys.STREAM
+LEASES = keys.DEFAULT_PREFIX + keys.LEASES
 DEAD = keys.DEFAULT_PREFIX + keys.DEAD_LETTERS
 SMALL = {"steps": 2, "width": 512, "height": 512, "output_format": "png"}
 FAST_LEASE = {"KOLORS_API_LEASE_SECONDS": "3", "KOLORS_API_HEARTBEAT_SECONDS": "0.5"}
@@ -144,18 +144,17 @@ def parent_pid(pid: int) -> int | None:
 
 
 def processing_pid(rdb: redis.Redis, pids: set[int], timeout: float = 60) -> tuple[int, str]:
-    """The pid of a worker (of `pids`) whose engine process holds a pending (claimed) ticket right
-    now, and the job bound to it."""
+    """The pid of a worker (of `pids`) whose engine process holds a lease right now, and its job."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in rdb.xpending_range(STREAM, keys.GROUP, "-", "+", 10):
-            consumer = entry["consumer"].decode()
-            pid = parent_pid(int(consumer.rsplit("-", 2)[1]))  # the engine process's worker
+        for member in rdb.zrange(LEASES, 0, 9):
+            job_id = member.decode()
+            holder = rdb.hget(keys.DEFAULT_PREFIX + keys.JOB + job_id, "lease_worker")
+            if holder is None:
+                continue
+            pid = parent_pid(int(holder.decode().rsplit("-", 2)[1]))  # the engine process's worker
             if pid in pids:
-                # a ticket stands for the job a claim bound it to
-                job_id = rdb.hget(keys.DEFAULT_PREFIX + keys.TICKETS, entry["message_id"])
-                if job_id is not None:
-                    return pid, job_id.decode()
+                return pid, job_id
         time.sleep(0.02)
     raise AssertionError("no worker ever held a job")
 

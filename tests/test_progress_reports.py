@@ -1,5 +1,5 @@
 """A call's progress on both stores: one store round trip per step for all of its jobs, each job's
-steps stored in order, and a cancel that lands within one step (`kolors_api.worker.batch.CallReports`)."""
+steps stored in order, and a cancel that lands within one step (`kolors_api.worker.progress.CallReports`)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ async def test_a_cancel_lands_within_one_step_and_the_rest_of_the_call_goes_on(s
 
 
 async def test_jobs_arriving_a_few_ms_apart_on_an_idle_worker_share_one_call(store: JobStore) -> None:
-    """The auto wait rule (`kolors_api.worker.company`): the first job finds the worker idle and waits
+    """The auto wait rule (`kolors_api.jobs.batching`): the first job finds the worker idle and waits
     a fraction of a step for company; each arrival a few ms later extends the wait."""
     engine = StepEngine(step_seconds=0.1)
     async with running(store, engine, max_batch_images=8):
@@ -147,7 +147,7 @@ async def test_jobs_arriving_a_few_ms_apart_on_an_idle_worker_share_one_call(sto
 async def test_a_round_goes_without_the_jobs_that_are_done_or_stopped(store: JobStore) -> None:
     """A job of the call that is already done (blocked by the prompt screening) or stopped reports no
     more steps: the others' rounds go at once, not after the straggler wait."""
-    from kolors_api.worker.batch import CallReports, JobRun
+    from kolors_api.worker.progress import CallReports, JobRun
 
     ids = await submit_all(store, *(job_params(f"job {n}", steps=4) for n in range(3)))
     leases = []

@@ -1,9 +1,11 @@
-"""What only the Redis store has: several instances (API replicas, workers) sharing one Redis,
-the stream of tickets and its pending entries, TTLs, pub/sub, blob files. The shared behaviour is in test_store.py."""
+"""What only the Redis store has: several instances (API replicas, workers) sharing one Redis, the
+queue's plain structures (the fair queues, the leases, the wake list), TTLs, pub/sub, blob files.
+The shared behaviour is in test_store.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,7 +15,16 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
-from kolors_api.jobs import AlreadyExists, InsufficientFunds, JobState, NewJob, make_key_record, new_key  # noqa: E402
+from kolors_api.jobs import (  # noqa: E402
+    AlreadyExists,
+    InsufficientFunds,
+    JobState,
+    Lease,
+    NewJob,
+    make_key_record,
+    new_key,
+)
+from kolors_api.jobs.batching import BatchBuilder, BatchLimits  # noqa: E402
 from kolors_api.jobs.redis import RedisStore  # noqa: E402
 from tests.conftest import REDIS_URL  # noqa: E402
 from tests.store_helpers import delete_redis_keys  # noqa: E402
@@ -175,7 +186,7 @@ async def test_concurrent_workers_claim_each_job_exactly_once(make: MakeStore) -
     assert (stats.queued, stats.processing, stats.reclaims) == (0, 0, 0)
 
 
-async def test_a_cancelled_queued_job_leaves_the_stream_and_is_never_claimed(
+async def test_a_cancelled_queued_job_leaves_the_queue_and_is_never_claimed(
         make: MakeStore, raw: Any) -> None:
     store = await make()
     key = make_key_record("gina", new_key(), credits=3.0)
@@ -184,7 +195,8 @@ async def test_a_cancelled_queued_job_leaves_the_stream_and_is_never_claimed(
     kept = await store.submit(NewJob(model="kolors", params=params(2), cost=1.0, key_id=key.id))
     got = await store.request_cancel(cancelled.id)
     assert got is not None and got.state == JobState.FAILED and got.error == "cancelled"
-    assert await raw.xlen(store.keys.stream) == 1
+    assert await raw.zrange(store.keys.fair_queue(key.id), 0, -1) == [kept.id.encode()]
+    assert (await store.stats()).queued == 1
     assert await store.queue_position(kept.id) == 0
     lease = await store.claim("w1", 30, 0.2)
     assert lease is not None and lease.job.id == kept.id
@@ -194,24 +206,23 @@ async def test_a_cancelled_queued_job_leaves_the_stream_and_is_never_claimed(
     assert [e.kind for e in await store.ledger(key.id)] == ["topup", "reserve", "reserve", "refund"]
 
 
-async def test_a_ticket_read_by_a_dead_worker_whose_job_was_cancelled_is_dropped(
-        make: MakeStore, raw: Any) -> None:
+async def test_a_lease_entry_whose_job_ended_is_dropped_by_the_next_claim(make: MakeStore, raw: Any) -> None:
+    """`leases` may hold a job that ended another way (written by hand, or by a crash between two
+    versions): a claim past its deadline drops it, delivers nothing and counts no reclaim."""
     store = await make()
-    store.reclaim_horizon = 0.3
     job = await store.submit(NewJob(model="kolors", params=params()))
-    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)  # read, then it died
-    await store.request_cancel(job.id)  # ... and the job was cancelled before any claim bound the ticket
+    await store.request_cancel(job.id)
+    await raw.zadd(store.keys.leases, {job.id: 1.0})  # a deadline long past
+    assert await store.claim("w1", 30, 0.1) is None
+    assert await raw.zcard(store.keys.leases) == 0
     after = await store.get(job.id)
     assert after is not None and after.state == JobState.FAILED and after.deliveries == 0
-    await asyncio.sleep(0.35)
-    assert await store.claim("w1", 30, 0.1) is None  # the orphan ticket stands for nothing: acked
-    assert await raw.xlen(store.keys.stream) == 0
-    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
+    assert (await store.stats()).reclaims == 0
 
 
-async def test_tickets_count_the_queued_and_the_running_jobs(make: MakeStore, raw: Any) -> None:
-    """The stream's lag and pending entries (what KEDA scales on) follow the jobs, whatever the fair
-    order takes first: one ticket per queued or running job, pending exactly while one runs."""
+async def test_the_stats_count_the_queued_and_the_running_jobs(make: MakeStore, raw: Any) -> None:
+    """What KEDA scales on (`kolors_queue_depth`, `kolors_jobs_processing`, from `stats`) follows the
+    jobs, whatever the fair order takes first: the queued ones, and one lease per running one."""
     store = await make()
     first, second = (make_key_record(n, new_key()) for n in ("a", "b"))
     for key in (first, second):
@@ -219,7 +230,8 @@ async def test_tickets_count_the_queued_and_the_running_jobs(make: MakeStore, ra
     ids = [(await store.submit(NewJob(model="kolors", params=params(i), key_id=(first, second)[i // 3].id))).id
            for i in range(6)]
     await store.request_cancel(ids[1])
-    assert await raw.xlen(store.keys.stream) == 5
+    stats = await store.stats()
+    assert (stats.queued, stats.processing) == (5, 0)
     leases = [await store.claim("w1", 30, 0.1) for _ in range(3)]
     taken = [lease.job.id for lease in leases if lease]
     # one of each key first (both start at the same virtual time), then a tie again: ties go to the
@@ -227,46 +239,49 @@ async def test_tickets_count_the_queued_and_the_running_jobs(make: MakeStore, ra
     by_key = {first.id: [ids[0], ids[2]], second.id: [ids[3], ids[4]]}
     small, large = sorted(by_key)
     assert taken == [by_key[small][0], by_key[large][0], by_key[small][1]]
-    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 3
-    assert await raw.xlen(store.keys.stream) == 5
+    stats = await store.stats()
+    assert (stats.queued, stats.processing) == (2, 3)
+    assert sorted(m.decode() for m in await raw.zrange(store.keys.leases, 0, -1)) == sorted(taken)
     for lease in leases:
         assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
-    assert await raw.xlen(store.keys.stream) == 2
-    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
-    assert await raw.hlen(store.keys.tickets) == 0
+    stats = await store.stats()
+    assert (stats.queued, stats.processing) == (2, 0)
+    assert await raw.zcard(store.keys.leases) == 0
 
 
-async def test_a_job_whose_ticket_a_dead_worker_read_is_still_claimed_at_once(make: MakeStore, raw: Any) -> None:
+async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, raw: Any) -> None:
+    """No polling: a claim with nothing queued blocks on the wake list, and another process's submit
+    ends the wait at once (long before the claim's timeout); a claim that finds nothing empties the
+    list, so wake-ups pushed while no worker waited stand for nothing."""
+    worker, api = await make(), await make()
+    await api.submit(NewJob(model="kolors", params=params(1)))
+    await api.submit(NewJob(model="kolors", params=params(2)))
+    assert await raw.llen(worker.keys.wake) == 2
+    for _ in range(2):
+        assert await worker.claim("w1", 30, 0.1) is not None
+    assert await worker.claim("w1", 30, 0.05) is None
+    assert await raw.llen(worker.keys.wake) == 0
+    claiming = asyncio.create_task(worker.claim("w1", 30, 20))
+    await asyncio.sleep(0.3)
+    assert not claiming.done()
+    job = await api.submit(NewJob(model="kolors", params=params(3)))
+    started = asyncio.get_running_loop().time()
+    lease = await asyncio.wait_for(claiming, 5)
+    assert lease is not None and lease.job.id == job.id
+    assert asyncio.get_running_loop().time() - started < 1.0  # woken, not timed out (20 s)
+
+
+async def test_a_renewed_lease_is_kept_until_it_runs_out(make: MakeStore) -> None:
     store = await make()
-    store.reclaim_horizon = 0.3
-    job = await store.submit(NewJob(model="kolors", params=params()))
-    # a worker reads the ticket and dies before a claim binds it: the job is still QUEUED and is
-    # claimed at once, with a fresh ticket; the orphan is acked once past the horizon
-    await raw.xreadgroup(store.keys.group, "ghost", {store.keys.stream: ">"}, count=1)
-    lease = await store.claim("w1", 30, 0.1)
-    assert lease is not None and lease.job.id == job.id and lease.delivery == 1
-    assert await raw.xlen(store.keys.stream) == 2
-    await asyncio.sleep(0.35)
-    assert await store.claim("w1", 30, 0.1) is None
-    assert (await store.stats()).reclaims == 0
-    assert await raw.xlen(store.keys.stream) == 1
-    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 1
-    assert await store.complete(lease, [b"x"], "png", [1], {})
-    assert await raw.xlen(store.keys.stream) == 0
-
-
-async def test_a_lease_longer_than_the_reclaim_horizon_is_kept_until_it_runs_out(make: MakeStore) -> None:
-    store = await make()
-    store.reclaim_horizon = 0.2
     job = await store.submit(NewJob(model="kolors", params=params()))
     holder = await store.claim("w1", 0.8, 1)
     assert holder is not None
-    await asyncio.sleep(0.3)  # past the horizon, not past the lease: XAUTOCLAIM hands it back
-    assert await store.claim("w2", 30, 0.05) is None
-    assert await store.heartbeat(holder, 0.8)
     await asyncio.sleep(0.3)
     assert await store.claim("w2", 30, 0.05) is None
-    await asyncio.sleep(0.7)  # now the renewed lease has run out
+    assert await store.heartbeat(holder, 0.8)
+    await asyncio.sleep(0.6)  # past the first deadline, not past the renewed one
+    assert await store.claim("w2", 30, 0.05) is None
+    await asyncio.sleep(0.4)  # now the renewed lease has run out
     taker = await store.claim("w2", 30, 1)
     assert taker is not None and taker.job.id == job.id and taker.delivery == 2
     assert not await store.progress(holder, 1, 2)
@@ -288,8 +303,7 @@ async def test_a_dead_letter_is_refunded_and_recorded(make: MakeStore, raw: Any)
     assert await store.running_count(key.id) == 0
     letters = await raw.xrange(store.keys.dead_letters)
     assert [(f[b"job"], f[b"reason"]) for _, f in letters] == [(job.id.encode(), b"worker lost 1 times")]
-    assert await raw.xlen(store.keys.stream) == 0
-    assert (await raw.xpending(store.keys.stream, store.keys.group))["pending"] == 0
+    assert await raw.zcard(store.keys.leases) == 0
     stats = await store.stats()
     assert (stats.dead_letters, stats.reclaims, stats.processing) == (1, 1, 0)
 
@@ -366,3 +380,112 @@ async def test_keys_list_in_creation_order_and_credit_changes_are_ledgered(make:
     assert await store.update_key("missing", name="x") is None
     with pytest.raises(AlreadyExists, match="exists"):
         await store.add_key(first)
+
+
+async def test_jobs_of_the_stream_layout_are_moved_over_on_the_first_start(raw: Any) -> None:
+    """A fleet upgraded in place loses nothing: the keys the layout before the plain queue wrote (a
+    stream of tickets with its group, `tickets`, `queued`, `processing`, the job fields `entry` and
+    `lease_ms`, an older version's `hooks-due`), written here by hand with that version's names, are
+    moved over when the first store of this version opens: the queued jobs are claimed in their fair
+    order, a running job whose worker died meanwhile is reclaimed at once, one whose lease still
+    runs is kept (its holder completes it), and all of them finish."""
+    prefix = f"kolors-test-{uuid.uuid4().hex[:8]}:"
+    key = make_key_record("old", new_key())
+    first = RedisStore(REDIS_URL, prefix=prefix)  # only to add the key (the key records did not change)
+    await first.add_key(key)
+    await first.close()
+    await raw.delete(prefix + "wake", prefix + "fair")
+    t = float((await raw.time())[0])
+    kid = key.id
+    stream, group = prefix + "queue", "workers"
+    await raw.xgroup_create(stream, group, id="0", mkstream=True)
+
+    async def old_job(n: int, state: str, **extra: Any) -> str:
+        job_id = f"old{n}-{uuid.uuid4().hex[:6]}"
+        fields = {"id": job_id, "model": "kolors", "params": json.dumps(params(n)), "state": state, "cost": "0",
+                  "created_at": repr(t - 10 + n), "step": "0", "total_steps": "0", "outputs": "0", "ext": "",
+                  "seeds": "[]", "metrics": "{}", "deliveries": "0", "cancel_requested": "0", "version": "1",
+                  "seq": str(n), "reserved": "1", "key_id": kid, "work": "1", "odo": str(n - 1), **extra}
+        await raw.hset(prefix + "job:" + job_id, mapping=fields)
+        await raw.zadd(prefix + "history:" + kid, {job_id: n})
+        await raw.incr(prefix + "running:" + kid)
+        await raw.xadd(stream, {"job": job_id})  # its ticket
+        return job_id
+
+    # two running jobs (tickets read by their workers, bound in `tickets`), the first one's worker dead
+    dead = await old_job(1, "PROCESSING", deliveries="1", version="2", lease_token="t-dead", lease_worker="w-old",
+                         lease_until=repr(t - 5), lease_ms="30000", started_at=repr(t - 8))
+    alive = await old_job(2, "PROCESSING", deliveries="1", version="2", lease_token="t-alive",
+                          lease_worker="w-old", lease_until=repr(t + 60), lease_ms="30000", started_at=repr(t - 1))
+    read = await raw.xreadgroup(group, "w-old", {stream: ">"}, count=2)
+    for entry_id, entry in read[0][1]:
+        await raw.hset(prefix + "tickets", entry_id, entry[b"job"])
+        await raw.hset(prefix + "job:" + entry[b"job"].decode(), "entry", entry_id)
+    await raw.sadd(prefix + "processing", dead, alive)
+    # two queued jobs: `queued` by seq, and their key's fair queue by odometer
+    queued = [await old_job(n, "QUEUED") for n in (3, 4)]
+    await raw.zadd(prefix + "queued", {job_id: n for n, job_id in zip((3, 4), queued, strict=True)})
+    await raw.zadd(prefix + "fair-queue:" + kid, {job_id: n - 1 for n, job_id in zip((3, 4), queued, strict=True)})
+    await raw.zadd(prefix + "fair-active", {kid: 2.0})
+    await raw.hset(prefix + "fair", mapping={"vtime": "2", "odo:" + kid: "4", "finish:" + kid: "2"})
+    # an older version's webhook delivery, due now
+    await raw.hset(prefix + "hook:d1", mapping={"id": "d1", "job": queued[0], "event": "start", "key_id": kid,
+                                                "url": "http://hooks.example:9/x", "state": "pending", "attempts": "0"})
+    await raw.zadd(prefix + "hooks-due", {"d1": t - 1})
+
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    try:
+        await store.open()
+        for old in ("queue", "tickets", "queued", "processing", "hooks-due"):
+            assert await raw.exists(prefix + old) == 0, old
+        assert (await store.get(dead)).state == JobState.QUEUED  # type: ignore[union-attr]  # lapsed: as_seen
+        stats = await store.stats()
+        assert (stats.queued, stats.processing) == (2, 2)
+        assert [d.id for d in await store.claim_webhooks(30, 10)] == ["d1"]
+        reclaimed = await store.claim("w-new", 30, 1)
+        assert reclaimed is not None and reclaimed.job.id == dead and reclaimed.delivery == 2
+        fresh = [await store.claim("w-new", 30, 1) for _ in queued]
+        assert [lease.job.id for lease in fresh if lease] == queued
+        assert await store.claim("w-new", 30, 0.05) is None  # the live lease is not handed out
+        holder = Lease(job=(await store.get(alive)), token="t-alive", worker_id="w-old", delivery=1)  # type: ignore[arg-type]
+        assert await store.heartbeat(holder, 30)
+        for lease in [reclaimed, *fresh, holder]:
+            assert lease is not None and await store.complete(lease, [b"x"], "png", [1], {})
+        for job_id in [dead, alive, *queued]:
+            done = await store.get(job_id)
+            assert done is not None and done.state == JobState.COMPLETED, job_id
+        assert await store.running_count(kid) == 0
+        stats = await store.stats()
+        assert (stats.queued, stats.processing) == (0, 0)
+    finally:
+        await delete_redis_keys(store)
+        await store.close()
+
+
+async def test_a_worker_waiting_for_company_hears_a_submit_and_leaves_the_idle_workers_wake_up(
+        make: MakeStore, raw: Any) -> None:
+    """`wait_for_work` on Redis: a submit in another process ends the wait at once (no polling: long
+    before its timeout), and the wake-up an idle worker blocks on is still there for it."""
+    worker, idle, api = await make(), await make(), await make()
+    await api.submit(NewJob(model="kolors", params=params(1)))
+    head = await worker.claim("w1", 30, 0.1)
+    assert head is not None
+    batch = BatchBuilder(BatchLimits(max_images=4), head.job.params)
+    assert await worker.claim_batch("w1", 30, batch) == []
+    assert await idle.claim("w2", 30, 0.05) is None  # nothing queued: the wake list is emptied
+    await worker.wait_for_work(0.01)  # subscribed (and any earlier submit heard)
+    waiting = asyncio.create_task(worker.wait_for_work(20))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    loop = asyncio.get_running_loop()
+    other = await api.submit(NewJob(model="kolors", params={**params(2), "width": 1024}))  # another shape
+    started = loop.time()
+    await asyncio.wait_for(waiting, 5)
+    assert loop.time() - started < 1.0  # woken, not timed out (20 s)
+    assert await worker.claim_batch("w1", 30, batch) == []  # it does not fit
+    assert await raw.llen(worker.keys.wake) == 1
+    taken = await idle.claim("w2", 30, 0.5)
+    assert taken is not None and taken.job.id == other.id
+    alike = await api.submit(NewJob(model="kolors", params=params(3)))
+    await asyncio.wait_for(worker.wait_for_work(20), 5)
+    assert [lease.job.id for lease in await worker.claim_batch("w1", 30, batch)] == [alike.id]

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     #: Images × pixels per engine call, in millions (0 = sized for the device).
     max_batch_megapixels: float = Field(0.0, ge=0, le=1000)
     #: How long a claimed job waits for company of its shape before its call starts: -1 = the auto rule
-    #: (`kolors_api.worker.company`), 0 = not at all, N = up to N ms.
+    #: (`kolors_api.jobs.batching`), 0 = not at all, N = up to N ms.
     batch_wait_ms: int = Field(-1, ge=-1, le=60000)
     #: The engine factory, `package.module:factory`, called as `factory(settings)` by each worker (the
     #: contract: `kolors_api.worker.engines`); the default loads the Kolors pipeline `model` names.

@@ -13,7 +13,7 @@ class Metrics:
         self.requests = Counter("kolors_http_requests_total", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=self.registry)
         self.queue_depth = Gauge("kolors_queue_depth", "Jobs waiting in the queue", registry=self.registry)
-        self.processing = Gauge("kolors_jobs_processing", "Jobs claimed by a worker (pending entries)",
+        self.processing = Gauge("kolors_jobs_processing", "Jobs claimed by a worker (their leases)",
                                 registry=self.registry)
         self.workers = Gauge("kolors_workers_alive", "Workers with a fresh heartbeat", registry=self.registry)
         self.reclaims = Gauge("kolors_reclaims_total", "Jobs handed to another worker after a lost lease",

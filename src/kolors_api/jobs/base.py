@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
-from kolors_api.jobs.batching import BatchBuilder
+from kolors_api.jobs.fair import KeyQueue
 
 
 class JobState(enum.StrEnum):
@@ -363,6 +363,23 @@ def output_readable(job: Job | None, index: int) -> TypeGuard[Job]:
     return job is not None and job.state == JobState.COMPLETED and 0 <= index < job.outputs
 
 
+class Batch(Protocol):
+    """What `JobStore.claim_batch` fills (`kolors_api.jobs.batching.BatchBuilder`)."""
+
+    @property
+    def window(self) -> int:
+        """How many queued jobs (the first of each key in fair order) to hand to `choose`, in all."""
+        ...
+
+    def choose(self, queues: list[KeyQueue]) -> list[tuple[str, dict[str, Any]]]:
+        """Of those, the (job id, params) that would join, in the order they join; changes nothing."""
+        ...
+
+    def add(self, params: Mapping[str, Any]) -> None:
+        """A job joined (the store claimed it)."""
+        ...
+
+
 @runtime_checkable
 class JobStore(Protocol):
     """The one interface the API and the worker loop are written against.
@@ -435,10 +452,10 @@ class JobStore(Protocol):
         the oldest of the key with the least work served for its weight), waiting up to `timeout`."""
         ...
 
-    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        """Claim, in fair order across keys (`fair.fill`), queued jobs that fit `batch`
-        (`kolors_api.jobs.batching`: same shape, within its budget), adding each to it; each gets a
-        lease of its own. May return []."""
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
+        """Claim the queued jobs `batch` chooses (`kolors_api.jobs.batching`: same shape, within its
+        budget, in fair order across keys) of the first `batch.window` in fair order, adding each to it;
+        each gets a lease of its own. May return []."""
         ...
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:

@@ -13,20 +13,17 @@ image, 25 steps): the price formula without credits, so that keys without credit
 Jobs without a key share one queue, `NO_KEY`, of weight 1.
 
 Within a key jobs go first in, first out, by their *odometer*: the key's enqueued work before
-them. A batch (`claim_compatible`) is filled in the same fair order among jobs of the head's
-shape (`fill`). A job whose lease ran out is handed out again before any queued job (it was
+them. A batch (`claim_batch`) is filled in the same fair order among jobs of the head's
+shape (`kolors_api.jobs.batching`). A job whose lease ran out is handed out again before any queued job (it was
 served once already: it is not charged twice).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from kolors_api.jobs.batching import BatchBuilder
 
 #: The fair-queue id of jobs submitted without a key.
 NO_KEY = ""
@@ -80,7 +77,8 @@ def bound(tag: float, start: float, weight: float, head_odo: float) -> float:
 
 @dataclass
 class KeyQueue:
-    """A key with queued work as `fill` sees it: its start tag, weight and first queued jobs."""
+    """A key with queued work as a batch's fill sees it (`batching.BatchBuilder.choose`): its start tag,
+    weight and first queued jobs."""
 
     key: str
     start: float
@@ -88,26 +86,6 @@ class KeyQueue:
     jobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (job id, params), FIFO
 
 
-def fill(queues: list[KeyQueue], batch: BatchBuilder) -> list[tuple[str, dict[str, Any]]]:
-    """The jobs that join `batch`, in fair order: each time the key of the smallest tag gives its
-    oldest job that fits, and its tag moves by that job's work. A key with none that fits drops out."""
-    heap = [(q.start, q.key, i) for i, q in enumerate(queues) if q.jobs]
-    heapq.heapify(heap)
-    chosen: list[tuple[str, dict[str, Any]]] = []
-    while heap and not batch.full:
-        start, key, i = heapq.heappop(heap)
-        q = queues[i]
-        pick = next((j for j, (_, p) in enumerate(q.jobs) if batch.fits(p)), None)
-        if pick is None:
-            continue
-        job_id, params = q.jobs.pop(pick)
-        batch.add(params)
-        chosen.append((job_id, params))
-        if q.jobs:
-            heapq.heappush(heap, (start + work(params) / q.weight, key, i))
-    return chosen
-
-
 def per_key(window: int, keys: int) -> int:
-    """How many queued jobs of each key `claim_compatible` looks at: `window` in all."""
+    """How many queued jobs of each key a store hands to a batch's fill (`claim_batch`): `window` in all."""
     return max(1, window // max(keys, 1))

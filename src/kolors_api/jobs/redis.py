@@ -1,23 +1,24 @@
 """Redis backend of the job store: the fleet mode, shared by stateless API replicas and GPU workers.
 
-- Queued jobs wait in fair order across keys (`redis_fair.py`: one sorted set per key, the keys by
-  virtual time), so a claim costs O(log n). The stream with one consumer group keeps one ticket
-  per queued or running job; each worker is a consumer named by its id. `claim` first takes, with
-  XAUTOCLAIM, tickets whose lease ran out (a dead worker's), then the fair head, binding the next
-  unread ticket to it; with nothing queued it blocks in XREAD until a ticket is added (on
-  connections of their own, so blocking reads never starve the pool).
-- A lease lives in the job hash (`lease_token`, `lease_until`, `deliveries`). So that XAUTOCLAIM
-  with one fixed min-idle (the horizon, 60 s) finds exactly the entries whose lease ran out,
-  whatever each lease's length, every claim and heartbeat sets the entry's idle time to
-  `horizon - lease` (XCLAIM … IDLE … JUSTID by the holder). The hash stays the authority: an
-  entry XAUTOCLAIM hands over whose lease still runs goes back to its holder untouched.
-- Every write of a worker (progress, heartbeat, complete, fail) is a Lua script that checks
-  state == PROCESSING and lease_token == the lease's token first: a stale worker changes nothing.
-  Every state change is one script, so counters, credits and the ledger move with it or not at all.
+- The queue is plain sorted sets (`redis_fair.py`): queued jobs wait in fair order across keys (one
+  sorted set per key, the keys by virtual time), so a claim costs O(log n); a running job's lease is
+  its member in ``leases``, scored by its deadline. `claim` is one script: a job whose lease ran out
+  (a dead worker's) first, then the fair head. With nothing queued a worker blocks on ``wake``
+  (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. A worker
+  waiting for company (`wait_for_work`) hears every submit on the ``submitted`` channel instead, so
+  it never takes an idle worker's wake-up. Blocking reads run on connections of their own, so they
+  never starve the pool.
+- A lease lives in the job hash (`lease_token`, `lease_until`, `deliveries`) and in ``leases``.
+  Every write of a worker (progress, heartbeat, complete, fail) is a Lua script that checks
+  state == PROCESSING, lease_token == the lease's token and the deadline first: a stale worker
+  changes nothing. Every state change is one script, so counters, credits and the ledger move with
+  it or not at all.
 - Job hashes and images get a TTL (retention) when the job finishes, never before.
 - `wait` is woken by pub/sub (every change publishes the job's version on its channel; one
   pattern subscription per store), with a re-check every second as a fallback.
 - Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet.
+- A store that finds the layout before this one (a stream of tickets) moves it over once, on `open`
+  (`redis_migrate.py`).
 
 Not for Redis Cluster: the scripts touch keys they discover at run time.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import secrets
@@ -39,7 +39,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from kolors_api.jobs import fair
 from kolors_api.jobs import redis_keys as names
@@ -49,6 +49,7 @@ from kolors_api.jobs.base import (
     AlreadyExists,
     ApiKey,
     BalanceOutOfRange,
+    Batch,
     IdempotencyMismatch,
     InsufficientFunds,
     Job,
@@ -68,13 +69,14 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
-from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
+from kolors_api.jobs.redis_migrate import OLD_KEYS
+from kolors_api.jobs.redis_migrate import SCRIPT as _MIGRATE
 from kolors_api.schema import decimal
 
 log = logging.getLogger(__name__)
@@ -84,13 +86,9 @@ class RedisStore(RedisHooks):
     """The fleet store. `blobs` (an S3 bucket, or a folder every worker and API replica shares;
     `blob_dir` is the folder's shorthand) keeps images instead of Redis (`jobs/blobs.py`)."""
 
-    #: Fallback re-check of `wait` and longest single block of `claim`, in seconds.
+    #: Fallback re-check of `wait`, and the longest single block of `claim` (a lease that runs out
+    #: wakes no one: an idle worker finds it within this), in seconds.
     recheck: float = 1.0
-    #: How often a worker waiting for company looks at the queue again (`wait_for_work`), in seconds.
-    work_poll: float = 0.002
-    #: XAUTOCLAIM's min-idle: also how long an entry read by a worker that died before recording
-    #: its claim waits to be handed out again.
-    reclaim_horizon: float = 60.0
 
     def __init__(self, url: str, *, retention: float = 3600.0, max_deliveries: int = 3,
                  blob_dir: Path | None = None, prefix: str = names.DEFAULT_PREFIX,
@@ -107,6 +105,10 @@ class RedisStore(RedisHooks):
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
         self._waiters = Waiters()
+        #: Subscriptions of the one pub/sub connection, each set once its confirmation came.
+        self._subscribed: dict[str, asyncio.Event] = {}
+        #: Set by every submit's publication (once `wait_for_work` subscribed), cleared by `wait_for_work`.
+        self._submitted = asyncio.Event()
 
     # -- plumbing
     async def open(self) -> None:
@@ -116,7 +118,7 @@ class RedisStore(RedisHooks):
         # Blocking reads get connections of their own, so they never hold the main pool's.
         self._blocking = Redis.from_url(self.url)
         self._scripts = {name: self._redis.register_script(src) for name, src in _SCRIPTS.items()}
-        await self._ensure_group()
+        await self._migrate()
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -142,12 +144,13 @@ class RedisStore(RedisHooks):
         await self._conn()
         return await self._scripts[script](args=[self.keys.prefix, repr(float(self.retention)), *args])
 
-    async def _ensure_group(self) -> None:
-        try:
-            await (await self._conn()).xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def _migrate(self) -> None:
+        """Move the jobs of the layout before this one over, once (`redis_migrate.py`)."""
+        assert self._redis is not None
+        if await self._redis.exists(*(self.keys.prefix + name for name in OLD_KEYS)):
+            queued, running = await self._redis.eval(_MIGRATE, 0, self.keys.prefix)
+            log.warning("moved %d queued and %d running jobs from the stream layout to the plain queue",
+                        queued, running)
 
     async def ping(self) -> bool:
         try:
@@ -217,11 +220,16 @@ class RedisStore(RedisHooks):
         return None if position < 0 else position
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        await self._listen()
+        await self._listen(self.keys.events_pattern, pattern=True)
         return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
 
     async def wait_for_work(self, timeout: float) -> None:
-        await asyncio.sleep(min(timeout, self.work_poll))
+        # Every submit publishes on `submitted`: a worker waiting for company hears each one without
+        # taking the idle workers' wake-ups (those are `wake`'s, for `claim`).
+        await self._listen(self.keys.submitted, pattern=False)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._submitted.wait(), timeout)
+        self._submitted.clear()
 
     def relay(self, send: Callable[[str | None], None] | None) -> None:
         """Nothing to relay: every change is published to every process."""
@@ -229,38 +237,41 @@ class RedisStore(RedisHooks):
     def changed(self, job_id: str | None) -> None:
         """Nothing to do: the publication of the change wakes this process's waiters."""
 
-    async def _listen(self) -> None:
-        """Start this store's one pattern subscription to every job's channel (once)."""
-        if self._listener is not None:
+    async def _listen(self, channel: str, *, pattern: bool) -> None:
+        """Subscribe this store's one pub/sub connection to `channel` (once), and return once Redis
+        confirmed it: from then on no publication can be missed."""
+        if channel in self._subscribed:
+            await asyncio.wait_for(self._subscribed[channel].wait(), 10)
             return
         async with self._listen_lock:
-            if self._listener is not None:
-                return
-            pubsub = (await self._conn()).pubsub()
-            await pubsub.psubscribe(self.keys.events_pattern)
-            # From the confirmation on, no publication can be missed.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is not None and _str(msg["type"]) == "psubscribe":
-                    break
-            self._pubsub = pubsub
-            self._listener = asyncio.create_task(self._dispatch(pubsub))
+            if channel not in self._subscribed:
+                self._subscribed[channel] = asyncio.Event()
+                if self._pubsub is None:
+                    self._pubsub = (await self._conn()).pubsub()
+                await (self._pubsub.psubscribe if pattern else self._pubsub.subscribe)(channel)
+                if self._listener is None:
+                    self._listener = asyncio.create_task(self._dispatch(self._pubsub))
+        await asyncio.wait_for(self._subscribed[channel].wait(), 10)
 
     async def _dispatch(self, pubsub: PubSub) -> None:
         events = Outage(log, "job events subscription", meanwhile="waiters poll every second until it is back")
         while True:
             try:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await pubsub.get_message(timeout=1.0)
                 events.ok()
-            except (RedisError, OSError) as exc:  # the fallback re-check covers the gap
+            except (RedisError, OSError) as exc:  # the fallback re-checks cover the gap
                 events.failed(exc)
+                self._submitted.set()  # a worker waiting for company looks again rather than miss one
                 await asyncio.sleep(0.5)
                 continue
-            if msg is None or _str(msg["type"]) != "pmessage":
+            if msg is None:
                 continue
-            job_id = self.keys.job_id_of_channel(_str(msg["channel"]))
-            if job_id is not None:
+            kind, channel = _str(msg["type"]), _str(msg["channel"])
+            if kind in ("subscribe", "psubscribe") and channel in self._subscribed:
+                self._subscribed[channel].set()
+            elif kind == "message":
+                self._submitted.set()
+            elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
                 self._waiters.notify(job_id)
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
@@ -321,61 +332,58 @@ class RedisStore(RedisHooks):
     # -- jobs: worker side
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
         deadline = time.monotonic() + timeout
-        lease_ms, horizon_ms = repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)
+        lease_ms = repr(lease_seconds * 1000.0)
         while True:
             token = uuid.uuid4().hex
-            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, horizon_ms, self.max_deliveries)
+            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries)
             if _str(got[0]) == "ok":
-                return _lease(got, token, worker_id)
+                return _lease(got[1:], token, worker_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            await self._wait_ticket(_str(got[1]), min(left, self.recheck))
+            await self._wake(min(left, self.recheck))
 
-    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        # Choose in fair order from what is queued, then claim each with a script fenced on its state
-        # (another worker may take one meanwhile).
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
+        # Choose in fair order from what is queued, then claim them in one script that takes each one
+        # still QUEUED (another worker may take one meanwhile).
         r = await self._conn()
-        chosen = fair.fill(await candidates(r, self.keys, batch.limits.window), copy.copy(batch))
-        lease_ms, horizon_ms = repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)
-        leases: list[Lease] = []
-        for job_id, params in chosen:
-            token = uuid.uuid4().hex
-            got = await self._call(names.SCRIPT_CLAIM_QUEUED, worker_id, token, lease_ms, horizon_ms, job_id)
-            if _str(got[0]) == "ok":
-                leases.append(_lease(got, token, worker_id))
-                batch.add(params)
+        chosen = batch.choose(await candidates(r, self.keys, batch.window))
+        if not chosen:
+            return []
+        tokens = {job_id: uuid.uuid4().hex for job_id, _ in chosen}
+        got = await self._call(names.SCRIPT_CLAIM_BATCH, worker_id, repr(lease_seconds * 1000.0),
+                               *(x for pair in tokens.items() for x in pair))
+        leases = []
+        for flat in got:
+            h = _hash(flat)
+            leases.append(_lease(flat, tokens[h["id"]], worker_id))
+            batch.add(json.loads(h["params"]))
         return leases
 
-    async def _wait_ticket(self, after: str, wait: float) -> None:
-        """Block until the stream has a ticket newer than `after` (a submit), or `wait` passes."""
+    async def _wake(self, wait: float) -> None:
+        """Block until a submit pushes a wake-up (taking it), or `wait` seconds pass."""
         await self._conn()
         assert self._blocking is not None
-        await self._blocking.xread({self.keys.stream: after}, count=1, block=max(1, int(wait * 1000)))
+        await self._blocking.blpop([self.keys.wake], timeout=max(0.001, wait))
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
-        return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token,
-                                     repr(lease_seconds * 1000.0), int(self.reclaim_horizon * 1000)))
+        return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token, repr(lease_seconds * 1000.0)))
 
     async def progress(self, lease: Lease, step: int, total_steps: int, preview: bytes | None = None) -> bool:
         return (await self.progress_many([ProgressReport(lease, step, total_steps, preview)]))[0].held
 
     async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
-        # One script per job (each atomic), all in one pipeline: one round trip per engine step.
-        r_conn = await self._conn()  # opens the store on first use, as `_call` does, before its scripts
-        script = self._scripts[names.SCRIPT_PROGRESS]
-        retention = repr(float(self.retention))
-        async with r_conn.pipeline(transaction=False) as pipe:
-            for r in reports:
-                args: list[str | int | bytes] = [self.keys.prefix, retention, r.lease.job.id, r.lease.token,
-                                                 int(r.step), int(r.total_steps), r.phase]
-                await script(args=[*args, *([r.preview] if r.preview is not None else [])], client=pipe)
-            answers = await pipe.execute()
+        # One script for the jobs of one engine call (each job's check and write as atomic as alone).
+        args: list[str | int | bytes] = [len(reports)]
+        for r in reports:
+            args += [r.lease.job.id, r.lease.token, int(r.step), int(r.total_steps), r.phase,
+                     r.preview if r.preview is not None else b""]
+        answers = await self._call(names.SCRIPT_PROGRESS, *args)
         return [ProgressAck(held=bool(a), cancel_requested=bool(int(a) & 2), previews_watched=bool(int(a) & 4))
                 for a in answers]
 
     async def watch_previews(self, job_id: str, seconds: float) -> None:
-        await (await self._conn()).set(self.keys.watch(job_id), 1, px=max(1, round(seconds * 1000)))
+        await self._call(names.SCRIPT_WATCH, job_id, repr(float(seconds)))
 
     async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
         step, data = await (await self._conn()).hmget(self.keys.preview(job_id), ["step", "data"])
@@ -383,13 +391,13 @@ class RedisStore(RedisHooks):
 
     async def complete(self, lease: Lease, images: list[bytes], ext: str, seeds: list[int],
                        metrics: dict[str, float]) -> bool:
-        r = await self._conn()
-        state, token = await r.hmget(self.keys.job(lease.job.id), ["state", "lease_token"])
-        if state != b"PROCESSING" or token != lease.token.encode():
-            return False  # already stale: do not even write the images
         blob = ""
         payload: list[bytes] = images
         if self.blobs is not None:
+            r = await self._conn()
+            state, token = await r.hmget(self.keys.job(lease.job.id), ["state", "lease_token"])
+            if state != b"PROCESSING" or token != lease.token.encode():
+                return False  # already stale: do not even write the images
             # The record keeps the token: readers find the files of this delivery before they are
             # moved into place (and if this worker dies before it moves them).
             blob, payload = lease.token, []
@@ -423,12 +431,6 @@ class RedisStore(RedisHooks):
                 await asyncio.to_thread(remove_expired, self.blobs, gone, self.retention)
             if len(gone) < batch:
                 break
-        # Consumers are per worker id: forget those long gone that hold nothing.
-        r = await self._conn()
-        with contextlib.suppress(ResponseError):
-            for consumer in await r.xinfo_consumers(self.keys.stream, self.keys.group):
-                if consumer["pending"] == 0 and consumer["idle"] > 3_600_000:
-                    await r.xgroup_delconsumer(self.keys.stream, self.keys.group, consumer["name"])
         return total
 
     # -- keys and credits
@@ -542,8 +544,8 @@ def _live(h: dict[str, str]) -> Job | None:
     return _job(h) if "id" in h else None
 
 
-def _lease(got: list[Any], token: str, worker_id: str) -> Lease:
-    job = _job(_hash(got[1:]))
+def _lease(flat: list[Any], token: str, worker_id: str) -> Lease:
+    job = _job(_hash(flat))
     return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
 
 

@@ -1,13 +1,14 @@
-"""The Redis store's fair queue (`kolors_api.jobs.fair`) and its tickets, as Lua helpers and scripts.
+"""The Redis store's queue: the fair order (`kolors_api.jobs.fair`) and the leases, as Lua helpers and scripts.
 
 Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
-out), and the keys with queued jobs in ``fair-active`` by start tag, so a claim is two ZRANGEs:
-O(log n). The stream keeps one *ticket* per queued or running job, so that its lag and pending
-entries still count the waiting and the running jobs (KEDA scales on them) and a dead worker's job
-is still found by XAUTOCLAIM: a claim reads the next unread ticket inside its script and binds it to
-the job it takes (``tickets``); a cancelled queued job takes an unread ticket away with it.
+out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
+ZRANGEs: O(log n). A claimed job's lease is its member in ``leases``, scored by its deadline: a
+claim takes a job whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair
+head. A submit pushes onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing
+empties it.
 
-`LUA_FAIR` is part of every script's common helpers (it needs `num` and `now` from there).
+`LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
+callers from there).
 """
 
 from __future__ import annotations
@@ -30,136 +31,104 @@ local function fair_weight(kid)
   if not w or w ~= w or w <= 0 then return 1 end
   return w
 end
-local function fair_vtime() return tonumber(redis.call('HGET', K_FAIR, 'vtime') or '0') end
-local function fair_activate(kid)
-  if not redis.call('ZSCORE', K_FAIR_ACTIVE, kid) then
-    local finish = tonumber(redis.call('HGET', K_FAIR, 'finish:' .. kid) or '0')
-    redis.call('ZADD', K_FAIR_ACTIVE, num(math.max(finish, fair_vtime())), kid)
-  end
-end
--- a new QUEUED job: its odometer, its place in its key's queue, its key active
+-- a new QUEUED job: its place in its key's queue (its odometer, returned), one more queued, its key active
 local function fair_enqueue(id, kid, work)
-  local odo = tonumber(redis.call('HGET', K_FAIR, 'odo:' .. kid) or '0')
-  redis.call('HSET', k_job(id), 'work', num(work), 'odo', num(odo))
-  redis.call('HSET', K_FAIR, 'odo:' .. kid, num(odo + work))
+  local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED)
+  local odo = tonumber(f[1] or '0')
+  redis.call('HSET', K_FAIR, 'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1)
   redis.call('ZADD', k_fair_queue(kid), num(odo), id)
-  fair_activate(kid)
+  if not redis.call('ZSCORE', K_FAIR_ACTIVE, kid) then
+    local g = redis.call('HMGET', K_FAIR, 'finish:' .. kid, 'vtime')
+    redis.call('ZADD', K_FAIR_ACTIVE, num(math.max(tonumber(g[1] or '0'), tonumber(g[2] or '0'))), kid)
+  end
+  return odo
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)
   redis.call('ZREM', k_fair_queue(kid), id)
+  redis.call('HINCRBY', K_FAIR, F_QUEUED, -1)
   if redis.call('ZCARD', k_fair_queue(kid)) == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
 end
--- a QUEUED job was taken: its key's tag moves by work / weight, the virtual time to the key's start
-local function fair_served(id, kid, work)
+-- a QUEUED job was taken: its key's tag (`start` when known) moves by work / weight, the virtual time
+-- to the key's start; `more`: whether the key has other queued jobs, when known
+local function fair_served(id, kid, work, start, more)
   redis.call('ZREM', k_fair_queue(kid), id)
-  local vtime = fair_vtime()
-  local start = tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
-  if not start then start = math.max(tonumber(redis.call('HGET', K_FAIR, 'finish:' .. kid) or '0'), vtime) end
+  local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED)
+  local vtime = tonumber(f[1] or '0')
+  start = start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
+  if not start then start = math.max(tonumber(f[2] or '0'), vtime) end
   local finish = start + work / fair_weight(kid)
-  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish))
-  if redis.call('ZCARD', k_fair_queue(kid)) > 0 then
+  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
+    F_QUEUED, tonumber(f[3] or '1') - 1)
+  if more == nil then more = redis.call('ZCARD', k_fair_queue(kid)) > 0 end
+  if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
   else
     redis.call('ZREM', K_FAIR_ACTIVE, kid)
   end
 end
--- the oldest queued job of the key with the smallest tag (ties: the smaller key id), or nil
+"""
+
+# The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
+LUA_CLAIM = r"""
+-- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its CLAIM_FIELDS,
+-- its key's tag and whether the key has more queued; nil when none is queued
 local function fair_head()
   for _ = 1, 1000 do
-    local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0)
+    local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
     if not top[1] then return nil end
-    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 0)
+    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 1)
     if not head[1] then
       redis.call('ZREM', K_FAIR_ACTIVE, top[1])
-    elseif redis.call('HGET', k_job(head[1]), 'state') == 'QUEUED' then
-      return head[1]
     else
+      local j = fields(head[1], CLAIM_FIELDS)
+      if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]), head[2] ~= nil end
       redis.call('ZREM', k_fair_queue(top[1]), head[1])  -- not queued any more: a stale index entry
     end
   end
   return nil
 end
-local function ensure_group()
-  if redis.call('EXISTS', K_STREAM) == 0 then
-    redis.call('XGROUP', 'CREATE', K_STREAM, K_GROUP, '0', 'MKSTREAM')
-  end
-end
--- the next unread ticket, read for `worker` (a fresh one when a cancel took the last)
-local function next_ticket(worker, id)
-  ensure_group()
-  for _ = 1, 2 do
-    local r = redis.call('XREADGROUP', 'GROUP', K_GROUP, worker, 'COUNT', 1, 'STREAMS', K_STREAM, '>')
-    if r and r[1] and r[1][2][1] then return r[1][2][1][1] end
-    redis.call('XADD', K_STREAM, '*', 'job', id)
-  end
-  error('no ticket could be read')
-end
--- a queued job that leaves takes the newest unread ticket with it (none is unread while a worker
--- holds the last one it read: that worker's claim then finds no job and acks it)
-local function drop_ticket()
-  if redis.call('EXISTS', K_STREAM) == 0 then return end
-  local last = redis.call('XREVRANGE', K_STREAM, '+', '-', 'COUNT', 1)[1]
-  if last and #redis.call('XPENDING', K_STREAM, K_GROUP, last[1], last[1], 1) == 0 then
-    redis.call('XDEL', K_STREAM, last[1])
-  end
-end
-local function last_ticket()
-  if redis.call('EXISTS', K_STREAM) == 0 then return '0-0' end
-  local last = redis.call('XREVRANGE', K_STREAM, '+', '-', 'COUNT', 1)[1]
-  return last and last[1] or '0-0'
-end
 """
 
 BODIES: dict[str, str] = {
-    # ARGV: worker, token, lease_ms, horizon_ms, max_deliveries. Returns {'ok', job…} or {'none', the
-    # id of the newest ticket} (the caller blocks in XREAD for a ticket after it).
+    # ARGV: worker, token, lease_ms, max_deliveries. Returns {'ok', job…} or {'none'} (the caller then
+    # blocks on `wake`).
     names.SCRIPT_CLAIM: r"""
-local worker, token, lease_ms, horizon = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_deliveries = tonumber(ARGV[7])
+local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
-if redis.call('EXISTS', K_STREAM) == 1 then
-  local cursor = '0-0'
-  for _ = 1, 1000 do
-    local r = redis.call('XAUTOCLAIM', K_STREAM, K_GROUP, worker, horizon, cursor, 'COUNT', 1)
-    cursor = r[1]
-    for _, e in ipairs(r[2]) do
-      if type(e) == 'table' then
-        local entry = e[1]
-        local id = redis.call('HGET', K_TICKETS, entry)
-        if not id and e[2][2] and redis.call('HGET', k_job(e[2][2]), 'entry') == entry then
-          id = e[2][2]  -- bound by its submit, before tickets were bound by claims
-        end
-        local h = id and redis.call('HMGET', k_job(id), 'state', 'lease_until', 'lease_worker', 'deliveries')
-        if not id then
-          -- read by a worker that died before its claim bound it: it stands for the next fair job
-          local head = fair_head()
-          if head then return take(head, entry, worker, token, lease_ms, horizon, t) end
-          ack(entry)
-        elseif h[1] == 'PROCESSING' and h[2] and tonumber(h[2]) > t then
-          -- its lease still runs (one longer than the horizon): back to its holder, idle restored
-          redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, entry,
-            'IDLE', idle_for((tonumber(h[2]) - t) * 1000, horizon), 'JUSTID')
-        elseif h[1] == 'PROCESSING' or h[1] == 'QUEUED' then
-          local got = reclaim(id, entry, h[1], tonumber(h[4]), worker, token, lease_ms, horizon, max_deliveries, t)
-          if got[1] == 'ok' then return got end
-        else
-          ack(entry)  -- the job ended or went: nothing to deliver
-        end
-      end
-    end
-    if cursor == '0-0' then break end
+for _ = 1, 1000 do
+  -- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
+  local id = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. num(t), 'LIMIT', 0, 1)[1]
+  if not id then break end
+  local j = fields(id, CLAIM_FIELDS)
+  if j.state ~= 'PROCESSING' then
+    redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
+  else
+    redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1)
+    local deliveries = tonumber(j.deliveries or '0')
+    if deliveries < max_deliveries then return with_status('ok', take(id, j, worker, token, lease_ms, t)) end
+    local reason = 'worker lost ' .. deliveries .. ' times'
+    -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change before
+    fail_job(id, reason, t, j, 1)
+    redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
+    redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
   end
 end
-local head = fair_head()
-if head then return take(head, nil, worker, token, lease_ms, horizon, t) end
-return {'none', last_ticket()}
+local id, j, start, more = fair_head()
+if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start, more)) end
+redis.call('DEL', K_WAKE)  -- nothing queued: wake-ups pushed so far stand for nothing
+return {'none'}
 """,
-    # ARGV: worker, token, lease_ms, horizon_ms, job id
-    names.SCRIPT_CLAIM_QUEUED: r"""
-local id = ARGV[7]
-if redis.call('HGET', k_job(id), 'state') ~= 'QUEUED' then return {'none'} end
-return take(id, nil, ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now())
+    # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;
+    # returns {job id, job…} lists of those taken.
+    names.SCRIPT_CLAIM_BATCH: r"""
+local worker, lease_ms, t = ARGV[3], tonumber(ARGV[4]), now()
+local out = {}
+for i = 5, #ARGV, 2 do
+  local j = fields(ARGV[i], CLAIM_FIELDS)
+  if j.state == 'QUEUED' then table.insert(out, take(ARGV[i], j, worker, ARGV[i + 1], lease_ms, t)) end
+end
+return out
 """,
     # ARGV: job id. Returns -1 when the job is not queued, else how many queued jobs the fair order
     # serves before it (fair.bound, for each key whose tag is not past the job's)
@@ -170,11 +139,8 @@ local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'key_id', 'odo', 'lease_u
 local t = now()
 local mine_until = h[1] == 'PROCESSING' and tonumber(h[4] or '') or nil
 if mine_until and mine_until >= t then return -1 end
-local lapsed = 0
-for _, other in ipairs(redis.call('SMEMBERS', K_PROCESSING)) do
-  local u = tonumber(redis.call('HGET', k_job(other), 'lease_until') or '')
-  if u and u < t and (not mine_until or u < mine_until) then lapsed = lapsed + 1 end
-end
+-- lapsed leases (before this one's, when its own lapsed): served first
+local lapsed = redis.call('ZCOUNT', K_LEASES, '-inf', '(' .. num(mine_until or t))
 if mine_until then return lapsed end
 if h[1] ~= 'QUEUED' then return -1 end
 local kid, odo = h[2] or '', tonumber(h[3] or '0')
@@ -201,7 +167,8 @@ return ahead
 
 
 async def candidates(r: Redis, keys: Keys, window: int) -> list[fair.KeyQueue]:
-    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for `fair.fill`)."""
+    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for a batch's `choose`):
+    one round trip when nothing is queued, three else."""
     active: Any = await r.zrange(keys.fair_active, 0, window - 1, withscores=True)
     if not active:
         return []

@@ -51,9 +51,10 @@ local function hook_done(did, dest)
   local first = redis.call('ZRANGE', k_dest_due(dest), 0, 0, 'WITHSCORES')
   if first[1] then redis.call('ZADD', K_HOOK_DESTS, first[2], dest) else redis.call('ZREM', K_HOOK_DESTS, dest) end
 end
--- put `event` of job `id` in the webhook outbox when its webhook asks for it
-local function outbox(id, event, t)
-  local h = redis.call('HMGET', k_job(id), 'webhook', 'key_id', 'hook_stopped', 'hook_progress')
+-- put `event` of job `id` in the webhook outbox when its webhook asks for it; `j`: the job's HOOK_FIELDS
+-- (webhook, key_id, hook_stopped, hook_progress), read by the caller with its own
+local function outbox(id, event, t, j)
+  local h = {j.webhook, j.key_id, j.hook_stopped, j.hook_progress}
   if not h[1] or h[3] == '1' then return end
   local hook = cjson.decode(h[1])
   local wanted = false
@@ -83,16 +84,6 @@ local t, token, limit, per_dest = now(), ARGV[3], tonumber(ARGV[5]), tonumber(AR
 local busy = cjson.decode(ARGV[7])
 local per_key, keys, lookahead = tonumber(ARGV[8] or '0'), cjson.decode(ARGV[9] or '{}'), tonumber(ARGV[10] or '0')
 if per_key <= 0 then lookahead = 0 end
--- deliveries of an older version, in one due set: each to its destination's queue
-local legacy = redis.call('ZRANGE', K_HOOKS_DUE, 0, 99, 'WITHSCORES')
-for i = 1, #legacy, 2 do
-  local url = redis.call('HGET', k_hook(legacy[i]), 'url')
-  redis.call('ZREM', K_HOOKS_DUE, legacy[i])
-  if url then
-    redis.call('HSET', k_hook(legacy[i]), 'dest', destination(url))
-    hook_due(legacy[i], destination(url), legacy[i + 1])
-  end
-end
 local out = {}
 for _, dest in ipairs(redis.call('ZRANGEBYSCORE', K_HOOK_DESTS, '-inf', num(t), 'LIMIT', 0, 1000)) do
   local room = limit - #out

@@ -2,19 +2,17 @@
 
 All names start with the store's prefix (default ``kolors:``), so several deployments (or test
 runs) can share one Redis. Python builds names through `Keys`; the Lua scripts build the names
-they discover at run time (a job id bound to a ticket, the key id read from a job) through
+they discover at run time (a job id from a queue, the key id read from a job) through
 `LUA_KEYS`, which is generated from the same constants, so the two cannot drift apart.
 
 | name | type | holds |
 | --- | --- | --- |
-| ``queue`` | stream, group ``workers`` | one entry (a ticket) per queued or running job (see below) |
-| ``tickets`` | hash entry id → job id | which job a read ticket stands for (reclaim through XAUTOCLAIM) |
+| ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``; ``finish:{key id}``, ``odo:{key id}`` (a key's last finish tag, enqueued work) |
-| ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out |
+| ``fair`` | hash | ``vtime``, ``queued`` (a count); ``finish:{key id}``, ``odo:{key id}`` (finish tag, work) |
+| ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
+| ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
-| ``queued`` | zset id → seq | QUEUED jobs in submission order (queue cap, stats) |
-| ``processing`` | set of ids | PROCESSING jobs |
 | ``seq`` | counter | submission sequence (queue order, history order, cursors) |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
 | ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
@@ -30,18 +28,18 @@ they discover at run time (a job id bound to a ticket, the key id read from a jo
 | ``key-index`` | hash key_hash → key id | lookup by presented key |
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+| ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
 | ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
-| ``hooks-due`` | zset delivery id → due time | an older version's pending deliveries (moved by a claim) |
 | ``hook:{delivery id}`` | hash | one webhook delivery: job, event, url, state, attempts, token |
 | ``hook-log:{id}`` | list of JSON | the job's webhook attempts |
 | ``webhook-secrets`` | hash key id → ``whsec_…`` | each API key's webhook signing secret |
 | ``preview:{id}`` | hash ``step``, ``data`` | the job's latest preview (webp); TTL = retention from its write |
 
-Tickets: a ticket is unread while a job waits (the stream's lag) and pending while a worker runs
-one, so KEDA's triggers on the stream count the waiting and the running jobs; a claim binds the
-next unread ticket to the job the fair order gives it (`redis_fair.py`).
+KEDA scales on the API's `/metrics` (`kolors_queue_depth`, `kolors_jobs_processing`: `stats`), not on
+Redis keys. The names of the layout before this one (a stream of tickets) are in `redis_migrate.py`,
+which moves what they hold over once.
 """
 
 from __future__ import annotations
@@ -50,15 +48,11 @@ from __future__ import annotations
 DEFAULT_PREFIX = "kolors:"
 
 # -- fixed names (appended to the prefix)
-STREAM = "queue"
-#: The consumer group on STREAM; each worker is a consumer named by its worker id. Not a key.
-GROUP = "workers"
 DEAD_LETTERS = "dead-letters"
-TICKETS = "tickets"
 FAIR_ACTIVE = "fair-active"
 FAIR = "fair"
-QUEUED = "queued"
-PROCESSING = "processing"
+LEASES = "leases"
+WAKE = "wake"
 SEQ = "seq"
 COUNTERS = "counters"
 EXPIRING = "expiring"
@@ -66,7 +60,6 @@ WORKERS = "workers"
 SECRET = "secret"  # noqa: S105 - a key name, not a secret
 KEY_INDEX = "key-index"
 KEY_LIST = "keys"
-HOOKS_DUE = "hooks-due"
 HOOK_DESTS = "hook-dests"
 WEBHOOK_SECRETS = "webhook-secrets"  # noqa: S105 - a key name, not a secret
 
@@ -79,6 +72,7 @@ HISTORY = "history:"
 LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
+SUBMITTED = "submitted"  # a pub/sub channel
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
@@ -90,11 +84,13 @@ DEST_DUE = "hooks-due:"
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
 DEAD_LETTER_COUNT = "dead_letters"
+#: The field of the FAIR hash that counts QUEUED jobs (changed with the fair queue, in one HSET).
+QUEUED_COUNT = "queued"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
 SCRIPT_CLAIM = "claim"
-SCRIPT_CLAIM_QUEUED = "claim_queued"
+SCRIPT_CLAIM_BATCH = "claim_batch"
 SCRIPT_POSITION = "position"
 SCRIPT_HEARTBEAT = "heartbeat"
 SCRIPT_PROGRESS = "progress"
@@ -107,12 +103,13 @@ SCRIPT_UPDATE_KEY = "update_key"
 SCRIPT_DELETE_KEY = "delete_key"
 SCRIPT_WORKER_ALIVE = "worker_alive"
 SCRIPT_STATS = "stats"
+SCRIPT_WATCH = "watch"
 SCRIPT_HOOK_CLAIM = "hook_claim"
 SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
-    SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_QUEUED, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
+    SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_BATCH, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
-    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
+    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_WATCH, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
 )
 
 
@@ -126,14 +123,11 @@ class Keys:
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
-        self.stream = prefix + STREAM
-        self.group = GROUP
         self.dead_letters = prefix + DEAD_LETTERS
-        self.tickets = prefix + TICKETS
         self.fair_active = prefix + FAIR_ACTIVE
         self.fair = prefix + FAIR
-        self.queued = prefix + QUEUED
-        self.processing = prefix + PROCESSING
+        self.leases = prefix + LEASES
+        self.wake = prefix + WAKE
         self.seq = prefix + SEQ
         self.counters = prefix + COUNTERS
         self.expiring = prefix + EXPIRING
@@ -141,11 +135,11 @@ class Keys:
         self.secret = prefix + SECRET
         self.key_index = prefix + KEY_INDEX
         self.key_list = prefix + KEY_LIST
-        self.hooks_due = prefix + HOOKS_DUE
         self.hook_dests = prefix + HOOK_DESTS
         self.webhook_secrets = prefix + WEBHOOK_SECRETS
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
+        self.submitted = prefix + SUBMITTED
         #: Matches every job's event channel (PSUBSCRIBE).
         self.events_pattern = glob_escape(prefix + EVENTS) + "*"
 
@@ -203,24 +197,22 @@ def _lua_string(text: str) -> str:
 #: The same names for Lua; every script starts with this and receives the prefix as ARGV[1].
 LUA_KEYS = "\n".join([
     "local P = ARGV[1]",
-    f"local K_STREAM = P .. {_lua_string(STREAM)}",
-    f"local K_GROUP = {_lua_string(GROUP)}",
     f"local K_DEAD = P .. {_lua_string(DEAD_LETTERS)}",
-    f"local K_TICKETS = P .. {_lua_string(TICKETS)}",
     f"local K_FAIR_ACTIVE = P .. {_lua_string(FAIR_ACTIVE)}",
     f"local K_FAIR = P .. {_lua_string(FAIR)}",
-    f"local K_QUEUED = P .. {_lua_string(QUEUED)}",
-    f"local K_PROCESSING = P .. {_lua_string(PROCESSING)}",
+    f"local K_LEASES = P .. {_lua_string(LEASES)}",
+    f"local K_WAKE = P .. {_lua_string(WAKE)}",
+    f"local K_SUBMITTED = P .. {_lua_string(SUBMITTED)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
     f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
     f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",
     f"local K_WORKERS = P .. {_lua_string(WORKERS)}",
     f"local K_KEY_INDEX = P .. {_lua_string(KEY_INDEX)}",
     f"local K_KEY_LIST = P .. {_lua_string(KEY_LIST)}",
-    f"local K_HOOKS_DUE = P .. {_lua_string(HOOKS_DUE)}",
     f"local K_HOOK_DESTS = P .. {_lua_string(HOOK_DESTS)}",
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
+    f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
     f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",

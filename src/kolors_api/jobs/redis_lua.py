@@ -8,7 +8,7 @@ from __future__ import annotations
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs.base import IDEMPOTENCY_SECONDS, MAX_CREDITS, MICRO
 from kolors_api.jobs.redis_fair import BODIES as FAIR_BODIES
-from kolors_api.jobs.redis_fair import LUA_FAIR
+from kolors_api.jobs.redis_fair import LUA_CLAIM, LUA_FAIR
 from kolors_api.jobs.redis_hooks import HOOK_BODIES, LUA_OUTBOX
 
 # ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
@@ -17,15 +17,34 @@ _LUA_COMMON = f"""
 local MICRO, MAX_MICRO = {MICRO}, {int(MAX_CREDITS * MICRO)}
 """ + r"""
 local RETENTION = tonumber(ARGV[2])
+local T = nil
+-- the server's clock, read once per script (the one clock of the fleet)
 local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if not T then
+    local t = redis.call('TIME')
+    T = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return T
 end
 local function num(x) return string.format('%.17g', x) end
+-- fields `names` of job `id` as a table (an absent field: false), in one HMGET
+local function fields(id, names)
+  local v = redis.call('HMGET', k_job(id), unpack(names))
+  local j = {}
+  for i, n in ipairs(names) do j[n] = v[i] end
+  return j
+end
+-- the fields the webhook outbox reads (see `outbox`)
+local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress'}
+local function with_hooks(names)
+  local out = {unpack(names)}
+  for _, n in ipairs(HOOK_FIELDS) do table.insert(out, n) end
+  return out
+end
 -- the lease `token` still holds: the job is PROCESSING under it and its deadline has not passed (past
 -- it, every reader sees the job QUEUED again, and the next claim takes it)
-local function holds(state, held_token, lease_until, token)
-  return state == 'PROCESSING' and held_token == token and tonumber(lease_until or '0') >= now()
+local function holds(j, token)
+  return j.state == 'PROCESSING' and j.lease_token == token and (tonumber(j.lease_until) or 0) >= now()
 end
 -- credits move as integer micro-credits (exact in a double below 2^53; see base.MAX_CREDITS)
 local function micro(x) return math.floor(tonumber(x) * MICRO + 0.5) end
@@ -34,97 +53,65 @@ local function with_status(status, list)
   table.insert(list, 1, status)
   return list
 end
-local function publish(id)
-  redis.call('PUBLISH', k_events(id), redis.call('HGET', k_job(id), 'version') or '0')
+local function publish(id, version)
+  redis.call('PUBLISH', k_events(id), version)
 end
 local function ledger(kid, rid, kind, amount, at)
   redis.call('RPUSH', k_ledger(kid),
     cjson.encode({request_id = rid, kind = kind, amount = num(amount), at = num(at)}))
 end
-local function ack(entry)
-  if entry then
-    redis.call('XACK', K_STREAM, K_GROUP, entry)
-    redis.call('XDEL', K_STREAM, entry)
-    redis.call('HDEL', K_TICKETS, entry)
-  end
-end
--- the idle time that makes an entry reach the horizon when `remaining_ms` have passed
-local function idle_for(remaining_ms, horizon)
-  return math.max(0, math.floor(horizon - remaining_ms))
-end
 """ + LUA_OUTBOX + LUA_FAIR + r"""
--- COMPLETED or FAILED: leave the queue (a queued job takes an unread ticket with it), release the
--- key's slot, ack the job's ticket, start the TTL
-local function finish(id, fields, t)
+-- COMPLETED or FAILED as change `version`: leave the queue or the leases, release the key's slot,
+-- start the TTL. `j`: the job's state and key_id.
+local function finish(id, j, version, fields, t)
   local jk = k_job(id)
-  local h = redis.call('HMGET', jk, 'state', 'key_id', 'entry')
   local exp = t + RETENTION
-  redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), unpack(fields))
-  redis.call('HDEL', jk, 'lease_token', 'lease_until', 'lease_ms')
-  redis.call('HINCRBY', jk, 'version', 1)
-  if h[1] == 'QUEUED' then
-    redis.call('ZREM', K_QUEUED, id)
-    fair_left(id, h[2] or '')
-    drop_ticket()
-  else
-    redis.call('SREM', K_PROCESSING, id)
-    ack(h[3])
-  end
-  if h[2] and redis.call('DECR', k_running(h[2])) <= 0 then redis.call('DEL', k_running(h[2])) end
+  redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), 'lease_token', '', 'lease_until', '',
+    'version', version, unpack(fields))
+  if j.state == 'QUEUED' then fair_left(id, j.key_id or '') else redis.call('ZREM', K_LEASES, id) end
+  if j.key_id and redis.call('DECR', k_running(j.key_id)) <= 0 then redis.call('DEL', k_running(j.key_id)) end
   local at_ms = math.ceil(exp * 1000)
   redis.call('PEXPIREAT', jk, at_ms)
-  redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, h[2] or ''}))
+  redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, j.key_id or ''}))
   return at_ms
 end
-local function fail_job(id, err, t)
-  local h = redis.call('HMGET', k_job(id), 'key_id', 'cost', 'reserved')
-  finish(id, {'state', 'FAILED', 'error', err}, t)
-  outbox(id, 'failed', t)
-  local kid, cost = h[1], tonumber(h[2] or '0')
-  if kid and cost ~= 0 and h[3] == '1' then
+local FAIL_FIELDS = with_hooks({'state', 'cost', 'reserved', 'version'})
+-- FAILED with `err`, refunded; `j` (FAIL_FIELDS) when read already; `skipped`: changes readers saw
+-- before this one (a lapsed lease read as QUEUED: 1)
+local function fail_job(id, err, t, j, skipped)
+  j = j or fields(id, FAIL_FIELDS)
+  local version = tonumber(j.version or '0') + 1 + (skipped or 0)
+  finish(id, j, version, {'state', 'FAILED', 'error', err}, t)
+  outbox(id, 'failed', t, j)
+  local kid, cost = j.key_id, tonumber(j.cost or '0')
+  if kid and cost ~= 0 and j.reserved == '1' then
     local have = redis.call('HGET', k_key(kid), 'credits')
     if have then redis.call('HSET', k_key(kid), 'credits', credits(micro(have) + micro(cost))) end
     ledger(kid, id, 'refund', micro(cost) / MICRO, t)
   end
-  publish(id)
+  publish(id, version)
 end
--- lease job `id` to `worker`, bound to ticket `entry` (nil: the next unread ticket)
-local function take(id, entry, worker, token, lease_ms, horizon, t)
+-- the fields a claim reads of a job it may take (or dead-letter)
+local CLAIM_FIELDS = with_hooks({'state', 'work', 'version', 'deliveries', 'cost', 'reserved'})
+-- lease job `id` (`j`: CLAIM_FIELDS) to `worker` until `lease_ms` from now; `start`, `more`: its key's
+-- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash.
+local function take(id, j, worker, token, lease_ms, t, start, more)
   local jk = k_job(id)
-  local h = redis.call('HMGET', jk, 'state', 'key_id', 'work')
-  if h[1] == 'QUEUED' then
-    redis.call('ZREM', K_QUEUED, id)
-    redis.call('SADD', K_PROCESSING, id)
-    fair_served(id, h[2] or '', tonumber(h[3] or '1'))  -- a reclaimed job was charged at its first claim
+  local lease_until = t + lease_ms / 1000
+  if j.state == 'QUEUED' then  -- a reclaimed job was charged at its first claim
+    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)
   end
-  if not entry then entry = next_ticket(worker, id) end
-  redis.call('HSET', K_TICKETS, entry, id)
-  redis.call('HSET', jk, 'entry', entry, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
-    'lease_until', num(t + lease_ms / 1000), 'lease_ms', num(lease_ms), 'started_at', num(t), 'step', 0,
-    'phase', '')
-  redis.call('HINCRBY', jk, 'deliveries', 1)
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
-  redis.call('HINCRBY', jk, 'version', h[1] == 'PROCESSING' and 2 or 1)
-  redis.call('XCLAIM', K_STREAM, K_GROUP, worker, 0, entry, 'IDLE', idle_for(lease_ms, horizon), 'JUSTID')
-  outbox(id, 'start', t)
-  publish(id)
-  return with_status('ok', redis.call('HGETALL', jk))
+  local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
+  redis.call('HSET', jk, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
+    'lease_until', num(lease_until), 'started_at', num(t), 'step', 0, 'phase', '',
+    'deliveries', tonumber(j.deliveries or '0') + 1, 'version', version)
+  redis.call('ZADD', K_LEASES, num(lease_until), id)
+  outbox(id, 'start', t, j)
+  publish(id, version)
+  return redis.call('HGETALL', jk)
 end
--- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
-local function reclaim(id, entry, state, deliveries, worker, token, lease_ms, horizon, max_deliveries, t)
-  if state == 'PROCESSING' then redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1) end
-  if deliveries >= max_deliveries then
-    local reason = 'worker lost ' .. deliveries .. ' times'
-    -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change
-    if state == 'PROCESSING' then redis.call('HINCRBY', k_job(id), 'version', 1) end
-    fail_job(id, reason, t)
-    redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
-    redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
-    return {'none'}
-  end
-  return take(id, entry, worker, token, lease_ms, horizon, t)
-end
-"""
+""" + LUA_CLAIM
 
 _LUA_BODIES: dict[str, str] = {
     # ARGV: id, queue_cap, key_id or '', cost, model, params, idempotency_key, webhook JSON, request hash,
@@ -145,7 +132,7 @@ end
 if redis.call('EXISTS', jk) == 1 then return {'exists'} end
 local cap = tonumber(ARGV[4])
 if cap > 0 then
-  local queued = redis.call('ZCARD', K_QUEUED)
+  local queued = tonumber(redis.call('HGET', K_FAIR, F_QUEUED) or '0')
   if queued >= cap then return {'queue_full', queued} end
 end
 local t = now()
@@ -164,104 +151,129 @@ if kid ~= '' then
   ledger(kid, id, 'reserve', -micro(cost) / MICRO, t)
   reserved = '1'
 end
-if redis.call('EXISTS', K_STREAM) == 0 then
-  redis.call('XGROUP', 'CREATE', K_STREAM, K_GROUP, '0', 'MKSTREAM')
-end
 local seq = redis.call('INCR', K_SEQ)
-redis.call('XADD', K_STREAM, '*', 'job', id)  -- its ticket: one more unread entry
-redis.call('HSET', jk, 'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
-  'created_at', num(t), 'step', 0, 'total_steps', 0, 'outputs', 0, 'ext', '', 'seeds', '[]',
-  'metrics', '{}', 'deliveries', 0, 'cancel_requested', 0, 'version', 1, 'seq', seq, 'reserved', reserved)
+local work = tonumber(ARGV[12])
+local odo = fair_enqueue(id, kid, work)
+local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
+  'created_at', num(t), 'step', '0', 'total_steps', '0', 'outputs', '0', 'ext', '', 'seeds', '[]',
+  'metrics', '{}', 'deliveries', '0', 'cancel_requested', '0', 'version', '1', 'seq', tostring(seq),
+  'reserved', reserved, 'work', num(work), 'odo', num(odo)}
 if kid ~= '' then
-  redis.call('HSET', jk, 'key_id', kid)
+  table.insert(job, 'key_id')
+  table.insert(job, kid)
   redis.call('INCR', k_running(kid))
   redis.call('ZADD', k_history(kid), seq, id)
 end
-if ARGV[9] ~= '' then redis.call('HSET', jk, 'idempotency_key', ARGV[9]) end
-if ARGV[10] ~= '' then redis.call('HSET', jk, 'webhook', ARGV[10]) end
-redis.call('ZADD', K_QUEUED, seq, id)
-fair_enqueue(id, kid, tonumber(ARGV[12]))
+if ARGV[9] ~= '' then
+  table.insert(job, 'idempotency_key')
+  table.insert(job, ARGV[9])
+end
+if ARGV[10] ~= '' then
+  table.insert(job, 'webhook')
+  table.insert(job, ARGV[10])
+end
+redis.call('HSET', jk, unpack(job))
+redis.call('RPUSH', K_WAKE, '1')  -- an idle worker wakes (the list is emptied when a claim finds nothing)
+redis.call('PUBLISH', K_SUBMITTED, id)  -- and those waiting for company look again
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
-return with_status('ok', redis.call('HGETALL', jk))
+return with_status('ok', job)
 """,
-    # ARGV: id, token, lease_ms, horizon_ms
+    # ARGV: id, token, lease_ms
     names.SCRIPT_HEARTBEAT: r"""
-local jk, lease_ms = k_job(ARGV[3]), tonumber(ARGV[5])
-local h = redis.call('HMGET', jk, 'state', 'lease_token', 'lease_worker', 'entry', 'lease_until')
-if not holds(h[1], h[2], h[5], ARGV[4]) then return 0 end
-redis.call('HSET', jk, 'lease_until', num(now() + lease_ms / 1000), 'lease_ms', num(lease_ms))
-redis.call('XCLAIM', K_STREAM, K_GROUP, h[3], 0, h[4], 'IDLE', idle_for(lease_ms, tonumber(ARGV[6])),
-  'JUSTID')
+local id, lease_ms = ARGV[3], tonumber(ARGV[5])
+local j = fields(id, {'state', 'lease_token', 'lease_until'})
+if not holds(j, ARGV[4]) then return 0 end
+local lease_until = num(now() + lease_ms / 1000)
+redis.call('HSET', k_job(id), 'lease_until', lease_until)
+redis.call('ZADD', K_LEASES, lease_until, id)
 return 1
 """,
-    # ARGV: id, token, step, total_steps, phase[, preview webp]
+    # ARGV: n, then n × (id, token, step, total_steps, phase, preview webp or ''). Returns each job's answer:
+    # 0 the lease is lost (nothing stored); else 1 + 2 (a cancel was requested) + 4 (someone watches its previews)
     names.SCRIPT_PROGRESS: r"""
-local jk = k_job(ARGV[3])
-local h = redis.call('HMGET', jk, 'state', 'lease_token', 'cancel_requested', 'lease_until')
-if not holds(h[1], h[2], h[4], ARGV[4]) then return 0 end
-redis.call('HSET', jk, 'step', ARGV[5], 'total_steps', ARGV[6], 'phase', ARGV[7])
-if ARGV[8] then
-  -- the latest preview, written before the change is published (a woken watcher finds it)
-  local pk = k_preview(ARGV[3])
-  redis.call('HSET', pk, 'step', ARGV[5], 'data', ARGV[8])
-  redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
+local out = {}
+local i = 4
+for r = 1, tonumber(ARGV[3]) do
+  local id, token, step, total = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local phase, preview = ARGV[i + 4], ARGV[i + 5]
+  i = i + 6
+  local j = fields(id, with_hooks({'state', 'lease_token', 'lease_until', 'cancel_requested', 'version',
+    'watch_until'}))
+  if not holds(j, token) then
+    out[r] = 0
+  else
+    local version = tonumber(j.version) + 1
+    redis.call('HSET', k_job(id), 'step', step, 'total_steps', total, 'phase', phase, 'version', version)
+    if preview ~= '' then
+      -- the latest preview, written before the change is published (a woken watcher finds it)
+      local pk = k_preview(id)
+      redis.call('HSET', pk, 'step', step, 'data', preview)
+      redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
+    end
+    outbox(id, 'progress', now(), j)
+    publish(id, version)
+    local ack = 1
+    if j.cancel_requested == '1' then ack = ack + 2 end
+    if (tonumber(j.watch_until) or 0) > now() then ack = ack + 4 end
+    out[r] = ack
+  end
 end
-redis.call('HINCRBY', jk, 'version', 1)
-outbox(ARGV[3], 'progress', now())
-publish(ARGV[3])
--- 1: held; + 2: a cancel was requested; + 4: someone watches the previews
-local ack = 1
-if h[3] == '1' then ack = ack + 2 end
-if redis.call('EXISTS', k_watch(ARGV[3])) == 1 then ack = ack + 4 end
-return ack
+return out
+""",
+    # ARGV: id, seconds
+    names.SCRIPT_WATCH: r"""
+local jk = k_job(ARGV[3])
+if redis.call('EXISTS', jk) == 1 then redis.call('HSET', jk, 'watch_until', num(now() + tonumber(ARGV[4]))) end
+return 1
 """,
     # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob).
     # Returns 0 (stale lease), 1 (COMPLETED) or 2 (a cancel came first: FAILED "cancelled").
     names.SCRIPT_COMPLETE: r"""
 local id = ARGV[3]
-local h = redis.call('HMGET', k_job(id), 'state', 'lease_token', 'key_id', 'cost', 'total_steps',
-  'cancel_requested', 'lease_until')
-if not holds(h[1], h[2], h[7], ARGV[4]) then return 0 end
-if h[6] == '1' then
+local j = fields(id, with_hooks({'state', 'lease_token', 'lease_until', 'cost', 'reserved', 'total_steps',
+  'cancel_requested', 'version'}))
+if not holds(j, ARGV[4]) then return 0 end
+if j.cancel_requested == '1' then
   -- a cancel acknowledged before this completion wins: FAILED "cancelled", refunded
-  fail_job(id, 'cancelled', now())
+  fail_job(id, 'cancelled', now(), j)
   return 2
 end
 local t, n = now(), tonumber(ARGV[9])
 local fields = {'state', 'COMPLETED', 'outputs', n, 'ext', ARGV[5], 'seeds', ARGV[6], 'metrics', ARGV[7],
-  'step', h[5] or '0'}
+  'step', j.total_steps or '0'}
 if ARGV[8] ~= '' then
   table.insert(fields, 'blob')
   table.insert(fields, ARGV[8])
 end
-local at_ms = finish(id, fields, t)
+local version = tonumber(j.version) + 1
+local at_ms = finish(id, j, version, fields, t)
 if ARGV[8] == '' then
-  for i = 1, n do redis.call('SET', k_output(id, i - 1), ARGV[9 + i], 'PXAT', at_ms) end
+  for k = 1, n do redis.call('SET', k_output(id, k - 1), ARGV[9 + k], 'PXAT', at_ms) end
 end
-if h[3] and tonumber(h[4] or '0') ~= 0 then ledger(h[3], id, 'capture', 0, t) end
-outbox(id, 'completed', t)
-publish(id)
+if j.key_id and tonumber(j.cost or '0') ~= 0 then ledger(j.key_id, id, 'capture', 0, t) end
+outbox(id, 'completed', t, j)
+publish(id, version)
 return 1
 """,
     # ARGV: id, token, error
     names.SCRIPT_FAIL: r"""
-local h = redis.call('HMGET', k_job(ARGV[3]), 'state', 'lease_token', 'lease_until')
-if not holds(h[1], h[2], h[3], ARGV[4]) then return 0 end
-fail_job(ARGV[3], ARGV[5], now())
+local j = fields(ARGV[3], with_hooks({'state', 'lease_token', 'lease_until', 'cost', 'reserved', 'version'}))
+if not holds(j, ARGV[4]) then return 0 end
+fail_job(ARGV[3], ARGV[5], now(), j)
 return 1
 """,
     # ARGV: id
     names.SCRIPT_CANCEL: r"""
 local id = ARGV[3]
 local jk = k_job(id)
-local state = redis.call('HGET', jk, 'state')
-if not state then return {'none'} end
-if state == 'QUEUED' then
-  fail_job(id, 'cancelled', now())
-elseif state == 'PROCESSING' then
-  redis.call('HSET', jk, 'cancel_requested', 1)
-  redis.call('HINCRBY', jk, 'version', 1)
-  publish(id)
+local j = fields(id, FAIL_FIELDS)
+if not j.state then return {'none'} end
+if j.state == 'QUEUED' then
+  fail_job(id, 'cancelled', now(), j)
+elseif j.state == 'PROCESSING' then
+  local version = tonumber(j.version) + 1
+  redis.call('HSET', jk, 'cancel_requested', 1, 'version', version)
+  publish(id, version)
 end
 return with_status('ok', redis.call('HGETALL', jk))
 """,
@@ -349,7 +361,7 @@ return redis.call('ZADD', K_WORKERS, num(now() + ttl), ARGV[3])
 """,
     names.SCRIPT_STATS: r"""
 local counters = redis.call('HMGET', K_COUNTERS, F_RECLAIMS, F_DEAD)
-return {redis.call('ZCARD', K_QUEUED), redis.call('SCARD', K_PROCESSING),
+return {tonumber(redis.call('HGET', K_FAIR, F_QUEUED) or '0'), redis.call('ZCARD', K_LEASES),
   redis.call('ZCOUNT', K_WORKERS, '(' .. num(now()), '+inf'),
   tonumber(counters[1] or '0'), tonumber(counters[2] or '0')}
 """,

@@ -31,6 +31,7 @@ from kolors_api.jobs import sqlite_schema
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
     ApiKey,
+    Batch,
     Job,
     Lease,
     LedgerEntry,
@@ -42,7 +43,6 @@ from kolors_api.jobs.base import (
     WebhookDelivery,
     output_readable,
 )
-from kolors_api.jobs.batching import BatchBuilder
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.sqlite_rows import Tx
 
@@ -229,8 +229,8 @@ class SQLiteStore:
             except TimeoutError:
                 pass
 
-    async def claim_compatible(self, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
-        leases = await self._db(jobs_db.claim_compatible, worker_id, lease_seconds, batch)
+    async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
+        leases = await self._db(jobs_db.claim_batch, worker_id, lease_seconds, batch)
         for lease in leases:
             self._notify(lease.job.id)
         return leases

@@ -99,7 +99,7 @@ def next_job(c: sqlite3.Connection) -> sqlite3.Row | None:
 
 
 def candidates(c: sqlite3.Connection, window: int) -> list[fair.KeyQueue]:
-    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for `fill`)."""
+    """The first queued jobs of the keys with the smallest tags, `window` jobs in all (for `Batch.choose`)."""
     keys = c.execute("SELECT key_id, start FROM fair_keys WHERE start IS NOT NULL ORDER BY start, key_id LIMIT ?",
                      (window,)).fetchall()
     each = fair.per_key(window, len(keys))

@@ -18,6 +18,7 @@ from kolors_api.jobs import sqlite_hooks as hooks
 from kolors_api.jobs import sqlite_previews as previews
 from kolors_api.jobs.base import (
     AlreadyExists,
+    Batch,
     InsufficientFunds,
     Job,
     Lease,
@@ -33,8 +34,6 @@ from kolors_api.jobs.base import (
     replayed,
     webhook_json,
 )
-from kolors_api.jobs.batching import BatchBuilder
-from kolors_api.jobs.fair import fill
 from kolors_api.jobs.sqlite_rows import Tx, bump, job_of, ledger_entry
 from kolors_api.schema import decimal
 
@@ -171,11 +170,14 @@ def claim(c: sqlite3.Connection, worker_id: str, lease_seconds: float, max_deliv
             return take(c, row["id"], worker_id, now, lease_seconds), failed
 
 
-def claim_compatible(c: sqlite3.Connection, worker_id: str, lease_seconds: float, batch: BatchBuilder) -> list[Lease]:
+def claim_batch(c: sqlite3.Connection, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
+    """Lease the queued jobs `batch` chooses from the fair order's first candidates, and add them to it."""
     with Tx(c):
         now = time.time()
-        return [take(c, job_id, worker_id, now, lease_seconds)
-                for job_id, _ in fill(fair_db.candidates(c, batch.limits.window), batch)]
+        chosen = batch.choose(fair_db.candidates(c, batch.window))
+        for _, params in chosen:
+            batch.add(params)
+        return [take(c, job_id, worker_id, now, lease_seconds) for job_id, _ in chosen]
 
 
 def take(c: sqlite3.Connection, job_id: str, worker_id: str, now: float, lease_seconds: float) -> Lease:

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kolors_api.jobs import JobState, JobStore, Lease
-from kolors_api.jobs.batching import BatchBuilder, BatchLimits
+from kolors_api.jobs.batching import BatchLimits, StepClock, WaitRule, gather
 from kolors_api.jobs.outage import Outage, is_outage
 from kolors_api.schema import GenerateParams
-from kolors_api.worker.batch import CANCELLED, CallReports, JobAborted, JobRun, count_call
 from kolors_api.worker.commit import commit
-from kolors_api.worker.company import StepClock, WaitRule
 from kolors_api.worker.engines import EngineLike
+from kolors_api.worker.progress import CANCELLED, CallReports, JobAborted, JobRun, count_call
 
 log = logging.getLogger("kolors_api.worker")
 
@@ -69,7 +68,7 @@ class WorkerConfig:
     #: Images × pixels per engine call, in millions (0: the engine's default).
     max_batch_megapixels: float = 0.0
     #: How long a claimed job waits for company before its call starts: -1 the auto rule
-    #: (`kolors_api.worker.company`), 0 never (batch what is queued), N up to N ms.
+    #: (`kolors_api.jobs.batching`), 0 never (batch what is queued), N up to N ms.
     batch_wait_ms: int = -1
 
     @property
@@ -167,7 +166,10 @@ class Worker:
                     continue
                 if not self._stopping.is_set():
                     self._enter(WorkerState.BUSY)
-                leases = [lease, *await self._company(lease, limits)]
+                leases = [lease, *await gather(
+                    self.store, self.id, self.config.lease_seconds, lease, limits, wait_ms=self.config.batch_wait_ms,
+                    rule=self.wait_rule, clock=self.clock,
+                    on_error=lambda exc: self._store_error(exc, "while batching"))]
                 try:
                     finish = await self.process_batch(leases)
                 except Exception as exc:  # their leases run out and another delivery retries them
@@ -194,40 +196,6 @@ class Worker:
             self.outage.failed(exc)
         else:
             log.error("worker %s: store error %s", self.id, doing, exc_info=exc)
-
-    async def _company(self, head: Lease, limits: BatchLimits) -> list[Lease]:
-        """Queued jobs that can share the head's pipeline call: those queued now, and those that come
-        while it waits for company (`batch_wait_ms`: the auto rule of `kolors_api.worker.company`,
-        or a fixed time; never holding the head back longer)."""
-        if not limits.batching:
-            return []
-        batch = BatchBuilder(limits, head.job.params)
-        claimed_at = time.monotonic()
-        head_age = max(0.0, time.time() - head.job.created_at)
-        fixed = self.config.batch_wait_ms
-        step = self.clock.step(int(head.job.params["width"]), int(head.job.params["height"]))
-        leases: list[Lease] = []
-        seen: list[float] = []
-        while True:
-            try:
-                got = await self.store.claim_compatible(self.id, self.config.lease_seconds, batch)
-            except Exception as exc:
-                self._store_error(exc, "while batching")  # the head runs without company
-                return leases
-            now = time.monotonic()
-            leases += got
-            seen += [now] * len(got)
-            if fixed >= 0:
-                deadline = claimed_at + fixed / 1000
-            else:
-                deadline = self.wait_rule.deadline(
-                    claimed_at=claimed_at, head_age=head_age, step=step, seen=seen, full=batch.full,
-                    arrivals=[head.job.created_at, *(lease.job.created_at for lease in leases)])
-            left = deadline - now
-            if batch.full or left <= 0:
-                return leases
-            # woken by the next submit (SQLite: told by the API's process; Redis: a short poll)
-            await self.store.wait_for_work(left)
 
     async def process(self, lease: Lease) -> None:
         """Run one claimed job to COMPLETED or FAILED (unless its lease is lost)."""
@@ -358,7 +326,7 @@ class Worker:
             return  # the stores stayed out past the bound: FAILED, saying so (logged there)
         if done:
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
-            stored = await self.store.get(job.id)
+            stored = run.stored = await self.store.get(job.id)
             state = stored.state if stored is not None else JobState.COMPLETED
             if state == JobState.FAILED:
                 log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)

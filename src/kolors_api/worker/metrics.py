@@ -77,7 +77,7 @@ def engine_report() -> dict[str, float]:
     """This process's engine counters (calls, jobs and images of engine calls, prompt-cache hits and
     misses, peak CUDA memory): what an engine process sends to `serve` or `worker` (`JobMetrics.report`)."""
     cache = sys.modules.get("kolors_api.engine.prompt_cache")
-    batch = sys.modules.get("kolors_api.worker.batch")
+    batch = sys.modules.get("kolors_api.worker.progress")
     report: dict[str, float] = {"peak_memory": _cuda_peak_memory()}
     report.update(cache.STATS if cache is not None else {})
     report.update(batch.CALLS if batch is not None else {})
@@ -116,7 +116,7 @@ class _EnginesCollector:
 class _PromptCacheCollector:
     """`kolors_prompt_cache_hits_total` / `_misses_total`: the engine's prompt-embedding cache
     (`kolors_api.engine.prompt_cache.STATS`), 0 until an engine runs in this process; and the engine
-    calls of the workers with the jobs and images they ran (`kolors_api.worker.batch.CALLS`)."""
+    calls of the workers with the jobs and images they ran (`kolors_api.worker.progress.CALLS`)."""
 
     def __init__(self, metrics_core: Any, remote: dict[int, dict[str, float]]) -> None:
         self._core = metrics_core

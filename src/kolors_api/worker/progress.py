@@ -1,4 +1,5 @@
-"""One claimed job inside a worker's pipeline call: its lease, its progress, its way out.
+"""Progress reporting: one claimed job inside a worker's pipeline call (its lease, its progress, its
+way out) and the reports of one call.
 
 A worker runs a batch of jobs (one, or several of one shape: `kolors_api.jobs.batching`) in one
 engine call. Each job keeps its own lease, progress reports, cancellation and outcome: `JobRun`
@@ -161,6 +162,9 @@ def outcome_line(lease: Lease, job: Job | None, key_name: str | None) -> str:
 class JobRun:
     """A claimed job while the engine runs it."""
 
+    #: Key names for the outcome lines, by key id (read once per process; a rename shows after a restart).
+    key_names: dict[str, str | None] = {}
+
     def __init__(self, store: JobStore, lease: Lease, reports: CallReports) -> None:
         self.store = store
         self.lease = lease
@@ -174,6 +178,7 @@ class JobRun:
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
         self.call: tuple[float, float] | None = None  # the engine call's start and end (wall clock)
+        self.stored: Job | None = None  # the job as read after its outcome was stored, when it was
 
     async def load_inputs(self) -> str | None:
         """Read the job's input pictures from the store into its params (`GenerateParams.inputs`);
@@ -238,13 +243,18 @@ class JobRun:
         queue and run time, and outcome (as stored; "lease lost" when another delivery has it now)."""
         if not log.isEnabledFor(logging.INFO):
             return
+        key_id = self.job.key_id
         try:
-            job = await self.store.get(self.job.id)
-            key = await self.store.get_key(self.job.key_id) if self.job.key_id else None
+            job = self.stored or await self.store.get(self.job.id)
+            if key_id and key_id not in self.key_names:
+                if len(self.key_names) > 10_000:
+                    self.key_names.clear()
+                key = await self.store.get_key(key_id)
+                self.key_names[key_id] = key.name if key is not None else None
         except Exception as exc:  # the store is away: the outcome was logged where it failed
             log.debug("job %s: outcome not read for the log", self.job.id, exc_info=exc)
             return
-        log.info(outcome_line(self.lease, job, key.name if key is not None else None))
+        log.info(outcome_line(self.lease, job, self.key_names.get(key_id) if key_id else None))
 
     async def heartbeat(self, lease_seconds: float) -> None:
         """Renew the lease once; a lost one stops the job."""
