@@ -6,7 +6,8 @@
   (a dead worker's) first, then the fair head. With nothing queued a worker blocks on ``wake``
   (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. A worker
   waiting for company (`wait_for_work`) hears every submit on the ``submitted`` channel instead, so
-  it never takes an idle worker's wake-up. Blocking reads run on connections of their own, so they
+  it never takes an idle worker's wake-up (submits publish there only while such a worker marked
+  ``company`` in ``fair``, renewed every minute). Blocking reads run on connections of their own, so they
   never starve the pool.
 - A lease lives in the job hash (`lease_token`, `lease_until`, `deliveries`) and in ``leases``.
   Every write of a worker (progress, heartbeat, complete, fail) is a Lua script that checks
@@ -14,8 +15,9 @@
   changes nothing. Every state change is one script, so counters, credits and the ledger move with
   it or not at all.
 - Job hashes and images get a TTL (retention) when the job finishes, never before.
-- `wait` is woken by pub/sub (every change publishes the job's version on its channel; one
-  pattern subscription per store), with a re-check every second as a fallback.
+- `wait` is woken by pub/sub (every change publishes the job's version on its channel while someone
+  waits on it: `wait` marks the job ``watched`` for a minute; one pattern subscription per store),
+  with a re-check every second as a fallback. Changes of a job nobody waits on publish nothing.
 - Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet.
 - A store that finds the layout before this one (a stream of tickets) moves it over once, on `open`
   (`redis_migrate.py`).
@@ -105,6 +107,10 @@ class RedisStore(RedisHooks):
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
         self._waiters = Waiters()
+        #: Jobs this store marked watched (`wait`), and until when (monotonic) the mark surely holds.
+        self._marked: dict[str, float] = {}
+        #: Until when (monotonic) this store's ``company`` mark surely holds (`wait_for_work`).
+        self._company = 0.0
         #: Subscriptions of the one pub/sub connection, each set once its confirmation came.
         self._subscribed: dict[str, asyncio.Event] = {}
         #: Set by every submit's publication (once `wait_for_work` subscribed), cleared by `wait_for_work`.
@@ -227,12 +233,51 @@ class RedisStore(RedisHooks):
 
     async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
         await self._listen(self.keys.events_pattern, pattern=True)
+        # A job's changes are published only while it is marked watched (`SCRIPT_MARK`): the first
+        # read marks it, after the subscription and before the read, so no change can slip between.
+        marked = self._marked.get(job_id, 0.0)
+        if marked < time.monotonic() + timeout + 1.0:
+            first = True
+
+            async def get(job_id: str) -> Job | None:
+                nonlocal first
+                if not first:
+                    return await self.get(job_id)
+                first = False
+                return await self._mark(job_id, max(self.MARK_SECONDS, timeout + 2.0))
+
+            return await self._waiters.wait(get, job_id, after_version, timeout, self.recheck)
         return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
+
+    #: How long one mark of `wait` makes a job's changes published, at least, in seconds.
+    MARK_SECONDS = 60.0
+
+    async def _mark(self, job_id: str, seconds: float) -> Job | None:
+        """Mark the job watched for `seconds` and read it (one script)."""
+        sent = time.monotonic()
+        now, raw = await self._call(names.SCRIPT_MARK, job_id, repr(float(seconds)))
+        h = _hash(raw)
+        job = _live(h)
+        if job is None:
+            self._marked.pop(job_id, None)
+            return None
+        if len(self._marked) > 10_000:
+            self._marked = {k: v for k, v in self._marked.items() if v > sent}
+        self._marked[job_id] = sent + seconds - 1.0  # surely still marked until then
+        return as_seen(job, _opt_float(h.get("lease_until")), float(now))
 
     async def wait_for_work(self, timeout: float) -> None:
         # Every submit publishes on `submitted`: a worker waiting for company hears each one without
         # taking the idle workers' wake-ups (those are `wake`'s, for `claim`).
         await self._listen(self.keys.submitted, pattern=False)
+        # Submits publish only while a worker marked ``company`` in ``fair`` (for a minute); a mark
+        # made now may have missed a submit just before it: look again at once.
+        if self._company < time.monotonic() + timeout + 1.0:
+            sent = time.monotonic()
+            await self._call(names.SCRIPT_COMPANY, repr(self.MARK_SECONDS))
+            self._company = sent + self.MARK_SECONDS - 1.0
+            self._submitted.clear()
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._submitted.wait(), timeout)
         self._submitted.clear()
@@ -339,15 +384,17 @@ class RedisStore(RedisHooks):
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
         deadline = time.monotonic() + timeout
         lease_ms = repr(lease_seconds * 1000.0)
+        timed_out = False
         while True:
             token = uuid.uuid4().hex
-            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries)
+            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
+                                   int(timed_out))
             if _str(got[0]) == "ok":
                 return _lease(got[1:], token, worker_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            await self._wake(min(left, self.recheck))
+            timed_out = not await self._wake(min(left, self.recheck))
 
     async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
         # Choose in fair order from what is queued, then claim them in one script that takes each one
@@ -366,11 +413,11 @@ class RedisStore(RedisHooks):
             batch.add(json.loads(h["params"]))
         return leases
 
-    async def _wake(self, wait: float) -> None:
-        """Block until a submit pushes a wake-up (taking it), or `wait` seconds pass."""
+    async def _wake(self, wait: float) -> bool:
+        """Block until a submit pushes a wake-up (taking it: True), or `wait` seconds pass (False)."""
         await self._conn()
         assert self._blocking is not None
-        await self._blocking.blpop([self.keys.wake], timeout=max(0.001, wait))
+        return await self._blocking.blpop([self.keys.wake], timeout=max(0.001, wait)) is not None
 
     async def heartbeat(self, lease: Lease, lease_seconds: float) -> bool:
         return bool(await self._call(names.SCRIPT_HEARTBEAT, lease.job.id, lease.token, repr(lease_seconds * 1000.0)))

@@ -2,10 +2,11 @@
 
 Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
 out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
-ZRANGEs: O(log n). A claimed job's lease is its member in ``leases``, scored by its deadline: a
-claim takes a job whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair
-head. A submit pushes onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing
-empties it.
+ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time and the queued count, each key's finish
+tag, odometer, queued count (``n:{key id}``) and weight (``w:{key id}``, copied from the key).
+A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
+whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair head. A submit pushes
+onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing empties it.
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
 callers from there).
@@ -25,42 +26,59 @@ if TYPE_CHECKING:
     from kolors_api.jobs.redis_keys import Keys
 
 LUA_FAIR = r"""
-local function fair_weight(kid)
-  if kid == '' then return 1 end
-  local w = tonumber(redis.call('HGET', k_key(kid), 'weight') or '1')
-  if not w or w ~= w or w <= 0 then return 1 end
+local function valid_weight(w)
+  w = tonumber(w or '')
+  if not w or w ~= w or w <= 0 then return nil end
   return w
 end
--- a new QUEUED job: its place in its key's queue (its odometer, returned), one more queued, its key active
-local function fair_enqueue(id, kid, work)
-  local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED)
-  local odo = tonumber(f[1] or '0')
-  redis.call('HSET', K_FAIR, 'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1)
-  redis.call('ZADD', k_fair_queue(kid), num(odo), id)
-  if not redis.call('ZSCORE', K_FAIR_ACTIVE, kid) then
-    local g = redis.call('HMGET', K_FAIR, 'finish:' .. kid, 'vtime')
-    redis.call('ZADD', K_FAIR_ACTIVE, num(math.max(tonumber(g[1] or '0'), tonumber(g[2] or '0'))), kid)
+local function fair_weight(kid)
+  if kid == '' then return 1 end
+  return valid_weight(redis.call('HGET', k_key(kid), 'weight')) or 1
+end
+-- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
+-- `weight`: the key's (kept in ``fair`` for the claims). Returns the job's odometer, its submission
+-- sequence number and whether a worker waits for company (``company`` ahead of now).
+local function fair_enqueue(id, kid, work, weight)
+  local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
+    'company')
+  local odo, n = tonumber(f[1] or '0'), tonumber(f[3] or '0')
+  -- (a store of the layout before kept the sequence in its own key)
+  local seq = tonumber(f[6] or redis.call('GET', K_SEQ) or '0') + 1
+  local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1, 'n:' .. kid, n + 1, 'seq', seq}
+  if weight then
+    table.insert(set, 'w:' .. kid)
+    table.insert(set, weight)
   end
-  return odo
+  redis.call('HSET', K_FAIR, unpack(set))
+  redis.call('ZADD', k_fair_queue(kid), num(odo), id)
+  -- the key's count is reset whenever it leaves `fair-active`, so 0 here means it is not in it (NX: or a
+  -- store of the layout before, which kept no count, put it there)
+  if n <= 0 then
+    redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f[4] or '0'), tonumber(f[5] or '0'))), kid)
+  end
+  return odo, seq, (tonumber(f[7]) or 0) > now()
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)
   redis.call('ZREM', k_fair_queue(kid), id)
-  redis.call('HINCRBY', K_FAIR, F_QUEUED, -1)
-  if redis.call('ZCARD', k_fair_queue(kid)) == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
+  local f = redis.call('HMGET', K_FAIR, F_QUEUED, 'n:' .. kid)
+  local left = redis.call('ZCARD', k_fair_queue(kid))
+  redis.call('HSET', K_FAIR, F_QUEUED, tonumber(f[1] or '1') - 1, 'n:' .. kid, left)
+  if left == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
 end
 -- a QUEUED job was taken: its key's tag (`start` when known) moves by work / weight, the virtual time
 -- to the key's start; `more`: whether the key has other queued jobs, when known
 local function fair_served(id, kid, work, start, more)
   redis.call('ZREM', k_fair_queue(kid), id)
-  local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED)
+  local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid)
   local vtime = tonumber(f[1] or '0')
   start = start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
   if not start then start = math.max(tonumber(f[2] or '0'), vtime) end
-  local finish = start + work / fair_weight(kid)
-  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
-    F_QUEUED, tonumber(f[3] or '1') - 1)
+  local weight = kid == '' and 1 or valid_weight(f[4]) or fair_weight(kid)
+  local finish = start + work / weight
   if more == nil then more = redis.call('ZCARD', k_fair_queue(kid)) > 0 end
+  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
+    F_QUEUED, tonumber(f[3] or '1') - 1, 'n:' .. kid, more and math.max(1, tonumber(f[5] or '1') - 1) or 0)
   if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
   else
@@ -71,7 +89,7 @@ end
 
 # The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
 LUA_CLAIM = r"""
--- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its CLAIM_FIELDS,
+-- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its `whole` hash,
 -- its key's tag and whether the key has more queued; nil when none is queued
 local function fair_head()
   for _ = 1, 1000 do
@@ -80,8 +98,9 @@ local function fair_head()
     local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 1)
     if not head[1] then
       redis.call('ZREM', K_FAIR_ACTIVE, top[1])
+      redis.call('HSET', K_FAIR, 'n:' .. top[1], 0)
     else
-      local j = fields(head[1], CLAIM_FIELDS)
+      local j = whole(head[1])
       if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]), head[2] ~= nil end
       redis.call('ZREM', k_fair_queue(top[1]), head[1])  -- not queued any more: a stale index entry
     end
@@ -91,7 +110,8 @@ end
 """
 
 BODIES: dict[str, str] = {
-    # ARGV: worker, token, lease_ms, max_deliveries. Returns {'ok', job…} or {'none'} (the caller then
+    # ARGV: worker, token, lease_ms, max_deliveries, '1' when the caller's wait on `wake` just ran out
+    # (the list was empty then: nothing to empty). Returns {'ok', job…} or {'none'} (the caller then
     # blocks on `wake`).
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -100,7 +120,7 @@ for _ = 1, 1000 do
   -- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
   local id = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. num(t), 'LIMIT', 0, 1)[1]
   if not id then break end
-  local j = fields(id, CLAIM_FIELDS)
+  local j = whole(id)
   if j.state ~= 'PROCESSING' then
     redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
   else
@@ -116,7 +136,8 @@ for _ = 1, 1000 do
 end
 local id, j, start, more = fair_head()
 if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start, more)) end
-redis.call('DEL', K_WAKE)  -- nothing queued: wake-ups pushed so far stand for nothing
+-- nothing queued: wake-ups pushed so far stand for nothing
+if ARGV[7] ~= '1' then redis.call('DEL', K_WAKE) end
 return {'none'}
 """,
     # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;
@@ -125,7 +146,7 @@ return {'none'}
 local worker, lease_ms, t = ARGV[3], tonumber(ARGV[4]), now()
 local out = {}
 for i = 5, #ARGV, 2 do
-  local j = fields(ARGV[i], CLAIM_FIELDS)
+  local j = whole(ARGV[i])
   if j.state == 'QUEUED' then table.insert(out, take(ARGV[i], j, worker, ARGV[i + 1], lease_ms, t)) end
 end
 return out

@@ -9,11 +9,11 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued`` (a count); ``finish:{key id}``, ``odo:{key id}`` (finish tag, work) |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``; per key ``finish:``, ``odo:``, ``n:``, ``w:`` |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
 | ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
-| ``seq`` | counter | submission sequence (queue order, history order, cursors) |
+| ``seq`` | counter | the layout before: ``fair``'s ``seq`` (submission sequence) starts from it |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
 | ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
 | ``workers`` | zset worker id → alive until | liveness |
@@ -27,7 +27,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``key:{key id}`` | hash | the API key record |
 | ``key-index`` | hash key_hash → key id | lookup by presented key |
 | ``keys`` | zset key id → created_at | keys in creation order |
-| ``events:{id}`` | pub/sub channel | the job's version, published on every change |
+| ``events:{id}`` | pub/sub channel | the job's version, on each change while it is ``watched`` (see `wait`) |
 | ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
@@ -104,12 +104,16 @@ SCRIPT_DELETE_KEY = "delete_key"
 SCRIPT_WORKER_ALIVE = "worker_alive"
 SCRIPT_STATS = "stats"
 SCRIPT_WATCH = "watch"
+SCRIPT_MARK = "mark"
+SCRIPT_COMPANY = "company"
 SCRIPT_HOOK_CLAIM = "hook_claim"
 SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
     SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_BATCH, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
-    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_WATCH, SCRIPT_HOOK_CLAIM, SCRIPT_HOOK_RECORD,
+    SCRIPT_DELETE_KEY, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_WATCH, SCRIPT_MARK, SCRIPT_COMPANY,
+    SCRIPT_HOOK_CLAIM,
+    SCRIPT_HOOK_RECORD,
 )
 
 

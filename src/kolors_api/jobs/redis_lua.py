@@ -34,8 +34,8 @@ local function fields(id, names)
   for i, n in ipairs(names) do j[n] = v[i] end
   return j
 end
--- the fields the webhook outbox reads (see `outbox`)
-local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress'}
+-- the fields the webhook outbox reads (see `outbox`), and `watched` (see `publish`)
+local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress', 'watched'}
 local function with_hooks(names)
   local out = {unpack(names)}
   for _, n in ipairs(HOOK_FIELDS) do table.insert(out, n) end
@@ -53,8 +53,9 @@ local function with_status(status, list)
   table.insert(list, 1, status)
   return list
 end
-local function publish(id, version)
-  redis.call('PUBLISH', k_events(id), version)
+-- the change `version` of job `id` on its channel, when someone waits on it (`j.watched`: see SCRIPT_MARK)
+local function publish(id, version, j)
+  if (tonumber(j.watched) or 0) > now() then redis.call('PUBLISH', k_events(id), version) end
 end
 local function ledger(kid, rid, kind, amount, at)
   redis.call('RPUSH', k_ledger(kid),
@@ -69,7 +70,8 @@ local function finish(id, j, version, fields, t)
   redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), 'lease_token', '', 'lease_until', '',
     'version', version, unpack(fields))
   if j.state == 'QUEUED' then fair_left(id, j.key_id or '') else redis.call('ZREM', K_LEASES, id) end
-  if j.key_id and redis.call('DECR', k_running(j.key_id)) <= 0 then redis.call('DEL', k_running(j.key_id)) end
+  -- (kept at 0: a key's next submit finds it; only a count gone below 0 is dropped)
+  if j.key_id and redis.call('DECR', k_running(j.key_id)) < 0 then redis.call('DEL', k_running(j.key_id)) end
   local at_ms = math.ceil(exp * 1000)
   redis.call('PEXPIREAT', jk, at_ms)
   redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, j.key_id or ''}))
@@ -89,12 +91,18 @@ local function fail_job(id, err, t, j, skipped)
     if have then redis.call('HSET', k_key(kid), 'credits', credits(micro(have) + micro(cost))) end
     ledger(kid, id, 'refund', micro(cost) / MICRO, t)
   end
-  publish(id, version)
+  publish(id, version, j)
 end
--- the fields a claim reads of a job it may take (or dead-letter)
-local CLAIM_FIELDS = with_hooks({'state', 'work', 'version', 'deliveries', 'cost', 'reserved'})
--- lease job `id` (`j`: CLAIM_FIELDS) to `worker` until `lease_ms` from now; `start`, `more`: its key's
--- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash.
+-- the whole hash of job `id` as a table (what a claim reads of a job it may take, or dead-letter)
+local function whole(id)
+  local v = redis.call('HGETALL', k_job(id))
+  local j = {}
+  for i = 1, #v, 2 do j[v[i]] = v[i + 1] end
+  return j
+end
+-- lease job `id` (`j`: its `whole` hash) to `worker` until `lease_ms` from now; `start`, `more`: its key's
+-- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash as
+-- written (flat).
 local function take(id, j, worker, token, lease_ms, t, start, more)
   local jk = k_job(id)
   local lease_until = t + lease_ms / 1000
@@ -103,13 +111,20 @@ local function take(id, j, worker, token, lease_ms, t, start, more)
   end
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
   local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
-  redis.call('HSET', jk, 'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
-    'lease_until', num(lease_until), 'started_at', num(t), 'step', 0, 'phase', '',
-    'deliveries', tonumber(j.deliveries or '0') + 1, 'version', version)
+  local set = {'state', 'PROCESSING', 'lease_token', token, 'lease_worker', worker,
+    'lease_until', num(lease_until), 'started_at', num(t), 'step', '0', 'phase', '',
+    'deliveries', tostring(tonumber(j.deliveries or '0') + 1), 'version', tostring(version)}
+  redis.call('HSET', jk, unpack(set))
   redis.call('ZADD', K_LEASES, num(lease_until), id)
   outbox(id, 'start', t, j)
-  publish(id, version)
-  return redis.call('HGETALL', jk)
+  publish(id, version, j)
+  for i = 1, #set, 2 do j[set[i]] = set[i + 1] end
+  local flat = {}
+  for k, v in pairs(j) do
+    table.insert(flat, k)
+    table.insert(flat, v)
+  end
+  return flat
 end
 """ + LUA_CLAIM
 
@@ -136,9 +151,10 @@ if cap > 0 then
   if queued >= cap then return {'queue_full', queued} end
 end
 local t = now()
-local reserved = '0'
+local reserved, weight = '0', nil
 if kid ~= '' then
-  local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency')
+  local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
+  weight = key[3] or '1'
   if key[2] and tonumber(redis.call('GET', k_running(kid)) or '0') >= tonumber(key[2]) then
     return {'too_many', key[2]}
   end
@@ -151,9 +167,8 @@ if kid ~= '' then
   ledger(kid, id, 'reserve', -micro(cost) / MICRO, t)
   reserved = '1'
 end
-local seq = redis.call('INCR', K_SEQ)
 local work = tonumber(ARGV[12])
-local odo = fair_enqueue(id, kid, work)
+local odo, seq, company = fair_enqueue(id, kid, work, weight)
 local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
   'created_at', num(t), 'step', '0', 'total_steps', '0', 'outputs', '0', 'ext', '', 'seeds', '[]',
   'metrics', '{}', 'deliveries', '0', 'cancel_requested', '0', 'version', '1', 'seq', tostring(seq),
@@ -174,7 +189,8 @@ if ARGV[10] ~= '' then
 end
 redis.call('HSET', jk, unpack(job))
 redis.call('RPUSH', K_WAKE, '1')  -- an idle worker wakes (the list is emptied when a claim finds nothing)
-redis.call('PUBLISH', K_SUBMITTED, id)  -- and those waiting for company look again
+-- and those waiting for company look again (`wait_for_work` marks ``company``)
+if company then redis.call('PUBLISH', K_SUBMITTED, id) end
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
 return with_status('ok', job)
 """,
@@ -211,7 +227,7 @@ for r = 1, tonumber(ARGV[3]) do
       redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
     end
     outbox(id, 'progress', now(), j)
-    publish(id, version)
+    publish(id, version, j)
     local ack = 1
     if j.cancel_requested == '1' then ack = ack + 2 end
     if (tonumber(j.watch_until) or 0) > now() then ack = ack + 4 end
@@ -224,6 +240,19 @@ return out
     names.SCRIPT_WATCH: r"""
 local jk = k_job(ARGV[3])
 if redis.call('EXISTS', jk) == 1 then redis.call('HSET', jk, 'watch_until', num(now() + tonumber(ARGV[4]))) end
+return 1
+""",
+    # ARGV: id, seconds. Someone waits on the job's changes for `seconds`: they are published until then.
+    # Returns {server time, the job's hash} (no hash: no job).
+    names.SCRIPT_MARK: r"""
+local jk = k_job(ARGV[3])
+local h = redis.call('HGETALL', jk)
+if h[1] then redis.call('HSET', jk, 'watched', num(now() + tonumber(ARGV[4]))) end
+return {num(now()), h}
+""",
+    # ARGV: seconds. A worker waits for company: submits publish on ``submitted`` for `seconds`.
+    names.SCRIPT_COMPANY: r"""
+redis.call('HSET', K_FAIR, 'company', num(now() + tonumber(ARGV[3])))
 return 1
 """,
     # ARGV: id, token, ext, seeds, metrics, blob dir name or '', n, image 0 … image n-1 (when no blob).
@@ -252,7 +281,7 @@ if ARGV[8] == '' then
 end
 if j.key_id and tonumber(j.cost or '0') ~= 0 then ledger(j.key_id, id, 'capture', 0, t) end
 outbox(id, 'completed', t, j)
-publish(id, version)
+publish(id, version, j)
 return 1
 """,
     # ARGV: id, token, error
@@ -273,7 +302,7 @@ if j.state == 'QUEUED' then
 elseif j.state == 'PROCESSING' then
   local version = tonumber(j.version) + 1
   redis.call('HSET', jk, 'cancel_requested', 1, 'version', version)
-  publish(id, version)
+  publish(id, version, j)
 end
 return with_status('ok', redis.call('HGETALL', jk))
 """,
@@ -327,6 +356,12 @@ while i <= #ARGV do
   redis.call('HDEL', kk, ARGV[i])
   i = i + 1
 end
+for j = 7, #ARGV do
+  if ARGV[j] == 'weight' then  -- (a field name: sets and deletes alike) the claims read fair's copy
+    redis.call('HSET', K_FAIR, 'w:' .. ARGV[3], redis.call('HGET', kk, 'weight') or '1')
+    break
+  end
+end
 if ARGV[4] ~= '' then
   if new == nil then
     redis.call('HDEL', kk, 'credits')
@@ -349,6 +384,7 @@ local kk = k_key(ARGV[3])
 local key_hash = redis.call('HGET', kk, 'key_hash')
 if not key_hash then return 0 end
 redis.call('DEL', kk)
+redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3])
 redis.call('HDEL', K_KEY_INDEX, key_hash)
 redis.call('ZREM', K_KEY_LIST, ARGV[3])
 return 1
