@@ -77,7 +77,7 @@ from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
-from kolors_api.jobs.redis_migrate import OLD_KEYS
+from kolors_api.jobs.redis_migrate import OLD_KEYS, move_running
 from kolors_api.jobs.redis_migrate import SCRIPT as _MIGRATE
 from kolors_api.schema import decimal
 
@@ -163,6 +163,7 @@ class RedisStore(RedisHooks):
             queued, running = await self._redis.eval(_MIGRATE, 0, self.keys.prefix)
             log.warning("moved %d queued and %d running jobs from the stream layout to the plain queue",
                         queued, running)
+        await move_running(self._redis, self.keys)
 
     async def ping(self) -> bool:
         try:
@@ -235,19 +236,12 @@ class RedisStore(RedisHooks):
         await self._listen(self.keys.events_pattern, pattern=True)
         # A job's changes are published only while it is marked watched (`SCRIPT_MARK`): the first
         # read marks it, after the subscription and before the read, so no change can slip between.
-        marked = self._marked.get(job_id, 0.0)
-        if marked < time.monotonic() + timeout + 1.0:
-            first = True
-
-            async def get(job_id: str) -> Job | None:
-                nonlocal first
-                if not first:
-                    return await self.get(job_id)
-                first = False
+        async def get(job_id: str) -> Job | None:
+            if self._marked.get(job_id, 0.0) < time.monotonic() + timeout + 1.0:
                 return await self._mark(job_id, max(self.MARK_SECONDS, timeout + 2.0))
+            return await self.get(job_id)
 
-            return await self._waiters.wait(get, job_id, after_version, timeout, self.recheck)
-        return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
+        return await self._waiters.wait(get, job_id, after_version, timeout, self.recheck)
 
     #: How long one mark of `wait` makes a job's changes published, at least, in seconds.
     MARK_SECONDS = 60.0
@@ -548,7 +542,7 @@ class RedisStore(RedisHooks):
                             at=float(e["at"])) for e in map(json.loads, rows)]
 
     async def running_count(self, key_id: str) -> int:
-        count = await (await self._conn()).get(self.keys.running(key_id))
+        count = await (await self._conn()).hget(self.keys.fair, "r:" + key_id)
         return int(count) if count is not None else 0
 
 

@@ -3,7 +3,8 @@
 Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
 out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
 ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time and the queued count, each key's finish
-tag, odometer, queued count (``n:{key id}``) and weight (``w:{key id}``, copied from the key).
+tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
+of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``).
 A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
 whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair head. A submit pushes
 onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing empties it.
@@ -40,14 +41,13 @@ end
 -- sequence number and whether a worker waits for company (``company`` ahead of now).
 local function fair_enqueue(id, kid, work, weight)
   local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
-    'company')
+    'company', 'r:' .. kid)
   local odo, n = tonumber(f[1] or '0'), tonumber(f[3] or '0')
   -- (a store of the layout before kept the sequence in its own key)
   local seq = tonumber(f[6] or redis.call('GET', K_SEQ) or '0') + 1
   local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1, 'n:' .. kid, n + 1, 'seq', seq}
-  if weight then
-    table.insert(set, 'w:' .. kid)
-    table.insert(set, weight)
+  if weight then  -- a job of an API key: the key's weight, and one more of its jobs not finished
+    for _, x in ipairs({'w:' .. kid, weight, 'r:' .. kid, tonumber(f[8] or '0') + 1}) do table.insert(set, x) end
   end
   redis.call('HSET', K_FAIR, unpack(set))
   redis.call('ZADD', k_fair_queue(kid), num(odo), id)

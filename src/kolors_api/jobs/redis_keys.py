@@ -9,7 +9,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``; per key ``finish:``, ``odo:``, ``n:``, ``w:`` |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``; per key ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:`` |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
 | ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
@@ -21,7 +21,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``job:{id}`` | hash | the job record; TTL = retention once finished |
 | ``out:{id}:{i}`` | string | output image i (when no blob dir); same TTL |
 | ``in:{id}`` | hash sha256 → bytes | the job's input pictures (when no blob store); deleted by `expire()` |
-| ``running:{key id}`` | counter | that key's QUEUED + PROCESSING jobs |
+| ``running:{key id}`` | counter | the layout before: moved into ``fair`` ``r:{key id}`` on `open` |
 | ``history:{key id}`` | zset id → seq | that key's jobs |
 | ``ledger:{key id}`` | list of JSON | that key's credit movements |
 | ``key:{key id}`` | hash | the API key record |

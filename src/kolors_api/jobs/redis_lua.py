@@ -62,7 +62,7 @@ local function ledger(kid, rid, kind, amount, at)
     cjson.encode({request_id = rid, kind = kind, amount = num(amount), at = num(at)}))
 end
 """ + LUA_OUTBOX + LUA_FAIR + r"""
--- COMPLETED or FAILED as change `version`: leave the queue or the leases, release the key's slot,
+-- COMPLETED or FAILED as change `version`: leave the queue or the leases, release the key's slot (``r:``),
 -- start the TTL. `j`: the job's state and key_id.
 local function finish(id, j, version, fields, t)
   local jk = k_job(id)
@@ -70,8 +70,9 @@ local function finish(id, j, version, fields, t)
   redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), 'lease_token', '', 'lease_until', '',
     'version', version, unpack(fields))
   if j.state == 'QUEUED' then fair_left(id, j.key_id or '') else redis.call('ZREM', K_LEASES, id) end
-  -- (kept at 0: a key's next submit finds it; only a count gone below 0 is dropped)
-  if j.key_id and redis.call('DECR', k_running(j.key_id)) < 0 then redis.call('DEL', k_running(j.key_id)) end
+  if j.key_id and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
+    redis.call('HSET', K_FAIR, 'r:' .. j.key_id, 0)  -- (never below 0)
+  end
   local at_ms = math.ceil(exp * 1000)
   redis.call('PEXPIREAT', jk, at_ms)
   redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, j.key_id or ''}))
@@ -155,7 +156,7 @@ local reserved, weight = '0', nil
 if kid ~= '' then
   local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
   weight = key[3] or '1'
-  if key[2] and tonumber(redis.call('GET', k_running(kid)) or '0') >= tonumber(key[2]) then
+  if key[2] and tonumber(redis.call('HGET', K_FAIR, 'r:' .. kid) or '0') >= tonumber(key[2]) then
     return {'too_many', key[2]}
   end
   if key[1] then
@@ -176,7 +177,6 @@ local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', '
 if kid ~= '' then
   table.insert(job, 'key_id')
   table.insert(job, kid)
-  redis.call('INCR', k_running(kid))
   redis.call('ZADD', k_history(kid), seq, id)
 end
 if ARGV[9] ~= '' then

@@ -14,7 +14,14 @@ move everything once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kolors_api.jobs import redis_keys as names
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from kolors_api.jobs.redis_keys import Keys
 
 #: The old layout's names (appended to the prefix).
 OLD_KEYS = ("queue", "tickets", "queued", "processing", "hooks-due")
@@ -64,3 +71,26 @@ end
 redis.call('DEL', OLD_STREAM, OLD_TICKETS, OLD_QUEUED, OLD_PROCESSING, OLD_HOOKS_DUE)
 return {queued, running}
 """
+
+
+#: KEYS: a ``running:{key id}`` counter, ``fair``; ARGV: its field there. Adds the one to the other, once.
+_MOVE_RUNNING = """
+local n = redis.call('GET', KEYS[1])
+if n then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], tonumber(n))
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+
+async def move_running(r: Redis, keys: Keys) -> None:
+    """Each key's count of unfinished jobs was a key ``running:{key id}``; it is ``fair``'s ``r:{key id}``
+    now: move the counters over, once per ``fair`` (marked ``running_moved``)."""
+    if await r.hexists(keys.fair, "running_moved"):
+        return
+    stem = keys.prefix + names.RUNNING
+    async for name in r.scan_iter(match=names.glob_escape(stem) + "*", count=1000):
+        text = name.decode() if isinstance(name, bytes) else str(name)
+        await r.eval(_MOVE_RUNNING, 2, text, keys.fair, "r:" + text.removeprefix(stem))
+    await r.hset(keys.fair, "running_moved", "1")
