@@ -282,7 +282,7 @@ class Service:
                     f"request {job.id} did not finish within {self.settings.sync_timeout_seconds:g}s; "
                     "it goes on: fetch it from response_url",
                     extra={"request_id": job.id, "status": job.state.value, **self.links(request, job)})
-            latest = await self.store.wait(job.id, job.version, left)
+            latest = await self.store.wait(job.id, job.version, left, done=True)  # not woken by each step
             if latest is None:
                 raise NotFound(f"unknown request: {job.id}")
             job = latest

@@ -219,9 +219,9 @@ class RedisStore(RedisHooks):
         position = int(await self._call(names.SCRIPT_POSITION, job_id))
         return None if position < 0 else position
 
-    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
+    async def wait(self, job_id: str, after_version: int, timeout: float, *, done: bool = False) -> Job | None:
         await self._listen(self.keys.events_pattern, pattern=True)
-        return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck)
+        return await self._waiters.wait(self.get, job_id, after_version, timeout, self.recheck, done=done)
 
     async def wait_for_work(self, timeout: float) -> None:
         # Every submit publishes on `submitted`: a worker waiting for company hears each one without
@@ -231,10 +231,10 @@ class RedisStore(RedisHooks):
             await asyncio.wait_for(self._submitted.wait(), timeout)
         self._submitted.clear()
 
-    def relay(self, send: Callable[[str | None], None] | None) -> None:
+    def relay(self, send: Callable[[str | None, bool], None] | None) -> None:
         """Nothing to relay: every change is published to every process."""
 
-    def changed(self, job_id: str | None) -> None:
+    def changed(self, job_id: str | None, progress: bool = False) -> None:
         """Nothing to do: the publication of the change wakes this process's waiters."""
 
     async def _listen(self, channel: str, *, pattern: bool) -> None:
