@@ -288,12 +288,12 @@ def test_clean_prompt_completes_and_is_charged_with_nudenet_on(guarded: LiveServ
     assert NudeNetScreener(set(NUDENET_CLASSES), 0.0).detect(noise) == []
 
 
-def test_serve_without_the_safety_extra_refuses_to_start(tmp_path: Path, tiny_model: Path) -> None:
+def test_serve_without_the_safety_extra_refuses_to_start(tmp_path: Path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "nudenet.py").write_text("raise ModuleNotFoundError(\"No module named 'nudenet'\")\n")
     proc, log = start_process(["serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
-                               "--model", str(tiny_model)], tmp_path / "data",
+                               "--model", "tiny"], tmp_path / "data",  # refused before any model loads
                               env={"KOLORS_API_SCREENERS": "nudenet", "PYTHONPATH": str(shim)})
     try:
         assert proc.wait(timeout=60) != 0
