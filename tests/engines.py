@@ -97,7 +97,8 @@ def kill_mid_step(settings: Settings) -> Wrapped:
     return Wrapped(kolors(settings), after_step=crash)
 
 
-def kill_once(settings: Settings) -> Wrapped:
+def crash_once() -> StepHook:
+    """`crash`, only the first time: it leaves the file env ``KOLORS_TEST_KILL_MARK`` behind."""
     mark = Path(os.environ["KOLORS_TEST_KILL_MARK"])
 
     def crash(params: GenerateParams, i: int) -> None:
@@ -105,7 +106,11 @@ def kill_once(settings: Settings) -> Wrapped:
             mark.touch()
             _sigkill()
 
-    return Wrapped(kolors(settings), after_step=crash)
+    return crash
+
+
+def kill_once(settings: Settings) -> Wrapped:
+    return Wrapped(kolors(settings), after_step=crash_once())
 
 
 class SlowFinish(Wrapped):

@@ -15,7 +15,7 @@ stays on the tiny Kolors pipeline (`tests.engines`, the default engine).
   ``KOLORS_TEST_GATE_STEP`` (default 1) until the test opens the gate: it writes
   ``$KOLORS_TEST_GATE_DIR/NAME.held`` when it gets there and goes on once
   ``$KOLORS_TEST_GATE_DIR/NAME.open`` exists (`Gate` below is the test's side).
-- `slow`, `failing`, `kill_on_claim`, `kill_mid_step`, `slow_finish`: the broken engines of
+- `slow`, `failing`, `kill_on_claim`, `kill_mid_step`, `kill_once`, `slow_finish`: the broken engines of
   tests/engines.py, around `pixels` instead of the tiny pipeline (`slow` sleeps before the first
   step too, where a pipeline encodes the prompt: ``KOLORS_TEST_FIRST_STEP_SECONDS``, by default a
   step's time).
@@ -154,6 +154,10 @@ def kill_on_claim(settings: Settings) -> Wrapped:
 
 def kill_mid_step(settings: Settings) -> Wrapped:
     return Wrapped(Pixels(), after_step=engines.crash)
+
+
+def kill_once(settings: Settings) -> Wrapped:
+    return Wrapped(Pixels(), after_step=engines.crash_once())
 
 
 def slow_finish(settings: Settings) -> Wrapped:

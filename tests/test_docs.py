@@ -129,3 +129,41 @@ def test_the_not_yet_list_names_nothing_that_is_built() -> None:
         assert bare not in flags | names | routes | fields, f"docs/README.md's Not yet names {word!r}, which is built"
     # what the server does in headers: Idempotency-Key is built
     assert "Idempotency-Key" not in planned
+
+
+def cited_but_missing(text: str) -> list[str]:
+    """The files, folders and `kolors_api.…` names a page cites in backticks that do not exist: a file
+    or folder under the repository or `src/kolors_api/`; a module, or a class, function, method or
+    constant defined in its module."""
+    src = ROOT / "src" / "kolors_api"
+    missing = []
+    for token in re.findall(r"`([^`\s]+)`", text):
+        if re.fullmatch(r"[\w./-]+\.py|[a-z_]+/", token):
+            if not any((base / token).exists() for base in (ROOT, src)):
+                missing.append(token)
+        elif token.startswith("kolors_api."):
+            parts = token.split(".")[1:]
+            for n in range(len(parts), 0, -1):  # the longest prefix that is a module
+                path = src.joinpath(*parts[:n])
+                module = path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+                if module.is_file():
+                    break
+            else:
+                missing.append(token)
+                continue
+            code, names = module.read_text(), parts[n:]
+            patterns = [rf"^(class|def|async def) {names[0]}\b|^{names[0]}\s*[:=]" if names else ".",
+                        *(rf"^\s+(async def|def) {name}\b|^\s+{name}\s*[:=]" for name in names[1:])]
+            if len(names) > 2 or not all(re.search(p, code, re.M) for p in patterns):
+                missing.append(token)
+    return missing
+
+
+def test_the_architecture_page_cites_only_modules_and_names_that_exist() -> None:
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    assert cited_but_missing(page) == []
+    # and the check finds what is not there
+    wrong = ["jobs/queue.py", "kolors_api.worker.company.WaitRule", "kolors_api.jobs.batching.gone",
+             "kolors_api.jobs.base.JobStore.claim_compatible"]
+    right = ["worker/", "kolors_api.jobs.batching", "kolors_api.jobs.base.JobStore.claim_batch"]
+    assert cited_but_missing(" ".join(f"`{token}`" for token in wrong + right)) == wrong

@@ -1,6 +1,7 @@
 """`serve`'s engine processes (`kolors_api.worker.supervisor`): the API answers while an engine dies
 and comes back, the job it held runs again and is charged once, a crash loop backs off, SIGTERM ends
-everything within the grace, and `--device cpu,cpu` runs two engines that both take jobs."""
+everything within the grace, and `--device cpu,cpu` runs two engines that both take jobs. The processes
+are the point, not the pixels: the engines are tests/pixel_engines.py's (torch-free, up in about a second)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from kolors_api.schema import GenerateParams, price
 from tests.conftest import LiveServer, free_port, job_status, start_process, start_server, wait_up
 from tests.conftest import wait_for_status as wait_for
 from tests.engines import ENGINE_ENV
+from tests.pixel_engines import serving
 
 SMALL = {"steps": 4, "width": 512, "height": 512, "output_format": "png"}
 
@@ -42,12 +44,10 @@ def account(server: LiveServer, key: str) -> dict[str, Any]:
     return dict(httpx.get(server.url + "/v1/account", headers={"x-api-key": key}, timeout=10).json())
 
 
-def test_a_sigkilled_engine_comes_back_and_its_job_completes_once_charged_once(tiny_model: Path,
-                                                                              tmp_path: Path) -> None:
+def test_a_sigkilled_engine_comes_back_and_its_job_completes_once_charged_once(tmp_path: Path) -> None:
     mark = tmp_path / "killed"
-    server = start_server(tiny_model, tmp_path, extra=["--engine", "tests.engines:kill_once"],
-                          env={**ENGINE_ENV, "KOLORS_TEST_KILL_MARK": str(mark), "KOLORS_API_LEASE_SECONDS": "3",
-                               "KOLORS_API_HEARTBEAT_SECONDS": "1"})
+    server = start_server("tiny", tmp_path, **serving("kill_once", env={
+        "KOLORS_TEST_KILL_MARK": str(mark), "KOLORS_API_LEASE_SECONDS": "3", "KOLORS_API_HEARTBEAT_SECONDS": "1"}))
     try:
         first = engines(server)[0]
         key = server.create_key(credits=10)["key"]
@@ -111,10 +111,9 @@ def test_an_engine_that_cannot_load_is_restarted_with_backoff_while_the_api_serv
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
 
 
-def test_sigterm_ends_serve_within_the_grace_and_the_job_in_hand_runs_after_the_restart(
-        tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path, extra=["--engine", "tests.engines:slow"],
-                          env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "1", "KOLORS_API_SHUTDOWN_GRACE_SECONDS": "2"})
+def test_sigterm_ends_serve_within_the_grace_and_the_job_in_hand_runs_after_the_restart(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path, **serving("slow", env={
+        "KOLORS_TEST_STEP_SECONDS": "1", "KOLORS_API_SHUTDOWN_GRACE_SECONDS": "2"}))
     try:
         engine = engines(server)[0]
         r = httpx.post(server.url + "/v2/kolors", headers=server.headers(), json={"prompt": "a long one",
@@ -132,17 +131,16 @@ def test_sigterm_ends_serve_within_the_grace_and_the_job_in_hand_runs_after_the_
     finally:
         server.stop()
     port = int(server.url.rsplit(":", 1)[1])
-    server = start_server(tiny_model, tmp_path, port=port, log_name="server2.log")  # the real engine
+    server = start_server("tiny", tmp_path, port=port, log_name="server2.log", **serving())  # not slow
     try:
         assert wait_for(server, server.key, request_id, lambda b: b["status"] == "COMPLETED")["status"] == "COMPLETED"
     finally:
         server.stop()
 
 
-def test_two_engines_on_cpu_cpu_both_take_jobs(tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path, extra=["--device", "cpu,cpu", "--engine", "tests.engines:slow",
-                                                       "--max-batch-images", "1"],
-                          env={**ENGINE_ENV, "KOLORS_TEST_STEP_SECONDS": "0.5"})
+def test_two_engines_on_cpu_cpu_both_take_jobs(tmp_path: Path) -> None:
+    server = start_server("tiny", tmp_path, **serving("slow", env={"KOLORS_TEST_STEP_SECONDS": "0.5"},
+                                                      extra=["--device", "cpu,cpu", "--max-batch-images", "1"]))
     try:
         deadline = time.monotonic() + 120
         while [e["state"] for e in engines(server)] != ["ready", "ready"]:

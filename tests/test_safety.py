@@ -32,6 +32,7 @@ from kolors_api.worker.safety import (
 )
 
 from .conftest import ADMIN_KEY, LiveServer, redis_db_url, start_process, start_server
+from .pixel_engines import serving
 
 # -- pictures NudeNet really sees: a drawn (clothed) face, which it reports as FACE_FEMALE, and a wall
 
@@ -216,12 +217,14 @@ def test_nudenet_passes_what_it_is_not_told_to_block() -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live server on the torch-free engine (flat colours; the prompt's screening is the point) with
+    a blocked-terms file and NudeNet on."""
     data_dir = tmp_path_factory.mktemp("guarded")
     terms = data_dir / "blocked.txt"
     terms.write_text("# test list\nforbidden fruit\n", encoding="utf-8")
-    srv = start_server(tiny_model, data_dir, env={"KOLORS_API_BLOCKED_TERMS_FILE": str(terms),
-                                                  "KOLORS_API_SCREENERS": "nudenet"})
+    srv = start_server("tiny", data_dir, **serving("pixels", env={"KOLORS_API_BLOCKED_TERMS_FILE": str(terms),
+                                                                 "KOLORS_API_SCREENERS": "nudenet"}))
     yield srv
     srv.stop()
 
@@ -280,17 +283,17 @@ def test_clean_prompt_completes_and_is_charged_with_nudenet_on(guarded: LiveServ
         assert (guarded.data_dir / "outputs" / request_id / "0.webp").is_file()
         noise = http.get(f"/v2/requests/{request_id}/outputs/0.webp", headers={"x-api-key": key}).content
     assert "screeners: nudenet" in guarded.log()
-    # The tiny model makes noise: NudeNet reports nothing on it at all (its best class score is ~0.01,
-    # under NudeNet's own 0.2 floor), whatever the classes and threshold. Hence the drawing engine below.
+    # A flat colour (as the tiny model's noise): NudeNet reports nothing on it at all (nothing reaches
+    # NudeNet's own 0.2 floor), whatever the classes and threshold. Hence the drawing engine below.
     assert NudeNetScreener(set(NUDENET_CLASSES), 0.0).detect(noise) == []
 
 
-def test_serve_without_the_safety_extra_refuses_to_start(tmp_path: Path, tiny_model: Path) -> None:
+def test_serve_without_the_safety_extra_refuses_to_start(tmp_path: Path) -> None:
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "nudenet.py").write_text("raise ModuleNotFoundError(\"No module named 'nudenet'\")\n")
     proc, log = start_process(["serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
-                               "--model", str(tiny_model)], tmp_path / "data",
+                               "--model", "tiny"], tmp_path / "data",  # refused before any model loads
                               env={"KOLORS_API_SCREENERS": "nudenet", "PYTHONPATH": str(shim)})
     try:
         assert proc.wait(timeout=60) != 0

@@ -77,3 +77,35 @@ async def test_without_the_relay_nothing_is_heard_until_the_wait_ends(tmp_path: 
     finally:
         await api.close()
         await engine.close()
+
+
+async def test_a_wait_for_the_end_sleeps_through_the_engines_steps_and_wakes_at_its_end(
+        pair: tuple[SQLiteStore, SQLiteStore]) -> None:
+    """A sync request waits for the end only: the steps relayed from the engine do not make it read the
+    job (at every step, for every waiting request), the completion wakes it at once."""
+    api, engine = pair
+    job = await api.submit(NewJob(model="kolors", params=params()))
+    lease = await engine.claim("w", 30, 1)
+    assert lease is not None and lease.job.id == job.id
+    reads: list[str] = []
+    get = api.get
+
+    async def counted(job_id: str) -> object:
+        reads.append(job_id)
+        return await get(job_id)
+
+    api.get = counted  # type: ignore[method-assign, assignment]  # the same store, its reads counted
+    seen = lease.job.version
+    for_the_end = asyncio.create_task(api.wait(job.id, seen, LONG, done=True))
+    for_any_change = asyncio.create_task(api.wait(job.id, seen, LONG))
+    await asyncio.sleep(0.05)
+    assert len(reads) == 2 and not for_the_end.done() and not for_any_change.done()
+    for step in range(1, 5):
+        assert await engine.progress(lease, step, 4)
+    stepped = await asyncio.wait_for(for_any_change, WOKEN)  # an event stream is woken by a step
+    assert stepped is not None and stepped.step >= 1
+    await asyncio.sleep(0.1)
+    assert not for_the_end.done() and reads.count(job.id) == 3, reads  # no read for the sync waiter's sake
+    assert await engine.complete(lease, [b"RIFF-not-an-image"], "webp", [1], {})
+    ended = await asyncio.wait_for(for_the_end, WOKEN)
+    assert ended is not None and ended.state.terminal and reads.count(job.id) == 4

@@ -173,9 +173,11 @@ class Service:
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise BadRequest(f"Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY} characters, "
                              f"got {len(idempotency_key)}")
+        if idempotency_key is None:
+            return await self._submit(request, key, model, body, None, "", sync)
         # same route, model and body as the key's first request, or a 422 (a random seed is drawn later)
         digest = hashlib.sha256(json.dumps([request.url.path, model, body], sort_keys=True).encode()).hexdigest()
-        if idempotency_key is None or self.inflight is None:
+        if self.inflight is None:
             return await self._submit(request, key, model, body, idempotency_key, digest, sync)
         # a repeat sent while its original is still being admitted waits for the original's answer
         # (it would otherwise be admitted as new: counted by the rate limit, maybe refused with 429)
@@ -280,7 +282,7 @@ class Service:
                     f"request {job.id} did not finish within {self.settings.sync_timeout_seconds:g}s; "
                     "it goes on: fetch it from response_url",
                     extra={"request_id": job.id, "status": job.state.value, **self.links(request, job)})
-            latest = await self.store.wait(job.id, job.version, left)
+            latest = await self.store.wait(job.id, job.version, left, done=True)  # not woken by each step
             if latest is None:
                 raise NotFound(f"unknown request: {job.id}")
             job = latest

@@ -427,8 +427,9 @@ class JobStore(Protocol):
         is next); None when not queued. Jobs of a key that becomes active later may still go first."""
         ...
 
-    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        """Return the job as soon as its version is above `after_version`, or when `timeout` passes."""
+    async def wait(self, job_id: str, after_version: int, timeout: float, *, done: bool = False) -> Job | None:
+        """Return the job as soon as its version is above `after_version` (`done`: once it is COMPLETED
+        or FAILED, whatever its progress meanwhile), or when `timeout` passes."""
         ...
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
@@ -503,15 +504,17 @@ class JobStore(Protocol):
         `timeout` seconds: how a worker waiting for company learns of arrivals without polling."""
         ...
 
-    def relay(self, send: Callable[[str | None], None] | None) -> None:
-        """Pass this process's own changes to `send` (a job id, or None for "a job was queued"), for the
+    def relay(self, send: Callable[[str | None, bool], None] | None) -> None:
+        """Pass this process's own changes to `send` (a job id, or None for "a job was queued"; and
+        whether the change was only a running job's progress), for the
         other processes of one machine on the same store (`serve` and its engine processes); a no-op
         where the store tells every process itself (Redis publishes every change)."""
         ...
 
-    def changed(self, job_id: str | None) -> None:
-        """A change made by another process (what its `relay` sent): wake what waits for that job, or
-        (None) a worker waiting for work. Nothing is relayed on."""
+    def changed(self, job_id: str | None, progress: bool = False) -> None:
+        """A change made by another process (what its `relay` sent): wake what waits for that job (a
+        `progress` change not what waits for its end), or (None) a worker waiting for work. Nothing is
+        relayed on."""
         ...
 
     async def stats(self) -> StoreStats: ...

@@ -232,7 +232,7 @@ class RedisStore(RedisHooks):
         position = int(await self._call(names.SCRIPT_POSITION, job_id))
         return None if position < 0 else position
 
-    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
+    async def wait(self, job_id: str, after_version: int, timeout: float, *, done: bool = False) -> Job | None:
         await self._listen(self.keys.events_pattern, pattern=True)
         # A job's changes are published only while it is marked watched (`SCRIPT_MARK`): the first
         # read marks it, after the subscription and before the read, so no change can slip between.
@@ -241,7 +241,7 @@ class RedisStore(RedisHooks):
                 return await self._mark(job_id, max(self.MARK_SECONDS, timeout + 2.0))
             return await self.get(job_id)
 
-        return await self._waiters.wait(get, job_id, after_version, timeout, self.recheck)
+        return await self._waiters.wait(get, job_id, after_version, timeout, self.recheck, done=done)
 
     #: How long one mark of `wait` makes a job's changes published, at least, in seconds.
     MARK_SECONDS = 60.0
@@ -276,10 +276,10 @@ class RedisStore(RedisHooks):
             await asyncio.wait_for(self._submitted.wait(), timeout)
         self._submitted.clear()
 
-    def relay(self, send: Callable[[str | None], None] | None) -> None:
+    def relay(self, send: Callable[[str | None, bool], None] | None) -> None:
         """Nothing to relay: every change is published to every process."""
 
-    def changed(self, job_id: str | None) -> None:
+    def changed(self, job_id: str | None, progress: bool = False) -> None:
         """Nothing to do: the publication of the change wakes this process's waiters."""
 
     async def _listen(self, channel: str, *, pattern: bool) -> None:

@@ -69,7 +69,7 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
-        self._relay: Callable[[str | None], None] | None = None
+        self._relay: Callable[[str | None, bool], None] | None = None
 
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -132,19 +132,19 @@ class SQLiteStore:
     async def read_preview(self, job_id: str) -> tuple[int, bytes] | None:
         return await self._db(previews.read, job_id)
 
-    def _notify(self, job_id: str | None = None, queue: bool = False) -> None:
+    def _notify(self, job_id: str | None = None, queue: bool = False, progress: bool = False) -> None:
         for what in ([job_id] if job_id is not None else []) + ([None] if queue else []):
-            self.changed(what)
+            self.changed(what, progress)
             if self._relay is not None:
-                self._relay(what)
+                self._relay(what, progress)
 
     # -- wake-ups across the processes of one machine (serve and its engine processes)
-    def relay(self, send: Callable[[str | None], None] | None) -> None:
+    def relay(self, send: Callable[[str | None, bool], None] | None) -> None:
         self._relay = send
 
-    def changed(self, job_id: str | None) -> None:
+    def changed(self, job_id: str | None, progress: bool = False) -> None:
         if job_id is not None:
-            self._waiters.notify(job_id)
+            self._waiters.notify(job_id, progress)
         elif self._queue_event is not None:
             self._queue_event.set()
 
@@ -180,8 +180,8 @@ class SQLiteStore:
     async def queue_position(self, job_id: str) -> int | None:
         return await self._db(jobs_db.queue_position, job_id)
 
-    async def wait(self, job_id: str, after_version: int, timeout: float) -> Job | None:
-        return await self._waiters.wait(self.get, job_id, after_version, timeout, POLL * 4)
+    async def wait(self, job_id: str, after_version: int, timeout: float, *, done: bool = False) -> Job | None:
+        return await self._waiters.wait(self.get, job_id, after_version, timeout, POLL * 4, done=done)
 
     async def _output(self, job_id: str, index: int) -> tuple[Job, str | None] | None:
         """A readable output's job and the token naming its images (None on rows older than that)."""
@@ -244,7 +244,7 @@ class SQLiteStore:
     async def progress_many(self, reports: Sequence[ProgressReport]) -> list[ProgressAck]:
         acks = await self._db(jobs_db.progress_many, reports)
         for r in reports:
-            self._notify(r.lease.job.id)
+            self._notify(r.lease.job.id, progress=True)  # the job runs on: no end for sync waiters
         return acks
 
     async def watch_previews(self, job_id: str, seconds: float) -> None:

@@ -31,6 +31,8 @@ class Ready:
 class Changed:
     #: The job that changed, or None: "a job was queued".
     job_id: str | None = None
+    #: Only its progress changed (it runs on): what waits for its end sleeps on.
+    progress: bool = False
 
 
 @dataclass

@@ -64,7 +64,7 @@ class Channel:
             with contextlib.suppress(ValueError, TypeError):
                 message = decode(line)
                 if isinstance(message, Changed):
-                    store.changed(message.job_id)
+                    store.changed(message.job_id, message.progress)
         log.warning("engine process %d: its supervisor is gone; leaving", os.getpid())
         logging.shutdown()
         os._exit(0)
@@ -82,7 +82,7 @@ async def run(settings: Settings, sock: socket.socket) -> int:
         channel.send(JobDone(seconds, outcome, stages, engine_report()))
 
     worker = make_worker(settings, store, on_job_done=done, worker_id=me)
-    relay: Callable[[str | None], None] = lambda job_id: channel.send(Changed(job_id))  # noqa: E731
+    relay: Callable[[str | None, bool], None] = lambda job_id, progress: channel.send(Changed(job_id, progress))  # noqa: E731
     store.relay(relay)
     loop = asyncio.get_running_loop()
 

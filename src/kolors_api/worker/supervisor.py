@@ -153,8 +153,8 @@ class Supervisor:
             task.cancel()
         self.store.relay(None)
 
-    def _broadcast(self, job_id: str | None) -> None:
-        line = encode(Changed(job_id))
+    def _broadcast(self, job_id: str | None, progress: bool = False) -> None:
+        line = encode(Changed(job_id, progress))
         for engine in self.engines:
             writer = engine.writer
             if writer is not None and not writer.is_closing():
@@ -216,7 +216,7 @@ class Supervisor:
             except (ValueError, TypeError):
                 continue
             if isinstance(message, Changed):
-                self.store.changed(message.job_id)
+                self.store.changed(message.job_id, message.progress)
             elif isinstance(message, JobDone):
                 if self.on_done is not None:
                     self.on_done(proc.pid, message)
