@@ -247,6 +247,33 @@ async def test_wait_returns_on_change_or_timeout(store: JobStore) -> None:
     assert changed is not None and changed.state == JobState.PROCESSING
 
 
+async def test_a_wait_for_the_end_sleeps_through_the_steps_and_wakes_at_the_end(store: JobStore) -> None:
+    """What a sync request does: it reads the job when it starts waiting and once more when the job ends,
+    not at each of its steps (on Redis the steps' publications say "progress"; on SQLite the
+    notification does)."""
+    job = await store.submit(NewJob(model="kolors", params=params()))
+    lease = await store.claim("w1", 30, 1)
+    assert lease is not None
+    reads: list[str] = []
+    get = store.get
+
+    async def counted(job_id: str) -> object:
+        reads.append(job_id)
+        return await get(job_id)
+
+    store.get = counted  # type: ignore[method-assign]  # the same store, its reads counted
+    waiting = asyncio.create_task(store.wait(job.id, lease.job.version, 30, done=True))
+    await asyncio.sleep(0.1)
+    started = len(reads)  # SQLite reads the job as the wait starts; Redis reads it in the script that marks it
+    for step in range(1, 5):
+        assert await store.progress(lease, step, 4)
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and len(reads) == started
+    assert await store.complete(lease, [b"x"], "png", [1], {})
+    ended = await asyncio.wait_for(waiting, 0.6)  # woken, not the second's re-check
+    assert ended is not None and ended.state == JobState.COMPLETED and reads == [job.id] * (started + 1)
+
+
 async def test_results_and_their_files_expire_after_retention(tmp_path: Path, backend: str) -> None:
     store = await make(backend, tmp_path, retention=0.5)
     try:

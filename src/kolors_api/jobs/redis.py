@@ -317,7 +317,7 @@ class RedisStore(RedisHooks):
             elif kind == "message":
                 self._submitted.set()
             elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
-                self._waiters.notify(job_id)
+                self._waiters.notify(job_id, progress=_str(msg["data"]).endswith(" progress"))
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         r = await self._conn()

@@ -53,9 +53,12 @@ local function with_status(status, list)
   table.insert(list, 1, status)
   return list
 end
--- the change `version` of job `id` on its channel, when someone waits on it (`j.watched`: see SCRIPT_MARK)
-local function publish(id, version, j)
-  if (tonumber(j.watched) or 0) > now() then redis.call('PUBLISH', k_events(id), version) end
+-- the change `version` of job `id` on its channel, when someone waits on it (`j.watched`: see SCRIPT_MARK);
+-- `progress`: only its progress changed ("VERSION progress"), which a waiter for its end sleeps through
+local function publish(id, version, j, progress)
+  if (tonumber(j.watched) or 0) > now() then
+    redis.call('PUBLISH', k_events(id), progress and (version .. ' progress') or version)
+  end
 end
 local function ledger(kid, rid, kind, amount, at)
   redis.call('RPUSH', k_ledger(kid),
@@ -227,7 +230,7 @@ for r = 1, tonumber(ARGV[3]) do
       redis.call('PEXPIRE', pk, math.max(1, math.ceil(RETENTION * 1000)))
     end
     outbox(id, 'progress', now(), j)
-    publish(id, version, j)
+    publish(id, version, j, true)
     local ack = 1
     if j.cancel_requested == '1' then ack = ack + 2 end
     if (tonumber(j.watch_until) or 0) > now() then ack = ack + 4 end
