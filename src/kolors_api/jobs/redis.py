@@ -563,9 +563,7 @@ def _hash_of(raw: dict[Any, Any]) -> dict[str, str]:
 def _encode(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -573,16 +571,13 @@ def _opt_float(value: str | None) -> float | None:
 
 
 def _job(h: dict[str, str]) -> Job:
-    return Job(
-        id=h["id"], model=h["model"], params=json.loads(h["params"]), state=JobState(h["state"]),
-        created_at=float(h["created_at"]), key_id=h.get("key_id"), cost=float(h["cost"]),
-        started_at=_opt_float(h.get("started_at")), finished_at=_opt_float(h.get("finished_at")),
-        step=int(h["step"]), total_steps=int(h["total_steps"]), error=h.get("error"),
-        outputs=int(h["outputs"]), ext=h["ext"], seeds=json.loads(h["seeds"]),
-        metrics=json.loads(h["metrics"]),
-        deliveries=int(h["deliveries"]), cancel_requested=h["cancel_requested"] == "1",
-        version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""),
-    )
+    return Job(id=h["id"], model=h["model"], params=json.loads(h["params"]), state=JobState(h["state"]),
+               created_at=float(h["created_at"]), key_id=h.get("key_id"), cost=float(h["cost"]),
+               started_at=_opt_float(h.get("started_at")), finished_at=_opt_float(h.get("finished_at")),
+               step=int(h["step"]), total_steps=int(h["total_steps"]), error=h.get("error"), outputs=int(h["outputs"]),
+               ext=h["ext"], seeds=json.loads(h["seeds"]), metrics=json.loads(h["metrics"]),
+               deliveries=int(h["deliveries"]), cancel_requested=h["cancel_requested"] == "1",
+               version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""))
 
 
 def _live(h: dict[str, str]) -> Job | None:
