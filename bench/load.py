@@ -56,7 +56,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import body, wait_up  # noqa: E402  (bench/ is not a package)
-from serving import KEY, free_port  # noqa: E402
+from serving import KEY, free_port, proc_stat  # noqa: E402
 
 
 @dataclass
@@ -268,17 +268,14 @@ def tree_cpu(root: int) -> dict[int, float]:
     """CPU seconds (user + system) so far of the live process `root` and all its descendants, by pid:
     what a server spends per request, in its HTTP process and the rest (engine processes, LitServe's
     workers), which holds on a machine busy with something else where wall times do not."""
-    tick = os.sysconf("SC_CLK_TCK")
     parent: dict[int, int] = {}
     seconds: dict[int, float] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            try:  # after "(comm)": state ppid pgrp ... utime (12th) stime (13th)
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
+            try:
+                parent[int(entry.name)], seconds[int(entry.name)] = proc_stat(int(entry.name))
+            except OSError:  # gone meanwhile
                 continue
-            parent[int(entry.name)] = int(fields[1])
-            seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
 
     def under(pid: int) -> bool:
         while pid > 1:

@@ -54,11 +54,17 @@ def start(store: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str, flo
             time.sleep(0.02)
 
 
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU seconds so far (user + system): the server's cost per submit, which holds on
-    a machine where the load generator shares the cores."""
+def proc_stat(pid: int) -> tuple[int, float]:
+    """A process's parent pid and CPU seconds so far (user + system), from /proc (after "(comm)":
+    state ppid pgrp ... utime (12th) stime (13th))."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU seconds so far: the server's cost per submit, which holds on a machine where
+    the load generator shares the cores."""
+    return proc_stat(pid)[1]
 
 
 def rss_mb(pid: int) -> float:
