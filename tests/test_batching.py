@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kolors_api.engine import Engine, build_tiny_model
+from kolors_api.engine import Engine
 from kolors_api.jobs import Job, JobState, JobStore, NewJob, make_key_record, new_key
 from kolors_api.jobs.batching import BatchLimits
 from kolors_api.schema import GenerateParams
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine(str(build_tiny_model(tmp_path_factory.mktemp("batching") / "tiny")), device="cpu")
+def engine(tiny_model: Path) -> Engine:
+    return Engine(str(tiny_model), device="cpu")
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -20,7 +20,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from kolors_api.engine import Engine, GenerationOutput, build_tiny_model, encode_image
+from kolors_api.engine import Engine, GenerationOutput, encode_image
 from kolors_api.engine.pipeline import EngineOptions, padded_rows
 from kolors_api.schema import SCHEDULERS, GenerateParams
 
@@ -42,19 +42,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("engine") / "tiny")
+def engine(tiny_model: Path) -> Engine:
+    return Engine(str(tiny_model), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny: Path) -> Engine:
-    return Engine(str(tiny), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def stock(tiny: Path) -> KolorsPipeline:
+def stock(tiny_model: Path) -> KolorsPipeline:
     """The stock pipeline, loaded on its own (shares nothing with the engine)."""
-    return KolorsPipeline.from_pretrained(str(tiny))
+    return KolorsPipeline.from_pretrained(str(tiny_model))
 
 
 def params(**kw: Any) -> GenerateParams:
@@ -322,12 +317,12 @@ def test_a_job_whose_step_callback_raises_is_dropped_alone(engine: Engine) -> No
         engine.generate_batch([(jobs[0], None), (params(width=128), None)])
 
 
-def test_a_padded_call_runs_the_next_row_count_and_drops_the_padding(tiny: Path, engine: Engine) -> None:
+def test_a_padded_call_runs_the_next_row_count_and_drops_the_padding(tiny_model: Path, engine: Engine) -> None:
     """`pad_batches` (on with `--compile`): a call of 3 images runs 4 rows, so that a compiled UNet
     only ever sees the row counts compiled at start; the padding is dropped and every job's images
     are those of an unpadded call."""
     assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 16, 17)] == [1, 2, 4, 8, 8, 16, 16, 17]
-    padded = Engine(str(tiny), device="cpu", options=EngineOptions(pad_batches=True))
+    padded = Engine(str(tiny_model), device="cpu", options=EngineOptions(pad_batches=True))
     rows: list[int] = []
     make = padded._call_pipeline
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_api.engine import Engine, build_tiny_model
+from kolors_api.engine import Engine
 from kolors_api.engine.previews import LATENT_RGB_BIAS, latents_to_rgb, preview_webp
 from kolors_api.jobs import JobState, NewJob
 from kolors_api.jobs.sqlite import SQLiteStore
@@ -44,8 +44,8 @@ def test_the_map_is_linear_with_its_bias_and_survives_non_finite_latents() -> No
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return Engine(str(build_tiny_model(tmp_path_factory.mktemp("previews") / "tiny")), device="cpu")
+def engine(tiny_model: Path) -> Engine:
+    return Engine(str(tiny_model), device="cpu")
 
 
 def test_the_engine_offers_a_lazy_preview_of_the_first_image_at_an_eighth_of_its_size(engine: Engine) -> None:
