@@ -5,6 +5,8 @@ see `kolors_api.worker.engines`); the child process imports ``tests`` from its w
 the repository root, like the test process. ``ENGINE_ENV`` makes sure of it wherever it runs.
 
 - `slow`: sleeps env ``KOLORS_TEST_STEP_SECONDS`` (default 0.5) after every step;
+- `gate`: a job whose prompt holds ``hold:NAME`` waits after step ``KOLORS_TEST_GATE_STEP`` (default
+  1) until the test opens the gate (`wait_at_gate`; tests/pixel_engines.py's `Gate` is the test's side);
 - `failing`: raises ``RuntimeError("injected fault")`` at step 1 when the prompt holds "fail";
 - `kill_on_claim`: SIGKILLs its own process when asked for a prompt holding "poison";
 - `kill_mid_step`: SIGKILLs its own process at step 2 when the prompt holds "crash";
@@ -63,6 +65,25 @@ class Wrapped:
 
 def _sigkill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_at_gate(params: GenerateParams, step: int) -> None:
+    """After step ``KOLORS_TEST_GATE_STEP`` (default 1) of a job whose prompt holds ``hold:NAME``: write
+    ``$KOLORS_TEST_GATE_DIR/NAME.held`` and wait for ``NAME.open`` (tests/pixel_engines.py's `Gate`)."""
+    if step != int(os.environ.get("KOLORS_TEST_GATE_STEP", "1")):
+        return
+    for word in params.prompt.split():
+        if word.startswith("hold:"):
+            gate = Path(os.environ["KOLORS_TEST_GATE_DIR"])
+            gate.mkdir(parents=True, exist_ok=True)
+            name = word.removeprefix("hold:")
+            (gate / f"{name}.held").touch()
+            while not (gate / f"{name}.open").exists():
+                time.sleep(0.01)
+
+
+def gate(settings: Settings) -> Wrapped:
+    return Wrapped(kolors(settings), after_step=wait_at_gate)
 
 
 def slow(settings: Settings) -> Wrapped:

@@ -118,21 +118,8 @@ class Gate:
         (self.dir / f"{name}.open").touch()
 
 
-def _wait_at_gate(params: GenerateParams, step: int) -> None:
-    if step != int(os.environ.get("KOLORS_TEST_GATE_STEP", "1")):
-        return
-    for word in params.prompt.split():
-        if word.startswith("hold:"):
-            gate = Path(os.environ["KOLORS_TEST_GATE_DIR"])
-            gate.mkdir(parents=True, exist_ok=True)
-            name = word.removeprefix("hold:")
-            (gate / f"{name}.held").touch()
-            while not (gate / f"{name}.open").exists():
-                time.sleep(0.01)
-
-
 def gate(settings: Settings) -> Pixels:
-    return Pixels(hold=_wait_at_gate)
+    return Pixels(hold=engines.wait_at_gate)
 
 
 # -- tests/engines.py's broken engines, torch-free

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.pixel_engines import Gate
 from tests.test_fleet import (  # noqa: F401 - the fleet fixtures
     DB_URL,
     SMALL,
@@ -18,7 +19,7 @@ from tests.test_fleet import (  # noqa: F401 - the fleet fixtures
     fleet,
     images,
     keys,
-    processing_pid,
+    parent_pid,
     rdb,
     redis,
     s3_keys,
@@ -29,37 +30,46 @@ from tests.test_fleet import (  # noqa: F401 - the fleet fixtures
 def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twice(
         fleet: Fleet, rdb: redis.Redis, images: str | None) -> None:  # noqa: F811 - the imported fixtures
     a, b = fleet.api(), fleet.api()
-    # a little slowness per step so that the killed worker really is mid-job when the signal lands
-    # the one fleet test on the tiny pipeline (images in Redis): real denoising, killed for real; with
-    # images on S3, where they go is the point, on the torch-free engine
-    # (the torch-free engine's jobs are short: half a second a step, so that the kill lands mid-job)
-    step = "0.2" if images is None else "0.5"
-    w1, w2 = (fleet.worker({"KOLORS_TEST_STEP_SECONDS": step}, engine="slow", tiny=images is None)
-              for _ in range(2))
+    # The victim is job 0: it waits at a gate after its first step (the `gate` engine), so the kill
+    # surely lands mid-job, with the other 39 jobs queued or running; the gate opens for its second
+    # delivery. The one fleet test on the tiny pipeline (images in Redis): real denoising, killed for
+    # real; with images on S3, where they go is the point, on the torch-free engine.
+    gate = Gate(fleet.root / "gate")
+    w1, w2 = (fleet.worker(gate.env, engine="gate", tiny=images is None) for _ in range(2))
     fleet.wait_workers(2)
     key_id, key = create_key(a)
+
+    def prompt(i: int) -> str:
+        return f"chaos job {i}" + (" hold:victim" if i == 0 else "")
 
     def submit(i: int) -> str:
         api = (a, b)[i % 2]
         r = httpx.post(api.url + "/v2/kolors", headers={"x-api-key": key},
-                       json={"prompt": f"chaos job {i}", "seed": 1000 + i, **SMALL}, timeout=30)
+                       json={"prompt": prompt(i), "seed": 1000 + i, **SMALL}, timeout=30)
         assert r.status_code == 200, r.text
         return str(r.json()["request_id"])
 
+    ids = [submit(0)]
     with ThreadPoolExecutor(8) as pool:
-        ids = list(pool.map(submit, range(40)))
-    victim_pid, victim_job = processing_pid(rdb, {w1.pid, w2.pid})
+        ids += pool.map(submit, range(1, 40))
+    gate.wait_held("victim")
+    victim_job = ids[0]
+    holder = rdb.hget(keys.DEFAULT_PREFIX + keys.JOB + victim_job, "lease_worker")
+    assert holder is not None
+    victim_pid = parent_pid(int(holder.decode().rsplit("-", 2)[1]))  # the engine process's worker
+    assert victim_pid in {w1.pid, w2.pid}
     os.kill(victim_pid, signal.SIGKILL)
     killed = w1 if w1.pid == victim_pid else w2
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL
+    gate.open("victim")
 
     finished = wait_all(b, key, ids)
     assert {body["status"] for body in finished.values()} == {"COMPLETED"}, finished
     for i, request_id in enumerate(ids):
         result = httpx.get(f"{a.url}/v2/requests/{request_id}", headers={"x-api-key": key}).json()
         assert result["seeds"] == [1000 + i] and len(result["output"]) == 1
-        assert result["input"]["prompt"] == f"chaos job {i}"
+        assert result["input"]["prompt"] == prompt(i)
         assert httpx.get(result["output"][0]).content[:4] == b"\x89PNG"
     # exactly one capture per job: nothing completed twice, nothing charged twice
     import asyncio

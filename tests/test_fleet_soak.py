@@ -15,7 +15,8 @@ from tests.test_fleet import SMALL, Fleet, create_key, fleet, images, keys, rdb,
 
 def test_soak_every_output_is_served_each_job_charged_once_and_retention_removes_the_images(
         fleet: Fleet, rdb: redis.Redis, images: str | None) -> None:  # noqa: F811 - the imported fixtures
-    retention = {"KOLORS_API_RETENTION_SECONDS": "30"}
+    # long enough for a wave to be checked after its first job ends, short enough not to be waited out
+    retention = {"KOLORS_API_RETENTION_SECONDS": "12"}
     a, b = fleet.api(retention), fleet.api(retention)
     fleet.worker(retention)
     fleet.worker(retention)
