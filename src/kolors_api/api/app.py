@@ -30,6 +30,7 @@ from kolors_api.api.delivery import WebhookRunner
 from kolors_api.api.deps import Service
 from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
+from kolors_api.api.fastpath import SubmitFastPath, submit_route
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import InFlight, RateLimits
@@ -191,8 +192,10 @@ class Observe:
             self.svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"), str(status)).inc()
 
 
-def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
-    """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store."""
+def create_app(settings: Settings | None = None, store: JobStore | None = None, *,
+               fast_submit: bool = True) -> FastAPI:
+    """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store
+    (`fast_submit=False`: async submits through the FastAPI route too, as `api/fastpath.py` must answer)."""
     settings = settings or Settings()
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
@@ -279,6 +282,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _internal(request: Request, exc: Exception) -> Response:
         return unexpected(svc, request, exc)
 
+    if fast_submit:
+        app.add_middleware(SubmitFastPath, svc=svc, route=submit_route(generation_router.routes),
+                           on_error=error_response)
     app.add_middleware(Observe, svc=svc, hosts=hosts)
 
     for router in (system_router, admin_router, openai_router, edits_router, generation_router, events_router):

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,10 @@ class SQLiteStore:
         self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
         self._relay: Callable[[str | None, bool], None] | None = None
+        #: Submits waiting for the database thread (`submit`), and whether a batch is on its way.
+        self._submits: list[tuple[NewJob, int, asyncio.Future[Job | Exception]]] = []
+        self._submits_lock = threading.Lock()
+        self._submitting = False
 
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -160,9 +165,44 @@ class SQLiteStore:
 
     # -- jobs: API side
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
-        job = await self._db(jobs_db.submit, new, queue_cap)
+        # Group commit: submits that arrive while the database thread is busy wait for it together
+        # and go in one transaction (`jobs_db.submit_many`); each is answered after that COMMIT.
+        if self._pool is None:
+            await self.open()
+        assert self._pool is not None
+        answer: asyncio.Future[Job | Exception] = asyncio.get_running_loop().create_future()
+        with self._submits_lock:
+            self._submits.append((new, queue_cap, answer))
+            start = not self._submitting
+            self._submitting = True
+        if start:
+            self._pool.submit(self._submit_batch, asyncio.get_running_loop())
+        outcome = await answer
+        if isinstance(outcome, Exception):
+            raise outcome
         self._notify(queue=True)
-        return job
+        return outcome
+
+    def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the database thread: every submit waiting, in one transaction; then their answers, at
+        once, on the loop. More that came meanwhile are a next batch, queued behind the other work."""
+        with self._submits_lock:
+            batch, self._submits = self._submits, []
+        try:
+            assert self._conn is not None
+            outcomes: list[Job | Exception] = jobs_db.submit_many(self._conn, [(n, cap) for n, cap, _ in batch])
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        loop.call_soon_threadsafe(_answer, [answer for _, _, answer in batch], outcomes)
+        with self._submits_lock:
+            self._submitting = bool(self._submits) and self._pool is not None
+            if self._submitting:
+                try:
+                    self._pool.submit(self._submit_batch, loop)  # type: ignore[union-attr]
+                except RuntimeError as exc:  # closed meanwhile
+                    self._submitting = False
+                    batch, self._submits = self._submits, []
+                    loop.call_soon_threadsafe(_answer, [answer for _, _, answer in batch], [exc] * len(batch))
 
     async def get(self, job_id: str) -> Job | None:
         return await self._db(jobs_db.get, job_id)
@@ -343,3 +383,9 @@ def _secret_file(path: Path) -> bytes:
             pass
         tmp.unlink()
     return path.read_bytes()
+
+
+def _answer(answers: Sequence[asyncio.Future[Job | Exception]], outcomes: Sequence[Job | Exception]) -> None:
+    for answer, outcome in zip(answers, outcomes, strict=True):
+        if not answer.done():  # its caller may have been cancelled
+            answer.set_result(outcome)
