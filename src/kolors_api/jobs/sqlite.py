@@ -71,17 +71,70 @@ class SQLiteStore:
         self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
         self._relay: Callable[[str | None, bool], None] | None = None
-        #: Submits waiting for the database thread (`submit`), and whether a batch is on its way.
-        self._submits: list[tuple[NewJob, int, asyncio.Future[Job | Exception]]] = []
-        self._submits_lock = threading.Lock()
-        self._submitting = False
+        #: Work waiting for the database thread's next turn (`_turn`): calls and submits, each with
+        #: the future its caller awaits; whether a turn is on its way.
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._submits: list[tuple[NewJob, int, asyncio.Future[Any]]] = []
+        self._waiting = threading.Lock()
+        self._turn_due = False
 
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the database thread, in its next turn."""
+        answer: asyncio.Future[T] = await self._wait_turn(self._calls, (fn, args))
+        return await answer
+
+    async def _wait_turn(self, into: list[Any], work: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Put `work` (with a new future) in `into` for the database thread's next turn; the future."""
         if self._pool is None:
             await self.open()
-        assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._waiting:
+            into.append((*work, answer))
+            start, self._turn_due = not self._turn_due, True
+        if start:
+            self._next_turn()
+        return answer
+
+    def _next_turn(self) -> None:
+        try:
+            assert self._pool is not None
+            self._pool.submit(self._turn)
+        except (AssertionError, RuntimeError) as exc:  # closed meanwhile
+            with self._waiting:
+                calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+                self._turn_due = False
+            waiting = [work[-1] for work in calls + submits]
+            _deliver(waiting, [_Raised(exc)] * len(waiting))
+
+    def _turn(self) -> None:
+        """On the database thread: all the work that waits, the calls one by one, the submits in one
+        transaction (a group commit: `jobs_db.submit_many`); then all their answers at once on the
+        loop (one wake-up, not one per call). Work that came meanwhile is the next turn, queued behind
+        whatever else the thread was given."""
+        with self._waiting:
+            calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+        answers: list[asyncio.Future[Any]] = []
+        outcomes: list[Any] = []
+        for fn, args, answer in calls:
+            try:
+                outcomes.append(fn(*args))
+            except BaseException as exc:  # the caller's to raise, as with an executor
+                outcomes.append(_Raised(exc))
+            answers.append(answer)
+        if submits:
+            try:
+                assert self._conn is not None
+                jobs: list[Any] = jobs_db.submit_many(self._conn, [(new, cap) for new, cap, _ in submits])
+            except Exception as exc:
+                jobs = [exc] * len(submits)
+            outcomes += [_Raised(job) if isinstance(job, Exception) else job for job in jobs]
+            answers += [answer for _, _, answer in submits]
+        _deliver(answers, outcomes)
+        with self._waiting:
+            more = self._turn_due = bool(self._calls or self._submits)
+        if more:
+            self._next_turn()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(connection, *args)` on the database thread: how every method runs its SQL."""
@@ -165,44 +218,12 @@ class SQLiteStore:
 
     # -- jobs: API side
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
-        # Group commit: submits that arrive while the database thread is busy wait for it together
-        # and go in one transaction (`jobs_db.submit_many`); each is answered after that COMMIT.
-        if self._pool is None:
-            await self.open()
-        assert self._pool is not None
-        answer: asyncio.Future[Job | Exception] = asyncio.get_running_loop().create_future()
-        with self._submits_lock:
-            self._submits.append((new, queue_cap, answer))
-            start = not self._submitting
-            self._submitting = True
-        if start:
-            self._pool.submit(self._submit_batch, asyncio.get_running_loop())
-        outcome = await answer
-        if isinstance(outcome, Exception):
-            raise outcome
+        # Group commit: submits that arrive while the database thread is busy wait for its next turn
+        # together and go in one transaction; each is answered after that COMMIT.
+        answer: asyncio.Future[Job] = await self._wait_turn(self._submits, (new, queue_cap))
+        job = await answer
         self._notify(queue=True)
-        return outcome
-
-    def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the database thread: every submit waiting, in one transaction; then their answers, at
-        once, on the loop. More that came meanwhile are a next batch, queued behind the other work."""
-        with self._submits_lock:
-            batch, self._submits = self._submits, []
-        try:
-            assert self._conn is not None
-            outcomes: list[Job | Exception] = jobs_db.submit_many(self._conn, [(n, cap) for n, cap, _ in batch])
-        except Exception as exc:
-            outcomes = [exc] * len(batch)
-        loop.call_soon_threadsafe(_answer, [answer for _, _, answer in batch], outcomes)
-        with self._submits_lock:
-            self._submitting = bool(self._submits) and self._pool is not None
-            if self._submitting:
-                try:
-                    self._pool.submit(self._submit_batch, loop)  # type: ignore[union-attr]
-                except RuntimeError as exc:  # closed meanwhile
-                    self._submitting = False
-                    batch, self._submits = self._submits, []
-                    loop.call_soon_threadsafe(_answer, [answer for _, _, answer in batch], [exc] * len(batch))
+        return job
 
     async def get(self, job_id: str) -> Job | None:
         return await self._db(jobs_db.get, job_id)
@@ -385,7 +406,32 @@ def _secret_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _answer(answers: Sequence[asyncio.Future[Job | Exception]], outcomes: Sequence[Job | Exception]) -> None:
+class _Raised:
+    """What a call on the database thread raised, for its caller to raise."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _deliver(answers: Sequence[asyncio.Future[Any]], outcomes: Sequence[Any]) -> None:
+    """Hand the outcomes to their futures: one wake-up per event loop (a store may serve several)."""
+    loops: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[Any]], list[Any]]] = {}
     for answer, outcome in zip(answers, outcomes, strict=True):
-        if not answer.done():  # its caller may have been cancelled
+        mine = loops.setdefault(answer.get_loop(), ([], []))
+        mine[0].append(answer)
+        mine[1].append(outcome)
+    for loop, (theirs, their_outcomes) in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, theirs, their_outcomes)
+
+
+def _settle(answers: Sequence[asyncio.Future[Any]], outcomes: Sequence[Any]) -> None:
+    for answer, outcome in zip(answers, outcomes, strict=True):
+        if answer.done():  # its caller was cancelled
+            continue
+        if isinstance(outcome, _Raised):
+            answer.set_exception(outcome.exc)
+        else:
             answer.set_result(outcome)
