@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import Request
 from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
 from kolors_api.api.app import create_app, error_response
+from kolors_api.api.deps import request_base_url
 from kolors_api.api.fastpath import SubmitFastPath, submit_route
 from kolors_api.api.generation import router as generation_router
 from kolors_api.settings import Settings
@@ -108,3 +110,17 @@ def test_the_fast_path_answers_post_v2_model_itself_and_passes_the_rest_on(tmp_p
             assert fast.request(method, path).status_code == 204
         assert passed == ["GET /v2/kolors", "POST /v2/kolors/x", "POST /v2/", "POST /v1/kolors",
                           "POST /v2/requests/abc/cancel"]
+
+
+@pytest.mark.parametrize("scope", [
+    {"headers": [(b"host", b"api.example:8443")], "scheme": "https", "server": ("10.0.0.1", 8000)},
+    {"headers": [(b"host", b"[::1]:8000")], "server": ("::1", 8000)},
+    {"headers": [(b"host", b"bad host:x")], "server": ("127.0.0.1", 80)},
+    {"headers": [], "server": ("::1", 8000), "root_path": "/api"},
+    {"headers": [], "scheme": "https", "server": ("example.org", 443), "app_root_path": "/a", "root_path": "/a/b"},
+    {"headers": [(b"x-other", b"1"), (b"host", b"one"), (b"host", b"two")], "server": None},
+])
+def test_the_remembered_base_url_is_starlettes(scope: dict[str, Any]) -> None:
+    request = Request({"type": "http", "path": "/v2/kolors", "query_string": b"a=1", **scope})
+    assert request_base_url(request) == str(Request(dict(request.scope)).base_url).rstrip("/")
+    assert request_base_url(request) == request_base_url(Request(dict(request.scope)))  # the second time from the cache

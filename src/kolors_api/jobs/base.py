@@ -25,6 +25,7 @@ import enum
 import hashlib
 import json
 import math
+import os
 import secrets
 import time
 import uuid
@@ -108,6 +109,14 @@ def as_seen(job: Job, lease_until: float | None, now: float) -> Job:
     return job
 
 
+def new_job_id() -> str:
+    """A job id: `uuid.uuid4().hex` (32 hex digits, version 4), without the UUID object on the submit path."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return raw.hex()
+
+
 @dataclass(frozen=True)
 class NewJob:
     """What the API hands to `submit`."""
@@ -116,7 +125,7 @@ class NewJob:
     params: dict[str, Any]
     cost: float = 0.0
     key_id: str | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_job_id)
     #: The Idempotency-Key header, and a digest of the request it came with: `submit` answers a
     #: repeat (same key id, same key, same digest, within IDEMPOTENCY_SECONDS) with the first job.
     idempotency_key: str | None = None
