@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from kolors_api.api.app import create_app, error_response
 from kolors_api.api.deps import request_base_url
 from kolors_api.api.fastpath import SubmitFastPath, submit_route
 from kolors_api.api.generation import router as generation_router
+from kolors_api.jobs.base import new_job_id
 from kolors_api.settings import Settings
 from tests.conftest import ADMIN_KEY
 
@@ -124,3 +127,16 @@ def test_the_remembered_base_url_is_starlettes(scope: dict[str, Any]) -> None:
     request = Request({"type": "http", "path": "/v2/kolors", "query_string": b"a=1", **scope})
     assert request_base_url(request) == str(Request(dict(request.scope)).base_url).rstrip("/")
     assert request_base_url(request) == request_base_url(Request(dict(request.scope)))  # the second time from the cache
+
+
+def test_job_ids_are_uuid4_hex_unique_and_a_forked_child_draws_its_own() -> None:
+    ids = [new_job_id() for _ in range(3 * 256)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(hex=i).hex == i and uuid.UUID(hex=i).version == 4 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what it draws must not be what the parent draws next
+        os.write(write, new_job_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64).decode() != new_job_id()

@@ -1,6 +1,8 @@
 """SQLite backend of the job store: one WAL database file, images as files beside it.
 
-All SQL runs on one dedicated thread (one connection), so the event loop never blocks on disk.
+All SQL runs on one dedicated thread (one connection), so the event loop never blocks on disk. The
+thread works in turns (`SQLiteStore._turn`): whatever waits when a turn starts runs in it, the
+submits in one transaction (a group commit), and every answer of the turn goes back in one wake-up.
 One way to write a method: its SQL is a function of a `sqlite_*` module that takes the connection
 (`sqlite_jobs`, `sqlite_keys`, `sqlite_hooks`, `sqlite_previews`; the schema and its migrations in
 `sqlite_schema`), called here through `_db`; this class adds what is not SQL (blobs, wake-ups).
