@@ -111,12 +111,12 @@ def _insert(c: sqlite3.Connection, new: NewJob, queue_cap: int, now: float) -> s
         # unlimited keys get the entry too (their usage), without a balance to move
         c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
                   (new.key_id, new.id, "reserve", -credits_of(micro(new.cost)), now))
+    work, odo = fair_db.enqueue(c, new.key_id, new.params)
     c.execute(
         "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
-        "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
+        "idempotency_key, webhook, work, odo) VALUES (?,?,?,?,?,?,?,1,?,?,?,?)",
         (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
-         new.idempotency_key, webhook_json(new)))
-    fair_db.enqueue(c, new.id, new.key_id, new.params)
+         new.idempotency_key, webhook_json(new), work, odo))
     hooks.remember(c, new, now)
     return new.id
 
