@@ -169,12 +169,12 @@ class Observe:
                 started, status = True, message["status"]
                 # as MutableHeaders.setdefault: added where the answer has no header of that name
                 headers = message["headers"] = list(message.get("headers", ()))
-                present = {name for name, _ in headers}
+                present = {header for header, _ in headers}
                 extra = scope.get("state", {}).get("extra_headers")
-                for name, value in (_SECURITY_RAW if not extra else _raw({**SECURITY_HEADERS, **extra})):
-                    if name not in present:
-                        headers.append((name, value))
-                        present.add(name)
+                for header, value in (_SECURITY_RAW if not extra else _raw({**SECURITY_HEADERS, **extra})):
+                    if header not in present:
+                        headers.append((header, value))
+                        present.add(header)
             await send(message)
 
         host = next((value for name, value in scope["headers"] if name == b"host"), b"")
