@@ -19,7 +19,7 @@ from kolors_api.api.app import create_app, error_response
 from kolors_api.api.deps import request_base_url
 from kolors_api.api.fastpath import SubmitFastPath, submit_route
 from kolors_api.api.generation import router as generation_router
-from kolors_api.jobs.base import new_job_id
+from kolors_api.jobs.ids import new_job_id
 from kolors_api.settings import Settings
 from tests.conftest import ADMIN_KEY
 
