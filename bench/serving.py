@@ -2,12 +2,14 @@
 
 Starts `kolors-api serve --no-worker` for each store (so jobs stay queued and only the API and the
 store are measured), fires v2 submits from C concurrent clients, prints one table and writes JSON;
-`cpu ms/req` is the API process's CPU time per submit.
+`cpu ms/req` is the API process's CPU time per submit. `--profile DIR` samples the API process with
+py-spy during the wrk run (DIR/<store>.txt, py-spy's raw format) and prints where its time went.
 The load comes from `wrk` (Debian's package) when it is installed — a Python client saturates
 before the server does — else from an httpx client firing N requests.
 
     .venv/bin/python bench/serving.py --concurrency 32 --seconds 10     # wrk
     .venv/bin/python bench/serving.py --load httpx --requests 2000 --concurrency 32
+    .venv/bin/python bench/serving.py --profile bench/results/profile      # pip install py-spy
 """
 
 from __future__ import annotations
@@ -126,6 +128,32 @@ def wrk(url: str, seconds: int, concurrency: int) -> dict[str, float]:
             "requests": int(total.group(1)) if total else 0}
 
 
+def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the process for `seconds` (100 Hz, Python frames) into `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "-r", "100", "-f", "raw", "-o", str(out), "--pid", str(pid),
+                             "-d", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def hot_spots(raw: Path, top: int = 15) -> list[tuple[str, float, float]]:
+    """(function, % of samples inside it, % of samples in its own code) of a py-spy raw profile, by own time."""
+    inside: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n, total = int(count), total + int(count)
+        frames = [re.sub(r" \(.*?(site-packages|src)/", " (", f) for f in stack.split(";")]
+        for name in set(frames):
+            inside[name] = inside.get(name, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    ranked = sorted(own, key=lambda f: -own[f])[:top]
+    return [(f, 100 * inside[f] / max(1, total), 100 * own[f] / max(1, total)) for f in ranked]
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -139,6 +167,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--out", default="bench/results/serving.json")
+    ap.add_argument("--profile", type=Path, help="a folder: py-spy the API process during the wrk run")
     args = ap.parse_args()
     rows = []
     for name, store in (("sqlite", "sqlite"), ("redis", args.redis)):
@@ -153,6 +182,7 @@ def main() -> None:
             if args.load == "wrk":
                 wrk(url, 2, 4)  # warm-up
             cpu = cpu_seconds(proc.pid)
+            spy = profile(proc.pid, args.seconds, args.profile / f"{name}.txt") if args.profile else None
             if args.load == "wrk":
                 row |= wrk(url, args.seconds, args.concurrency)
             else:
@@ -161,6 +191,8 @@ def main() -> None:
                         "p50_ms": round(pct(lat, 50) * 1000, 2), "p99_ms": round(pct(lat, 99) * 1000, 2),
                         "mean_ms": round(statistics.mean(lat) * 1000, 2), "errors": errors}
             used = cpu_seconds(proc.pid) - cpu
+            if spy is not None:
+                spy.wait()
             row["cpu_ms_per_request"] = round(1000 * used / max(1, int(row["requests"])), 3)  # type: ignore[call-overload]
             rows.append(row | {"startup_s": round(startup, 2), "rss_mb": round(rss_mb(proc.pid), 1)})
         finally:
@@ -176,6 +208,12 @@ def main() -> None:
         print(f"{r['store']:8} {r['requests']:>6} {r['concurrency']:>5} {r['throughput_rps']:>8} "
               f"{float(r['throughput_rps']) / base:>9.2f} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['errors']:>4} "
               f"{r['startup_s']:>8} {r['rss_mb']:>7} {r['cpu_ms_per_request']:>10}")
+    for r in rows if args.profile else ():
+        raw = args.profile / f"{r['store']}.txt"
+        if raw.exists():
+            print(f"\n{r['store']}: where the API process's samples were (inside %, own %), by own time")
+            for name, inside, own in hot_spots(raw):
+                print(f"{inside:6.1f} {own:6.1f}  {name[:110]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
     print(f"wrote {args.out}")

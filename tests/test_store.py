@@ -17,6 +17,7 @@ from kolors_api.jobs import (
     BalanceOutOfRange,
     IdempotencyMismatch,
     InsufficientFunds,
+    Job,
     JobState,
     JobStore,
     Lease,
@@ -414,6 +415,31 @@ async def test_max_concurrency_and_queue_cap_refuse_without_storing(store: JobSt
     with pytest.raises(QueueFull):
         await store.submit(NewJob(model="kolors", params=params()), queue_cap=2)
     assert (await store.stats()).queued == 2
+
+
+async def test_submits_at_once_are_each_decided_alone_and_repeats_among_them_replay(store: JobStore) -> None:
+    """Submits that arrive together (SQLite puts them in one transaction): the one the credits do not
+    cover is refused and leaves no trace, the others are stored and charged, and a repeated
+    Idempotency-Key among them is answered with its first job, a mismatched one refused."""
+    key = make_key_record("ivy", new_key(), credits=1.0)
+    await store.add_key(key)
+    news = [NewJob(model="kolors", params=params(i), cost=0.3, key_id=key.id) for i in range(4)]
+    first = NewJob(model="kolors", params=params(9), key_id=key.id, idempotency_key="k", request_hash="h")
+    again = NewJob(model="kolors", params=params(9), key_id=key.id, idempotency_key="k", request_hash="h")
+    other = NewJob(model="kolors", params=params(8), key_id=key.id, idempotency_key="k", request_hash="other")
+    outcomes = await asyncio.gather(*(store.submit(n) for n in [*news, first, again, other]),
+                                    return_exceptions=True)
+    refused = [o for o in outcomes[:4] if isinstance(o, InsufficientFunds)]
+    stored = [o for o in outcomes[:4] if isinstance(o, Job)]
+    assert len(refused) == 1 and len(stored) == 3
+    assert isinstance(outcomes[4], Job) and outcomes[4].id == first.id
+    assert isinstance(outcomes[5], Job) and outcomes[5].id == first.id
+    assert isinstance(outcomes[6], IdempotencyMismatch)
+    assert (await store.get_key(key.id)).credits == pytest.approx(0.1)  # type: ignore[union-attr]
+    assert sum(micro(e.amount) for e in await store.ledger(key.id)) == micro(0.1)
+    assert (await store.stats()).queued == 4
+    for job in stored:
+        assert await store.get(job.id) is not None
 
 
 async def test_keys_are_found_by_hash_updated_and_deleted(store: JobStore) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import unicodedata
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kolors_api.errors import BadRequest
@@ -147,7 +147,8 @@ class GenerateParams:
 
     def to_dict(self) -> dict[str, Any]:
         """The record's form: no input bytes, and the image fields only where they are used."""
-        out = {k: v for k, v in asdict(self).items() if k != "inputs"}
+        # every field but `inputs` is a scalar: no deep copy (`asdict`) on the submit path
+        out = {name: getattr(self, name) for name in _RECORD_FIELDS}
         for name in ("image", "strength", "ip_adapter_image", "ip_adapter_scale"):
             if out[name] is None:
                 del out[name]
@@ -156,6 +157,10 @@ class GenerateParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerateParams:
         return cls(**data)
+
+
+#: The fields of a request's record (`GenerateParams.to_dict`).
+_RECORD_FIELDS = tuple(f.name for f in fields(GenerateParams) if f.name != "inputs")
 
 
 def price(params: GenerateParams, unit_price: float = 1.0) -> float:

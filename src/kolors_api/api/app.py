@@ -17,7 +17,6 @@ from urllib.parse import unquote_plus
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -30,6 +29,7 @@ from kolors_api.api.delivery import WebhookRunner
 from kolors_api.api.deps import Service
 from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
+from kolors_api.api.fastpath import SubmitFastPath, submit_route
 from kolors_api.api.generation import router as generation_router
 from kolors_api.api.generation import webhook_body
 from kolors_api.api.limits import InFlight, RateLimits
@@ -146,18 +146,20 @@ def _redact_access_log() -> None:
 
 class Observe:
     """Every HTTP request: the Host check, the security headers, the requests counter, and the
-    500/503 of an exception no handler answered (pure ASGI: no per-request task or body copy)."""
+    500/503 of an exception no handler answered (pure ASGI: no per-request task or body copy, and
+    on the way of every request, so it works on the raw headers)."""
 
     def __init__(self, app: ASGIApp, svc: Service, hosts: frozenset[str] | None) -> None:
         self.app = app
         self.svc = svc
         self.hosts = hosts
+        #: The requests counter's children by (method, route, status): `labels()` costs a lock and more.
+        self._counters: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = Request(scope)
         status = 500
         started = False
 
@@ -165,18 +167,23 @@ class Observe:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                headers = MutableHeaders(scope=message)
-                extra = scope.get("state", {}).get("extra_headers", {})
-                for name, value in {**SECURITY_HEADERS, **extra}.items():
-                    headers.setdefault(name, value)
+                # as MutableHeaders.setdefault: added where the answer has no header of that name
+                headers = message["headers"] = list(message.get("headers", ()))
+                present = {header for header, _ in headers}
+                extra = scope.get("state", {}).get("extra_headers")
+                for header, value in (_SECURITY_RAW if not extra else _raw({**SECURITY_HEADERS, **extra})):
+                    if header not in present:
+                        headers.append((header, value))
+                        present.add(header)
             await send(message)
 
-        name = host_name(request.headers.get("host", ""))
+        host = next((value for name, value in scope["headers"] if name == b"host"), b"")
+        name = host_name(host.decode("latin-1"))
         try:
             if self.hosts is not None and name and name not in self.hosts and scope["path"] not in PROBES:
                 # Absolute URLs (status_url, output URLs) are never built from a Host we do not know
                 # (none at all, HTTP/1.0: Starlette uses the bound address, which is ours).
-                await error_response(request, BadRequest(
+                await error_response(Request(scope), BadRequest(
                     f"Host: {clip(name)} is not an allowed host; set KOLORS_API_PUBLIC_URL or "
                     "KOLORS_API_ALLOWED_HOSTS"))(scope, receive, observed)
             else:
@@ -185,14 +192,26 @@ class Observe:
                 except Exception as exc:
                     if started:
                         raise  # the answer is on its way: nothing else can be said
-                    await unexpected(self.svc, request, exc)(scope, receive, observed)
+                    await unexpected(self.svc, Request(scope), exc)(scope, receive, observed)
         finally:
-            route = scope.get("route")
-            self.svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"), str(status)).inc()
+            label = (scope["method"], getattr(scope.get("route"), "path", "unmatched"), status)
+            counter = self._counters.get(label)
+            if counter is None:
+                counter = self._counters[label] = self.svc.metrics.requests.labels(label[0], label[1], str(status))
+            counter.inc()
 
 
-def create_app(settings: Settings | None = None, store: JobStore | None = None) -> FastAPI:
-    """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store."""
+def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+_SECURITY_RAW = _raw(SECURITY_HEADERS)
+
+
+def create_app(settings: Settings | None = None, store: JobStore | None = None, *,
+               fast_submit: bool = True) -> FastAPI:
+    """Build the app; `serve` runs it with uvicorn. Tests pass their own settings and store
+    (`fast_submit=False`: async submits through the FastAPI route too, as `api/fastpath.py` must answer)."""
     settings = settings or Settings()
     embedded = store is None and not settings.fleet
     store = store or make_store(settings, recover=embedded and settings.worker)
@@ -279,6 +298,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None) 
     async def _internal(request: Request, exc: Exception) -> Response:
         return unexpected(svc, request, exc)
 
+    if fast_submit:
+        app.add_middleware(SubmitFastPath, svc=svc, route=submit_route(generation_router.routes),
+                           on_error=error_response)
     app.add_middleware(Observe, svc=svc, hosts=hosts)
 
     for router in (system_router, admin_router, openai_router, edits_router, generation_router, events_router):

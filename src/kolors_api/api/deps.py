@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -311,7 +312,7 @@ class Service:
         if self.settings.public_url or request is None:
             host = self.settings.host if ":" not in self.settings.host else f"[{self.settings.host}]"
             return (self.settings.public_url or f"http://{host}:{self.settings.port}").rstrip("/")
-        return str(request.base_url).rstrip("/")
+        return request_base_url(request)
 
     def links(self, request: Request, job: Job) -> dict[str, str]:
         base = f"{self.base_url(request)}/v2/requests/{job.id}"
@@ -345,6 +346,22 @@ class Service:
         key = new_key()
         await self.store.add_key(make_key_record("admin", key, admin=True))
         return key
+
+
+def request_base_url(request: Request) -> str:
+    """`str(request.base_url)` without its last "/", remembered for the few (scheme, Host, server,
+    root path) a server sees: every submit's answer builds two URLs from it."""
+    scope = request.scope
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    return _base_url_of(scope.get("scheme", "http"), host, tuple(scope.get("server") or ()) or None,
+                        scope.get("app_root_path", scope.get("root_path", "")))
+
+
+@functools.lru_cache(maxsize=256)
+def _base_url_of(scheme: str, host: bytes | None, server: tuple[Any, ...] | None, root_path: str) -> str:
+    scope = {"type": "http", "scheme": scheme, "server": server, "root_path": root_path, "path": "/",
+             "query_string": b"", "headers": [] if host is None else [(b"host", host)]}
+    return str(Request(scope).base_url).rstrip("/")
 
 
 def accepted(exc: KolorsAPIError, job_id: str) -> KolorsAPIError:

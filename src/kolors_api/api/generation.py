@@ -105,8 +105,13 @@ async def generate_sync(model: ModelName, request: Request, svc: ServiceDep, key
 @router.post("/v2/{model}", summary="Submit an async request", openapi_extra=KOLORS_BODY,
              response_model=Submitted, responses=errors(400, 401, 403, 404, 406, 413, 422, 429, 503))
 async def submit_async(model: ModelName, request: Request, svc: ServiceDep, key: CallerKey, body: JsonBody) -> Response:
-    job = await svc.submit(request, key, model, body)
-    # the same answer for a repeated Idempotency-Key (`Idempotent-Replayed: true`), whatever the job did since
+    # `api/fastpath.py` answers this route without FastAPI's dependency solving: change both together
+    return submitted(svc, request, await svc.submit(request, key, model, body))
+
+
+def submitted(svc: Service, request: Request, job: Job) -> Response:
+    """The answer to an async submit; the same for a repeated Idempotency-Key (`Idempotent-Replayed:
+    true`), whatever the job did since."""
     return JSONResponse({"request_id": job.id, "status": JobState.QUEUED.value, **svc.links(request, job)},
                         headers=request_id_header(job))
 

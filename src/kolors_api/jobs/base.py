@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from kolors_api.jobs.fair import KeyQueue
+from kolors_api.jobs.ids import new_job_id
 
 
 class JobState(enum.StrEnum):
@@ -116,7 +117,7 @@ class NewJob:
     params: dict[str, Any]
     cost: float = 0.0
     key_id: str | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_job_id)
     #: The Idempotency-Key header, and a digest of the request it came with: `submit` answers a
     #: repeat (same key id, same key, same digest, within IDEMPOTENCY_SECONDS) with the first job.
     idempotency_key: str | None = None

@@ -496,8 +496,8 @@ class RedisStore(RedisHooks):
             raise AlreadyExists(f"key {key.id} already exists")
 
     async def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
-        return None if key_id is None else await self.get_key(_str(key_id))
+        raw = _hash(await self._call(names.SCRIPT_KEY_BY_HASH, key_hash))
+        return _key(raw) if raw else None
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         raw = _hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))

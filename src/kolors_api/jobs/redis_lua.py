@@ -392,6 +392,12 @@ redis.call('HDEL', K_KEY_INDEX, key_hash)
 redis.call('ZREM', K_KEY_LIST, ARGV[3])
 return 1
 """,
+    # ARGV: key hash. The key record by the hash of the presented key, in one round trip (every request).
+    names.SCRIPT_KEY_BY_HASH: r"""
+local id = redis.call('HGET', K_KEY_INDEX, ARGV[3])
+if not id then return {} end
+return redis.call('HGETALL', k_key(id))
+""",
     # ARGV: worker id, ttl seconds
     names.SCRIPT_WORKER_ALIVE: r"""
 local ttl = tonumber(ARGV[4])

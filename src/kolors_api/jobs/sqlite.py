@@ -1,6 +1,8 @@
 """SQLite backend of the job store: one WAL database file, images as files beside it.
 
-All SQL runs on one dedicated thread (one connection), so the event loop never blocks on disk.
+All SQL runs on one dedicated thread (one connection), so the event loop never blocks on disk. The
+thread works in turns (`SQLiteStore._turn`): whatever waits when a turn starts runs in it, the
+submits in one transaction (a group commit), and every answer of the turn goes back in one wake-up.
 One way to write a method: its SQL is a function of a `sqlite_*` module that takes the connection
 (`sqlite_jobs`, `sqlite_keys`, `sqlite_hooks`, `sqlite_previews`; the schema and its migrations in
 `sqlite_schema`), called here through `_db`; this class adds what is not SQL (blobs, wake-ups).
@@ -15,6 +17,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -70,13 +73,70 @@ class SQLiteStore:
         self._waiters = Waiters()
         self._queue_event: asyncio.Event | None = None
         self._relay: Callable[[str | None, bool], None] | None = None
+        #: Work waiting for the database thread's next turn (`_turn`): calls and submits, each with
+        #: the future its caller awaits; whether a turn is on its way.
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._submits: list[tuple[NewJob, int, asyncio.Future[Any]]] = []
+        self._waiting = threading.Lock()
+        self._turn_due = False
 
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the database thread, in its next turn."""
+        answer: asyncio.Future[T] = await self._wait_turn(self._calls, (fn, args))
+        return await answer
+
+    async def _wait_turn(self, into: list[Any], work: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Put `work` (with a new future) in `into` for the database thread's next turn; the future."""
         if self._pool is None:
             await self.open()
-        assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._waiting:
+            into.append((*work, answer))
+            start, self._turn_due = not self._turn_due, True
+        if start:
+            self._next_turn()
+        return answer
+
+    def _next_turn(self) -> None:
+        try:
+            assert self._pool is not None
+            self._pool.submit(self._turn)
+        except (AssertionError, RuntimeError) as exc:  # closed meanwhile
+            with self._waiting:
+                calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+                self._turn_due = False
+            waiting = [work[-1] for work in calls + submits]
+            _deliver(waiting, [_Raised(exc)] * len(waiting))
+
+    def _turn(self) -> None:
+        """On the database thread: all the work that waits, the calls one by one, the submits in one
+        transaction (a group commit: `jobs_db.submit_many`); then all their answers at once on the
+        loop (one wake-up, not one per call). Work that came meanwhile is the next turn, queued behind
+        whatever else the thread was given."""
+        with self._waiting:
+            calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+        answers: list[asyncio.Future[Any]] = []
+        outcomes: list[Any] = []
+        for fn, args, answer in calls:
+            try:
+                outcomes.append(fn(*args))
+            except BaseException as exc:  # the caller's to raise, as with an executor
+                outcomes.append(_Raised(exc))
+            answers.append(answer)
+        if submits:
+            try:
+                assert self._conn is not None
+                jobs: list[Any] = jobs_db.submit_many(self._conn, [(new, cap) for new, cap, _ in submits])
+            except Exception as exc:
+                jobs = [exc] * len(submits)
+            outcomes += [_Raised(job) if isinstance(job, Exception) else job for job in jobs]
+            answers += [answer for _, _, answer in submits]
+        _deliver(answers, outcomes)
+        with self._waiting:
+            more = self._turn_due = bool(self._calls or self._submits)
+        if more:
+            self._next_turn()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(connection, *args)` on the database thread: how every method runs its SQL."""
@@ -160,7 +220,10 @@ class SQLiteStore:
 
     # -- jobs: API side
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
-        job = await self._db(jobs_db.submit, new, queue_cap)
+        # Group commit: submits that arrive while the database thread is busy wait for its next turn
+        # together and go in one transaction; each is answered after that COMMIT.
+        answer: asyncio.Future[Job] = await self._wait_turn(self._submits, (new, queue_cap))
+        job = await answer
         self._notify(queue=True)
         return job
 
@@ -343,3 +406,34 @@ def _secret_file(path: Path) -> bytes:
             pass
         tmp.unlink()
     return path.read_bytes()
+
+
+class _Raised:
+    """What a call on the database thread raised, for its caller to raise."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _deliver(answers: Sequence[asyncio.Future[Any]], outcomes: Sequence[Any]) -> None:
+    """Hand the outcomes to their futures: one wake-up per event loop (a store may serve several)."""
+    loops: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future[Any]], list[Any]]] = {}
+    for answer, outcome in zip(answers, outcomes, strict=True):
+        mine = loops.setdefault(answer.get_loop(), ([], []))
+        mine[0].append(answer)
+        mine[1].append(outcome)
+    for loop, (theirs, their_outcomes) in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, theirs, their_outcomes)
+
+
+def _settle(answers: Sequence[asyncio.Future[Any]], outcomes: Sequence[Any]) -> None:
+    for answer, outcome in zip(answers, outcomes, strict=True):
+        if answer.done():  # its caller was cancelled
+            continue
+        if isinstance(outcome, _Raised):
+            answer.set_exception(outcome.exc)
+        else:
+            answer.set_result(outcome)

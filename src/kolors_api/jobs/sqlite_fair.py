@@ -27,8 +27,11 @@ def _vtime(c: sqlite3.Connection) -> float:
 
 
 def _key_row(c: sqlite3.Connection, fk: str) -> sqlite3.Row:
-    c.execute("INSERT OR IGNORE INTO fair_keys(key_id) VALUES (?)", (fk,))
-    row: sqlite3.Row = c.execute("SELECT * FROM fair_keys WHERE key_id=?", (fk,)).fetchone()
+    row: sqlite3.Row | None = c.execute("SELECT * FROM fair_keys WHERE key_id=?", (fk,)).fetchone()
+    if row is None:  # (inside the caller's write transaction: nobody adds it in between)
+        c.execute("INSERT OR IGNORE INTO fair_keys(key_id) VALUES (?)", (fk,))
+        row = c.execute("SELECT * FROM fair_keys WHERE key_id=?", (fk,)).fetchone()
+    assert row is not None
     return row
 
 
@@ -52,14 +55,18 @@ def _has_queued(c: sqlite3.Connection, fk: str) -> bool:
                      (_job_key(fk),)).fetchone() is not None
 
 
-def enqueue(c: sqlite3.Connection, job_id: str, key_id: str | None, params: dict[str, Any]) -> None:
-    """A new QUEUED job: its work and odometer, its key active."""
+def enqueue(c: sqlite3.Connection, key_id: str | None, params: dict[str, Any]) -> tuple[float, float]:
+    """A new QUEUED job's key moves its odometer on and is active; the job's (work, odometer), for
+    its row (written by the caller)."""
     fk = key_id or fair.NO_KEY
     row = _key_row(c, fk)
     job_work = fair.work(params)
-    c.execute("UPDATE jobs SET work=?, odo=? WHERE id=?", (job_work, row["odo"], job_id))
-    c.execute("UPDATE fair_keys SET odo=odo+? WHERE key_id=?", (job_work, fk))
-    _activate(c, fk)
+    if row["start"] is None:  # as `_activate`, in the same statement
+        c.execute("UPDATE fair_keys SET odo=odo+?, start=? WHERE key_id=?",
+                  (job_work, fair.activate(row["finish"], _vtime(c)), fk))
+    else:
+        c.execute("UPDATE fair_keys SET odo=odo+? WHERE key_id=?", (job_work, fk))
+    return job_work, float(row["odo"])
 
 
 def taken(c: sqlite3.Connection, key_id: str | None, job_work: float) -> None:

@@ -51,42 +51,74 @@ def ping(c: sqlite3.Connection) -> bool:
 
 # -- API side
 def submit(c: sqlite3.Connection, new: NewJob, queue_cap: int) -> Job:
-    now = time.time()
-    with Tx(c):
-        if (first := hooks.replay_of(c, new, now)) is not None:
-            return replayed(first, new, get(c, first))
-        if c.execute("SELECT 1 FROM jobs WHERE id=?", (new.id,)).fetchone():
-            raise AlreadyExists(f"job {new.id} already exists")
-        if queue_cap:
-            (queued,) = c.execute("SELECT COUNT(*) FROM jobs WHERE state='QUEUED'").fetchone()
-            if queued >= queue_cap:
-                raise QueueFull(f"queue is full ({queued} jobs waiting)")
-        if new.key_id is not None:
-            key = c.execute("SELECT credits, max_concurrency FROM keys WHERE id=?",
-                            (new.key_id,)).fetchone()
-            if key is not None and key["max_concurrency"] is not None:
-                (running,) = c.execute("SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN "
-                                       "('QUEUED','PROCESSING')", (new.key_id,)).fetchone()
-                if running >= key["max_concurrency"]:
-                    raise TooManyRunning(key["max_concurrency"])
-            if key is not None and key["credits"] is not None:
-                have, need = micro(key["credits"]), micro(new.cost)
-                if have < need:
-                    raise InsufficientFunds(new.cost, key["credits"])
-                c.execute("UPDATE keys SET credits=? WHERE id=?", (credits_of(have - need), new.key_id))
-            # unlimited keys get the entry too (their usage), without a balance to move
-            c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
-                      (new.key_id, new.id, "reserve", -credits_of(micro(new.cost)), now))
-        c.execute(
-            "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
-            "idempotency_key, webhook) VALUES (?,?,?,?,?,?,?,1,?,?)",
-            (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
-             new.idempotency_key, webhook_json(new)))
-        fair_db.enqueue(c, new.id, new.key_id, new.params)
-        hooks.remember(c, new, now)
-    job = get(c, new.id)
-    assert job is not None
+    (job,) = submit_many(c, [(new, queue_cap)])
+    if isinstance(job, BaseException):
+        raise job
     return job
+
+
+def submit_many(c: sqlite3.Connection, submits: Sequence[tuple[NewJob, int]]) -> list[Job | Exception]:
+    """Several submits in one transaction (a group commit: one BEGIN/COMMIT for all), each in a
+    savepoint of its own, so one refused (queue full, credits, a bad idempotency key) changes nothing
+    and the others go on; each outcome is its job as stored, or the exception that refused it. A later
+    submit sees the earlier ones (a repeated Idempotency-Key is a replay). Nothing is answered before
+    the COMMIT: an error there refuses them all (raised)."""
+    now = time.time()
+    outcomes: list[str | Exception] = []
+    with Tx(c):
+        for new, queue_cap in submits:
+            c.execute("SAVEPOINT submit")
+            try:
+                outcomes.append(_insert(c, new, queue_cap, now))
+            except Exception as exc:
+                c.execute("ROLLBACK TO submit")
+                outcomes.append(exc)
+            c.execute("RELEASE submit")
+    out: list[Job | Exception] = []
+    for (new, _), outcome in zip(submits, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            out.append(outcome)
+            continue
+        job = get(c, outcome)
+        out.append(replayed(outcome, new, job) if outcome != new.id or job is None else job)
+    return out
+
+
+def _insert(c: sqlite3.Connection, new: NewJob, queue_cap: int, now: float) -> str:
+    """The rows of one new job inside the caller's transaction; the id of the job that answers it
+    (another one's for a repeated Idempotency-Key)."""
+    if (first := hooks.replay_of(c, new, now)) is not None:
+        return first
+    if c.execute("SELECT 1 FROM jobs WHERE id=?", (new.id,)).fetchone():
+        raise AlreadyExists(f"job {new.id} already exists")
+    if queue_cap:
+        (queued,) = c.execute("SELECT COUNT(*) FROM jobs WHERE state='QUEUED'").fetchone()
+        if queued >= queue_cap:
+            raise QueueFull(f"queue is full ({queued} jobs waiting)")
+    if new.key_id is not None:
+        key = c.execute("SELECT credits, max_concurrency FROM keys WHERE id=?",
+                        (new.key_id,)).fetchone()
+        if key is not None and key["max_concurrency"] is not None:
+            (running,) = c.execute("SELECT COUNT(*) FROM jobs WHERE key_id=? AND state IN "
+                                   "('QUEUED','PROCESSING')", (new.key_id,)).fetchone()
+            if running >= key["max_concurrency"]:
+                raise TooManyRunning(key["max_concurrency"])
+        if key is not None and key["credits"] is not None:
+            have, need = micro(key["credits"]), micro(new.cost)
+            if have < need:
+                raise InsufficientFunds(new.cost, key["credits"])
+            c.execute("UPDATE keys SET credits=? WHERE id=?", (credits_of(have - need), new.key_id))
+        # unlimited keys get the entry too (their usage), without a balance to move
+        c.execute("INSERT INTO ledger(key_id, request_id, kind, amount, at) VALUES (?,?,?,?,?)",
+                  (new.key_id, new.id, "reserve", -credits_of(micro(new.cost)), now))
+    work, odo = fair_db.enqueue(c, new.key_id, new.params)
+    c.execute(
+        "INSERT INTO jobs(id, model, params, state, key_id, cost, created_at, version, "
+        "idempotency_key, webhook, work, odo) VALUES (?,?,?,?,?,?,?,1,?,?,?,?)",
+        (new.id, new.model, json.dumps(new.params), "QUEUED", new.key_id, new.cost, now,
+         new.idempotency_key, webhook_json(new), work, odo))
+    hooks.remember(c, new, now)
+    return new.id
 
 
 def get(c: sqlite3.Connection, job_id: str) -> Job | None:
