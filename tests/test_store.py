@@ -432,9 +432,16 @@ async def test_submits_at_once_are_each_decided_alone_and_repeats_among_them_rep
     refused = [o for o in outcomes[:4] if isinstance(o, InsufficientFunds)]
     stored = [o for o in outcomes[:4] if isinstance(o, Job)]
     assert len(refused) == 1 and len(stored) == 3
-    assert isinstance(outcomes[4], Job) and outcomes[4].id == first.id
-    assert isinstance(outcomes[5], Job) and outcomes[5].id == first.id
-    assert isinstance(outcomes[6], IdempotencyMismatch)
+    # the same key thrice: the first to reach the store wins (SQLite keeps the order they came in;
+    # on Redis, a pool of connections may reorder them), its repeat replays it, the other is refused
+    if isinstance(outcomes[6], IdempotencyMismatch):
+        assert isinstance(outcomes[4], Job) and isinstance(outcomes[5], Job)
+        assert outcomes[4].id == outcomes[5].id in (first.id, again.id)
+    else:
+        assert isinstance(outcomes[6], Job) and outcomes[6].id == other.id
+        assert all(isinstance(o, IdempotencyMismatch) for o in outcomes[4:6]), outcomes[4:6]
+    if type(store).__name__ == "SQLiteStore":
+        assert outcomes[4].id == first.id  # type: ignore[union-attr]
     assert (await store.get_key(key.id)).credits == pytest.approx(0.1)  # type: ignore[union-attr]
     assert sum(micro(e.amount) for e in await store.ledger(key.id)) == micro(0.1)
     assert (await store.stats()).queued == 4
