@@ -18,7 +18,8 @@
 - `wait` is woken by pub/sub (every change publishes the job's version on its channel while someone
   waits on it: `wait` marks the job ``watched`` for a minute; one pattern subscription per store),
   with a re-check every second as a fallback. Changes of a job nobody waits on publish nothing.
-- Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet.
+- Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet,
+  which each store reads every few seconds and hands to every script (`redis_clock.py`).
 - A store that finds the layout before this one (a stream of tickets) moves it over once, on `open`
   (`redis_migrate.py`).
 
@@ -73,6 +74,8 @@ from kolors_api.jobs.base import (
 )
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.redis_clock import ServerClock
+from kolors_api.jobs.redis_codec import encode, flat_hash, hash_of, job_of, key_of, lease_of, live, opt_float, str_of
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
@@ -103,6 +106,7 @@ class RedisStore(RedisHooks):
         self._redis: Redis | None = None
         self._blocking: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self.clock = ServerClock()
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
@@ -152,9 +156,15 @@ class RedisStore(RedisHooks):
         assert self._redis is not None
         return self._redis
 
-    async def _call(self, script: str, *args: str | int | float | bytes) -> Any:
-        await self._conn()
-        return await self._scripts[script](args=[self.keys.prefix, repr(float(self.retention)), *args])
+    async def _call(self, script: str, *args: str | int | float | bytes, now: float | None = None) -> Any:
+        """Run a script (`redis_lua.py`) at `now` (the server's clock: `redis_clock.py`; read when not given)."""
+        r = await self._conn()
+        now = await self.clock.now(r) if now is None else now
+        return await self._scripts[script](args=[self.keys.prefix, f"{float(self.retention)!r} {now!r}", *args])
+
+    async def now(self) -> float:
+        """The server's clock (`redis_clock.py`)."""
+        return await self.clock.now(await self._conn())
 
     async def _migrate(self) -> None:
         """Move the jobs of the layout before this one over, once (`redis_migrate.py`)."""
@@ -184,11 +194,11 @@ class RedisStore(RedisHooks):
                                repr(float(new.cost)), new.model, json.dumps(new.params),
                                new.idempotency_key or "", webhook_json(new) or "", new.request_hash,
                                repr(fair.work(new.params)))
-        status = _str(got[0])
+        status = str_of(got[0])
         if status == "idem_mismatch":
             raise IdempotencyMismatch()
         if status == "replay":
-            return replayed(_str(got[1]), new, _live(_hash(got[2:])))
+            return replayed(str_of(got[1]), new, live(flat_hash(got[2:])))
         if status == "queue_full":
             raise QueueFull(f"queue is full ({int(got[1])} jobs waiting)")
         if status == "too_many":
@@ -197,17 +207,16 @@ class RedisStore(RedisHooks):
             raise InsufficientFunds(float(got[1]), float(got[2]))
         if status == "exists":
             raise AlreadyExists(f"job {new.id} already exists")
-        return _job(_hash(got[1:]))
+        return job_of(flat_hash(got[1:]))
 
     async def get(self, job_id: str) -> Job | None:
         r = await self._conn()
-        h = _hash_of(await r.hgetall(self.keys.job(job_id)))
-        job = _live(h)
+        h = hash_of(await r.hgetall(self.keys.job(job_id)))
+        job = live(h)
         if job is None or job.state != JobState.PROCESSING:
             return job
         # a lease is judged by the server's clock, the one that wrote its deadline
-        seconds, micros = await r.time()
-        return as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
+        return as_seen(job, opt_float(h.get("lease_until")), await self.clock.now(r))
 
     async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
         if self.blobs is not None:
@@ -250,15 +259,15 @@ class RedisStore(RedisHooks):
         """Mark the job watched for `seconds` and read it (one script)."""
         sent = time.monotonic()
         now, raw = await self._call(names.SCRIPT_MARK, job_id, repr(float(seconds)))
-        h = _hash(raw)
-        job = _live(h)
+        h = flat_hash(raw)
+        job = live(h)
         if job is None:
             self._marked.pop(job_id, None)
             return None
         if len(self._marked) > 10_000:
             self._marked = {k: v for k, v in self._marked.items() if v > sent}
         self._marked[job_id] = sent + seconds - 1.0  # surely still marked until then
-        return as_seen(job, _opt_float(h.get("lease_until")), float(now))
+        return as_seen(job, opt_float(h.get("lease_until")), float(now))
 
     async def wait_for_work(self, timeout: float) -> None:
         # Every submit publishes on `submitted`: a worker waiting for company hears each one without
@@ -311,18 +320,18 @@ class RedisStore(RedisHooks):
                 continue
             if msg is None:
                 continue
-            kind, channel = _str(msg["type"]), _str(msg["channel"])
+            kind, channel = str_of(msg["type"]), str_of(msg["channel"])
             if kind in ("subscribe", "psubscribe") and channel in self._subscribed:
                 self._subscribed[channel].set()
             elif kind == "message":
                 self._submitted.set()
             elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
-                self._waiters.notify(job_id, progress=_str(msg["data"]).endswith(" progress"))
+                self._waiters.notify(job_id, progress=str_of(msg["data"]).endswith(" progress"))
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         r = await self._conn()
-        raw = _hash_of(await r.hgetall(self.keys.job(job_id)))
-        job = _live(raw)
+        raw = hash_of(await r.hgetall(self.keys.job(job_id)))
+        job = live(raw)
         if not output_readable(job, index):
             return None
         if "blob" not in raw:
@@ -333,15 +342,15 @@ class RedisStore(RedisHooks):
         return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
 
     async def output_url(self, job_id: str, index: int) -> str | None:
-        raw = _hash_of(await (await self._conn()).hgetall(self.keys.job(job_id)))
-        job = _live(raw)
+        raw = hash_of(await (await self._conn()).hgetall(self.keys.job(job_id)))
+        job = live(raw)
         if self.blobs is None or "blob" not in raw or not output_readable(job, index):
             return None
         return await asyncio.to_thread(self.blobs.presign, job_id, raw["blob"], index, job.ext, seconds_left(job))
 
     async def request_cancel(self, job_id: str) -> Job | None:
         got = await self._call(names.SCRIPT_CANCEL, job_id)
-        return _live(_hash(got[1:])) if _str(got[0]) == "ok" else None
+        return live(flat_hash(got[1:])) if str_of(got[0]) == "ok" else None
 
     async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         r = await self._conn()
@@ -356,16 +365,16 @@ class RedisStore(RedisHooks):
                 break
             async with r.pipeline(transaction=False) as pipe:
                 for member, _ in rows:
-                    pipe.hgetall(self.keys.job(_str(member)))
+                    pipe.hgetall(self.keys.job(str_of(member)))
                 hashes = await pipe.execute()
-            seconds, micros = await r.time()  # the clock of the lease deadlines
+            now = await self.clock.now(r)  # the clock of the lease deadlines
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
-                h = _hash_of(raw)
-                job = _live(h)
+                h = hash_of(raw)
+                job = live(h)
                 if job is None:
                     continue  # expired, not yet swept by expire()
-                job = as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
+                job = as_seen(job, opt_float(h.get("lease_until")), now)
                 if len(page) == limit:
                     more = True
                     break
@@ -383,8 +392,8 @@ class RedisStore(RedisHooks):
             token = uuid.uuid4().hex
             got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
                                    int(timed_out))
-            if _str(got[0]) == "ok":
-                return _lease(got[1:], token, worker_id)
+            if str_of(got[0]) == "ok":
+                return lease_of(got[1:], token, worker_id)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -402,8 +411,8 @@ class RedisStore(RedisHooks):
                                *(x for pair in tokens.items() for x in pair))
         leases = []
         for flat in got:
-            h = _hash(flat)
-            leases.append(_lease(flat, tokens[h["id"]], worker_id))
+            h = flat_hash(flat)
+            leases.append(lease_of(flat, tokens[h["id"]], worker_id))
             batch.add(json.loads(h["params"]))
         return leases
 
@@ -470,7 +479,7 @@ class RedisStore(RedisHooks):
     async def expire(self) -> int:
         batch, total = 500, 0
         while True:
-            gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
+            gone = [str_of(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
             if gone:  # input pictures kept in Redis (none with a blob store)
                 await (await self._conn()).delete(*(self.keys.input(job_id) for job_id in gone))
@@ -483,13 +492,13 @@ class RedisStore(RedisHooks):
     # -- keys and credits
     async def add_key(self, key: ApiKey) -> None:
         fields: list[str] = ["id", key.id, "name", key.name, "prefix", key.prefix, "key_hash", key.key_hash,
-                             "admin", _encode(key.admin), "enabled", _encode(key.enabled),
+                             "admin", encode(key.admin), "enabled", encode(key.enabled),
                              "created_at", repr(float(key.created_at))]
         exact = None if key.credits is None else credits_of(micro(key.credits))
         for name, value in (("credits", exact), ("rate_limit", key.rate_limit),
                             ("max_concurrency", key.max_concurrency), ("weight", float(key.weight))):
             if value is not None:
-                fields += [name, _encode(value)]
+                fields += [name, encode(value)]
         credits = repr(exact) if exact is not None else ""
         if not await self._call(names.SCRIPT_ADD_KEY, key.id, key.key_hash, repr(float(key.created_at)),
                                 credits, *fields):
@@ -497,20 +506,20 @@ class RedisStore(RedisHooks):
 
     async def key_by_hash(self, key_hash: str) -> ApiKey | None:
         key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
-        return None if key_id is None else await self.get_key(_str(key_id))
+        return None if key_id is None else await self.get_key(str_of(key_id))
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        raw = _hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))
-        return _key(raw) if raw else None
+        raw = hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))
+        return key_of(raw) if raw else None
 
     async def list_keys(self) -> list[ApiKey]:
         r = await self._conn()
         ids = await r.zrange(self.keys.key_list, 0, -1)
         async with r.pipeline(transaction=False) as pipe:
             for key_id in ids:
-                pipe.hgetall(self.keys.key(_str(key_id)))
+                pipe.hgetall(self.keys.key(str_of(key_id)))
             hashes = await pipe.execute()
-        return [_key(raw) for raw in map(_hash_of, hashes) if raw]
+        return [key_of(raw) for raw in map(hash_of, hashes) if raw]
 
     async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
         sets: list[str] = []
@@ -520,7 +529,7 @@ class RedisStore(RedisHooks):
                 if changes[name] is None:
                     deletes.append(name)
                 else:
-                    sets += [name, _encode(changes[name])]
+                    sets += [name, encode(changes[name])]
         mode, value = "", ""
         if "credits" in changes:
             mode = "set"
@@ -528,10 +537,10 @@ class RedisStore(RedisHooks):
         elif "add_credits" in changes:
             mode, value = "add", repr(float(changes["add_credits"]))
         got = await self._call(names.SCRIPT_UPDATE_KEY, key_id, mode, value, len(sets) // 2, *sets, *deletes)
-        status = _str(got[0])
+        status = str_of(got[0])
         if status == "range":
             raise BalanceOutOfRange(float(got[1]))
-        return _key(_hash(got[1:])) if status == "ok" else None
+        return key_of(flat_hash(got[1:])) if status == "ok" else None
 
     async def delete_key(self, key_id: str) -> bool:
         return bool(await self._call(names.SCRIPT_DELETE_KEY, key_id))
@@ -544,57 +553,3 @@ class RedisStore(RedisHooks):
     async def running_count(self, key_id: str) -> int:
         count = await (await self._conn()).hget(self.keys.fair, "r:" + key_id)
         return int(count) if count is not None else 0
-
-
-# -- decoding what Redis hands back
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _hash(flat: list[Any]) -> dict[str, str]:
-    """A flat [field, value, …] list (HGETALL inside a script) as a dict."""
-    return {_str(flat[i]): _str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-def _hash_of(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _opt_float(value: str | None) -> float | None:
-    return float(value) if value else None
-
-
-def _job(h: dict[str, str]) -> Job:
-    return Job(id=h["id"], model=h["model"], params=json.loads(h["params"]), state=JobState(h["state"]),
-               created_at=float(h["created_at"]), key_id=h.get("key_id"), cost=float(h["cost"]),
-               started_at=_opt_float(h.get("started_at")), finished_at=_opt_float(h.get("finished_at")),
-               step=int(h["step"]), total_steps=int(h["total_steps"]), error=h.get("error"), outputs=int(h["outputs"]),
-               ext=h["ext"], seeds=json.loads(h["seeds"]), metrics=json.loads(h["metrics"]),
-               deliveries=int(h["deliveries"]), cancel_requested=h["cancel_requested"] == "1",
-               version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""))
-
-
-def _live(h: dict[str, str]) -> Job | None:
-    """The job of a hash, or None when there is none. Past retention there is none: Redis never
-    answers a key past its TTL, and the TTL is set from the same (server) clock as `expires_at`."""
-    return _job(h) if "id" in h else None
-
-
-def _lease(flat: list[Any], token: str, worker_id: str) -> Lease:
-    job = _job(_hash(flat))
-    return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
-
-
-def _key(h: dict[str, str]) -> ApiKey:
-    return ApiKey(id=h["id"], name=h["name"], prefix=h["prefix"], key_hash=h["key_hash"],
-                  admin=h.get("admin") == "1", enabled=h.get("enabled", "1") == "1",
-                  credits=_opt_float(h.get("credits")), rate_limit=h.get("rate_limit"),
-                  max_concurrency=int(h["max_concurrency"]) if h.get("max_concurrency") else None,
-                  weight=fair.weight_of(h.get("weight")),
-                  created_at=float(h.get("created_at") or 0.0))

@@ -11,21 +11,16 @@ from kolors_api.jobs.redis_fair import BODIES as FAIR_BODIES
 from kolors_api.jobs.redis_fair import LUA_CLAIM, LUA_FAIR
 from kolors_api.jobs.redis_hooks import HOOK_BODIES, LUA_OUTBOX
 
-# ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
+# ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention and the time; a script's own
 # arguments start at ARGV[3].
 _LUA_COMMON = f"""
 local MICRO, MAX_MICRO = {MICRO}, {int(MAX_CREDITS * MICRO)}
 """ + r"""
-local RETENTION = tonumber(ARGV[2])
-local T = nil
--- the server's clock, read once per script (the one clock of the fleet)
-local function now()
-  if not T then
-    local t = redis.call('TIME')
-    T = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
-  return T
-end
+-- ARGV[2]: "RETENTION NOW", the retention in seconds and the server's clock when the script was sent
+-- (the one clock of the fleet, as the caller reads it: `redis_clock.py`)
+local RETENTION, T = string.match(ARGV[2], '^(%S+) (%S+)$')
+RETENTION, T = tonumber(RETENTION), tonumber(T)
+local function now() return T end
 local function num(x) return string.format('%.17g', x) end
 -- fields `names` of job `id` as a table (an absent field: false), in one HMGET
 local function fields(id, names)
