@@ -36,6 +36,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ from kolors_api.jobs.redis_clock import ServerClock
 from kolors_api.jobs.redis_codec import encode, flat_hash, hash_of, job_of, key_of, lease_of, live, opt_float, str_of
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
+from kolors_api.jobs.redis_keycache import KeyCache
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
 from kolors_api.jobs.redis_migrate import OLD_KEYS, move_running
@@ -107,6 +109,10 @@ class RedisStore(RedisHooks):
         self._blocking: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self.clock = ServerClock()
+        #: Key records by hash, for authentication without a round trip (`redis_keycache.py`).
+        self._key_cache = KeyCache()
+        #: What `complete` stored, by lease token, and when (server clock): `finished`.
+        self._finished: dict[str, tuple[int, float]] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
@@ -315,6 +321,7 @@ class RedisStore(RedisHooks):
                 events.ok()
             except (RedisError, OSError) as exc:  # the fallback re-checks cover the gap
                 events.failed(exc)
+                self._key_cache.listening(False)  # a change of a key may go unheard meanwhile
                 self._submitted.set()  # a worker waiting for company looks again rather than miss one
                 await asyncio.sleep(0.5)
                 continue
@@ -323,6 +330,10 @@ class RedisStore(RedisHooks):
             kind, channel = str_of(msg["type"]), str_of(msg["channel"])
             if kind in ("subscribe", "psubscribe") and channel in self._subscribed:
                 self._subscribed[channel].set()
+                if channel == self.keys.keys_changed:
+                    self._key_cache.listening(True)
+            elif kind == "message" and channel == self.keys.keys_changed:
+                self._key_cache.changed()
             elif kind == "message":
                 self._submitted.set()
             elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
@@ -458,12 +469,27 @@ class RedisStore(RedisHooks):
             # moved into place (and if this worker dies before it moves them).
             blob, payload = lease.token, []
             await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
+        now = await self.now()
         got = int(await self._call(names.SCRIPT_COMPLETE, lease.job.id, lease.token, ext, json.dumps(seeds),
-                                   json.dumps(metrics), blob, len(images), *payload))
+                                   json.dumps(metrics), blob, len(images), *payload, now=now))
+        if got:
+            if len(self._finished) > 1000:
+                self._finished.clear()
+            self._finished[lease.token] = (got, now)
         if self.blobs is not None:
             keep = self.blobs.commit if got == 1 else self.blobs.discard
             await asyncio.to_thread(keep, lease.job.id, lease.token)
         return got != 0
+
+    async def finished(self, lease: Lease) -> Job | None:
+        """The job as `complete` just left it (COMPLETED, or FAILED "cancelled" when a cancel came
+        first), without a read; read when this store did not complete it."""
+        got, at = self._finished.pop(lease.token, (0, 0.0))
+        if not got:
+            return await self.get(lease.job.id)
+        if got == 2:
+            return replace(lease.job, state=JobState.FAILED, error="cancelled", finished_at=at)
+        return replace(lease.job, state=JobState.COMPLETED, finished_at=at, step=lease.job.total_steps)
 
     async def fail(self, lease: Lease, error: str) -> bool:
         return bool(await self._call(names.SCRIPT_FAIL, lease.job.id, lease.token, error))
@@ -505,8 +531,18 @@ class RedisStore(RedisHooks):
             raise AlreadyExists(f"key {key.id} already exists")
 
     async def key_by_hash(self, key_hash: str) -> ApiKey | None:
+        cache = self._key_cache
+        if (record := cache.get(key_hash)) is not None:
+            return record
+        if not cache.heard:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # (then nothing is kept)
+                await self._listen(self.keys.keys_changed, pattern=False)
+        generation = cache.generation
         key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
-        return None if key_id is None else await self.get_key(str_of(key_id))
+        record = None if key_id is None else await self.get_key(str_of(key_id))
+        if record is not None:
+            cache.put(key_hash, record, generation)
+        return record
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         raw = hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))
@@ -536,6 +572,7 @@ class RedisStore(RedisHooks):
             value = "" if changes["credits"] is None else repr(float(changes["credits"]))
         elif "add_credits" in changes:
             mode, value = "add", repr(float(changes["add_credits"]))
+        self._key_cache.changed()
         got = await self._call(names.SCRIPT_UPDATE_KEY, key_id, mode, value, len(sets) // 2, *sets, *deletes)
         status = str_of(got[0])
         if status == "range":
@@ -543,6 +580,7 @@ class RedisStore(RedisHooks):
         return key_of(flat_hash(got[1:])) if status == "ok" else None
 
     async def delete_key(self, key_id: str) -> bool:
+        self._key_cache.changed()
         return bool(await self._call(names.SCRIPT_DELETE_KEY, key_id))
 
     async def ledger(self, key_id: str) -> list[LedgerEntry]:

@@ -2,11 +2,12 @@
 
 Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
 out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
-ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time and the queued count, each key's finish
+ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time, the queued count and ``lease_min`` (a lower
+bound of the lease deadlines: a claim looks at ``leases`` only once it is past), each key's finish
 tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
 of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``).
 A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
-whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair head. A submit pushes
+whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
 onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing empties it.
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
@@ -66,19 +67,36 @@ local function fair_left(id, kid)
   redis.call('HSET', K_FAIR, F_QUEUED, tonumber(f[1] or '1') - 1, 'n:' .. kid, left)
   if left == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
 end
--- a QUEUED job was taken: its key's tag (`start` when known) moves by work / weight, the virtual time
--- to the key's start; `more`: whether the key has other queued jobs, when known
-local function fair_served(id, kid, work, start, more)
-  redis.call('ZREM', k_fair_queue(kid), id)
-  local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid)
-  local vtime = tonumber(f[1] or '0')
-  start = start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
-  if not start then start = math.max(tonumber(f[2] or '0'), vtime) end
-  local weight = kid == '' and 1 or valid_weight(f[4]) or fair_weight(kid)
+-- the fields of ``fair`` a claim of key `kid`'s job reads and writes, in one HMGET (as a table)
+local function fair_fields(kid)
+  local v = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid, F_LEASE_MIN)
+  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6]}
+end
+-- a QUEUED job was taken, its lease running until `lease_until`: its key's tag (`q.start` when known)
+-- moves by work / weight, the virtual time to the key's start. `q` (may be nil): what the claim knows
+-- already: `f` (`fair_fields`), `start`, `popped` (the job left its key's queue already).
+-- ``lease_min`` (a lower bound of every lease's deadline, absent: unknown) moves down to the new lease's.
+local function fair_served(id, kid, work, lease_until, q)
+  q = q or {}
+  if not q.popped then redis.call('ZREM', k_fair_queue(kid), id) end
+  local f = q.f or fair_fields(kid)
+  local vtime = tonumber(f.vtime or '0')
+  local start = q.start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
+  if not start then start = math.max(tonumber(f.finish or '0'), vtime) end
+  local weight = kid == '' and 1 or valid_weight(f.w) or fair_weight(kid)
   local finish = start + work / weight
-  if more == nil then more = redis.call('ZCARD', k_fair_queue(kid)) > 0 end
-  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
-    F_QUEUED, tonumber(f[3] or '1') - 1, 'n:' .. kid, more and math.max(1, tonumber(f[5] or '1') - 1) or 0)
+  -- the key's count says whether more are queued; below 2 (it may be short: a store of the layout before
+  -- kept none) the queue itself
+  local n = tonumber(f.n or '0')
+  local more = n > 1 or redis.call('ZCARD', k_fair_queue(kid)) > 0
+  local set = {'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
+    F_QUEUED, tonumber(f.queued or '1') - 1, 'n:' .. kid, more and math.max(1, n - 1) or 0}
+  local bound = tonumber(f.lease_min or '')
+  if bound and (lease_until < bound or f.bound_changed) then
+    table.insert(set, F_LEASE_MIN)
+    table.insert(set, num(math.min(bound, lease_until)))
+  end
+  redis.call('HSET', K_FAIR, unpack(set))
   if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
   else
@@ -89,20 +107,31 @@ end
 
 # The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
 LUA_CLAIM = r"""
--- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its `whole` hash,
--- its key's tag and whether the key has more queued; nil when none is queued
-local function fair_head()
+-- the key with the smallest tag (ties: the smaller key id) and its tag, or nil
+local function fair_top()
+  local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
+  return top[1], tonumber(top[2] or '')
+end
+-- the oldest queued job of key `kid` (tag `start`, `f` its `fair_fields`), taken out of its key's
+-- queue, and its `whole` hash; else the next key's. Returns id, hash, and the `q` of `fair_served`;
+-- nil when none is queued.
+local function fair_pop(kid, start, f)
   for _ = 1, 1000 do
-    local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
-    if not top[1] then return nil end
-    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 1)
-    if not head[1] then
-      redis.call('ZREM', K_FAIR_ACTIVE, top[1])
-      redis.call('HSET', K_FAIR, 'n:' .. top[1], 0)
+    if not kid then return nil end
+    local head = redis.call('ZPOPMIN', k_fair_queue(kid))
+    if not head[1] then  -- an empty queue left active: the next key
+      redis.call('ZREM', K_FAIR_ACTIVE, kid)
+      redis.call('HSET', K_FAIR, 'n:' .. kid, 0)
+      local known = f
+      kid, start = fair_top()
+      if kid then
+        f = fair_fields(kid)
+        f.lease_min, f.bound_changed = known.lease_min, known.bound_changed
+      end
     else
       local j = whole(head[1])
-      if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]), head[2] ~= nil end
-      redis.call('ZREM', k_fair_queue(top[1]), head[1])  -- not queued any more: a stale index entry
+      if j.state == 'QUEUED' then return head[1], j, {f = f, start = start, popped = true} end
+      -- not queued any more: a stale entry (popped)
     end
   end
   return nil
@@ -116,28 +145,42 @@ BODIES: dict[str, str] = {
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
-for _ = 1, 1000 do
-  -- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
-  local id = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. num(t), 'LIMIT', 0, 1)[1]
-  if not id then break end
-  local j = whole(id)
-  if j.state ~= 'PROCESSING' then
-    redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
-  else
-    redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1)
-    local deliveries = tonumber(j.deliveries or '0')
-    if deliveries < max_deliveries then return with_status('ok', take(id, j, worker, token, lease_ms, t)) end
-    local reason = 'worker lost ' .. deliveries .. ' times'
-    -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change before
-    fail_job(id, reason, t, j, 1)
-    redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
-    redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
+local kid, start = fair_top()
+local f = fair_fields(kid or '')
+-- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries. None
+-- ran out while ``lease_min`` (a lower bound of the deadlines) is not past.
+local bound = tonumber(f.lease_min or '')
+if not bound or bound < t then
+  for _ = 1, 1000 do
+    local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+    if not first[1] then bound = 1e300 break end
+    if tonumber(first[2]) >= t then bound = tonumber(first[2]) break end
+    local id = first[1]
+    local j = whole(id)
+    if j.state ~= 'PROCESSING' then
+      redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
+    else
+      redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1)
+      local deliveries = tonumber(j.deliveries or '0')
+      if deliveries < max_deliveries then
+        redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- (the next claim looks again)
+        return with_status('ok', take(id, j, worker, token, lease_ms, t))
+      end
+      local reason = 'worker lost ' .. deliveries .. ' times'
+      -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change before
+      fail_job(id, reason, t, j, 1)
+      redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
+      redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
+    end
   end
+  f.lease_min = num(bound)
+  f.bound_changed = true
 end
-local id, j, start, more = fair_head()
-if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start, more)) end
+local id, j, q = fair_pop(kid, start, f)
+if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) end
 -- nothing queued: wake-ups pushed so far stand for nothing
 if ARGV[7] ~= '1' then redis.call('DEL', K_WAKE) end
+if f.bound_changed then redis.call('HSET', K_FAIR, F_LEASE_MIN, f.lease_min) end
 return {'none'}
 """,
     # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;

@@ -9,7 +9,8 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``; per key ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:`` |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``; per key ``finish:``, ``odo:``, ``n:``, |
+| | | ``w:``, ``r:`` (see `redis_fair.py`) |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
 | ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
@@ -29,6 +30,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, on each change while it is ``watched`` (see `wait`) |
 | ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
+| ``keys-changed`` | pub/sub channel | the id of every key record changed (`redis_keycache.py`) |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
 | ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
@@ -73,6 +75,7 @@ LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
 SUBMITTED = "submitted"  # a pub/sub channel
+KEYS_CHANGED = "keys-changed"  # a pub/sub channel
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
@@ -86,6 +89,8 @@ RECLAIMS = "reclaims"
 DEAD_LETTER_COUNT = "dead_letters"
 #: The field of the FAIR hash that counts QUEUED jobs (changed with the fair queue, in one HSET).
 QUEUED_COUNT = "queued"
+#: The field of the FAIR hash that bounds every lease's deadline from below (absent: unknown).
+LEASE_MIN = "lease_min"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
@@ -144,6 +149,7 @@ class Keys:
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
         self.submitted = prefix + SUBMITTED
+        self.keys_changed = prefix + KEYS_CHANGED
         #: Matches every job's event channel (PSUBSCRIBE).
         self.events_pattern = glob_escape(prefix + EVENTS) + "*"
 
@@ -207,6 +213,7 @@ LUA_KEYS = "\n".join([
     f"local K_LEASES = P .. {_lua_string(LEASES)}",
     f"local K_WAKE = P .. {_lua_string(WAKE)}",
     f"local K_SUBMITTED = P .. {_lua_string(SUBMITTED)}",
+    f"local K_KEYS_CHANGED = P .. {_lua_string(KEYS_CHANGED)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
     f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
     f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",
@@ -217,6 +224,7 @@ LUA_KEYS = "\n".join([
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
+    f"local F_LEASE_MIN = {_lua_string(LEASE_MIN)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
     f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",

@@ -99,14 +99,13 @@ local function whole(id)
   for i = 1, #v, 2 do j[v[i]] = v[i + 1] end
   return j
 end
--- lease job `id` (`j`: its `whole` hash) to `worker` until `lease_ms` from now; `start`, `more`: its key's
--- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash as
--- written (flat).
-local function take(id, j, worker, token, lease_ms, t, start, more)
+-- lease job `id` (`j`: its `whole` hash) to `worker` until `lease_ms` from now; `q`: what the claim knows
+-- of its key (`fair_served`), or nil. Returns the job's hash as written (flat).
+local function take(id, j, worker, token, lease_ms, t, q)
   local jk = k_job(id)
   local lease_until = t + lease_ms / 1000
   if j.state == 'QUEUED' then  -- a reclaimed job was charged at its first claim
-    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)
+    fair_served(id, j.key_id or '', tonumber(j.work or '1'), lease_until, q)
   end
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
   local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
@@ -374,6 +373,7 @@ if ARGV[4] ~= '' then
     ledger(ARGV[3], '', 'topup', (new - sum) / MICRO, now())
   end
 end
+redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])  -- processes that keep key records forget them
 return with_status('ok', redis.call('HGETALL', kk))
 """,
     # ARGV: id
@@ -385,6 +385,7 @@ redis.call('DEL', kk)
 redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3])
 redis.call('HDEL', K_KEY_INDEX, key_hash)
 redis.call('ZREM', K_KEY_LIST, ARGV[3])
+redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])
 return 1
 """,
     # ARGV: worker id, ttl seconds

@@ -55,6 +55,7 @@ for _, id in ipairs(redis.call('ZRANGE', OLD_QUEUED, 0, -1)) do
   redis.call('HDEL', k_job(id), 'entry')
 end
 redis.call('HINCRBY', K_FAIR, F_QUEUED, queued)
+redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- leases came: the claims look at them again
 local due = redis.call('ZRANGE', OLD_HOOKS_DUE, 0, -1, 'WITHSCORES')
 for i = 1, #due, 2 do
   local url = redis.call('HGET', k_hook(due[i]), 'url')
