@@ -37,27 +37,41 @@ local function fair_weight(kid)
   if kid == '' then return 1 end
   return valid_weight(redis.call('HGET', k_key(kid), 'weight')) or 1
 end
--- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
--- `weight`: the key's (kept in ``fair`` for the claims). Returns the job's odometer, its submission
--- sequence number and whether a worker waits for company (``company`` ahead of now).
-local function fair_enqueue(id, kid, work, weight)
-  local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
-    'company', 'r:' .. kid)
-  local odo, n = tonumber(f[1] or '0'), tonumber(f[3] or '0')
+-- the fields of ``fair`` a submit of key `kid`'s job reads, in one HMGET (as a table): besides the queue's,
+-- the key's weight and unfinished jobs (``w:``, ``r:``) and ``lim:`` ('0': the key has neither credits nor
+-- max_concurrency, so a submit need not read it; absent: unknown)
+local function fair_submit_fields(kid)
+  local v = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
+    'company', 'r:' .. kid, 'w:' .. kid, 'lim:' .. kid)
+  return {odo = v[1], queued = v[2], n = v[3], finish = v[4], vtime = v[5], seq = v[6], company = v[7], r = v[8],
+    w = v[9], lim = v[10]}
+end
+-- the submission sequence number the next job gets (`f`: `fair_submit_fields`)
+local function fair_seq(f)
   -- (a store of the layout before kept the sequence in its own key)
-  local seq = tonumber(f[6] or redis.call('GET', K_SEQ) or '0') + 1
-  local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1, 'n:' .. kid, n + 1, 'seq', seq}
-  if weight then  -- a job of an API key: the key's weight, and one more of its jobs not finished
-    for _, x in ipairs({'w:' .. kid, weight, 'r:' .. kid, tonumber(f[8] or '0') + 1}) do table.insert(set, x) end
+  return tonumber(f.seq or redis.call('GET', K_SEQ) or '0') + 1
+end
+-- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
+-- `f`: `fair_submit_fields`; `key`: for a job of an API key, its weight and `lim` (written to ``fair``
+-- for the claims and the next submit). Returns the job's odometer and whether a worker waits for
+-- company (``company`` ahead of now).
+local function fair_enqueue(id, kid, work, f, key)
+  local odo, n = tonumber(f.odo or '0'), tonumber(f.n or '0')
+  local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f.queued or '0') + 1, 'n:' .. kid, n + 1,
+    'seq', fair_seq(f)}
+  if key then  -- a job of an API key: the key's weight and limits, and one more of its jobs not finished
+    for _, x in ipairs({'w:' .. kid, key.weight, 'lim:' .. kid, key.lim, 'r:' .. kid, tonumber(f.r or '0') + 1}) do
+      table.insert(set, x)
+    end
   end
   redis.call('HSET', K_FAIR, unpack(set))
   redis.call('ZADD', k_fair_queue(kid), num(odo), id)
   -- the key's count is reset whenever it leaves `fair-active`, so 0 here means it is not in it (NX: or a
   -- store of the layout before, which kept no count, put it there)
   if n <= 0 then
-    redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f[4] or '0'), tonumber(f[5] or '0'))), kid)
+    redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f.finish or '0'), tonumber(f.vtime or '0'))), kid)
   end
-  return odo, seq, (tonumber(f[7]) or 0) > now()
+  return odo, (tonumber(f.company) or 0) > now()
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)

@@ -142,31 +142,40 @@ if ARGV[9] ~= '' then
     return with_status('replay', {first.job, unpack(redis.call('HGETALL', k_job(first.job)))})
   end
 end
-if redis.call('EXISTS', jk) == 1 then return {'exists'} end
+local f = fair_submit_fields(kid)
 local cap = tonumber(ARGV[4])
 if cap > 0 then
-  local queued = tonumber(redis.call('HGET', K_FAIR, F_QUEUED) or '0')
+  local queued = tonumber(f.queued or '0')
   if queued >= cap then return {'queue_full', queued} end
 end
 local t = now()
-local reserved, weight = '0', nil
+local seq = fair_seq(f)
+local reserved, key = '0', nil
+local need, have = micro(cost), nil
 if kid ~= '' then
-  local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
-  weight = key[3] or '1'
-  if key[2] and tonumber(redis.call('HGET', K_FAIR, 'r:' .. kid) or '0') >= tonumber(key[2]) then
-    return {'too_many', key[2]}
+  -- the key's credits and max_concurrency: not read when ``fair`` says it has neither
+  key = {weight = f.w or '1', lim = f.lim}
+  if f.lim ~= '0' or not f.w then
+    local k = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
+    key = {weight = k[3] or '1', lim = (k[1] or k[2]) and '1' or '0', credits = k[1], most = k[2]}
   end
-  if key[1] then
-    local have, need = micro(key[1]), micro(cost)
+  if key.most and tonumber(f.r or '0') >= tonumber(key.most) then return {'too_many', key.most} end
+  if key.credits then
+    have = micro(key.credits)
     if have < need then return {'funds', num(cost), credits(have)} end
-    redis.call('HSET', k_key(kid), 'credits', credits(have - need))
   end
+  -- the first write: the key's history says whether the id is taken (a job id of another key: random 128
+  -- bits, never taken)
+  if redis.call('ZADD', k_history(kid), 'NX', seq, id) == 0 then return {'exists'} end
+  if have then redis.call('HSET', k_key(kid), 'credits', credits(have - need)) end
   -- unlimited keys get the entry too (their usage), without a balance to move
-  ledger(kid, id, 'reserve', -micro(cost) / MICRO, t)
+  ledger(kid, id, 'reserve', -need / MICRO, t)
   reserved = '1'
+elseif redis.call('EXISTS', jk) == 1 then
+  return {'exists'}
 end
 local work = tonumber(ARGV[12])
-local odo, seq, company = fair_enqueue(id, kid, work, weight)
+local odo, company = fair_enqueue(id, kid, work, f, key)
 local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
   'created_at', num(t), 'step', '0', 'total_steps', '0', 'outputs', '0', 'ext', '', 'seeds', '[]',
   'metrics', '{}', 'deliveries', '0', 'cancel_requested', '0', 'version', '1', 'seq', tostring(seq),
@@ -174,7 +183,6 @@ local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', '
 if kid ~= '' then
   table.insert(job, 'key_id')
   table.insert(job, kid)
-  redis.call('ZADD', k_history(kid), seq, id)
 end
 if ARGV[9] ~= '' then
   table.insert(job, 'idempotency_key')
@@ -353,6 +361,7 @@ while i <= #ARGV do
   redis.call('HDEL', kk, ARGV[i])
   i = i + 1
 end
+redis.call('HDEL', K_FAIR, 'lim:' .. ARGV[3])  -- (its credits or max_concurrency may have changed)
 for j = 7, #ARGV do
   if ARGV[j] == 'weight' then  -- (a field name: sets and deletes alike) the claims read fair's copy
     redis.call('HSET', K_FAIR, 'w:' .. ARGV[3], redis.call('HGET', kk, 'weight') or '1')
@@ -382,7 +391,7 @@ local kk = k_key(ARGV[3])
 local key_hash = redis.call('HGET', kk, 'key_hash')
 if not key_hash then return 0 end
 redis.call('DEL', kk)
-redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3])
+redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3], 'lim:' .. ARGV[3])
 redis.call('HDEL', K_KEY_INDEX, key_hash)
 redis.call('ZREM', K_KEY_LIST, ARGV[3])
 redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])
