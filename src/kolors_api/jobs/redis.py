@@ -49,17 +49,13 @@ from kolors_api.jobs import fair
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
-    KEY_FIELDS,
     AlreadyExists,
-    ApiKey,
-    BalanceOutOfRange,
     Batch,
     IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
     Lease,
-    LedgerEntry,
     NewJob,
     ProgressAck,
     ProgressReport,
@@ -67,19 +63,17 @@ from kolors_api.jobs.base import (
     StoreStats,
     TooManyRunning,
     as_seen,
-    credits_of,
-    micro,
     output_readable,
     replayed,
     webhook_json,
 )
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.redis_apikeys import KeyCache, RedisApiKeys
 from kolors_api.jobs.redis_clock import ServerClock
-from kolors_api.jobs.redis_codec import encode, flat_hash, hash_of, job_of, key_of, lease_of, live, opt_float, str_of
+from kolors_api.jobs.redis_codec import flat_hash, hash_of, job_of, lease_of, live, opt_float, str_of
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
-from kolors_api.jobs.redis_keycache import KeyCache
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
 from kolors_api.jobs.redis_migrate import OLD_KEYS, move_running
@@ -89,7 +83,7 @@ from kolors_api.schema import decimal
 log = logging.getLogger(__name__)
 
 
-class RedisStore(RedisHooks):
+class RedisStore(RedisHooks, RedisApiKeys):
     """The fleet store. `blobs` (an S3 bucket, or a folder every worker and API replica shares;
     `blob_dir` is the folder's shorthand) keeps images instead of Redis (`jobs/blobs.py`)."""
 
@@ -109,10 +103,12 @@ class RedisStore(RedisHooks):
         self._blocking: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self.clock = ServerClock()
-        #: Key records by hash, for authentication without a round trip (`redis_keycache.py`).
+        #: Key records by hash, for authentication without a round trip (`redis_apikeys.py`).
         self._key_cache = KeyCache()
         #: What `complete` stored, by lease token, and when (server clock): `finished`.
         self._finished: dict[str, tuple[int, float]] = {}
+        #: Until when (monotonic) `claim` need not look unless woken (see there).
+        self._quiet_until = 0.0
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
@@ -398,17 +394,34 @@ class RedisStore(RedisHooks):
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
         deadline = time.monotonic() + timeout
         lease_ms = repr(lease_seconds * 1000.0)
-        timed_out = False
+        timed_out = woken = False
         while True:
+            # Nothing was queued when this store last looked, and no lease runs out before `_quiet_until`:
+            # until then only a submit's wake-up (every submit pushes one) says there is something to take.
+            quiet, left = self._quiet_until - time.monotonic(), deadline - time.monotonic()
+            if quiet > 0 and left > 0 and not woken:
+                woken = await self._wake(min(quiet, left, self.recheck))
+                timed_out = not woken
+                if timed_out:
+                    if deadline - time.monotonic() <= 0:
+                        return None
+                    continue
+            woken = False
             token = uuid.uuid4().hex
+            now = await self.now()
             got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
-                                   int(timed_out))
+                                   int(timed_out), now=now)
             if str_of(got[0]) == "ok":
+                self._quiet_until = 0.0
                 return lease_of(got[1:], token, worker_id)
-            left = deadline - time.monotonic()
-            if left <= 0:
+            self._quiet_until = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
+            if deadline - time.monotonic() <= 0:
                 return None
-            timed_out = not await self._wake(min(left, self.recheck))
+
+    #: The longest an idle `claim` waits on wake-ups alone, in seconds: a lease that runs out wakes no one,
+    #: and ``lease_min`` bounds only the leases taken before the claim looked (exact while every worker
+    #: has one lease length; a shorter lease taken later is found within this).
+    QUIET_SECONDS = 5.0
 
     async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
         # Choose in fair order from what is queued, then claim them in one script that takes each one
@@ -514,80 +527,3 @@ class RedisStore(RedisHooks):
             if len(gone) < batch:
                 break
         return total
-
-    # -- keys and credits
-    async def add_key(self, key: ApiKey) -> None:
-        fields: list[str] = ["id", key.id, "name", key.name, "prefix", key.prefix, "key_hash", key.key_hash,
-                             "admin", encode(key.admin), "enabled", encode(key.enabled),
-                             "created_at", repr(float(key.created_at))]
-        exact = None if key.credits is None else credits_of(micro(key.credits))
-        for name, value in (("credits", exact), ("rate_limit", key.rate_limit),
-                            ("max_concurrency", key.max_concurrency), ("weight", float(key.weight))):
-            if value is not None:
-                fields += [name, encode(value)]
-        credits = repr(exact) if exact is not None else ""
-        if not await self._call(names.SCRIPT_ADD_KEY, key.id, key.key_hash, repr(float(key.created_at)),
-                                credits, *fields):
-            raise AlreadyExists(f"key {key.id} already exists")
-
-    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        cache = self._key_cache
-        if (record := cache.get(key_hash)) is not None:
-            return record
-        if not cache.heard:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):  # (then nothing is kept)
-                await self._listen(self.keys.keys_changed, pattern=False)
-        generation = cache.generation
-        key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
-        record = None if key_id is None else await self.get_key(str_of(key_id))
-        if record is not None:
-            cache.put(key_hash, record, generation)
-        return record
-
-    async def get_key(self, key_id: str) -> ApiKey | None:
-        raw = hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))
-        return key_of(raw) if raw else None
-
-    async def list_keys(self) -> list[ApiKey]:
-        r = await self._conn()
-        ids = await r.zrange(self.keys.key_list, 0, -1)
-        async with r.pipeline(transaction=False) as pipe:
-            for key_id in ids:
-                pipe.hgetall(self.keys.key(str_of(key_id)))
-            hashes = await pipe.execute()
-        return [key_of(raw) for raw in map(hash_of, hashes) if raw]
-
-    async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
-        sets: list[str] = []
-        deletes: list[str] = []
-        for name in KEY_FIELDS:
-            if name in changes:
-                if changes[name] is None:
-                    deletes.append(name)
-                else:
-                    sets += [name, encode(changes[name])]
-        mode, value = "", ""
-        if "credits" in changes:
-            mode = "set"
-            value = "" if changes["credits"] is None else repr(float(changes["credits"]))
-        elif "add_credits" in changes:
-            mode, value = "add", repr(float(changes["add_credits"]))
-        self._key_cache.changed()
-        got = await self._call(names.SCRIPT_UPDATE_KEY, key_id, mode, value, len(sets) // 2, *sets, *deletes)
-        status = str_of(got[0])
-        if status == "range":
-            raise BalanceOutOfRange(float(got[1]))
-        return key_of(flat_hash(got[1:])) if status == "ok" else None
-
-    async def delete_key(self, key_id: str) -> bool:
-        self._key_cache.changed()
-        return bool(await self._call(names.SCRIPT_DELETE_KEY, key_id))
-
-    async def ledger(self, key_id: str) -> list[LedgerEntry]:
-        rows = await (await self._conn()).lrange(self.keys.ledger(key_id), 0, -1)
-        return [LedgerEntry(key_id=key_id, request_id=e["request_id"], kind=e["kind"], amount=float(e["amount"]),
-                            at=float(e["at"])) for e in map(json.loads, rows)]
-
-    async def running_count(self, key_id: str) -> int:
-        count = await (await self._conn()).hget(self.keys.fair, "r:" + key_id)
-        return int(count) if count is not None else 0

@@ -154,8 +154,8 @@ end
 
 BODIES: dict[str, str] = {
     # ARGV: worker, token, lease_ms, max_deliveries, '1' when the caller's wait on `wake` just ran out
-    # (the list was empty then: nothing to empty). Returns {'ok', job…} or {'none'} (the caller then
-    # blocks on `wake`).
+    # (the list was empty then: nothing to empty). Returns {'ok', job…} or {'none', lease_min} (the caller
+    # then blocks on `wake`, until lease_min at most: no lease runs out before).
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
@@ -195,7 +195,7 @@ if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) 
 -- nothing queued: wake-ups pushed so far stand for nothing
 if ARGV[7] ~= '1' then redis.call('DEL', K_WAKE) end
 if f.bound_changed then redis.call('HSET', K_FAIR, F_LEASE_MIN, f.lease_min) end
-return {'none'}
+return {'none', f.lease_min}
 """,
     # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;
     # returns {job id, job…} lists of those taken.

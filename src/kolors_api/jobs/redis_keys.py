@@ -30,7 +30,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, on each change while it is ``watched`` (see `wait`) |
 | ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
-| ``keys-changed`` | pub/sub channel | the id of every key record changed (`redis_keycache.py`) |
+| ``keys-changed`` | pub/sub channel | the id of every key record changed (`redis_apikeys.py`) |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
 | ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
