@@ -76,7 +76,7 @@ from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
-from kolors_api.jobs.redis_migrate import OLD_KEYS, move_running
+from kolors_api.jobs.redis_migrate import OLD_KEYS, count_queued, move_running
 from kolors_api.jobs.redis_migrate import SCRIPT as _MIGRATE
 from kolors_api.schema import decimal
 
@@ -176,6 +176,7 @@ class RedisStore(RedisHooks, RedisApiKeys):
             log.warning("moved %d queued and %d running jobs from the stream layout to the plain queue",
                         queued, running)
         await move_running(self._redis, self.keys)
+        await count_queued(self._redis, self.keys)
 
     async def ping(self) -> bool:
         try:

@@ -83,8 +83,9 @@ local function fair_left(id, kid)
 end
 -- the fields of ``fair`` a claim of key `kid`'s job reads and writes, in one HMGET (as a table)
 local function fair_fields(kid)
-  local v = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid, F_LEASE_MIN)
-  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6]}
+  local v = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid, F_LEASE_MIN,
+    F_N_EXACT)
+  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6], n_exact = v[7]}
 end
 -- a QUEUED job was taken, its lease running until `lease_until`: its key's tag (`q.start` when known)
 -- moves by work / weight, the virtual time to the key's start. `q` (may be nil): what the claim knows
@@ -99,10 +100,10 @@ local function fair_served(id, kid, work, lease_until, q)
   if not start then start = math.max(tonumber(f.finish or '0'), vtime) end
   local weight = kid == '' and 1 or valid_weight(f.w) or fair_weight(kid)
   local finish = start + work / weight
-  -- the key's count says whether more are queued; below 2 (it may be short: a store of the layout before
-  -- kept none) the queue itself
+  -- the key's count says whether more are queued (it may be over, never under: a stale entry popped
+  -- counted); until ``n_exact`` (layouts before counted loosely) below 2 the queue itself
   local n = tonumber(f.n or '0')
-  local more = n > 1 or redis.call('ZCARD', k_fair_queue(kid)) > 0
+  local more = n > 1 or (f.n_exact ~= '1' and redis.call('ZCARD', k_fair_queue(kid)) > 0)
   local set = {'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
     F_QUEUED, tonumber(f.queued or '1') - 1, 'n:' .. kid, more and math.max(1, n - 1) or 0}
   local bound = tonumber(f.lease_min or '')

@@ -9,7 +9,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``; per key ``finish:``, ``odo:``, ``n:``, |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``; per key ``finish:``, ``odo:``, ``n:``, |
 | | | ``w:``, ``r:`` (see `redis_fair.py`) |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
 | ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
@@ -91,6 +91,8 @@ DEAD_LETTER_COUNT = "dead_letters"
 QUEUED_COUNT = "queued"
 #: The field of the FAIR hash that bounds every lease's deadline from below (absent: unknown).
 LEASE_MIN = "lease_min"
+#: The field of the FAIR hash that says its per-key queued counts (``n:{key id}``) are exact.
+N_EXACT = "n_exact"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
@@ -225,6 +227,7 @@ LUA_KEYS = "\n".join([
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
     f"local F_LEASE_MIN = {_lua_string(LEASE_MIN)}",
+    f"local F_N_EXACT = {_lua_string(N_EXACT)}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
     f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",
