@@ -71,7 +71,7 @@ from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
 from kolors_api.jobs.redis_apikeys import KeyCache, RedisApiKeys
 from kolors_api.jobs.redis_clock import ServerClock
-from kolors_api.jobs.redis_codec import flat_hash, hash_of, job_of, lease_of, live, opt_float, str_of
+from kolors_api.jobs.redis_codec import flat_hash, job_of, lease_of, live, opt_float, str_of
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
@@ -214,12 +214,16 @@ class RedisStore(RedisHooks, RedisApiKeys):
 
     async def get(self, job_id: str) -> Job | None:
         r = await self._conn()
-        h = hash_of(await r.hgetall(self.keys.job(job_id)))
+        h = await self._job_hash(r, job_id)
         job = live(h)
         if job is None or job.state != JobState.PROCESSING:
             return job
         # a lease is judged by the server's clock, the one that wrote its deadline
         return as_seen(job, opt_float(h.get("lease_until")), await self.clock.now(r))
+
+    async def _job_hash(self, r: Redis, job_id: str) -> dict[str, str]:
+        """The job's hash without its images (`redis_keys.JOB_FIELDS`); empty when there is no job."""
+        return _fields(await r.hmget(self.keys.job(job_id), names.JOB_FIELDS))
 
     async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
         if self.blobs is not None:
@@ -338,19 +342,21 @@ class RedisStore(RedisHooks, RedisApiKeys):
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         r = await self._conn()
-        raw = hash_of(await r.hgetall(self.keys.job(job_id)))
+        *values, image = await r.hmget(self.keys.job(job_id), [*names.JOB_FIELDS, f"out:{index}"])
+        raw = _fields(values)
         job = live(raw)
         if not output_readable(job, index):
             return None
         if "blob" not in raw:
-            data = await r.get(self.keys.output(job_id, index))
-            return data if isinstance(data, bytes) else None
+            if "inline" not in raw:  # stored by the layout before, in a key of its own
+                image = await r.get(self.keys.output(job_id, index))
+            return image if isinstance(image, bytes) else None
         if self.blobs is None:
             return None
         return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
 
     async def output_url(self, job_id: str, index: int) -> str | None:
-        raw = hash_of(await (await self._conn()).hgetall(self.keys.job(job_id)))
+        raw = await self._job_hash(await self._conn(), job_id)
         job = live(raw)
         if self.blobs is None or "blob" not in raw or not output_readable(job, index):
             return None
@@ -373,12 +379,12 @@ class RedisStore(RedisHooks, RedisApiKeys):
                 break
             async with r.pipeline(transaction=False) as pipe:
                 for member, _ in rows:
-                    pipe.hgetall(self.keys.job(str_of(member)))
+                    pipe.hmget(self.keys.job(str_of(member)), names.JOB_FIELDS)
                 hashes = await pipe.execute()
             now = await self.clock.now(r)  # the clock of the lease deadlines
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
-                h = hash_of(raw)
+                h = _fields(raw)
                 job = live(h)
                 if job is None:
                     continue  # expired, not yet swept by expire()
@@ -528,3 +534,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
             if len(gone) < batch:
                 break
         return total
+
+
+def _fields(values: list[Any]) -> dict[str, str]:
+    """An HMGET of `redis_keys.JOB_FIELDS` as a dict (absent fields left out)."""
+    return {name: str_of(v) for name, v in zip(names.JOB_FIELDS, values, strict=False) if v is not None}

@@ -9,8 +9,8 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``; per key ``finish:``, ``odo:``, ``n:``, |
-| | | ``w:``, ``r:`` (see `redis_fair.py`) |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``; per key |
+| | | ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:``, ``lim:`` (see `redis_fair.py`) |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
 | ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
@@ -19,8 +19,8 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
 | ``workers`` | zset worker id → alive until | liveness |
 | ``secret`` | string | the shared secret that signs output URLs |
-| ``job:{id}`` | hash | the job record; TTL = retention once finished |
-| ``out:{id}:{i}`` | string | output image i (when no blob dir); same TTL |
+| ``job:{id}`` | hash | the job (`JOB_FIELDS`), image i as ``out:{i}`` (no blob store); TTL = retention once finished |
+| ``out:{id}:{i}`` | string | output image i of a job the layout before stored (now ``job:{id}`` ``out:{i}``) |
 | ``in:{id}`` | hash sha256 → bytes | the job's input pictures (when no blob store); deleted by `expire()` |
 | ``running:{key id}`` | counter | the layout before: moved into ``fair`` ``r:{key id}`` on `open` |
 | ``history:{key id}`` | zset id → seq | that key's jobs |
@@ -83,6 +83,15 @@ PREVIEW = "preview:"
 WATCH = "watch:"  # someone watches the job's previews (a string with a TTL)
 FAIR_QUEUE = "fair-queue:"
 DEST_DUE = "hooks-due:"
+
+#: The fields of a job hash that readers get: all but the images (``out:{i}``, read one at a time).
+JOB_FIELDS = (
+    "id", "model", "params", "state", "created_at", "key_id", "cost", "started_at", "finished_at", "step",
+    "total_steps", "error", "outputs", "ext", "seeds", "metrics", "deliveries", "cancel_requested", "version",
+    "expires_at", "phase", "lease_until", "lease_token", "lease_worker", "blob", "inline", "idempotency_key",
+    "webhook", "seq", "reserved", "work", "odo", "watched", "watch_until", "hook_stopped", "hook_progress",
+    "hook_progress_n",
+)
 
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
@@ -228,6 +237,7 @@ LUA_KEYS = "\n".join([
     f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
     f"local F_LEASE_MIN = {_lua_string(LEASE_MIN)}",
     f"local F_N_EXACT = {_lua_string(N_EXACT)}",
+    "local JOB_FIELDS = {" + ", ".join(_lua_string(f) for f in JOB_FIELDS) + "}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
     f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",

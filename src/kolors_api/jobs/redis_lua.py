@@ -92,6 +92,18 @@ local function fail_job(id, err, t, j, skipped)
   end
   publish(id, version, j)
 end
+-- job `id`'s hash as readers get it (flat), without its images (``out:{i}``)
+local function readable(id)
+  local v = redis.call('HMGET', k_job(id), unpack(JOB_FIELDS))
+  local out = {}
+  for i, n in ipairs(JOB_FIELDS) do
+    if v[i] then
+      table.insert(out, n)
+      table.insert(out, v[i])
+    end
+  end
+  return out
+end
 -- the whole hash of job `id` as a table (what a claim reads of a job it may take, or dead-letter)
 local function whole(id)
   local v = redis.call('HGETALL', k_job(id))
@@ -139,7 +151,7 @@ if ARGV[9] ~= '' then
   if first then
     first = cjson.decode(first)
     if first.hash ~= ARGV[11] then return {'idem_mismatch'} end
-    return with_status('replay', {first.job, unpack(redis.call('HGETALL', k_job(first.job)))})
+    return with_status('replay', {first.job, unpack(readable(first.job))})
   end
 end
 local f = fair_submit_fields(kid)
@@ -251,7 +263,7 @@ return 1
     # Returns {server time, the job's hash} (no hash: no job).
     names.SCRIPT_MARK: r"""
 local jk = k_job(ARGV[3])
-local h = redis.call('HGETALL', jk)
+local h = readable(ARGV[3])
 if h[1] then redis.call('HSET', jk, 'watched', num(now() + tonumber(ARGV[4]))) end
 return {num(now()), h}
 """,
@@ -278,12 +290,16 @@ local fields = {'state', 'COMPLETED', 'outputs', n, 'ext', ARGV[5], 'seeds', ARG
 if ARGV[8] ~= '' then
   table.insert(fields, 'blob')
   table.insert(fields, ARGV[8])
+else  -- the images in the job's hash (`inline`), under its TTL
+  table.insert(fields, 'inline')
+  table.insert(fields, '1')
+  for k = 1, n do
+    table.insert(fields, 'out:' .. (k - 1))
+    table.insert(fields, ARGV[9 + k])
+  end
 end
 local version = tonumber(j.version) + 1
-local at_ms = finish(id, j, version, fields, t)
-if ARGV[8] == '' then
-  for k = 1, n do redis.call('SET', k_output(id, k - 1), ARGV[9 + k], 'PXAT', at_ms) end
-end
+finish(id, j, version, fields, t)
 if j.key_id and tonumber(j.cost or '0') ~= 0 then ledger(j.key_id, id, 'capture', 0, t) end
 outbox(id, 'completed', t, j)
 publish(id, version, j)
@@ -309,7 +325,7 @@ elseif j.state == 'PROCESSING' then
   redis.call('HSET', jk, 'cancel_requested', 1, 'version', version)
   publish(id, version, j)
 end
-return with_status('ok', redis.call('HGETALL', jk))
+return with_status('ok', readable(id))
 """,
     # ARGV: batch size. Returns the ids of the jobs that went.
     names.SCRIPT_EXPIRE: r"""
@@ -319,8 +335,10 @@ local due = redis.call('ZRANGEBYSCORE', K_EXPIRING, '-inf', num(t), 'LIMIT', 0, 
 for _, member in ipairs(due) do
   local pair = cjson.decode(member)
   local id, kid = pair[1], pair[2]
-  local outputs = tonumber(redis.call('HGET', k_job(id), 'outputs') or '0')
-  for i = 1, outputs do redis.call('DEL', k_output(id, i - 1)) end
+  local h = redis.call('HMGET', k_job(id), 'outputs', 'inline')
+  if h[2] ~= '1' then  -- (the layout before kept the images in keys of their own)
+    for i = 1, tonumber(h[1] or '0') do redis.call('DEL', k_output(id, i - 1)) end
+  end
   redis.call('DEL', k_job(id))
   if kid ~= '' then redis.call('ZREM', k_history(kid), id) end
   redis.call('ZREM', K_EXPIRING, member)
