@@ -258,24 +258,26 @@ async def test_the_stats_count_the_queued_and_the_running_jobs(make: MakeStore, 
 
 async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, raw: Any) -> None:
     """No polling: a claim with nothing queued blocks on the wake list, and another process's submit
-    ends the wait at once (long before the claim's timeout); a claim that finds nothing empties the
-    list, so wake-ups pushed while no worker waited stand for nothing."""
+    ends the wait at once (long before the claim's timeout). A submit pushes a wake-up only for a worker
+    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves."""
     worker, api = await make(), await make()
     await api.submit(NewJob(model="kolors", params=params(1)))
     await api.submit(NewJob(model="kolors", params=params(2)))
-    assert await raw.llen(worker.keys.wake) == 2
+    assert await raw.llen(worker.keys.wake) == 0  # nobody asleep
     for _ in range(2):
         assert await worker.claim("w1", 30, 0.1) is not None
-    assert await worker.claim("w1", 30, 0.05) is None
-    assert await raw.llen(worker.keys.wake) == 0
     claiming = asyncio.create_task(worker.claim("w1", 30, 20))
     await asyncio.sleep(0.3)
     assert not claiming.done()
+    assert await raw.hget(worker.keys.fair, "idle") == b"1"
     job = await api.submit(NewJob(model="kolors", params=params(3)))
     started = asyncio.get_running_loop().time()
+    await api.submit(NewJob(model="kolors", params=params(4)))  # no one else asleep: no wake-up
     lease = await asyncio.wait_for(claiming, 5)
     assert lease is not None and lease.job.id == job.id
     assert asyncio.get_running_loop().time() - started < 1.0  # woken, not timed out (20 s)
+    assert await raw.llen(worker.keys.wake) == 0 and await raw.hget(worker.keys.fair, "idle") == b"0"
+    assert await worker.claim("w1", 30, 0.1) is not None  # (the fourth, found without a wake-up)
 
 
 async def test_a_renewed_lease_is_kept_until_it_runs_out(make: MakeStore) -> None:

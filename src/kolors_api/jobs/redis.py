@@ -109,6 +109,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
         self._finished: dict[str, tuple[int, float]] = {}
         #: Until when (monotonic) `claim` need not look unless woken (see there).
         self._quiet_until = 0.0
+        #: The workers of this store counted in ``fair`` ``idle`` (asleep on ``wake``; see SCRIPT_CLAIM).
+        self._counted: set[str] = set()
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
@@ -409,6 +411,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
             if quiet > 0 and left > 0 and not woken:
                 woken = await self._wake(min(quiet, left, self.recheck))
                 timed_out = not woken
+                if woken:  # (the wake-up was pushed for this claimer: it is counted no more)
+                    self._counted.discard(worker_id)
                 if timed_out:
                     if deadline - time.monotonic() <= 0:
                         return None
@@ -416,11 +420,15 @@ class RedisStore(RedisHooks, RedisApiKeys):
             woken = False
             token = uuid.uuid4().hex
             now = await self.now()
+            will_wait = deadline - time.monotonic() > 0
             got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
-                                   int(timed_out), now=now)
+                                   int(timed_out), int(worker_id in self._counted), int(will_wait), now=now)
             if str_of(got[0]) == "ok":
                 self._quiet_until = 0.0
+                self._counted.discard(worker_id)
                 return lease_of(got[1:], token, worker_id)
+            if will_wait:
+                self._counted.add(worker_id)
             self._quiet_until = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
             if deadline - time.monotonic() <= 0:
                 return None

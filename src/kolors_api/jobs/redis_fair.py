@@ -42,9 +42,9 @@ end
 -- max_concurrency, so a submit need not read it; absent: unknown)
 local function fair_submit_fields(kid)
   local v = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
-    'company', 'r:' .. kid, 'w:' .. kid, 'lim:' .. kid)
+    'company', 'r:' .. kid, 'w:' .. kid, 'lim:' .. kid, F_IDLE)
   return {odo = v[1], queued = v[2], n = v[3], finish = v[4], vtime = v[5], seq = v[6], company = v[7], r = v[8],
-    w = v[9], lim = v[10]}
+    w = v[9], lim = v[10], idle = v[11]}
 end
 -- the submission sequence number the next job gets (`f`: `fair_submit_fields`)
 local function fair_seq(f)
@@ -53,8 +53,9 @@ local function fair_seq(f)
 end
 -- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
 -- `f`: `fair_submit_fields`; `key`: for a job of an API key, its weight and `lim` (written to ``fair``
--- for the claims and the next submit). Returns the job's odometer and whether a worker waits for
--- company (``company`` ahead of now).
+-- for the claims and the next submit). Returns the job's odometer, whether a worker waits for
+-- company (``company`` ahead of now), and whether one sleeps uncounted-for (``idle``: it takes one; the
+-- caller pushes it a wake-up).
 local function fair_enqueue(id, kid, work, f, key)
   local odo, n = tonumber(f.odo or '0'), tonumber(f.n or '0')
   local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f.queued or '0') + 1, 'n:' .. kid, n + 1,
@@ -64,6 +65,11 @@ local function fair_enqueue(id, kid, work, f, key)
       table.insert(set, x)
     end
   end
+  local idle = tonumber(f.idle or '0')
+  if idle > 0 then
+    table.insert(set, F_IDLE)
+    table.insert(set, idle - 1)
+  end
   redis.call('HSET', K_FAIR, unpack(set))
   redis.call('ZADD', k_fair_queue(kid), num(odo), id)
   -- the key's count is reset whenever it leaves `fair-active`, so 0 here means it is not in it (NX: or a
@@ -71,7 +77,7 @@ local function fair_enqueue(id, kid, work, f, key)
   if n <= 0 then
     redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f.finish or '0'), tonumber(f.vtime or '0'))), kid)
   end
-  return odo, (tonumber(f.company) or 0) > now()
+  return odo, (tonumber(f.company) or 0) > now(), idle > 0
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)
@@ -84,8 +90,9 @@ end
 -- the fields of ``fair`` a claim of key `kid`'s job reads and writes, in one HMGET (as a table)
 local function fair_fields(kid)
   local v = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid, F_LEASE_MIN,
-    F_N_EXACT)
-  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6], n_exact = v[7]}
+    F_N_EXACT, F_IDLE)
+  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6], n_exact = v[7],
+    idle = v[8]}
 end
 -- a QUEUED job was taken, its lease running until `lease_until`: its key's tag (`q.start` when known)
 -- moves by work / weight, the virtual time to the key's start. `q` (may be nil): what the claim knows
@@ -106,6 +113,10 @@ local function fair_served(id, kid, work, lease_until, q)
   local more = n > 1 or (f.n_exact ~= '1' and redis.call('ZCARD', k_fair_queue(kid)) > 0)
   local set = {'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
     F_QUEUED, tonumber(f.queued or '1') - 1, 'n:' .. kid, more and math.max(1, n - 1) or 0}
+  if q.uncount then  -- the claimer slept counted in ``idle``, and took no wake-up: it sleeps no more
+    table.insert(set, F_IDLE)
+    table.insert(set, math.max(0, tonumber(f.idle or '0') - 1))
+  end
   local bound = tonumber(f.lease_min or '')
   if bound and (lease_until < bound or f.bound_changed) then
     table.insert(set, F_LEASE_MIN)
@@ -141,11 +152,13 @@ local function fair_pop(kid, start, f)
       kid, start = fair_top()
       if kid then
         f = fair_fields(kid)
-        f.lease_min, f.bound_changed = known.lease_min, known.bound_changed
+        f.lease_min, f.bound_changed, f.uncount = known.lease_min, known.bound_changed, known.uncount
       end
     else
       local j = whole(head[1])
-      if j.state == 'QUEUED' then return head[1], j, {f = f, start = start, popped = true} end
+      if j.state == 'QUEUED' then
+        return head[1], j, {f = f, start = start, popped = true, uncount = f.uncount}
+      end
       -- not queued any more: a stale entry (popped)
     end
   end
@@ -155,13 +168,20 @@ end
 
 BODIES: dict[str, str] = {
     # ARGV: worker, token, lease_ms, max_deliveries, '1' when the caller's wait on `wake` just ran out
-    # (the list was empty then: nothing to empty). Returns {'ok', job…} or {'none', lease_min} (the caller
-    # then blocks on `wake`, until lease_min at most: no lease runs out before).
+    # (the list was empty then: nothing to empty), '1' when the caller is counted in ``idle`` (it slept since
+    # its last claim found nothing, and took no wake-up), '1' when it will sleep if this finds nothing.
+    # Returns {'ok', job…} or {'none', lease_min} (the caller then blocks on `wake`, until lease_min at
+    # most: no lease runs out before).
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
 local kid, start = fair_top()
 local f = fair_fields(kid or '')
+f.uncount = ARGV[8] == '1'
+-- (a claimer counted in ``idle`` that takes a job: one less)
+local function uncount()
+  if f.uncount then redis.call('HSET', K_FAIR, F_IDLE, math.max(0, tonumber(f.idle or '0') - 1)) end
+end
 -- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries. None
 -- ran out while ``lease_min`` (a lower bound of the deadlines) is not past.
 local bound = tonumber(f.lease_min or '')
@@ -179,6 +199,7 @@ if not bound or bound < t then
       local deliveries = tonumber(j.deliveries or '0')
       if deliveries < max_deliveries then
         redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- (the next claim looks again)
+        uncount()
         return with_status('ok', take(id, j, worker, token, lease_ms, t))
       end
       local reason = 'worker lost ' .. deliveries .. ' times'
@@ -193,9 +214,21 @@ if not bound or bound < t then
 end
 local id, j, q = fair_pop(kid, start, f)
 if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) end
--- nothing queued: wake-ups pushed so far stand for nothing
-if ARGV[7] ~= '1' then redis.call('DEL', K_WAKE) end
-if f.bound_changed then redis.call('HSET', K_FAIR, F_LEASE_MIN, f.lease_min) end
+-- nothing queued: the caller sleeps on ``wake`` (unless ARGV[9] says it will not wait), counted in ``idle``
+-- (the sleepers no wake-up was pushed for: a submit pushes one while it is above 0, and takes one off).
+-- Wake-ups pushed so far stand for nothing: they go, and the sleepers they were pushed for count again.
+local idle, set = tonumber(f.idle or '0'), {}
+if ARGV[7] ~= '1' then
+  local gone = redis.call('LPOP', K_WAKE, 1000000)
+  if gone then idle = idle + #gone end
+end
+if ARGV[9] == '1' and (not f.uncount or idle == 0) then idle = idle + 1 end  -- (0: it was lost; a Redis restart)
+if idle ~= tonumber(f.idle or '0') then set = {F_IDLE, idle} end
+if f.bound_changed then
+  table.insert(set, F_LEASE_MIN)
+  table.insert(set, f.lease_min)
+end
+if set[1] then redis.call('HSET', K_FAIR, unpack(set)) end
 return {'none', f.lease_min}
 """,
     # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;

@@ -9,10 +9,10 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``; per key |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``, ``idle``; per key |
 | | | ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:``, ``lim:`` (see `redis_fair.py`) |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
-| ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
+| ``wake`` | list | one entry per sleeping worker a submit came for (``fair`` ``idle``): they BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
 | ``seq`` | counter | the layout before: ``fair``'s ``seq`` (submission sequence) starts from it |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
@@ -102,6 +102,8 @@ QUEUED_COUNT = "queued"
 LEASE_MIN = "lease_min"
 #: The field of the FAIR hash that says its per-key queued counts (``n:{key id}``) are exact.
 N_EXACT = "n_exact"
+#: The field of the FAIR hash that counts the workers asleep on WAKE that no wake-up was pushed for.
+IDLE = "idle"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
@@ -237,6 +239,7 @@ LUA_KEYS = "\n".join([
     f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
     f"local F_LEASE_MIN = {_lua_string(LEASE_MIN)}",
     f"local F_N_EXACT = {_lua_string(N_EXACT)}",
+    f"local F_IDLE = {_lua_string(IDLE)}",
     "local JOB_FIELDS = {" + ", ".join(_lua_string(f) for f in JOB_FIELDS) + "}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",

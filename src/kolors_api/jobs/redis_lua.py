@@ -187,7 +187,7 @@ elseif redis.call('EXISTS', jk) == 1 then
   return {'exists'}
 end
 local work = tonumber(ARGV[12])
-local odo, company = fair_enqueue(id, kid, work, f, key)
+local odo, company, sleeper = fair_enqueue(id, kid, work, f, key)
 local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
   'created_at', num(t), 'step', '0', 'total_steps', '0', 'outputs', '0', 'ext', '', 'seeds', '[]',
   'metrics', '{}', 'deliveries', '0', 'cancel_requested', '0', 'version', '1', 'seq', tostring(seq),
@@ -205,7 +205,8 @@ if ARGV[10] ~= '' then
   table.insert(job, ARGV[10])
 end
 redis.call('HSET', jk, unpack(job))
-redis.call('RPUSH', K_WAKE, '1')  -- an idle worker wakes (the list is emptied when a claim finds nothing)
+-- a sleeping worker wakes (one no wake-up was pushed for yet: `fair_enqueue`); busy ones find it themselves
+if sleeper then redis.call('RPUSH', K_WAKE, '1') end
 -- and those waiting for company look again (`wait_for_work` marks ``company``)
 if company then redis.call('PUBLISH', K_SUBMITTED, id) end
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
