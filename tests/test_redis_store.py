@@ -127,30 +127,38 @@ async def test_pubsub_wakes_wait_across_instances(make: MakeStore) -> None:
     assert stepped is not None and (stepped.step, stepped.total_steps) == (1, 2)
 
 
-async def test_ttls_are_set_on_finished_records_and_images_only(make: MakeStore, raw: Any) -> None:
-    store = await make(retention=120.0)
+async def test_finished_records_and_images_are_gone_past_retention_and_swept(make: MakeStore, raw: Any) -> None:
+    """A finished job (its images in its hash) is gone to every reader at its `expires_at` (the server's
+    clock), and the expiry sweep deletes it; queued and running jobs never expire."""
+    store = await make(retention=1.0)
     done = await store.submit(NewJob(model="kolors", params=params(1)))
     failed = await store.submit(NewJob(model="kolors", params=params(2)))
-    assert await raw.pttl(store.keys.job(done.id)) == -1  # QUEUED: kept until it ends
     lease = await store.claim("w1", 30, 1)
     assert lease is not None and lease.job.id == done.id
-    assert await raw.pttl(store.keys.job(done.id)) == -1  # PROCESSING: kept until it ends
     assert await store.complete(lease, [b"a", b"b"], "png", [1, 2], {})
-    assert 110_000 < await raw.pttl(store.keys.job(done.id)) <= 120_001  # ms rounding up
-    # the images are fields of the job's hash, under its TTL (readers of the job get them only one at a time)
+    # the images are fields of the job's hash (readers of the job get them only one at a time)
     assert await raw.hmget(store.keys.job(done.id), ["out:0", "out:1"]) == [b"a", b"b"]
     assert not await raw.exists(store.keys.output(done.id, 0))
     assert await store.read_output(done.id, 1) == b"b"
+    got = await store.get(done.id)
+    assert got is not None and got.finished_at is not None
+    assert got.expires_at == pytest.approx(got.finished_at + 1.0)
+    cancelled = await store.request_cancel(failed.id)
+    assert cancelled is not None and cancelled.state == JobState.FAILED
     # an image the layout before stored in a key of its own is still read
     await raw.hdel(store.keys.job(done.id), "inline", "out:0", "out:1")
     await raw.set(store.keys.output(done.id, 0), b"old")
     assert await store.read_output(done.id, 0) == b"old"
-    got = await store.get(done.id)
-    assert got is not None and got.finished_at is not None
-    assert got.expires_at == pytest.approx(got.finished_at + 120.0)
-    cancelled = await store.request_cancel(failed.id)
-    assert cancelled is not None and cancelled.state == JobState.FAILED
-    assert 110_000 < await raw.pttl(store.keys.job(failed.id)) <= 120_001  # ms rounding up
+    queued = await store.submit(NewJob(model="kolors", params=params(3)))
+    await asyncio.sleep(1.2)
+    for job_id in (done.id, failed.id):
+        assert await store.get(job_id) is None and await store.read_output(job_id, 0) is None
+        assert await store.request_cancel(job_id) is None
+    assert await raw.exists(store.keys.job(done.id))  # until the sweep
+    assert await store.expire() == 2
+    assert not await raw.exists(store.keys.job(done.id), store.keys.job(failed.id), store.keys.output(done.id, 0))
+    still = await store.get(queued.id)
+    assert still is not None and still.state == JobState.QUEUED
 
 
 async def test_credit_reservation_is_atomic_under_concurrent_submits(make: MakeStore) -> None:

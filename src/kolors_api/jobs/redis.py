@@ -14,7 +14,8 @@
   state == PROCESSING, lease_token == the lease's token and the deadline first: a stale worker
   changes nothing. Every state change is one script, so counters, credits and the ledger move with
   it or not at all.
-- Job hashes and images get a TTL (retention) when the job finishes, never before.
+- A finished job (its hash, with its images) is gone to readers at its `expires_at` (retention, on the
+  server's clock), and deleted by the expiry sweep (`expire`); no TTL is written per job.
 - `wait` is woken by pub/sub (every change publishes the job's version on its channel while someone
   waits on it: `wait` marks the job ``watched`` for a minute; one pattern subscription per store),
   with a re-check every second as a fallback. Changes of a job nobody waits on publish nothing.
@@ -203,7 +204,7 @@ class RedisStore(RedisHooks, RedisApiKeys):
         if status == "idem_mismatch":
             raise IdempotencyMismatch()
         if status == "replay":
-            return replayed(str_of(got[1]), new, live(flat_hash(got[2:])))
+            return replayed(str_of(got[1]), new, live(flat_hash(got[2:]), await self.now()))
         if status == "queue_full":
             raise QueueFull(f"queue is full ({int(got[1])} jobs waiting)")
         if status == "too_many":
@@ -217,11 +218,11 @@ class RedisStore(RedisHooks, RedisApiKeys):
     async def get(self, job_id: str) -> Job | None:
         r = await self._conn()
         h = await self._job_hash(r, job_id)
-        job = live(h)
+        now = await self.clock.now(r)  # leases and retention are judged by the server's clock
+        job = live(h, now)
         if job is None or job.state != JobState.PROCESSING:
             return job
-        # a lease is judged by the server's clock, the one that wrote its deadline
-        return as_seen(job, opt_float(h.get("lease_until")), await self.clock.now(r))
+        return as_seen(job, opt_float(h.get("lease_until")), now)
 
     async def _job_hash(self, r: Redis, job_id: str) -> dict[str, str]:
         """The job's hash without its images (`redis_keys.JOB_FIELDS`); empty when there is no job."""
@@ -269,7 +270,7 @@ class RedisStore(RedisHooks, RedisApiKeys):
         sent = time.monotonic()
         now, raw = await self._call(names.SCRIPT_MARK, job_id, repr(float(seconds)))
         h = flat_hash(raw)
-        job = live(h)
+        job = live(h, float(now))
         if job is None:
             self._marked.pop(job_id, None)
             return None
@@ -346,7 +347,7 @@ class RedisStore(RedisHooks, RedisApiKeys):
         r = await self._conn()
         *values, image = await r.hmget(self.keys.job(job_id), [*names.JOB_FIELDS, f"out:{index}"])
         raw = _fields(values)
-        job = live(raw)
+        job = live(raw, await self.clock.now(r))
         if not output_readable(job, index):
             return None
         if "blob" not in raw:
@@ -358,15 +359,17 @@ class RedisStore(RedisHooks, RedisApiKeys):
         return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
 
     async def output_url(self, job_id: str, index: int) -> str | None:
-        raw = await self._job_hash(await self._conn(), job_id)
-        job = live(raw)
+        r = await self._conn()
+        raw = await self._job_hash(r, job_id)
+        job = live(raw, await self.clock.now(r))
         if self.blobs is None or "blob" not in raw or not output_readable(job, index):
             return None
         return await asyncio.to_thread(self.blobs.presign, job_id, raw["blob"], index, job.ext, seconds_left(job))
 
     async def request_cancel(self, job_id: str) -> Job | None:
-        got = await self._call(names.SCRIPT_CANCEL, job_id)
-        return live(flat_hash(got[1:])) if str_of(got[0]) == "ok" else None
+        now = await self.now()
+        got = await self._call(names.SCRIPT_CANCEL, job_id, now=now)
+        return live(flat_hash(got[1:]), now) if str_of(got[0]) == "ok" else None
 
     async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         r = await self._conn()
@@ -383,11 +386,11 @@ class RedisStore(RedisHooks, RedisApiKeys):
                 for member, _ in rows:
                     pipe.hmget(self.keys.job(str_of(member)), names.JOB_FIELDS)
                 hashes = await pipe.execute()
-            now = await self.clock.now(r)  # the clock of the lease deadlines
+            now = await self.clock.now(r)  # the clock of the lease deadlines and of retention
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
                 h = _fields(raw)
-                job = live(h)
+                job = live(h, now)
                 if job is None:
                     continue  # expired, not yet swept by expire()
                 job = as_seen(job, opt_float(h.get("lease_until")), now)

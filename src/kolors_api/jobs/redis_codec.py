@@ -42,10 +42,13 @@ def job_of(h: dict[str, str]) -> Job:
                version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""))
 
 
-def live(h: dict[str, str]) -> Job | None:
-    """The job of a hash, or None when there is none. Past retention there is none: Redis never
-    answers a key past its TTL, and the TTL is set from the same (server) clock as `expires_at`."""
-    return job_of(h) if "id" in h else None
+def live(h: dict[str, str], now: float) -> Job | None:
+    """The job of a hash, or None when there is none. Past retention (`expires_at`, on the server's
+    clock, as `now`) there is none: the expiry sweep deletes the hash, readers do not wait for it."""
+    if "id" not in h:
+        return None
+    expires = h.get("expires_at")
+    return None if expires and float(expires) <= now else job_of(h)
 
 
 def lease_of(flat: list[Any], token: str, worker_id: str) -> Lease:

@@ -19,7 +19,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
 | ``workers`` | zset worker id → alive until | liveness |
 | ``secret`` | string | the shared secret that signs output URLs |
-| ``job:{id}`` | hash | the job (`JOB_FIELDS`), image i as ``out:{i}`` (no blob store); TTL = retention once finished |
+| ``job:{id}`` | hash | the job (`JOB_FIELDS`), image i as ``out:{i}`` (no blob store); swept past ``expires_at`` |
 | ``out:{id}:{i}`` | string | output image i of a job the layout before stored (now ``job:{id}`` ``out:{i}``) |
 | ``in:{id}`` | hash sha256 → bytes | the job's input pictures (when no blob store); deleted by `expire()` |
 | ``running:{key id}`` | counter | the layout before: moved into ``fair`` ``r:{key id}`` on `open` |

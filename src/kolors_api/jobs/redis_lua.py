@@ -61,7 +61,7 @@ local function ledger(kid, rid, kind, amount, at)
 end
 """ + LUA_OUTBOX + LUA_FAIR + r"""
 -- COMPLETED or FAILED as change `version`: leave the queue or the leases, release the key's slot (``r:``),
--- start the TTL. `j`: the job's state and key_id.
+-- and expire `RETENTION` from now. `j`: the job's state and key_id.
 local function finish(id, j, version, fields, t)
   local jk = k_job(id)
   local exp = t + RETENTION
@@ -71,10 +71,8 @@ local function finish(id, j, version, fields, t)
   if j.key_id and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
     redis.call('HSET', K_FAIR, 'r:' .. j.key_id, 0)  -- (never below 0)
   end
-  local at_ms = math.ceil(exp * 1000)
-  redis.call('PEXPIREAT', jk, at_ms)
+  -- past `expires_at` readers find no job (`redis_codec.live`); the expiry sweep deletes it (`expire`)
   redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, j.key_id or ''}))
-  return at_ms
 end
 local FAIL_FIELDS = with_hooks({'state', 'cost', 'reserved', 'version'})
 -- FAILED with `err`, refunded; `j` (FAIL_FIELDS) when read already; `skipped`: changes readers saw
