@@ -4,7 +4,8 @@
   sorted set per key, the keys by virtual time), so a claim costs O(log n); a running job's lease is
   its member in ``leases``, scored by its deadline. `claim` is one script: a job whose lease ran out
   (a dead worker's) first, then the fair head. With nothing queued a worker blocks on ``wake``
-  (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. A worker
+  (BLPOP) until a submit pushes it a wake-up (one for each sleeper: ``fair`` ``idle`` counts those none
+  was pushed for), or until a lease may run out (``lease_min``): no polling. A worker
   waiting for company (`wait_for_work`) hears every submit on the ``submitted`` channel instead, so
   it never takes an idle worker's wake-up (submits publish there only while such a worker marked
   ``company`` in ``fair``, renewed every minute). Blocking reads run on connections of their own, so they
@@ -108,8 +109,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
         self._key_cache = KeyCache()
         #: What `complete` stored, by lease token, and when (server clock): `finished`.
         self._finished: dict[str, tuple[int, float]] = {}
-        #: Until when (monotonic) `claim` need not look unless woken (see there).
-        self._quiet_until = 0.0
+        #: Until when (monotonic) `claim` need not look for each worker unless woken (see there).
+        self._quiet_until: dict[str, float] = {}
         #: The workers of this store counted in ``fair`` ``idle`` (asleep on ``wake``; see SCRIPT_CLAIM).
         self._counted: set[str] = set()
         self._pubsub: PubSub | None = None
@@ -408,9 +409,10 @@ class RedisStore(RedisHooks, RedisApiKeys):
         lease_ms = repr(lease_seconds * 1000.0)
         timed_out = woken = False
         while True:
-            # Nothing was queued when this store last looked, and no lease runs out before `_quiet_until`:
-            # until then only a submit's wake-up (every submit pushes one) says there is something to take.
-            quiet, left = self._quiet_until - time.monotonic(), deadline - time.monotonic()
+            # Nothing was queued when this worker last looked, and no lease runs out before `_quiet_until`: until
+            # then only a wake-up (a submit pushes one for each sleeper) says there is something to take.
+            quiet = self._quiet_until.get(worker_id, 0.0) - time.monotonic()
+            left = deadline - time.monotonic()
             if quiet > 0 and left > 0 and not woken:
                 woken = await self._wake(min(quiet, left, self.recheck))
                 timed_out = not woken
@@ -427,12 +429,12 @@ class RedisStore(RedisHooks, RedisApiKeys):
             got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
                                    int(timed_out), int(worker_id in self._counted), int(will_wait), now=now)
             if str_of(got[0]) == "ok":
-                self._quiet_until = 0.0
+                self._quiet_until.pop(worker_id, None)
                 self._counted.discard(worker_id)
                 return lease_of(got[1:], token, worker_id)
-            if will_wait:
+            if will_wait:  # (counted asleep: a submit pushes it a wake-up)
                 self._counted.add(worker_id)
-            self._quiet_until = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
+                self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
             if deadline - time.monotonic() <= 0:
                 return None
 

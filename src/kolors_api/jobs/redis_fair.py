@@ -8,7 +8,7 @@ tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied fro
 of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``).
 A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
 whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
-onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing empties it.
+onto ``wake`` for a worker asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
 callers from there).
@@ -167,9 +167,8 @@ end
 """
 
 BODIES: dict[str, str] = {
-    # ARGV: worker, token, lease_ms, max_deliveries, '1' when the caller's wait on `wake` just ran out
-    # (the list was empty then: nothing to empty), '1' when the caller is counted in ``idle`` (it slept since
-    # its last claim found nothing, and took no wake-up), '1' when it will sleep if this finds nothing.
+    # ARGV: worker, token, lease_ms, max_deliveries, (unused), '1' when the caller is counted in ``idle`` (it
+    # slept since its last claim found nothing, and took no wake-up), '1' when it will sleep if this finds nothing.
     # Returns {'ok', job…} or {'none', lease_min} (the caller then blocks on `wake`, until lease_min at
     # most: no lease runs out before).
     names.SCRIPT_CLAIM: r"""
@@ -215,13 +214,10 @@ end
 local id, j, q = fair_pop(kid, start, f)
 if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) end
 -- nothing queued: the caller sleeps on ``wake`` (unless ARGV[9] says it will not wait), counted in ``idle``
--- (the sleepers no wake-up was pushed for: a submit pushes one while it is above 0, and takes one off).
--- Wake-ups pushed so far stand for nothing: they go, and the sleepers they were pushed for count again.
+-- (the sleepers no wake-up was pushed for: a submit pushes one while it is above 0, and takes one off). Only
+-- a sleeper takes a wake-up off the list, so every sleeper has one coming, or is counted. (A wake-up left
+-- for a worker that died asleep wakes the next sleeper once, for nothing.)
 local idle, set = tonumber(f.idle or '0'), {}
-if ARGV[7] ~= '1' then
-  local gone = redis.call('LPOP', K_WAKE, 1000000)
-  if gone then idle = idle + #gone end
-end
 if ARGV[9] == '1' and (not f.uncount or idle == 0) then idle = idle + 1 end  -- (0: it was lost; a Redis restart)
 if idle ~= tonumber(f.idle or '0') then set = {F_IDLE, idle} end
 if f.bound_changed then
