@@ -21,6 +21,7 @@ from kolors_api.jobs import (  # noqa: E402
     JobState,
     Lease,
     NewJob,
+    TooManyRunning,
     make_key_record,
     new_key,
 )
@@ -506,3 +507,23 @@ async def test_a_worker_waiting_for_company_hears_a_submit_and_leaves_the_idle_w
     alike = await api.submit(NewJob(model="kolors", params=params(3)))
     await asyncio.wait_for(worker.wait_for_work(20), 5)
     assert [lease.job.id for lease in await worker.claim_batch("w1", 30, batch)] == [alike.id]
+
+
+async def test_max_concurrency_set_later_counts_the_jobs_already_there(make: MakeStore) -> None:
+    """A key without max_concurrency keeps no count of its unfinished jobs (they are ``uncounted``: no
+    write when they end); setting one counts those there, so the bound holds at once, and each of them
+    leaves the count when it ends."""
+    store = await make()
+    key = make_key_record("later", new_key())
+    await store.add_key(key)
+    for n in (1, 2):
+        await store.submit(NewJob(model="kolors", params=params(n), key_id=key.id))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.running_count(key.id) == 2
+    await store.update_key(key.id, max_concurrency=2)
+    with pytest.raises(TooManyRunning):
+        await store.submit(NewJob(model="kolors", params=params(3), key_id=key.id))
+    assert await store.complete(lease, [b"x"], "png", [1], {})
+    assert await store.running_count(key.id) == 1
+    await store.submit(NewJob(model="kolors", params=params(4), key_id=key.id))
+    assert await store.running_count(key.id) == 2

@@ -150,5 +150,4 @@ class RedisApiKeys:
                             at=float(e["at"])) for e in map(json.loads, rows)]
 
     async def running_count(self, key_id: str) -> int:
-        count = await (await self._conn()).hget(self.keys.fair, "r:" + key_id)
-        return int(count) if count is not None else 0
+        return int(await self._call(names.SCRIPT_RUNNING, key_id))

@@ -5,7 +5,8 @@ out), and the keys with queued jobs in ``fair-active`` by start tag, so taking t
 ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time, the queued count and ``lease_min`` (a lower
 bound of the lease deadlines: a claim looks at ``leases`` only once it is past), each key's finish
 tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
-of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``).
+of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``: kept for the keys that
+have one; a job of a key without is ``uncounted``, and `count_unfinished` counts them when needed).
 A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
 whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
 onto ``wake`` for a worker asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
@@ -60,9 +61,11 @@ local function fair_enqueue(id, kid, work, f, key)
   local odo, n = tonumber(f.odo or '0'), tonumber(f.n or '0')
   local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f.queued or '0') + 1, 'n:' .. kid, n + 1,
     'seq', fair_seq(f)}
-  if key then  -- a job of an API key: the key's weight and limits, and one more of its jobs not finished
-    for _, x in ipairs({'w:' .. kid, key.weight, 'lim:' .. kid, key.lim, 'r:' .. kid, tonumber(f.r or '0') + 1}) do
-      table.insert(set, x)
+  if key then  -- a job of an API key: the key's weight and limits
+    for _, x in ipairs({'w:' .. kid, key.weight, 'lim:' .. kid, key.lim}) do table.insert(set, x) end
+    if key.most then  -- one more of its jobs not finished, for max_concurrency (else the job is `uncounted`)
+      table.insert(set, 'r:' .. kid)
+      table.insert(set, tonumber(f.r or '0') + 1)
     end
   end
   local idle = tonumber(f.idle or '0')
@@ -78,6 +81,25 @@ local function fair_enqueue(id, kid, work, f, key)
     redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f.finish or '0'), tonumber(f.vtime or '0'))), kid)
   end
   return odo, (tonumber(f.company) or 0) > now(), idle > 0
+end
+-- key `kid`'s jobs not finished (QUEUED or PROCESSING), counted: the queue's and the leases' (O(its queue
+-- and every lease)); `recount`: make that ``r:`` and count each of them there from now on (it has
+-- max_concurrency now; jobs submitted without one were `uncounted`)
+local function count_unfinished(kid, recount)
+  local ids = redis.call('ZRANGE', k_fair_queue(kid), 0, -1)
+  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    if redis.call('HGET', k_job(id), 'key_id') == kid then table.insert(ids, id) end
+  end
+  local n = 0
+  for _, id in ipairs(ids) do
+    local state = redis.call('HGET', k_job(id), 'state')
+    if state == 'QUEUED' or state == 'PROCESSING' then
+      n = n + 1
+      if recount then redis.call('HDEL', k_job(id), 'uncounted') end
+    end
+  end
+  if recount then redis.call('HSET', K_FAIR, 'r:' .. kid, n) end
+  return n
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)

@@ -29,8 +29,8 @@ local function fields(id, names)
   for i, n in ipairs(names) do j[n] = v[i] end
   return j
 end
--- the fields the webhook outbox reads (see `outbox`), and `watched` (see `publish`)
-local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress', 'watched'}
+-- the fields the webhook outbox reads (see `outbox`), `watched` (see `publish`) and `uncounted` (see `finish`)
+local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress', 'watched', 'uncounted'}
 local function with_hooks(names)
   local out = {unpack(names)}
   for _, n in ipairs(HOOK_FIELDS) do table.insert(out, n) end
@@ -68,7 +68,8 @@ local function finish(id, j, version, fields, t)
   redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), 'lease_token', '', 'lease_until', '',
     'version', version, unpack(fields))
   if j.state == 'QUEUED' then fair_left(id, j.key_id or '') else redis.call('ZREM', K_LEASES, id) end
-  if j.key_id and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
+  -- (a job of a key without max_concurrency was not counted: `uncounted`)
+  if j.key_id and j.uncounted ~= '1' and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
     redis.call('HSET', K_FAIR, 'r:' .. j.key_id, 0)  -- (never below 0)
   end
   -- past `expires_at` readers find no job (`redis_codec.live`); the expiry sweep deletes it (`expire`)
@@ -193,6 +194,10 @@ local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', '
 if kid ~= '' then
   table.insert(job, 'key_id')
   table.insert(job, kid)
+  if not key.most then  -- (not in its key's count of unfinished jobs, ``r:``: nothing bounds it)
+    table.insert(job, 'uncounted')
+    table.insert(job, '1')
+  end
 end
 if ARGV[9] ~= '' then
   table.insert(job, 'idempotency_key')
@@ -399,6 +404,12 @@ if ARGV[4] ~= '' then
     ledger(ARGV[3], '', 'topup', (new - sum) / MICRO, now())
   end
 end
+for j = 7, #ARGV do  -- max_concurrency set anew: its count of unfinished jobs starts from what is there
+  if ARGV[j] == 'max_concurrency' then
+    if redis.call('HEXISTS', kk, 'max_concurrency') == 1 then count_unfinished(ARGV[3], true) end
+    break
+  end
+end
 redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])  -- processes that keep key records forget them
 return with_status('ok', redis.call('HGETALL', kk))
 """,
@@ -419,6 +430,14 @@ return 1
 local ttl = tonumber(ARGV[4])
 if ttl <= 0 then return redis.call('ZREM', K_WORKERS, ARGV[3]) end
 return redis.call('ZADD', K_WORKERS, num(now() + ttl), ARGV[3])
+""",
+    # ARGV: key id. Its jobs not finished: ``r:`` for a key with max_concurrency, else counted.
+    names.SCRIPT_RUNNING: r"""
+local kid = ARGV[3]
+if redis.call('HEXISTS', k_key(kid), 'max_concurrency') == 1 then
+  return tonumber(redis.call('HGET', K_FAIR, 'r:' .. kid) or '0')
+end
+return count_unfinished(kid, false)
 """,
     names.SCRIPT_STATS: r"""
 local counters = redis.call('HMGET', K_COUNTERS, F_RECLAIMS, F_DEAD)
