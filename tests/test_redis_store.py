@@ -22,6 +22,7 @@ from kolors_api.jobs import (  # noqa: E402
     Lease,
     NewJob,
     TooManyRunning,
+    hash_key,
     make_key_record,
     new_key,
 )
@@ -527,3 +528,35 @@ async def test_max_concurrency_set_later_counts_the_jobs_already_there(make: Mak
     assert await store.running_count(key.id) == 1
     await store.submit(NewJob(model="kolors", params=params(4), key_id=key.id))
     assert await store.running_count(key.id) == 2
+
+
+async def test_a_key_record_is_kept_only_until_a_change_is_heard(make: MakeStore, raw: Any) -> None:
+    """An API replica keeps key records by hash (a request's authentication costs no round trip) while its
+    ``keys-changed`` subscription holds; a change made through another replica is heard at once."""
+    api, admin = await make(), await make()
+    plain = new_key()
+    key = make_key_record("kept", plain)
+    await admin.add_key(key)
+
+    async def reads() -> int:
+        stats = await raw.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hget", "hgetall"))
+
+    first = await api.key_by_hash(hash_key(plain))
+    assert first is not None and first.enabled
+    before = await reads()
+    again = await asyncio.gather(*(api.key_by_hash(hash_key(plain)) for _ in range(5)))
+    assert all(k is not None and k.id == key.id for k in again) and await reads() == before
+    await admin.update_key(key.id, enabled=False)
+    for _ in range(100):  # heard within the publication's latency
+        record = await api.key_by_hash(hash_key(plain))
+        if record is not None and not record.enabled:
+            break
+        await asyncio.sleep(0.01)
+    assert record is not None and not record.enabled
+    assert await admin.delete_key(key.id)
+    for _ in range(100):
+        if await api.key_by_hash(hash_key(plain)) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await api.key_by_hash(hash_key(plain)) is None

@@ -12,6 +12,7 @@ so a revoked key is refused from then on. A record is kept `SECONDS` at most in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -41,6 +42,8 @@ class KeyCache:
         self.generation = 0
         #: The ``keys-changed`` subscription is confirmed and unbroken.
         self.heard = False
+        #: Reads in flight by key hash, and the generation each began in.
+        self.reading: dict[str, tuple[int, asyncio.Future[ApiKey | None]]] = {}
 
     def get(self, key_hash: str) -> ApiKey | None:
         found = self._records.get(key_hash)
@@ -98,11 +101,21 @@ class RedisApiKeys:
         if not cache.heard:
             with contextlib.suppress(RedisError, OSError, TimeoutError):  # (then nothing is kept)
                 await self._listen(self.keys.keys_changed, pattern=False)
+        # lookups of one key at once share one read, unless a change was heard since it began
         generation = cache.generation
+        reading = cache.reading.get(key_hash)
+        if reading is None or reading[0] != generation:
+            reading = (generation, asyncio.ensure_future(self._read_key(key_hash, generation)))
+            cache.reading[key_hash] = reading
+            reading[1].add_done_callback(lambda _: cache.reading.pop(key_hash, None)
+                                         if cache.reading.get(key_hash) is reading else None)
+        return await asyncio.shield(reading[1])
+
+    async def _read_key(self, key_hash: str, generation: int) -> ApiKey | None:
         key_id = await (await self._conn()).hget(self.keys.key_index, key_hash)
         record = None if key_id is None else await self.get_key(str_of(key_id))
         if record is not None:
-            cache.put(key_hash, record, generation)
+            self._key_cache.put(key_hash, record, generation)
         return record
 
     async def get_key(self, key_id: str) -> ApiKey | None:
