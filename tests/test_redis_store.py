@@ -560,3 +560,18 @@ async def test_a_key_record_is_kept_only_until_a_change_is_heard(make: MakeStore
             break
         await asyncio.sleep(0.01)
     assert await api.key_by_hash(hash_key(plain)) is None
+
+
+async def test_a_lease_renewed_shorter_is_reclaimed_when_the_renewal_runs_out(make: MakeStore) -> None:
+    """A claim looks at the leases only once ``lease_min`` (a lower bound of their deadlines) is past: a
+    renewal shorter than the lease it renews moves the bound down with it."""
+    store = await make()
+    await store.submit(NewJob(model="kolors", params=params()))
+    holder = await store.claim("w1", 30, 1)
+    assert holder is not None
+    assert await store.claim("w2", 30, 0.05) is None  # (the bound: 30 s ahead)
+    assert await store.heartbeat(holder, 0.2)
+    await asyncio.sleep(0.4)
+    # (a worker that looked before the renewal waits on wake-ups until then, QUIET_SECONDS at most)
+    again = await store.claim("w3", 30, 0.5)
+    assert again is not None and again.job.id == holder.job.id and again.delivery == 2

@@ -223,6 +223,9 @@ if not holds(j, ARGV[4]) then return 0 end
 local lease_until = num(now() + lease_ms / 1000)
 redis.call('HSET', k_job(id), 'lease_until', lease_until)
 redis.call('ZADD', K_LEASES, lease_until, id)
+-- (a renewal shorter than the lease it renews may end before ``lease_min``: it moves down too)
+local bound = tonumber(redis.call('HGET', K_FAIR, F_LEASE_MIN) or '')
+if bound and tonumber(lease_until) < bound then redis.call('HSET', K_FAIR, F_LEASE_MIN, lease_until) end
 return 1
 """,
     # ARGV: n, then n × (id, token, step, total_steps, phase, preview webp or ''). Returns each job's answer:
