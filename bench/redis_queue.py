@@ -181,7 +181,7 @@ def fleet_commands(url: str, workdir: Path, jobs: int, idle: float) -> dict[str,
         stats.pop("config|resetstat", None)
         stats.pop("info", None)
         total = sum(stats.values())
-        top = dict(sorted(stats.items(), key=lambda kv: -kv[1])[:12])
+        top = dict(sorted(stats.items(), key=lambda kv: -kv[1]))
         return {"jobs": jobs, "run_s": round(ran, 2), "idle_s": idle, "commands": total,
                 "commands_per_job": round(total / jobs, 1),
                 "sent_per_job": round(sent / jobs, 1), "in_scripts_per_job": round(monitor.counts["lua"] / jobs, 1),
@@ -246,7 +246,9 @@ def main() -> None:
                 print(f"fleet: {f['jobs']} jobs in {f['run_s']} s + {f['idle_s']} s idle: "
                       f"{f['commands']} Redis commands, {f['commands_per_job']} per job "
                       f"({f['sent_per_job']} sent by clients, {f['in_scripts_per_job']} inside scripts)")
-                print("  " + ", ".join(f"{k} {v}" for k, v in f["top"].items()))
+                print(f"  {'command':<16} {'calls':>7} {'per job':>8}")
+                for name, calls in f["top"].items():
+                    print(f"  {name:<16} {calls:>7} {calls / f['jobs']:>8.2f}")
             if not args.skip_depths:
                 depths = [int(d) for d in args.depths.split(",")]
                 result["claims"] = asyncio.run(claim_latency(url, depths, args.claims))

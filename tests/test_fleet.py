@@ -172,7 +172,8 @@ def stored_images(rdb: redis.Redis, images: str | None) -> set[str]:
     """The job ids that have images stored: on S3 (`images` is its URL), or in Redis."""
     if images is not None:
         return {k.split("/")[1] for k in s3_keys(images)}
-    return {k.decode().split(":")[-2] for k in rdb.keys(keys.DEFAULT_PREFIX + "out:*")}
+    stem = keys.DEFAULT_PREFIX + keys.JOB  # (images are fields of their job's hash)
+    return {k.decode().removeprefix(stem) for k in rdb.keys(stem + "*") if rdb.hexists(k, "out:0")}
 
 
 def test_a_step_slower_than_the_lease_with_heartbeats_is_not_run_twice(fleet: Fleet) -> None:

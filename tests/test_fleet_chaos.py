@@ -98,3 +98,4 @@ def test_chaos_sigkill_a_worker_mid_job_loses_nothing_and_completes_nothing_twic
     if images is not None:  # every job's image is on S3, none in Redis
         assert {key.split("/")[1] for key in s3_keys(images)} == set(ids)
         assert not rdb.keys(keys.DEFAULT_PREFIX + "out:*")
+        assert not [k for k in rdb.keys(keys.DEFAULT_PREFIX + keys.JOB + "*") if rdb.hexists(k, "out:0")]

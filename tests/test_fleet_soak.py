@@ -44,6 +44,7 @@ def test_soak_every_output_is_served_each_job_charged_once_and_retention_removes
         every += ids
     if images is not None:
         assert not rdb.keys(keys.DEFAULT_PREFIX + "out:*")  # no image ever went to Redis
+        assert not [k for k in rdb.keys(keys.DEFAULT_PREFIX + keys.JOB + "*") if rdb.hexists(k, "out:0")]
     account = httpx.get(a.url + "/v1/account", headers={"x-api-key": key}).json()
     assert account["credits"] == pytest.approx(100 - len(every) * 0.02)  # each job charged once
     deadline = time.monotonic() + 90  # retention, then the replicas' expiry sweep deletes the images

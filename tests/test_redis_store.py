@@ -21,6 +21,8 @@ from kolors_api.jobs import (  # noqa: E402
     JobState,
     Lease,
     NewJob,
+    TooManyRunning,
+    hash_key,
     make_key_record,
     new_key,
 )
@@ -127,23 +129,38 @@ async def test_pubsub_wakes_wait_across_instances(make: MakeStore) -> None:
     assert stepped is not None and (stepped.step, stepped.total_steps) == (1, 2)
 
 
-async def test_ttls_are_set_on_finished_records_and_images_only(make: MakeStore, raw: Any) -> None:
-    store = await make(retention=120.0)
+async def test_finished_records_and_images_are_gone_past_retention_and_swept(make: MakeStore, raw: Any) -> None:
+    """A finished job (its images in its hash) is gone to every reader at its `expires_at` (the server's
+    clock), and the expiry sweep deletes it; queued and running jobs never expire."""
+    store = await make(retention=1.0)
     done = await store.submit(NewJob(model="kolors", params=params(1)))
     failed = await store.submit(NewJob(model="kolors", params=params(2)))
-    assert await raw.pttl(store.keys.job(done.id)) == -1  # QUEUED: kept until it ends
     lease = await store.claim("w1", 30, 1)
     assert lease is not None and lease.job.id == done.id
-    assert await raw.pttl(store.keys.job(done.id)) == -1  # PROCESSING: kept until it ends
     assert await store.complete(lease, [b"a", b"b"], "png", [1, 2], {})
-    for key in (store.keys.job(done.id), store.keys.output(done.id, 0), store.keys.output(done.id, 1)):
-        assert 110_000 < await raw.pttl(key) <= 120_001  # ms rounding up
+    # the images are fields of the job's hash (readers of the job get them only one at a time)
+    assert await raw.hmget(store.keys.job(done.id), ["out:0", "out:1"]) == [b"a", b"b"]
+    assert not await raw.exists(store.keys.output(done.id, 0))
+    assert await store.read_output(done.id, 1) == b"b"
     got = await store.get(done.id)
     assert got is not None and got.finished_at is not None
-    assert got.expires_at == pytest.approx(got.finished_at + 120.0)
+    assert got.expires_at == pytest.approx(got.finished_at + 1.0)
     cancelled = await store.request_cancel(failed.id)
     assert cancelled is not None and cancelled.state == JobState.FAILED
-    assert 110_000 < await raw.pttl(store.keys.job(failed.id)) <= 120_001  # ms rounding up
+    # an image the layout before stored in a key of its own is still read
+    await raw.hdel(store.keys.job(done.id), "inline", "out:0", "out:1")
+    await raw.set(store.keys.output(done.id, 0), b"old")
+    assert await store.read_output(done.id, 0) == b"old"
+    queued = await store.submit(NewJob(model="kolors", params=params(3)))
+    await asyncio.sleep(1.2)
+    for job_id in (done.id, failed.id):
+        assert await store.get(job_id) is None and await store.read_output(job_id, 0) is None
+        assert await store.request_cancel(job_id) is None
+    assert await raw.exists(store.keys.job(done.id))  # until the sweep
+    assert await store.expire() == 2
+    assert not await raw.exists(store.keys.job(done.id), store.keys.job(failed.id), store.keys.output(done.id, 0))
+    still = await store.get(queued.id)
+    assert still is not None and still.state == JobState.QUEUED
 
 
 async def test_credit_reservation_is_atomic_under_concurrent_submits(make: MakeStore) -> None:
@@ -251,24 +268,26 @@ async def test_the_stats_count_the_queued_and_the_running_jobs(make: MakeStore, 
 
 async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, raw: Any) -> None:
     """No polling: a claim with nothing queued blocks on the wake list, and another process's submit
-    ends the wait at once (long before the claim's timeout); a claim that finds nothing empties the
-    list, so wake-ups pushed while no worker waited stand for nothing."""
+    ends the wait at once (long before the claim's timeout). A submit pushes a wake-up only for a worker
+    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves."""
     worker, api = await make(), await make()
     await api.submit(NewJob(model="kolors", params=params(1)))
     await api.submit(NewJob(model="kolors", params=params(2)))
-    assert await raw.llen(worker.keys.wake) == 2
+    assert await raw.llen(worker.keys.wake) == 0  # nobody asleep
     for _ in range(2):
         assert await worker.claim("w1", 30, 0.1) is not None
-    assert await worker.claim("w1", 30, 0.05) is None
-    assert await raw.llen(worker.keys.wake) == 0
     claiming = asyncio.create_task(worker.claim("w1", 30, 20))
     await asyncio.sleep(0.3)
     assert not claiming.done()
+    assert await raw.hget(worker.keys.fair, "idle") == b"1"
     job = await api.submit(NewJob(model="kolors", params=params(3)))
     started = asyncio.get_running_loop().time()
+    await api.submit(NewJob(model="kolors", params=params(4)))  # no one else asleep: no wake-up
     lease = await asyncio.wait_for(claiming, 5)
     assert lease is not None and lease.job.id == job.id
     assert asyncio.get_running_loop().time() - started < 1.0  # woken, not timed out (20 s)
+    assert await raw.llen(worker.keys.wake) == 0 and await raw.hget(worker.keys.fair, "idle") == b"0"
+    assert await worker.claim("w1", 30, 0.1) is not None  # (the fourth, found without a wake-up)
 
 
 async def test_a_renewed_lease_is_kept_until_it_runs_out(make: MakeStore) -> None:
@@ -489,3 +508,70 @@ async def test_a_worker_waiting_for_company_hears_a_submit_and_leaves_the_idle_w
     alike = await api.submit(NewJob(model="kolors", params=params(3)))
     await asyncio.wait_for(worker.wait_for_work(20), 5)
     assert [lease.job.id for lease in await worker.claim_batch("w1", 30, batch)] == [alike.id]
+
+
+async def test_max_concurrency_set_later_counts_the_jobs_already_there(make: MakeStore) -> None:
+    """A key without max_concurrency keeps no count of its unfinished jobs (they are ``uncounted``: no
+    write when they end); setting one counts those there, so the bound holds at once, and each of them
+    leaves the count when it ends."""
+    store = await make()
+    key = make_key_record("later", new_key())
+    await store.add_key(key)
+    for n in (1, 2):
+        await store.submit(NewJob(model="kolors", params=params(n), key_id=key.id))
+    lease = await store.claim("w1", 30, 0.1)
+    assert lease is not None and await store.running_count(key.id) == 2
+    await store.update_key(key.id, max_concurrency=2)
+    with pytest.raises(TooManyRunning):
+        await store.submit(NewJob(model="kolors", params=params(3), key_id=key.id))
+    assert await store.complete(lease, [b"x"], "png", [1], {})
+    assert await store.running_count(key.id) == 1
+    await store.submit(NewJob(model="kolors", params=params(4), key_id=key.id))
+    assert await store.running_count(key.id) == 2
+
+
+async def test_a_key_record_is_kept_only_until_a_change_is_heard(make: MakeStore, raw: Any) -> None:
+    """An API replica keeps key records by hash (a request's authentication costs no round trip) while its
+    ``keys-changed`` subscription holds; a change made through another replica is heard at once."""
+    api, admin = await make(), await make()
+    plain = new_key()
+    key = make_key_record("kept", plain)
+    await admin.add_key(key)
+
+    async def reads() -> int:
+        stats = await raw.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hget", "hgetall"))
+
+    first = await api.key_by_hash(hash_key(plain))
+    assert first is not None and first.enabled
+    before = await reads()
+    again = await asyncio.gather(*(api.key_by_hash(hash_key(plain)) for _ in range(5)))
+    assert all(k is not None and k.id == key.id for k in again) and await reads() == before
+    await admin.update_key(key.id, enabled=False)
+    for _ in range(100):  # heard within the publication's latency
+        record = await api.key_by_hash(hash_key(plain))
+        if record is not None and not record.enabled:
+            break
+        await asyncio.sleep(0.01)
+    assert record is not None and not record.enabled
+    assert await admin.delete_key(key.id)
+    for _ in range(100):
+        if await api.key_by_hash(hash_key(plain)) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await api.key_by_hash(hash_key(plain)) is None
+
+
+async def test_a_lease_renewed_shorter_is_reclaimed_when_the_renewal_runs_out(make: MakeStore) -> None:
+    """A claim looks at the leases only once ``lease_min`` (a lower bound of their deadlines) is past: a
+    renewal shorter than the lease it renews moves the bound down with it."""
+    store = await make()
+    await store.submit(NewJob(model="kolors", params=params()))
+    holder = await store.claim("w1", 30, 1)
+    assert holder is not None
+    assert await store.claim("w2", 30, 0.05) is None  # (the bound: 30 s ahead)
+    assert await store.heartbeat(holder, 0.2)
+    await asyncio.sleep(0.4)
+    # (a worker that looked before the renewal waits on wake-ups until then, QUIET_SECONDS at most)
+    again = await store.claim("w3", 30, 0.5)
+    assert again is not None and again.job.id == holder.job.id and again.delivery == 2

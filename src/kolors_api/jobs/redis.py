@@ -4,7 +4,8 @@
   sorted set per key, the keys by virtual time), so a claim costs O(log n); a running job's lease is
   its member in ``leases``, scored by its deadline. `claim` is one script: a job whose lease ran out
   (a dead worker's) first, then the fair head. With nothing queued a worker blocks on ``wake``
-  (BLPOP; every submit pushes one entry) until a submit, or its timeout: no polling. A worker
+  (BLPOP) until a submit pushes it a wake-up (one for each sleeper: ``fair`` ``idle`` counts those none
+  was pushed for), or until a lease may run out (``lease_min``): no polling. A worker
   waiting for company (`wait_for_work`) hears every submit on the ``submitted`` channel instead, so
   it never takes an idle worker's wake-up (submits publish there only while such a worker marked
   ``company`` in ``fair``, renewed every minute). Blocking reads run on connections of their own, so they
@@ -14,11 +15,13 @@
   state == PROCESSING, lease_token == the lease's token and the deadline first: a stale worker
   changes nothing. Every state change is one script, so counters, credits and the ledger move with
   it or not at all.
-- Job hashes and images get a TTL (retention) when the job finishes, never before.
+- A finished job (its hash, with its images) is gone to readers at its `expires_at` (retention, on the
+  server's clock), and deleted by the expiry sweep (`expire`); no TTL is written per job.
 - `wait` is woken by pub/sub (every change publishes the job's version on its channel while someone
   waits on it: `wait` marks the job ``watched`` for a minute; one pattern subscription per store),
   with a re-check every second as a fallback. Changes of a job nobody waits on publish nothing.
-- Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet.
+- Timestamps written by the scripts come from the Redis server's clock, the one clock of the fleet,
+  which each store reads every few seconds and hands to every script (`redis_clock.py`).
 - A store that finds the layout before this one (a stream of tickets) moves it over once, on `open`
   (`redis_migrate.py`).
 
@@ -35,6 +38,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +51,13 @@ from kolors_api.jobs import fair
 from kolors_api.jobs import redis_keys as names
 from kolors_api.jobs._waiters import Waiters
 from kolors_api.jobs.base import (
-    KEY_FIELDS,
     AlreadyExists,
-    ApiKey,
-    BalanceOutOfRange,
     Batch,
     IdempotencyMismatch,
     InsufficientFunds,
     Job,
     JobState,
     Lease,
-    LedgerEntry,
     NewJob,
     ProgressAck,
     ProgressReport,
@@ -65,26 +65,27 @@ from kolors_api.jobs.base import (
     StoreStats,
     TooManyRunning,
     as_seen,
-    credits_of,
-    micro,
     output_readable,
     replayed,
     webhook_json,
 )
 from kolors_api.jobs.blobs import BlobDir, Blobs, remove_expired, seconds_left
 from kolors_api.jobs.outage import Outage
+from kolors_api.jobs.redis_apikeys import KeyCache, RedisApiKeys
+from kolors_api.jobs.redis_clock import ServerClock
+from kolors_api.jobs.redis_codec import flat_hash, job_of, lease_of, live, opt_float, str_of
 from kolors_api.jobs.redis_fair import candidates
 from kolors_api.jobs.redis_hooks import RedisHooks
 from kolors_api.jobs.redis_keys import Keys
 from kolors_api.jobs.redis_lua import SCRIPTS as _SCRIPTS
-from kolors_api.jobs.redis_migrate import OLD_KEYS, move_running
+from kolors_api.jobs.redis_migrate import OLD_KEYS, count_queued, move_running
 from kolors_api.jobs.redis_migrate import SCRIPT as _MIGRATE
 from kolors_api.schema import decimal
 
 log = logging.getLogger(__name__)
 
 
-class RedisStore(RedisHooks):
+class RedisStore(RedisHooks, RedisApiKeys):
     """The fleet store. `blobs` (an S3 bucket, or a folder every worker and API replica shares;
     `blob_dir` is the folder's shorthand) keeps images instead of Redis (`jobs/blobs.py`)."""
 
@@ -103,6 +104,15 @@ class RedisStore(RedisHooks):
         self._redis: Redis | None = None
         self._blocking: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self.clock = ServerClock()
+        #: Key records by hash, for authentication without a round trip (`redis_apikeys.py`).
+        self._key_cache = KeyCache()
+        #: What `complete` stored, by lease token, and when (server clock): `finished`.
+        self._finished: dict[str, tuple[int, float]] = {}
+        #: Until when (monotonic) `claim` need not look for each worker unless woken (see there).
+        self._quiet_until: dict[str, float] = {}
+        #: The workers of this store counted in ``fair`` ``idle`` (asleep on ``wake``; see SCRIPT_CLAIM).
+        self._counted: set[str] = set()
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_lock = asyncio.Lock()
@@ -152,9 +162,15 @@ class RedisStore(RedisHooks):
         assert self._redis is not None
         return self._redis
 
-    async def _call(self, script: str, *args: str | int | float | bytes) -> Any:
-        await self._conn()
-        return await self._scripts[script](args=[self.keys.prefix, repr(float(self.retention)), *args])
+    async def _call(self, script: str, *args: str | int | float | bytes, now: float | None = None) -> Any:
+        """Run a script (`redis_lua.py`) at `now` (the server's clock: `redis_clock.py`; read when not given)."""
+        r = await self._conn()
+        now = await self.clock.now(r) if now is None else now
+        return await self._scripts[script](args=[self.keys.prefix, f"{float(self.retention)!r} {now!r}", *args])
+
+    async def now(self) -> float:
+        """The server's clock (`redis_clock.py`)."""
+        return await self.clock.now(await self._conn())
 
     async def _migrate(self) -> None:
         """Move the jobs of the layout before this one over, once (`redis_migrate.py`)."""
@@ -164,6 +180,7 @@ class RedisStore(RedisHooks):
             log.warning("moved %d queued and %d running jobs from the stream layout to the plain queue",
                         queued, running)
         await move_running(self._redis, self.keys)
+        await count_queued(self._redis, self.keys)
 
     async def ping(self) -> bool:
         try:
@@ -184,11 +201,11 @@ class RedisStore(RedisHooks):
                                repr(float(new.cost)), new.model, json.dumps(new.params),
                                new.idempotency_key or "", webhook_json(new) or "", new.request_hash,
                                repr(fair.work(new.params)))
-        status = _str(got[0])
+        status = str_of(got[0])
         if status == "idem_mismatch":
             raise IdempotencyMismatch()
         if status == "replay":
-            return replayed(_str(got[1]), new, _live(_hash(got[2:])))
+            return replayed(str_of(got[1]), new, live(flat_hash(got[2:]), await self.now()))
         if status == "queue_full":
             raise QueueFull(f"queue is full ({int(got[1])} jobs waiting)")
         if status == "too_many":
@@ -197,17 +214,20 @@ class RedisStore(RedisHooks):
             raise InsufficientFunds(float(got[1]), float(got[2]))
         if status == "exists":
             raise AlreadyExists(f"job {new.id} already exists")
-        return _job(_hash(got[1:]))
+        return job_of(flat_hash(got[1:]))
 
     async def get(self, job_id: str) -> Job | None:
         r = await self._conn()
-        h = _hash_of(await r.hgetall(self.keys.job(job_id)))
-        job = _live(h)
+        h = await self._job_hash(r, job_id)
+        now = await self.clock.now(r)  # leases and retention are judged by the server's clock
+        job = live(h, now)
         if job is None or job.state != JobState.PROCESSING:
             return job
-        # a lease is judged by the server's clock, the one that wrote its deadline
-        seconds, micros = await r.time()
-        return as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
+        return as_seen(job, opt_float(h.get("lease_until")), now)
+
+    async def _job_hash(self, r: Redis, job_id: str) -> dict[str, str]:
+        """The job's hash without its images (`redis_keys.JOB_FIELDS`); empty when there is no job."""
+        return _fields(await r.hmget(self.keys.job(job_id), names.JOB_FIELDS))
 
     async def write_inputs(self, job_id: str, inputs: Mapping[str, bytes]) -> None:
         if self.blobs is not None:
@@ -250,15 +270,15 @@ class RedisStore(RedisHooks):
         """Mark the job watched for `seconds` and read it (one script)."""
         sent = time.monotonic()
         now, raw = await self._call(names.SCRIPT_MARK, job_id, repr(float(seconds)))
-        h = _hash(raw)
-        job = _live(h)
+        h = flat_hash(raw)
+        job = live(h, float(now))
         if job is None:
             self._marked.pop(job_id, None)
             return None
         if len(self._marked) > 10_000:
             self._marked = {k: v for k, v in self._marked.items() if v > sent}
         self._marked[job_id] = sent + seconds - 1.0  # surely still marked until then
-        return as_seen(job, _opt_float(h.get("lease_until")), float(now))
+        return as_seen(job, opt_float(h.get("lease_until")), float(now))
 
     async def wait_for_work(self, timeout: float) -> None:
         # Every submit publishes on `submitted`: a worker waiting for company hears each one without
@@ -306,42 +326,51 @@ class RedisStore(RedisHooks):
                 events.ok()
             except (RedisError, OSError) as exc:  # the fallback re-checks cover the gap
                 events.failed(exc)
+                self._key_cache.listening(False)  # a change of a key may go unheard meanwhile
                 self._submitted.set()  # a worker waiting for company looks again rather than miss one
                 await asyncio.sleep(0.5)
                 continue
             if msg is None:
                 continue
-            kind, channel = _str(msg["type"]), _str(msg["channel"])
+            kind, channel = str_of(msg["type"]), str_of(msg["channel"])
             if kind in ("subscribe", "psubscribe") and channel in self._subscribed:
                 self._subscribed[channel].set()
+                if channel == self.keys.keys_changed:
+                    self._key_cache.listening(True)
+            elif kind == "message" and channel == self.keys.keys_changed:
+                self._key_cache.changed()
             elif kind == "message":
                 self._submitted.set()
             elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
-                self._waiters.notify(job_id, progress=_str(msg["data"]).endswith(" progress"))
+                self._waiters.notify(job_id, progress=str_of(msg["data"]).endswith(" progress"))
 
     async def read_output(self, job_id: str, index: int) -> bytes | None:
         r = await self._conn()
-        raw = _hash_of(await r.hgetall(self.keys.job(job_id)))
-        job = _live(raw)
+        *values, image = await r.hmget(self.keys.job(job_id), [*names.JOB_FIELDS, f"out:{index}"])
+        raw = _fields(values)
+        job = live(raw, await self.clock.now(r))
         if not output_readable(job, index):
             return None
         if "blob" not in raw:
-            data = await r.get(self.keys.output(job_id, index))
-            return data if isinstance(data, bytes) else None
+            if "inline" not in raw:  # stored by the layout before, in a key of its own
+                image = await r.get(self.keys.output(job_id, index))
+            return image if isinstance(image, bytes) else None
         if self.blobs is None:
             return None
         return await asyncio.to_thread(self.blobs.read, job_id, raw["blob"], index, job.ext)
 
     async def output_url(self, job_id: str, index: int) -> str | None:
-        raw = _hash_of(await (await self._conn()).hgetall(self.keys.job(job_id)))
-        job = _live(raw)
+        r = await self._conn()
+        raw = await self._job_hash(r, job_id)
+        job = live(raw, await self.clock.now(r))
         if self.blobs is None or "blob" not in raw or not output_readable(job, index):
             return None
         return await asyncio.to_thread(self.blobs.presign, job_id, raw["blob"], index, job.ext, seconds_left(job))
 
     async def request_cancel(self, job_id: str) -> Job | None:
-        got = await self._call(names.SCRIPT_CANCEL, job_id)
-        return _live(_hash(got[1:])) if _str(got[0]) == "ok" else None
+        now = await self.now()
+        got = await self._call(names.SCRIPT_CANCEL, job_id, now=now)
+        return live(flat_hash(got[1:]), now) if str_of(got[0]) == "ok" else None
 
     async def history(self, key_id: str, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         r = await self._conn()
@@ -356,16 +385,16 @@ class RedisStore(RedisHooks):
                 break
             async with r.pipeline(transaction=False) as pipe:
                 for member, _ in rows:
-                    pipe.hgetall(self.keys.job(_str(member)))
+                    pipe.hmget(self.keys.job(str_of(member)), names.JOB_FIELDS)
                 hashes = await pipe.execute()
-            seconds, micros = await r.time()  # the clock of the lease deadlines
+            now = await self.clock.now(r)  # the clock of the lease deadlines and of retention
             for (_, score), raw in zip(rows, hashes, strict=True):
                 before = f"({int(score)}"
-                h = _hash_of(raw)
-                job = _live(h)
+                h = _fields(raw)
+                job = live(h, now)
                 if job is None:
                     continue  # expired, not yet swept by expire()
-                job = as_seen(job, _opt_float(h.get("lease_until")), seconds + micros / 1e6)
+                job = as_seen(job, opt_float(h.get("lease_until")), now)
                 if len(page) == limit:
                     more = True
                     break
@@ -378,17 +407,41 @@ class RedisStore(RedisHooks):
     async def claim(self, worker_id: str, lease_seconds: float, timeout: float) -> Lease | None:
         deadline = time.monotonic() + timeout
         lease_ms = repr(lease_seconds * 1000.0)
-        timed_out = False
+        timed_out = woken = False
         while True:
-            token = uuid.uuid4().hex
-            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
-                                   int(timed_out))
-            if _str(got[0]) == "ok":
-                return _lease(got[1:], token, worker_id)
+            # Nothing was queued when this worker last looked, and no lease runs out before `_quiet_until`: until
+            # then only a wake-up (a submit pushes one for each sleeper) says there is something to take.
+            quiet = self._quiet_until.get(worker_id, 0.0) - time.monotonic()
             left = deadline - time.monotonic()
-            if left <= 0:
+            if quiet > 0 and left > 0 and not woken:
+                woken = await self._wake(min(quiet, left, self.recheck))
+                timed_out = not woken
+                if woken:  # (the wake-up was pushed for this claimer: it is counted no more)
+                    self._counted.discard(worker_id)
+                if timed_out:
+                    if deadline - time.monotonic() <= 0:
+                        return None
+                    continue
+            woken = False
+            token = uuid.uuid4().hex
+            now = await self.now()
+            will_wait = deadline - time.monotonic() > 0
+            got = await self._call(names.SCRIPT_CLAIM, worker_id, token, lease_ms, self.max_deliveries,
+                                   int(timed_out), int(worker_id in self._counted), int(will_wait), now=now)
+            if str_of(got[0]) == "ok":
+                self._quiet_until.pop(worker_id, None)
+                self._counted.discard(worker_id)
+                return lease_of(got[1:], token, worker_id)
+            if will_wait:  # (counted asleep: a submit pushes it a wake-up)
+                self._counted.add(worker_id)
+                self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
+            if deadline - time.monotonic() <= 0:
                 return None
-            timed_out = not await self._wake(min(left, self.recheck))
+
+    #: The longest an idle `claim` waits on wake-ups alone, in seconds: a lease that runs out wakes no one,
+    #: and ``lease_min`` bounds only the leases taken before the claim looked (exact while every worker
+    #: has one lease length; a shorter lease taken later is found within this).
+    QUIET_SECONDS = 5.0
 
     async def claim_batch(self, worker_id: str, lease_seconds: float, batch: Batch) -> list[Lease]:
         # Choose in fair order from what is queued, then claim them in one script that takes each one
@@ -402,8 +455,8 @@ class RedisStore(RedisHooks):
                                *(x for pair in tokens.items() for x in pair))
         leases = []
         for flat in got:
-            h = _hash(flat)
-            leases.append(_lease(flat, tokens[h["id"]], worker_id))
+            h = flat_hash(flat)
+            leases.append(lease_of(flat, tokens[h["id"]], worker_id))
             batch.add(json.loads(h["params"]))
         return leases
 
@@ -449,12 +502,27 @@ class RedisStore(RedisHooks):
             # moved into place (and if this worker dies before it moves them).
             blob, payload = lease.token, []
             await asyncio.to_thread(self.blobs.write_pending, lease.job.id, lease.token, images, ext)
+        now = await self.now()
         got = int(await self._call(names.SCRIPT_COMPLETE, lease.job.id, lease.token, ext, json.dumps(seeds),
-                                   json.dumps(metrics), blob, len(images), *payload))
+                                   json.dumps(metrics), blob, len(images), *payload, now=now))
+        if got:
+            if len(self._finished) > 1000:
+                self._finished.clear()
+            self._finished[lease.token] = (got, now)
         if self.blobs is not None:
             keep = self.blobs.commit if got == 1 else self.blobs.discard
             await asyncio.to_thread(keep, lease.job.id, lease.token)
         return got != 0
+
+    async def finished(self, lease: Lease) -> Job | None:
+        """The job as `complete` just left it (COMPLETED, or FAILED "cancelled" when a cancel came
+        first), without a read; read when this store did not complete it."""
+        got, at = self._finished.pop(lease.token, (0, 0.0))
+        if not got:
+            return await self.get(lease.job.id)
+        if got == 2:
+            return replace(lease.job, state=JobState.FAILED, error="cancelled", finished_at=at)
+        return replace(lease.job, state=JobState.COMPLETED, finished_at=at, step=lease.job.total_steps)
 
     async def fail(self, lease: Lease, error: str) -> bool:
         return bool(await self._call(names.SCRIPT_FAIL, lease.job.id, lease.token, error))
@@ -470,7 +538,7 @@ class RedisStore(RedisHooks):
     async def expire(self) -> int:
         batch, total = 500, 0
         while True:
-            gone = [_str(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
+            gone = [str_of(job_id) for job_id in await self._call(names.SCRIPT_EXPIRE, batch)]
             total += len(gone)
             if gone:  # input pictures kept in Redis (none with a blob store)
                 await (await self._conn()).delete(*(self.keys.input(job_id) for job_id in gone))
@@ -480,121 +548,7 @@ class RedisStore(RedisHooks):
                 break
         return total
 
-    # -- keys and credits
-    async def add_key(self, key: ApiKey) -> None:
-        fields: list[str] = ["id", key.id, "name", key.name, "prefix", key.prefix, "key_hash", key.key_hash,
-                             "admin", _encode(key.admin), "enabled", _encode(key.enabled),
-                             "created_at", repr(float(key.created_at))]
-        exact = None if key.credits is None else credits_of(micro(key.credits))
-        for name, value in (("credits", exact), ("rate_limit", key.rate_limit),
-                            ("max_concurrency", key.max_concurrency), ("weight", float(key.weight))):
-            if value is not None:
-                fields += [name, _encode(value)]
-        credits = repr(exact) if exact is not None else ""
-        if not await self._call(names.SCRIPT_ADD_KEY, key.id, key.key_hash, repr(float(key.created_at)),
-                                credits, *fields):
-            raise AlreadyExists(f"key {key.id} already exists")
 
-    async def key_by_hash(self, key_hash: str) -> ApiKey | None:
-        raw = _hash(await self._call(names.SCRIPT_KEY_BY_HASH, key_hash))
-        return _key(raw) if raw else None
-
-    async def get_key(self, key_id: str) -> ApiKey | None:
-        raw = _hash_of(await (await self._conn()).hgetall(self.keys.key(key_id)))
-        return _key(raw) if raw else None
-
-    async def list_keys(self) -> list[ApiKey]:
-        r = await self._conn()
-        ids = await r.zrange(self.keys.key_list, 0, -1)
-        async with r.pipeline(transaction=False) as pipe:
-            for key_id in ids:
-                pipe.hgetall(self.keys.key(_str(key_id)))
-            hashes = await pipe.execute()
-        return [_key(raw) for raw in map(_hash_of, hashes) if raw]
-
-    async def update_key(self, key_id: str, **changes: Any) -> ApiKey | None:
-        sets: list[str] = []
-        deletes: list[str] = []
-        for name in KEY_FIELDS:
-            if name in changes:
-                if changes[name] is None:
-                    deletes.append(name)
-                else:
-                    sets += [name, _encode(changes[name])]
-        mode, value = "", ""
-        if "credits" in changes:
-            mode = "set"
-            value = "" if changes["credits"] is None else repr(float(changes["credits"]))
-        elif "add_credits" in changes:
-            mode, value = "add", repr(float(changes["add_credits"]))
-        got = await self._call(names.SCRIPT_UPDATE_KEY, key_id, mode, value, len(sets) // 2, *sets, *deletes)
-        status = _str(got[0])
-        if status == "range":
-            raise BalanceOutOfRange(float(got[1]))
-        return _key(_hash(got[1:])) if status == "ok" else None
-
-    async def delete_key(self, key_id: str) -> bool:
-        return bool(await self._call(names.SCRIPT_DELETE_KEY, key_id))
-
-    async def ledger(self, key_id: str) -> list[LedgerEntry]:
-        rows = await (await self._conn()).lrange(self.keys.ledger(key_id), 0, -1)
-        return [LedgerEntry(key_id=key_id, request_id=e["request_id"], kind=e["kind"], amount=float(e["amount"]),
-                            at=float(e["at"])) for e in map(json.loads, rows)]
-
-    async def running_count(self, key_id: str) -> int:
-        count = await (await self._conn()).hget(self.keys.fair, "r:" + key_id)
-        return int(count) if count is not None else 0
-
-
-# -- decoding what Redis hands back
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _hash(flat: list[Any]) -> dict[str, str]:
-    """A flat [field, value, …] list (HGETALL inside a script) as a dict."""
-    return {_str(flat[i]): _str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-def _hash_of(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _opt_float(value: str | None) -> float | None:
-    return float(value) if value else None
-
-
-def _job(h: dict[str, str]) -> Job:
-    return Job(id=h["id"], model=h["model"], params=json.loads(h["params"]), state=JobState(h["state"]),
-               created_at=float(h["created_at"]), key_id=h.get("key_id"), cost=float(h["cost"]),
-               started_at=_opt_float(h.get("started_at")), finished_at=_opt_float(h.get("finished_at")),
-               step=int(h["step"]), total_steps=int(h["total_steps"]), error=h.get("error"), outputs=int(h["outputs"]),
-               ext=h["ext"], seeds=json.loads(h["seeds"]), metrics=json.loads(h["metrics"]),
-               deliveries=int(h["deliveries"]), cancel_requested=h["cancel_requested"] == "1",
-               version=int(h["version"]), expires_at=float(h.get("expires_at") or 0.0), phase=h.get("phase", ""))
-
-
-def _live(h: dict[str, str]) -> Job | None:
-    """The job of a hash, or None when there is none. Past retention there is none: Redis never
-    answers a key past its TTL, and the TTL is set from the same (server) clock as `expires_at`."""
-    return _job(h) if "id" in h else None
-
-
-def _lease(flat: list[Any], token: str, worker_id: str) -> Lease:
-    job = _job(_hash(flat))
-    return Lease(job=job, token=token, worker_id=worker_id, delivery=job.deliveries)
-
-
-def _key(h: dict[str, str]) -> ApiKey:
-    return ApiKey(id=h["id"], name=h["name"], prefix=h["prefix"], key_hash=h["key_hash"],
-                  admin=h.get("admin") == "1", enabled=h.get("enabled", "1") == "1",
-                  credits=_opt_float(h.get("credits")), rate_limit=h.get("rate_limit"),
-                  max_concurrency=int(h["max_concurrency"]) if h.get("max_concurrency") else None,
-                  weight=fair.weight_of(h.get("weight")),
-                  created_at=float(h.get("created_at") or 0.0))
+def _fields(values: list[Any]) -> dict[str, str]:
+    """An HMGET of `redis_keys.JOB_FIELDS` as a dict (absent fields left out)."""
+    return {name: str_of(v) for name, v in zip(names.JOB_FIELDS, values, strict=False) if v is not None}

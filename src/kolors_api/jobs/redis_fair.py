@@ -2,12 +2,14 @@
 
 Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
 out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
-ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time and the queued count, each key's finish
+ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time, the queued count and ``lease_min`` (a lower
+bound of the lease deadlines: a claim looks at ``leases`` only once it is past), each key's finish
 tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
-of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``).
+of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``: kept for the keys that
+have one; a job of a key without is ``uncounted``, and `count_unfinished` counts them when needed).
 A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
-whose lease ran out first (``ZRANGEBYSCORE leases -inf now``), then the fair head. A submit pushes
-onto ``wake``, where idle workers block (BLPOP); a claim that finds nothing empties it.
+whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
+onto ``wake`` for a worker asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
 callers from there).
@@ -36,27 +38,68 @@ local function fair_weight(kid)
   if kid == '' then return 1 end
   return valid_weight(redis.call('HGET', k_key(kid), 'weight')) or 1
 end
--- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
--- `weight`: the key's (kept in ``fair`` for the claims). Returns the job's odometer, its submission
--- sequence number and whether a worker waits for company (``company`` ahead of now).
-local function fair_enqueue(id, kid, work, weight)
-  local f = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
-    'company', 'r:' .. kid)
-  local odo, n = tonumber(f[1] or '0'), tonumber(f[3] or '0')
+-- the fields of ``fair`` a submit of key `kid`'s job reads, in one HMGET (as a table): besides the queue's,
+-- the key's weight and unfinished jobs (``w:``, ``r:``) and ``lim:`` ('0': the key has neither credits nor
+-- max_concurrency, so a submit need not read it; absent: unknown)
+local function fair_submit_fields(kid)
+  local v = redis.call('HMGET', K_FAIR, 'odo:' .. kid, F_QUEUED, 'n:' .. kid, 'finish:' .. kid, 'vtime', 'seq',
+    'company', 'r:' .. kid, 'w:' .. kid, 'lim:' .. kid, F_IDLE)
+  return {odo = v[1], queued = v[2], n = v[3], finish = v[4], vtime = v[5], seq = v[6], company = v[7], r = v[8],
+    w = v[9], lim = v[10], idle = v[11]}
+end
+-- the submission sequence number the next job gets (`f`: `fair_submit_fields`)
+local function fair_seq(f)
   -- (a store of the layout before kept the sequence in its own key)
-  local seq = tonumber(f[6] or redis.call('GET', K_SEQ) or '0') + 1
-  local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f[2] or '0') + 1, 'n:' .. kid, n + 1, 'seq', seq}
-  if weight then  -- a job of an API key: the key's weight, and one more of its jobs not finished
-    for _, x in ipairs({'w:' .. kid, weight, 'r:' .. kid, tonumber(f[8] or '0') + 1}) do table.insert(set, x) end
+  return tonumber(f.seq or redis.call('GET', K_SEQ) or '0') + 1
+end
+-- a new QUEUED job: its place in its key's queue, one more queued (of the key too), its key active;
+-- `f`: `fair_submit_fields`; `key`: for a job of an API key, its weight and `lim` (written to ``fair``
+-- for the claims and the next submit). Returns the job's odometer, whether a worker waits for
+-- company (``company`` ahead of now), and whether one sleeps uncounted-for (``idle``: it takes one; the
+-- caller pushes it a wake-up).
+local function fair_enqueue(id, kid, work, f, key)
+  local odo, n = tonumber(f.odo or '0'), tonumber(f.n or '0')
+  local set = {'odo:' .. kid, num(odo + work), F_QUEUED, tonumber(f.queued or '0') + 1, 'n:' .. kid, n + 1,
+    'seq', fair_seq(f)}
+  if key then  -- a job of an API key: the key's weight and limits
+    for _, x in ipairs({'w:' .. kid, key.weight, 'lim:' .. kid, key.lim}) do table.insert(set, x) end
+    if key.most then  -- one more of its jobs not finished, for max_concurrency (else the job is `uncounted`)
+      table.insert(set, 'r:' .. kid)
+      table.insert(set, tonumber(f.r or '0') + 1)
+    end
+  end
+  local idle = tonumber(f.idle or '0')
+  if idle > 0 then
+    table.insert(set, F_IDLE)
+    table.insert(set, idle - 1)
   end
   redis.call('HSET', K_FAIR, unpack(set))
   redis.call('ZADD', k_fair_queue(kid), num(odo), id)
   -- the key's count is reset whenever it leaves `fair-active`, so 0 here means it is not in it (NX: or a
   -- store of the layout before, which kept no count, put it there)
   if n <= 0 then
-    redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f[4] or '0'), tonumber(f[5] or '0'))), kid)
+    redis.call('ZADD', K_FAIR_ACTIVE, 'NX', num(math.max(tonumber(f.finish or '0'), tonumber(f.vtime or '0'))), kid)
   end
-  return odo, seq, (tonumber(f[7]) or 0) > now()
+  return odo, (tonumber(f.company) or 0) > now(), idle > 0
+end
+-- key `kid`'s jobs not finished (QUEUED or PROCESSING), counted: the queue's and the leases' (O(its queue
+-- and every lease)); `recount`: make that ``r:`` and count each of them there from now on (it has
+-- max_concurrency now; jobs submitted without one were `uncounted`)
+local function count_unfinished(kid, recount)
+  local ids = redis.call('ZRANGE', k_fair_queue(kid), 0, -1)
+  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    if redis.call('HGET', k_job(id), 'key_id') == kid then table.insert(ids, id) end
+  end
+  local n = 0
+  for _, id in ipairs(ids) do
+    local state = redis.call('HGET', k_job(id), 'state')
+    if state == 'QUEUED' or state == 'PROCESSING' then
+      n = n + 1
+      if recount then redis.call('HDEL', k_job(id), 'uncounted') end
+    end
+  end
+  if recount then redis.call('HSET', K_FAIR, 'r:' .. kid, n) end
+  return n
 end
 -- a QUEUED job left unserved (cancelled): no charge
 local function fair_left(id, kid)
@@ -66,19 +109,42 @@ local function fair_left(id, kid)
   redis.call('HSET', K_FAIR, F_QUEUED, tonumber(f[1] or '1') - 1, 'n:' .. kid, left)
   if left == 0 then redis.call('ZREM', K_FAIR_ACTIVE, kid) end
 end
--- a QUEUED job was taken: its key's tag (`start` when known) moves by work / weight, the virtual time
--- to the key's start; `more`: whether the key has other queued jobs, when known
-local function fair_served(id, kid, work, start, more)
-  redis.call('ZREM', k_fair_queue(kid), id)
-  local f = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid)
-  local vtime = tonumber(f[1] or '0')
-  start = start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
-  if not start then start = math.max(tonumber(f[2] or '0'), vtime) end
-  local weight = kid == '' and 1 or valid_weight(f[4]) or fair_weight(kid)
+-- the fields of ``fair`` a claim of key `kid`'s job reads and writes, in one HMGET (as a table)
+local function fair_fields(kid)
+  local v = redis.call('HMGET', K_FAIR, 'vtime', 'finish:' .. kid, F_QUEUED, 'w:' .. kid, 'n:' .. kid, F_LEASE_MIN,
+    F_N_EXACT, F_IDLE)
+  return {vtime = v[1], finish = v[2], queued = v[3], w = v[4], n = v[5], lease_min = v[6], n_exact = v[7],
+    idle = v[8]}
+end
+-- a QUEUED job was taken, its lease running until `lease_until`: its key's tag (`q.start` when known)
+-- moves by work / weight, the virtual time to the key's start. `q` (may be nil): what the claim knows
+-- already: `f` (`fair_fields`), `start`, `popped` (the job left its key's queue already).
+-- ``lease_min`` (a lower bound of every lease's deadline, absent: unknown) moves down to the new lease's.
+local function fair_served(id, kid, work, lease_until, q)
+  q = q or {}
+  if not q.popped then redis.call('ZREM', k_fair_queue(kid), id) end
+  local f = q.f or fair_fields(kid)
+  local vtime = tonumber(f.vtime or '0')
+  local start = q.start or tonumber(redis.call('ZSCORE', K_FAIR_ACTIVE, kid) or '')
+  if not start then start = math.max(tonumber(f.finish or '0'), vtime) end
+  local weight = kid == '' and 1 or valid_weight(f.w) or fair_weight(kid)
   local finish = start + work / weight
-  if more == nil then more = redis.call('ZCARD', k_fair_queue(kid)) > 0 end
-  redis.call('HSET', K_FAIR, 'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
-    F_QUEUED, tonumber(f[3] or '1') - 1, 'n:' .. kid, more and math.max(1, tonumber(f[5] or '1') - 1) or 0)
+  -- the key's count says whether more are queued (it may be over, never under: a stale entry popped
+  -- counted); until ``n_exact`` (layouts before counted loosely) below 2 the queue itself
+  local n = tonumber(f.n or '0')
+  local more = n > 1 or (f.n_exact ~= '1' and redis.call('ZCARD', k_fair_queue(kid)) > 0)
+  local set = {'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
+    F_QUEUED, tonumber(f.queued or '1') - 1, 'n:' .. kid, more and math.max(1, n - 1) or 0}
+  if q.uncount then  -- the claimer slept counted in ``idle``, and took no wake-up: it sleeps no more
+    table.insert(set, F_IDLE)
+    table.insert(set, math.max(0, tonumber(f.idle or '0') - 1))
+  end
+  local bound = tonumber(f.lease_min or '')
+  if bound and (lease_until < bound or f.bound_changed) then
+    table.insert(set, F_LEASE_MIN)
+    table.insert(set, num(math.min(bound, lease_until)))
+  end
+  redis.call('HSET', K_FAIR, unpack(set))
   if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
   else
@@ -89,20 +155,33 @@ end
 
 # The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
 LUA_CLAIM = r"""
--- the oldest queued job of the key with the smallest tag (ties: the smaller key id), its `whole` hash,
--- its key's tag and whether the key has more queued; nil when none is queued
-local function fair_head()
+-- the key with the smallest tag (ties: the smaller key id) and its tag, or nil
+local function fair_top()
+  local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
+  return top[1], tonumber(top[2] or '')
+end
+-- the oldest queued job of key `kid` (tag `start`, `f` its `fair_fields`), taken out of its key's
+-- queue, and its `whole` hash; else the next key's. Returns id, hash, and the `q` of `fair_served`;
+-- nil when none is queued.
+local function fair_pop(kid, start, f)
   for _ = 1, 1000 do
-    local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
-    if not top[1] then return nil end
-    local head = redis.call('ZRANGE', k_fair_queue(top[1]), 0, 1)
-    if not head[1] then
-      redis.call('ZREM', K_FAIR_ACTIVE, top[1])
-      redis.call('HSET', K_FAIR, 'n:' .. top[1], 0)
+    if not kid then return nil end
+    local head = redis.call('ZPOPMIN', k_fair_queue(kid))
+    if not head[1] then  -- an empty queue left active: the next key
+      redis.call('ZREM', K_FAIR_ACTIVE, kid)
+      redis.call('HSET', K_FAIR, 'n:' .. kid, 0)
+      local known = f
+      kid, start = fair_top()
+      if kid then
+        f = fair_fields(kid)
+        f.lease_min, f.bound_changed, f.uncount = known.lease_min, known.bound_changed, known.uncount
+      end
     else
       local j = whole(head[1])
-      if j.state == 'QUEUED' then return head[1], j, tonumber(top[2]), head[2] ~= nil end
-      redis.call('ZREM', k_fair_queue(top[1]), head[1])  -- not queued any more: a stale index entry
+      if j.state == 'QUEUED' then
+        return head[1], j, {f = f, start = start, popped = true, uncount = f.uncount}
+      end
+      -- not queued any more: a stale entry (popped)
     end
   end
   return nil
@@ -110,35 +189,65 @@ end
 """
 
 BODIES: dict[str, str] = {
-    # ARGV: worker, token, lease_ms, max_deliveries, '1' when the caller's wait on `wake` just ran out
-    # (the list was empty then: nothing to empty). Returns {'ok', job…} or {'none'} (the caller then
-    # blocks on `wake`).
+    # ARGV: worker, token, lease_ms, max_deliveries, (unused), '1' when the caller is counted in ``idle`` (it
+    # slept since its last claim found nothing, and took no wake-up), '1' when it will sleep if this finds nothing.
+    # Returns {'ok', job…} or {'none', lease_min} (the caller then blocks on `wake`, until lease_min at
+    # most: no lease runs out before).
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
-for _ = 1, 1000 do
-  -- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries
-  local id = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. num(t), 'LIMIT', 0, 1)[1]
-  if not id then break end
-  local j = whole(id)
-  if j.state ~= 'PROCESSING' then
-    redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
-  else
-    redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1)
-    local deliveries = tonumber(j.deliveries or '0')
-    if deliveries < max_deliveries then return with_status('ok', take(id, j, worker, token, lease_ms, t)) end
-    local reason = 'worker lost ' .. deliveries .. ' times'
-    -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change before
-    fail_job(id, reason, t, j, 1)
-    redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
-    redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
-  end
+local kid, start = fair_top()
+local f = fair_fields(kid or '')
+f.uncount = ARGV[8] == '1'
+-- (a claimer counted in ``idle`` that takes a job: one less)
+local function uncount()
+  if f.uncount then redis.call('HSET', K_FAIR, F_IDLE, math.max(0, tonumber(f.idle or '0') - 1)) end
 end
-local id, j, start, more = fair_head()
-if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, start, more)) end
--- nothing queued: wake-ups pushed so far stand for nothing
-if ARGV[7] ~= '1' then redis.call('DEL', K_WAKE) end
-return {'none'}
+-- a job whose worker stopped renewing its lease: one more delivery, or dead after max_deliveries. None
+-- ran out while ``lease_min`` (a lower bound of the deadlines) is not past.
+local bound = tonumber(f.lease_min or '')
+if not bound or bound < t then
+  for _ = 1, 1000 do
+    local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+    if not first[1] then bound = 1e300 break end
+    if tonumber(first[2]) >= t then bound = tonumber(first[2]) break end
+    local id = first[1]
+    local j = whole(id)
+    if j.state ~= 'PROCESSING' then
+      redis.call('ZREM', K_LEASES, id)  -- it ended meanwhile: a stale entry
+    else
+      redis.call('HINCRBY', K_COUNTERS, F_RECLAIMS, 1)
+      local deliveries = tonumber(j.deliveries or '0')
+      if deliveries < max_deliveries then
+        redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- (the next claim looks again)
+        uncount()
+        return with_status('ok', take(id, j, worker, token, lease_ms, t))
+      end
+      local reason = 'worker lost ' .. deliveries .. ' times'
+      -- back to QUEUED when the lease ran out, as readers saw it (`as_seen`): one change before
+      fail_job(id, reason, t, j, 1)
+      redis.call('XADD', K_DEAD, 'MAXLEN', '~', 10000, '*', 'job', id, 'reason', reason, 'at', num(t))
+      redis.call('HINCRBY', K_COUNTERS, F_DEAD, 1)
+    end
+  end
+  f.lease_min = num(bound)
+  f.bound_changed = true
+end
+local id, j, q = fair_pop(kid, start, f)
+if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) end
+-- nothing queued: the caller sleeps on ``wake`` (unless ARGV[9] says it will not wait), counted in ``idle``
+-- (the sleepers no wake-up was pushed for: a submit pushes one while it is above 0, and takes one off). Only
+-- a sleeper takes a wake-up off the list, so every sleeper has one coming, or is counted. (A wake-up left
+-- for a worker that died asleep wakes the next sleeper once, for nothing.)
+local idle, set = tonumber(f.idle or '0'), {}
+if ARGV[9] == '1' and (not f.uncount or idle == 0) then idle = idle + 1 end  -- (0: it was lost; a Redis restart)
+if idle ~= tonumber(f.idle or '0') then set = {F_IDLE, idle} end
+if f.bound_changed then
+  table.insert(set, F_LEASE_MIN)
+  table.insert(set, f.lease_min)
+end
+if set[1] then redis.call('HSET', K_FAIR, unpack(set)) end
+return {'none', f.lease_min}
 """,
     # ARGV: worker, lease_ms, then (job id, token) pairs. Takes each of those jobs that is still QUEUED;
     # returns {job id, job…} lists of those taken.

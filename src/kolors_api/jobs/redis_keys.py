@@ -9,17 +9,18 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | --- | --- | --- |
 | ``fair-queue:{key id}`` | zset id → odometer | that key's QUEUED jobs, first in, first out: the queue |
 | ``fair-active`` | zset key id → start tag | keys with queued jobs, by virtual time (`fair.py`; ``""`` = no key) |
-| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``; per key ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:`` |
+| ``fair`` | hash | ``vtime``, ``queued``, ``seq``, ``company``, ``lease_min``, ``n_exact``, ``idle``; per key |
+| | | ``finish:``, ``odo:``, ``n:``, ``w:``, ``r:``, ``lim:`` (see `redis_fair.py`) |
 | ``leases`` | zset id → lease deadline | PROCESSING jobs by their lease's deadline (a claim takes lapsed ones first) |
-| ``wake`` | list | one entry per submit since the queue was last found empty: idle workers BLPOP it |
+| ``wake`` | list | one entry per sleeping worker a submit came for (``fair`` ``idle``): they BLPOP it |
 | ``dead-letters`` | stream (capped) | ``{job, reason, at}`` of jobs lost too many times |
 | ``seq`` | counter | the layout before: ``fair``'s ``seq`` (submission sequence) starts from it |
 | ``counters`` | hash | ``reclaims``, ``dead_letters`` |
 | ``expiring`` | zset ``[id, key id]`` → expires_at | finished jobs, for `expire()` |
 | ``workers`` | zset worker id → alive until | liveness |
 | ``secret`` | string | the shared secret that signs output URLs |
-| ``job:{id}`` | hash | the job record; TTL = retention once finished |
-| ``out:{id}:{i}`` | string | output image i (when no blob dir); same TTL |
+| ``job:{id}`` | hash | the job (`JOB_FIELDS`), image i as ``out:{i}`` (no blob store); swept past ``expires_at`` |
+| ``out:{id}:{i}`` | string | output image i of a job the layout before stored (now ``job:{id}`` ``out:{i}``) |
 | ``in:{id}`` | hash sha256 → bytes | the job's input pictures (when no blob store); deleted by `expire()` |
 | ``running:{key id}`` | counter | the layout before: moved into ``fair`` ``r:{key id}`` on `open` |
 | ``history:{key id}`` | zset id → seq | that key's jobs |
@@ -29,6 +30,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, on each change while it is ``watched`` (see `wait`) |
 | ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
+| ``keys-changed`` | pub/sub channel | the id of every key record changed (`redis_apikeys.py`) |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
 | ``hooks-due:{destination}`` | zset delivery id → due time | its pending deliveries (a claim: one lease ahead) |
@@ -73,6 +75,7 @@ LEDGER = "ledger:"
 KEY = "key:"
 EVENTS = "events:"
 SUBMITTED = "submitted"  # a pub/sub channel
+KEYS_CHANGED = "keys-changed"  # a pub/sub channel
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
@@ -81,11 +84,26 @@ WATCH = "watch:"  # someone watches the job's previews (a string with a TTL)
 FAIR_QUEUE = "fair-queue:"
 DEST_DUE = "hooks-due:"
 
+#: The fields of a job hash that readers get: all but the images (``out:{i}``, read one at a time).
+JOB_FIELDS = (
+    "id", "model", "params", "state", "created_at", "key_id", "cost", "started_at", "finished_at", "step",
+    "total_steps", "error", "outputs", "ext", "seeds", "metrics", "deliveries", "cancel_requested", "version",
+    "expires_at", "phase", "lease_until", "lease_token", "lease_worker", "blob", "inline", "idempotency_key",
+    "webhook", "seq", "reserved", "work", "odo", "watched", "watch_until", "hook_stopped", "hook_progress",
+    "hook_progress_n",
+)
+
 # -- fields of the COUNTERS hash
 RECLAIMS = "reclaims"
 DEAD_LETTER_COUNT = "dead_letters"
 #: The field of the FAIR hash that counts QUEUED jobs (changed with the fair queue, in one HSET).
 QUEUED_COUNT = "queued"
+#: The field of the FAIR hash that bounds every lease's deadline from below (absent: unknown).
+LEASE_MIN = "lease_min"
+#: The field of the FAIR hash that says its per-key queued counts (``n:{key id}``) are exact.
+N_EXACT = "n_exact"
+#: The field of the FAIR hash that counts the workers asleep on WAKE that no wake-up was pushed for.
+IDLE = "idle"
 
 # -- the Lua scripts, by name (their sources are in redis.py)
 SCRIPT_SUBMIT = "submit"
@@ -104,6 +122,7 @@ SCRIPT_DELETE_KEY = "delete_key"
 SCRIPT_KEY_BY_HASH = "key_by_hash"
 SCRIPT_WORKER_ALIVE = "worker_alive"
 SCRIPT_STATS = "stats"
+SCRIPT_RUNNING = "running"
 SCRIPT_WATCH = "watch"
 SCRIPT_MARK = "mark"
 SCRIPT_COMPANY = "company"
@@ -112,7 +131,8 @@ SCRIPT_HOOK_RECORD = "hook_record"
 SCRIPT_NAMES = (
     SCRIPT_SUBMIT, SCRIPT_CLAIM, SCRIPT_CLAIM_BATCH, SCRIPT_POSITION, SCRIPT_HEARTBEAT,
     SCRIPT_PROGRESS, SCRIPT_COMPLETE, SCRIPT_FAIL, SCRIPT_CANCEL, SCRIPT_EXPIRE, SCRIPT_ADD_KEY, SCRIPT_UPDATE_KEY,
-    SCRIPT_DELETE_KEY, SCRIPT_KEY_BY_HASH, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_WATCH, SCRIPT_MARK, SCRIPT_COMPANY,
+    SCRIPT_DELETE_KEY, SCRIPT_KEY_BY_HASH, SCRIPT_WORKER_ALIVE, SCRIPT_STATS, SCRIPT_RUNNING, SCRIPT_WATCH,
+    SCRIPT_MARK, SCRIPT_COMPANY,
     SCRIPT_HOOK_CLAIM,
     SCRIPT_HOOK_RECORD,
 )
@@ -145,6 +165,7 @@ class Keys:
         #: Matches every name of this store (SCAN MATCH).
         self.everything = glob_escape(prefix) + "*"
         self.submitted = prefix + SUBMITTED
+        self.keys_changed = prefix + KEYS_CHANGED
         #: Matches every job's event channel (PSUBSCRIBE).
         self.events_pattern = glob_escape(prefix + EVENTS) + "*"
 
@@ -208,6 +229,7 @@ LUA_KEYS = "\n".join([
     f"local K_LEASES = P .. {_lua_string(LEASES)}",
     f"local K_WAKE = P .. {_lua_string(WAKE)}",
     f"local K_SUBMITTED = P .. {_lua_string(SUBMITTED)}",
+    f"local K_KEYS_CHANGED = P .. {_lua_string(KEYS_CHANGED)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
     f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
     f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",
@@ -218,6 +240,10 @@ LUA_KEYS = "\n".join([
     f"local F_RECLAIMS = {_lua_string(RECLAIMS)}",
     f"local F_DEAD = {_lua_string(DEAD_LETTER_COUNT)}",
     f"local F_QUEUED = {_lua_string(QUEUED_COUNT)}",
+    f"local F_LEASE_MIN = {_lua_string(LEASE_MIN)}",
+    f"local F_N_EXACT = {_lua_string(N_EXACT)}",
+    f"local F_IDLE = {_lua_string(IDLE)}",
+    "local JOB_FIELDS = {" + ", ".join(_lua_string(f) for f in JOB_FIELDS) + "}",
     f"local function k_job(id) return P .. {_lua_string(JOB)} .. id end",
     f"local function k_output(id, i) return P .. {_lua_string(OUTPUT)} .. id .. ':' .. i end",
     f"local function k_running(kid) return P .. {_lua_string(RUNNING)} .. kid end",

@@ -11,21 +11,16 @@ from kolors_api.jobs.redis_fair import BODIES as FAIR_BODIES
 from kolors_api.jobs.redis_fair import LUA_CLAIM, LUA_FAIR
 from kolors_api.jobs.redis_hooks import HOOK_BODIES, LUA_OUTBOX
 
-# ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention in seconds; a script's own
+# ARGV[1] is the prefix (see redis_keys.LUA_KEYS), ARGV[2] the retention and the time; a script's own
 # arguments start at ARGV[3].
 _LUA_COMMON = f"""
 local MICRO, MAX_MICRO = {MICRO}, {int(MAX_CREDITS * MICRO)}
 """ + r"""
-local RETENTION = tonumber(ARGV[2])
-local T = nil
--- the server's clock, read once per script (the one clock of the fleet)
-local function now()
-  if not T then
-    local t = redis.call('TIME')
-    T = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  end
-  return T
-end
+-- ARGV[2]: "RETENTION NOW", the retention in seconds and the server's clock when the script was sent
+-- (the one clock of the fleet, as the caller reads it: `redis_clock.py`)
+local RETENTION, T = string.match(ARGV[2], '^(%S+) (%S+)$')
+RETENTION, T = tonumber(RETENTION), tonumber(T)
+local function now() return T end
 local function num(x) return string.format('%.17g', x) end
 -- fields `names` of job `id` as a table (an absent field: false), in one HMGET
 local function fields(id, names)
@@ -34,8 +29,8 @@ local function fields(id, names)
   for i, n in ipairs(names) do j[n] = v[i] end
   return j
 end
--- the fields the webhook outbox reads (see `outbox`), and `watched` (see `publish`)
-local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress', 'watched'}
+-- the fields the webhook outbox reads (see `outbox`), `watched` (see `publish`) and `uncounted` (see `finish`)
+local HOOK_FIELDS = {'webhook', 'key_id', 'hook_stopped', 'hook_progress', 'watched', 'uncounted'}
 local function with_hooks(names)
   local out = {unpack(names)}
   for _, n in ipairs(HOOK_FIELDS) do table.insert(out, n) end
@@ -66,20 +61,19 @@ local function ledger(kid, rid, kind, amount, at)
 end
 """ + LUA_OUTBOX + LUA_FAIR + r"""
 -- COMPLETED or FAILED as change `version`: leave the queue or the leases, release the key's slot (``r:``),
--- start the TTL. `j`: the job's state and key_id.
+-- and expire `RETENTION` from now. `j`: the job's state and key_id.
 local function finish(id, j, version, fields, t)
   local jk = k_job(id)
   local exp = t + RETENTION
   redis.call('HSET', jk, 'finished_at', num(t), 'expires_at', num(exp), 'lease_token', '', 'lease_until', '',
     'version', version, unpack(fields))
   if j.state == 'QUEUED' then fair_left(id, j.key_id or '') else redis.call('ZREM', K_LEASES, id) end
-  if j.key_id and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
+  -- (a job of a key without max_concurrency was not counted: `uncounted`)
+  if j.key_id and j.uncounted ~= '1' and redis.call('HINCRBY', K_FAIR, 'r:' .. j.key_id, -1) < 0 then
     redis.call('HSET', K_FAIR, 'r:' .. j.key_id, 0)  -- (never below 0)
   end
-  local at_ms = math.ceil(exp * 1000)
-  redis.call('PEXPIREAT', jk, at_ms)
+  -- past `expires_at` readers find no job (`redis_codec.live`); the expiry sweep deletes it (`expire`)
   redis.call('ZADD', K_EXPIRING, num(exp), cjson.encode({id, j.key_id or ''}))
-  return at_ms
 end
 local FAIL_FIELDS = with_hooks({'state', 'cost', 'reserved', 'version'})
 -- FAILED with `err`, refunded; `j` (FAIL_FIELDS) when read already; `skipped`: changes readers saw
@@ -97,6 +91,18 @@ local function fail_job(id, err, t, j, skipped)
   end
   publish(id, version, j)
 end
+-- job `id`'s hash as readers get it (flat), without its images (``out:{i}``)
+local function readable(id)
+  local v = redis.call('HMGET', k_job(id), unpack(JOB_FIELDS))
+  local out = {}
+  for i, n in ipairs(JOB_FIELDS) do
+    if v[i] then
+      table.insert(out, n)
+      table.insert(out, v[i])
+    end
+  end
+  return out
+end
 -- the whole hash of job `id` as a table (what a claim reads of a job it may take, or dead-letter)
 local function whole(id)
   local v = redis.call('HGETALL', k_job(id))
@@ -104,14 +110,13 @@ local function whole(id)
   for i = 1, #v, 2 do j[v[i]] = v[i + 1] end
   return j
 end
--- lease job `id` (`j`: its `whole` hash) to `worker` until `lease_ms` from now; `start`, `more`: its key's
--- tag and whether the key has more queued jobs, when known (`fair_served`). Returns the job's hash as
--- written (flat).
-local function take(id, j, worker, token, lease_ms, t, start, more)
+-- lease job `id` (`j`: its `whole` hash) to `worker` until `lease_ms` from now; `q`: what the claim knows
+-- of its key (`fair_served`), or nil. Returns the job's hash as written (flat).
+local function take(id, j, worker, token, lease_ms, t, q)
   local jk = k_job(id)
   local lease_until = t + lease_ms / 1000
   if j.state == 'QUEUED' then  -- a reclaimed job was charged at its first claim
-    fair_served(id, j.key_id or '', tonumber(j.work or '1'), start, more)
+    fair_served(id, j.key_id or '', tonumber(j.work or '1'), lease_until, q)
   end
   -- a reclaim is two changes: back to QUEUED when the lease ran out (as readers saw it), then claimed
   local version = tonumber(j.version or '0') + (j.state == 'PROCESSING' and 2 or 1)
@@ -145,34 +150,43 @@ if ARGV[9] ~= '' then
   if first then
     first = cjson.decode(first)
     if first.hash ~= ARGV[11] then return {'idem_mismatch'} end
-    return with_status('replay', {first.job, unpack(redis.call('HGETALL', k_job(first.job)))})
+    return with_status('replay', {first.job, unpack(readable(first.job))})
   end
 end
-if redis.call('EXISTS', jk) == 1 then return {'exists'} end
+local f = fair_submit_fields(kid)
 local cap = tonumber(ARGV[4])
 if cap > 0 then
-  local queued = tonumber(redis.call('HGET', K_FAIR, F_QUEUED) or '0')
+  local queued = tonumber(f.queued or '0')
   if queued >= cap then return {'queue_full', queued} end
 end
 local t = now()
-local reserved, weight = '0', nil
+local seq = fair_seq(f)
+local reserved, key = '0', nil
+local need, have = micro(cost), nil
 if kid ~= '' then
-  local key = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
-  weight = key[3] or '1'
-  if key[2] and tonumber(redis.call('HGET', K_FAIR, 'r:' .. kid) or '0') >= tonumber(key[2]) then
-    return {'too_many', key[2]}
+  -- the key's credits and max_concurrency: not read when ``fair`` says it has neither
+  key = {weight = f.w or '1', lim = f.lim}
+  if f.lim ~= '0' or not f.w then
+    local k = redis.call('HMGET', k_key(kid), 'credits', 'max_concurrency', 'weight')
+    key = {weight = k[3] or '1', lim = (k[1] or k[2]) and '1' or '0', credits = k[1], most = k[2]}
   end
-  if key[1] then
-    local have, need = micro(key[1]), micro(cost)
+  if key.most and tonumber(f.r or '0') >= tonumber(key.most) then return {'too_many', key.most} end
+  if key.credits then
+    have = micro(key.credits)
     if have < need then return {'funds', num(cost), credits(have)} end
-    redis.call('HSET', k_key(kid), 'credits', credits(have - need))
   end
+  -- the first write: the key's history says whether the id is taken (a job id of another key: random 128
+  -- bits, never taken)
+  if redis.call('ZADD', k_history(kid), 'NX', seq, id) == 0 then return {'exists'} end
+  if have then redis.call('HSET', k_key(kid), 'credits', credits(have - need)) end
   -- unlimited keys get the entry too (their usage), without a balance to move
-  ledger(kid, id, 'reserve', -micro(cost) / MICRO, t)
+  ledger(kid, id, 'reserve', -need / MICRO, t)
   reserved = '1'
+elseif redis.call('EXISTS', jk) == 1 then
+  return {'exists'}
 end
 local work = tonumber(ARGV[12])
-local odo, seq, company = fair_enqueue(id, kid, work, weight)
+local odo, company, sleeper = fair_enqueue(id, kid, work, f, key)
 local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', 'cost', ARGV[6],
   'created_at', num(t), 'step', '0', 'total_steps', '0', 'outputs', '0', 'ext', '', 'seeds', '[]',
   'metrics', '{}', 'deliveries', '0', 'cancel_requested', '0', 'version', '1', 'seq', tostring(seq),
@@ -180,7 +194,10 @@ local job = {'id', id, 'model', ARGV[7], 'params', ARGV[8], 'state', 'QUEUED', '
 if kid ~= '' then
   table.insert(job, 'key_id')
   table.insert(job, kid)
-  redis.call('ZADD', k_history(kid), seq, id)
+  if not key.most then  -- (not in its key's count of unfinished jobs, ``r:``: nothing bounds it)
+    table.insert(job, 'uncounted')
+    table.insert(job, '1')
+  end
 end
 if ARGV[9] ~= '' then
   table.insert(job, 'idempotency_key')
@@ -191,7 +208,8 @@ if ARGV[10] ~= '' then
   table.insert(job, ARGV[10])
 end
 redis.call('HSET', jk, unpack(job))
-redis.call('RPUSH', K_WAKE, '1')  -- an idle worker wakes (the list is emptied when a claim finds nothing)
+-- a sleeping worker wakes (one no wake-up was pushed for yet: `fair_enqueue`); busy ones find it themselves
+if sleeper then redis.call('RPUSH', K_WAKE, '1') end
 -- and those waiting for company look again (`wait_for_work` marks ``company``)
 if company then redis.call('PUBLISH', K_SUBMITTED, id) end
 if idem then redis.call('SET', idem, cjson.encode({job = id, hash = ARGV[11]}), 'EX', IDEM_TTL) end
@@ -205,6 +223,9 @@ if not holds(j, ARGV[4]) then return 0 end
 local lease_until = num(now() + lease_ms / 1000)
 redis.call('HSET', k_job(id), 'lease_until', lease_until)
 redis.call('ZADD', K_LEASES, lease_until, id)
+-- (a renewal shorter than the lease it renews may end before ``lease_min``: it moves down too)
+local bound = tonumber(redis.call('HGET', K_FAIR, F_LEASE_MIN) or '')
+if bound and tonumber(lease_until) < bound then redis.call('HSET', K_FAIR, F_LEASE_MIN, lease_until) end
 return 1
 """,
     # ARGV: n, then n × (id, token, step, total_steps, phase, preview webp or ''). Returns each job's answer:
@@ -249,7 +270,7 @@ return 1
     # Returns {server time, the job's hash} (no hash: no job).
     names.SCRIPT_MARK: r"""
 local jk = k_job(ARGV[3])
-local h = redis.call('HGETALL', jk)
+local h = readable(ARGV[3])
 if h[1] then redis.call('HSET', jk, 'watched', num(now() + tonumber(ARGV[4]))) end
 return {num(now()), h}
 """,
@@ -276,12 +297,16 @@ local fields = {'state', 'COMPLETED', 'outputs', n, 'ext', ARGV[5], 'seeds', ARG
 if ARGV[8] ~= '' then
   table.insert(fields, 'blob')
   table.insert(fields, ARGV[8])
+else  -- the images in the job's hash (`inline`), under its TTL
+  table.insert(fields, 'inline')
+  table.insert(fields, '1')
+  for k = 1, n do
+    table.insert(fields, 'out:' .. (k - 1))
+    table.insert(fields, ARGV[9 + k])
+  end
 end
 local version = tonumber(j.version) + 1
-local at_ms = finish(id, j, version, fields, t)
-if ARGV[8] == '' then
-  for k = 1, n do redis.call('SET', k_output(id, k - 1), ARGV[9 + k], 'PXAT', at_ms) end
-end
+finish(id, j, version, fields, t)
 if j.key_id and tonumber(j.cost or '0') ~= 0 then ledger(j.key_id, id, 'capture', 0, t) end
 outbox(id, 'completed', t, j)
 publish(id, version, j)
@@ -307,7 +332,7 @@ elseif j.state == 'PROCESSING' then
   redis.call('HSET', jk, 'cancel_requested', 1, 'version', version)
   publish(id, version, j)
 end
-return with_status('ok', redis.call('HGETALL', jk))
+return with_status('ok', readable(id))
 """,
     # ARGV: batch size. Returns the ids of the jobs that went.
     names.SCRIPT_EXPIRE: r"""
@@ -317,8 +342,10 @@ local due = redis.call('ZRANGEBYSCORE', K_EXPIRING, '-inf', num(t), 'LIMIT', 0, 
 for _, member in ipairs(due) do
   local pair = cjson.decode(member)
   local id, kid = pair[1], pair[2]
-  local outputs = tonumber(redis.call('HGET', k_job(id), 'outputs') or '0')
-  for i = 1, outputs do redis.call('DEL', k_output(id, i - 1)) end
+  local h = redis.call('HMGET', k_job(id), 'outputs', 'inline')
+  if h[2] ~= '1' then  -- (the layout before kept the images in keys of their own)
+    for i = 1, tonumber(h[1] or '0') do redis.call('DEL', k_output(id, i - 1)) end
+  end
   redis.call('DEL', k_job(id))
   if kid ~= '' then redis.call('ZREM', k_history(kid), id) end
   redis.call('ZREM', K_EXPIRING, member)
@@ -359,6 +386,7 @@ while i <= #ARGV do
   redis.call('HDEL', kk, ARGV[i])
   i = i + 1
 end
+redis.call('HDEL', K_FAIR, 'lim:' .. ARGV[3])  -- (its credits or max_concurrency may have changed)
 for j = 7, #ARGV do
   if ARGV[j] == 'weight' then  -- (a field name: sets and deletes alike) the claims read fair's copy
     redis.call('HSET', K_FAIR, 'w:' .. ARGV[3], redis.call('HGET', kk, 'weight') or '1')
@@ -379,6 +407,13 @@ if ARGV[4] ~= '' then
     ledger(ARGV[3], '', 'topup', (new - sum) / MICRO, now())
   end
 end
+for j = 7, #ARGV do  -- max_concurrency set anew: its count of unfinished jobs starts from what is there
+  if ARGV[j] == 'max_concurrency' then
+    if redis.call('HEXISTS', kk, 'max_concurrency') == 1 then count_unfinished(ARGV[3], true) end
+    break
+  end
+end
+redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])  -- processes that keep key records forget them
 return with_status('ok', redis.call('HGETALL', kk))
 """,
     # ARGV: id
@@ -387,9 +422,10 @@ local kk = k_key(ARGV[3])
 local key_hash = redis.call('HGET', kk, 'key_hash')
 if not key_hash then return 0 end
 redis.call('DEL', kk)
-redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3])
+redis.call('HDEL', K_FAIR, 'w:' .. ARGV[3], 'lim:' .. ARGV[3])
 redis.call('HDEL', K_KEY_INDEX, key_hash)
 redis.call('ZREM', K_KEY_LIST, ARGV[3])
+redis.call('PUBLISH', K_KEYS_CHANGED, ARGV[3])
 return 1
 """,
     # ARGV: key hash. The key record by the hash of the presented key, in one round trip (every request).
@@ -403,6 +439,14 @@ return redis.call('HGETALL', k_key(id))
 local ttl = tonumber(ARGV[4])
 if ttl <= 0 then return redis.call('ZREM', K_WORKERS, ARGV[3]) end
 return redis.call('ZADD', K_WORKERS, num(now() + ttl), ARGV[3])
+""",
+    # ARGV: key id. Its jobs not finished: ``r:`` for a key with max_concurrency, else counted.
+    names.SCRIPT_RUNNING: r"""
+local kid = ARGV[3]
+if redis.call('HEXISTS', k_key(kid), 'max_concurrency') == 1 then
+  return tonumber(redis.call('HGET', K_FAIR, 'r:' .. kid) or '0')
+end
+return count_unfinished(kid, false)
 """,
     names.SCRIPT_STATS: r"""
 local counters = redis.call('HMGET', K_COUNTERS, F_RECLAIMS, F_DEAD)

@@ -55,6 +55,7 @@ for _, id in ipairs(redis.call('ZRANGE', OLD_QUEUED, 0, -1)) do
   redis.call('HDEL', k_job(id), 'entry')
 end
 redis.call('HINCRBY', K_FAIR, F_QUEUED, queued)
+redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- leases came: the claims look at them again
 local due = redis.call('ZRANGE', OLD_HOOKS_DUE, 0, -1, 'WITHSCORES')
 for i = 1, #due, 2 do
   local url = redis.call('HGET', k_hook(due[i]), 'url')
@@ -82,6 +83,23 @@ if n then
 end
 return 1
 """
+
+
+#: Counts each active key's queued jobs into ``fair`` ``n:{key id}`` and marks ``fair`` ``n_exact``: from then on
+#: the counts are exact (a claim trusts them: `redis_fair.fair_served`). ARGV[1]: the prefix.
+_COUNT_QUEUED = names.LUA_KEYS + r"""
+for _, kid in ipairs(redis.call('ZRANGE', K_FAIR_ACTIVE, 0, -1)) do
+  redis.call('HSET', K_FAIR, 'n:' .. kid, redis.call('ZCARD', k_fair_queue(kid)))
+end
+redis.call('HSET', K_FAIR, F_N_EXACT, '1')
+return 1
+"""
+
+
+async def count_queued(r: Redis, keys: Keys) -> None:
+    """Layouts before this one kept each key's queued count loosely (or not at all): count them, once."""
+    if not await r.hexists(keys.fair, names.N_EXACT):
+        await r.eval(_COUNT_QUEUED, 0, keys.prefix)
 
 
 async def move_running(r: Redis, keys: Keys) -> None:
