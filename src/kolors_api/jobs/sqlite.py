@@ -83,16 +83,18 @@ class SQLiteStore:
     # -- plumbing
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` on the database thread, in its next turn."""
-        answer: asyncio.Future[T] = await self._wait_turn(self._calls, (fn, args))
+        answer: asyncio.Future[T] = await self._wait_turn(False, (fn, args))
         return await answer
 
-    async def _wait_turn(self, into: list[Any], work: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Put `work` (with a new future) in `into` for the database thread's next turn; the future."""
+    async def _wait_turn(self, submit: bool, work: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Put `work` (with a new future) in the next turn's calls (or submits) of the database
+        thread; the future. The list is read under the lock: a turn takes the lists it finds and
+        leaves new ones, so a list read before the lock may be one a turn has taken already."""
         if self._pool is None:
             await self.open()
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._waiting:
-            into.append((*work, answer))
+            (self._submits if submit else self._calls).append((*work, answer))
             start, self._turn_due = not self._turn_due, True
         if start:
             self._next_turn()
@@ -116,27 +118,29 @@ class SQLiteStore:
         whatever else the thread was given."""
         with self._waiting:
             calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
-        answers: list[asyncio.Future[Any]] = []
-        outcomes: list[Any] = []
-        for fn, args, answer in calls:
-            try:
-                outcomes.append(fn(*args))
-            except BaseException as exc:  # the caller's to raise, as with an executor
-                outcomes.append(_Raised(exc))
-            answers.append(answer)
-        if submits:
-            try:
-                assert self._conn is not None
-                jobs: list[Any] = jobs_db.submit_many(self._conn, [(new, cap) for new, cap, _ in submits])
-            except Exception as exc:
-                jobs = [exc] * len(submits)
-            outcomes += [_Raised(job) if isinstance(job, Exception) else job for job in jobs]
-            answers += [answer for _, _, answer in submits]
-        _deliver(answers, outcomes)
-        with self._waiting:
-            more = self._turn_due = bool(self._calls or self._submits)
-        if more:
-            self._next_turn()
+        try:
+            answers: list[asyncio.Future[Any]] = []
+            outcomes: list[Any] = []
+            for fn, args, answer in calls:
+                try:
+                    outcomes.append(fn(*args))
+                except BaseException as exc:  # the caller's to raise, as with an executor
+                    outcomes.append(_Raised(exc))
+                answers.append(answer)
+            if submits:
+                try:
+                    assert self._conn is not None
+                    jobs: list[Any] = jobs_db.submit_many(self._conn, [(new, cap) for new, cap, _ in submits])
+                except Exception as exc:
+                    jobs = [exc] * len(submits)
+                outcomes += [_Raised(job) if isinstance(job, Exception) else job for job in jobs]
+                answers += [answer for _, _, answer in submits]
+            _deliver(answers, outcomes)
+        finally:  # whatever happened, work that came meanwhile gets its turn
+            with self._waiting:
+                more = self._turn_due = bool(self._calls or self._submits)
+            if more:
+                self._next_turn()
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(connection, *args)` on the database thread: how every method runs its SQL."""
@@ -222,7 +226,7 @@ class SQLiteStore:
     async def submit(self, new: NewJob, *, queue_cap: int = 0) -> Job:
         # Group commit: submits that arrive while the database thread is busy wait for its next turn
         # together and go in one transaction; each is answered after that COMMIT.
-        answer: asyncio.Future[Job] = await self._wait_turn(self._submits, (new, queue_cap))
+        answer: asyncio.Future[Job] = await self._wait_turn(True, (new, queue_cap))
         job = await answer
         self._notify(queue=True)
         return job
