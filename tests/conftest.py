@@ -92,6 +92,30 @@ def _die_with_parent() -> None:
 _SESSION_REDIS = _SessionRedis()
 
 
+def _one_ssl_context() -> None:
+    """The tests' top-level httpx calls (`httpx.get(...)`: hundreds, many in polling loops) each build a
+    client, and each client an SSL context from certifi's bundle: about 30 ms of CPU a call, for
+    loopback http that never uses it. In the test process, the default context is built once (an
+    `ssl.SSLContext` is safe to share; nothing changes one); any other `verify` is built as asked."""
+    from httpx._transports import default
+
+    original = default.create_ssl_context
+    made: dict[tuple[bool, str | None, str | None], Any] = {}
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is not True or cert is not None:
+            return original(verify=verify, cert=cert, trust_env=trust_env)
+        key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if key not in made:
+            made[key] = original(verify=verify, cert=cert, trust_env=trust_env)
+        return made[key]
+
+    default.create_ssl_context = create_ssl_context  # type: ignore[assignment]
+
+
+_one_ssl_context()
+
+
 def redis_db_url(db: int) -> str:
     """The URL of database `db` on the test Redis (this test process's private redis-server)."""
     return f"redis://{_SESSION_REDIS.address()}/{db}"
