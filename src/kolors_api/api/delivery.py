@@ -155,12 +155,27 @@ class WebhookRunner:
                     self._start(delivery)
                 if 0 < room and len(due) == room:
                     continue  # there may be more due right now
-                # a try that ends frees a slot (perhaps of a destination at its bound): look again then
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll):  # not wait_for: it can swallow a cancel (3.11)
-                        await self._freed.wait()
+                # a try that ends frees a slot (perhaps of a destination at its bound): look again then;
+                # else when the store says a delivery may be due
+                await self._idle()
         finally:
             await self._close()
+
+    async def _idle(self) -> None:
+        waits = {asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(self._store_wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _store_wait(self) -> None:
+        try:
+            await self.store.wait_for_webhooks(self.poll)
+        except Exception as exc:  # an outage: look again after `poll`, as before
+            if not is_outage(exc):
+                log.exception("waiting for webhook deliveries failed")
+            await asyncio.sleep(self.poll)
 
     async def _close(self) -> None:
         """The tries in flight get `grace` seconds; then they are cut off (their leases run out and
