@@ -21,7 +21,9 @@ destination: the address the guard resolved and connects to, with its port, howe
 (`0x7f000002`, `2130706434` and a name that resolves there are one destination). So a receiver that
 hangs or fails holds a few slots, one key's receivers hold at most that key's share, and neither
 delays the deliveries of others; the store hands out the longest due first, per destination. Outcomes
-are counted in `kolors_webhook_deliveries_total{outcome}`.
+are counted in `kolors_webhook_deliveries_total{outcome}`. With nothing to claim, a runner looks again
+when a try ends or the store says a delivery may be due (`wait_for_webhooks`: SQLite after `poll`
+seconds; Redis when one is made, heard by pub/sub, or when the earliest one is due): no polling.
 
 On shutdown (`stop()`), the runner claims nothing more and gives the tries in flight at most `grace`
 seconds; a try cut off is not recorded: its delivery stays in the outbox and is made again when its
