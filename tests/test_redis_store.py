@@ -269,13 +269,15 @@ async def test_the_stats_count_the_queued_and_the_running_jobs(make: MakeStore, 
 async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, raw: Any) -> None:
     """No polling: a claim with nothing queued blocks on the wake list, and another process's submit
     ends the wait at once (long before the claim's timeout). A submit pushes a wake-up only for a worker
-    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves."""
+    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves. The
+    claim that takes the last queued job counts its worker asleep then (its next claim sleeps at once)."""
     worker, api = await make(), await make()
     await api.submit(NewJob(model="kolors", params=params(1)))
     await api.submit(NewJob(model="kolors", params=params(2)))
     assert await raw.llen(worker.keys.wake) == 0  # nobody asleep
-    for _ in range(2):
+    for n in range(2):
         assert await worker.claim("w1", 30, 0.1) is not None
+        assert await raw.hget(worker.keys.fair, "idle") in ((None, b"0"), (b"1",))[n]
     claiming = asyncio.create_task(worker.claim("w1", 30, 20))
     await asyncio.sleep(0.3)
     assert not claiming.done()
