@@ -269,13 +269,15 @@ async def test_the_stats_count_the_queued_and_the_running_jobs(make: MakeStore, 
 async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, raw: Any) -> None:
     """No polling: a claim with nothing queued blocks on the wake list, and another process's submit
     ends the wait at once (long before the claim's timeout). A submit pushes a wake-up only for a worker
-    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves."""
+    asleep that none was pushed for yet (``fair`` ``idle``): busy workers find the job themselves. The
+    claim that takes the last queued job counts its worker asleep then (its next claim sleeps at once)."""
     worker, api = await make(), await make()
     await api.submit(NewJob(model="kolors", params=params(1)))
     await api.submit(NewJob(model="kolors", params=params(2)))
     assert await raw.llen(worker.keys.wake) == 0  # nobody asleep
-    for _ in range(2):
+    for n in range(2):
         assert await worker.claim("w1", 30, 0.1) is not None
+        assert await raw.hget(worker.keys.fair, "idle") in ((None, b"0"), (b"1",))[n]
     claiming = asyncio.create_task(worker.claim("w1", 30, 20))
     await asyncio.sleep(0.3)
     assert not claiming.done()
@@ -575,3 +577,25 @@ async def test_a_lease_renewed_shorter_is_reclaimed_when_the_renewal_runs_out(ma
     # (a worker that looked before the renewal waits on wake-ups until then, QUIET_SECONDS at most)
     again = await store.claim("w3", 30, 0.5)
     assert again is not None and again.job.id == holder.job.id and again.delivery == 2
+
+
+async def test_an_idle_webhook_runner_sleeps_until_a_delivery_is_made_or_due(make: MakeStore) -> None:
+    """`wait_for_webhooks` on Redis: no polling; a delivery made in another process wakes the runner at
+    once, and one a claim left (its lease runs out) wakes it when due, not HOOKS_IDLE later."""
+    runner, worker = await make(), await make()
+    loop = asyncio.get_running_loop()
+    assert await runner.claim_webhooks(0.5, 10) == []
+    await runner.wait_for_webhooks(0.01)  # subscribed: the first returns at once
+    waiting = asyncio.create_task(runner.wait_for_webhooks(0.01))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()  # nothing is due: no look
+    await worker.submit(NewJob(model="kolors", params=params(), webhook="http://h.x/y", webhook_events=("start",)))
+    assert await worker.claim("w1", 30, 0.1) is not None  # the "start" delivery is made
+    started = loop.time()
+    await asyncio.wait_for(waiting, 3)
+    assert loop.time() - started < 1.0
+    assert len(await runner.claim_webhooks(0.5, 10)) == 1  # taken, not recorded: due again in 0.5 s
+    started = loop.time()
+    await runner.wait_for_webhooks(0.01)
+    assert 0.3 < loop.time() - started < 2.0
+    assert len(await runner.claim_webhooks(0.5, 10)) == 1

@@ -21,7 +21,9 @@ destination: the address the guard resolved and connects to, with its port, howe
 (`0x7f000002`, `2130706434` and a name that resolves there are one destination). So a receiver that
 hangs or fails holds a few slots, one key's receivers hold at most that key's share, and neither
 delays the deliveries of others; the store hands out the longest due first, per destination. Outcomes
-are counted in `kolors_webhook_deliveries_total{outcome}`.
+are counted in `kolors_webhook_deliveries_total{outcome}`. With nothing to claim, a runner looks again
+when a try ends or the store says a delivery may be due (`wait_for_webhooks`: SQLite after `poll`
+seconds; Redis when one is made, heard by pub/sub, or when the earliest one is due): no polling.
 
 On shutdown (`stop()`), the runner claims nothing more and gives the tries in flight at most `grace`
 seconds; a try cut off is not recorded: its delivery stays in the outbox and is made again when its
@@ -155,12 +157,27 @@ class WebhookRunner:
                     self._start(delivery)
                 if 0 < room and len(due) == room:
                     continue  # there may be more due right now
-                # a try that ends frees a slot (perhaps of a destination at its bound): look again then
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll):  # not wait_for: it can swallow a cancel (3.11)
-                        await self._freed.wait()
+                # a try that ends frees a slot (perhaps of a destination at its bound): look again then;
+                # else when the store says a delivery may be due
+                await self._idle()
         finally:
             await self._close()
+
+    async def _idle(self) -> None:
+        waits = {asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(self._store_wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _store_wait(self) -> None:
+        try:
+            await self.store.wait_for_webhooks(self.poll)
+        except Exception as exc:  # an outage: look again after `poll`, as before
+            if not is_outage(exc):
+                log.exception("waiting for webhook deliveries failed")
+            await asyncio.sleep(self.poll)
 
     async def _close(self) -> None:
         """The tries in flight get `grace` seconds; then they are cut off (their leases run out and

@@ -565,6 +565,11 @@ class JobStore(Protocol):
         (Redis; SQLite reads the due rows' destinations)."""
         ...
 
+    async def wait_for_webhooks(self, poll: float) -> None:
+        """Return when a delivery may be due since the last `claim_webhooks`: after `poll` seconds, or
+        (Redis, told of each new delivery) when one is made or the earliest left is due, at least `poll`."""
+        ...
+
     async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
                              next_at: float = 0.0) -> bool:
         """Log the attempt; `state` pending (due again at `next_at`), delivered, failed or stopped (the

@@ -125,6 +125,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
         self._subscribed: dict[str, asyncio.Event] = {}
         #: Set by every submit's publication (once `wait_for_work` subscribed), cleared by `wait_for_work`.
         self._submitted = asyncio.Event()
+        self._hooks_heard = asyncio.Event()
+        self._hooks_due_at = 0.0
 
     # -- plumbing
     async def open(self) -> None:
@@ -328,6 +330,7 @@ class RedisStore(RedisHooks, RedisApiKeys):
                 events.failed(exc)
                 self._key_cache.listening(False)  # a change of a key may go unheard meanwhile
                 self._submitted.set()  # a worker waiting for company looks again rather than miss one
+                self._hooks_heard.set()  # so does a webhook runner
                 await asyncio.sleep(0.5)
                 continue
             if msg is None:
@@ -339,6 +342,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
                     self._key_cache.listening(True)
             elif kind == "message" and channel == self.keys.keys_changed:
                 self._key_cache.changed()
+            elif kind == "message" and channel == self.keys.hooks_new:
+                self._hooks_heard.set()
             elif kind == "message":
                 self._submitted.set()
             elif kind == "pmessage" and (job_id := self.keys.job_id_of_channel(channel)) is not None:
@@ -432,6 +437,10 @@ class RedisStore(RedisHooks, RedisApiKeys):
                 self._quiet_until.pop(worker_id, None)
                 self._counted.discard(worker_id)
                 return lease_of(got[1:], token, worker_id)
+            if str_of(got[0]) == "drained":  # the last queued job: counted asleep already (see SCRIPT_CLAIM)
+                self._counted.add(worker_id)
+                self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
+                return lease_of(got[2:], token, worker_id)
             if will_wait:  # (counted asleep: a submit pushes it a wake-up)
                 self._counted.add(worker_id)
                 self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)

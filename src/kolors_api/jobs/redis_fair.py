@@ -135,11 +135,15 @@ local function fair_served(id, kid, work, lease_until, q)
   local more = n > 1 or (f.n_exact ~= '1' and redis.call('ZCARD', k_fair_queue(kid)) > 0)
   local set = {'vtime', num(math.max(vtime, start)), 'finish:' .. kid, num(finish),
     F_QUEUED, tonumber(f.queued or '1') - 1, 'n:' .. kid, more and math.max(1, n - 1) or 0}
-  if q.uncount then  -- the claimer slept counted in ``idle``, and took no wake-up: it sleeps no more
+  -- the claimer slept counted in ``idle``, and took no wake-up: it sleeps no more; it took the last queued
+  -- job (`q.sleeper`: it sleeps when it finds nothing): counted now, so it sleeps at once next time
+  q.sleeper = q.sleeper and not more and tonumber(f.queued or '2') <= 1
+  if q.uncount or q.sleeper then
     table.insert(set, F_IDLE)
-    table.insert(set, math.max(0, tonumber(f.idle or '0') - 1))
+    table.insert(set, math.max(0, tonumber(f.idle or '0') - (q.uncount and 1 or 0)) + (q.sleeper and 1 or 0))
   end
   local bound = tonumber(f.lease_min or '')
+  if q.sleeper then q.lease_min = num(math.min(bound or 0, lease_until)) end
   if bound and (lease_until < bound or f.bound_changed) then
     table.insert(set, F_LEASE_MIN)
     table.insert(set, num(math.min(bound, lease_until)))
@@ -191,8 +195,9 @@ end
 BODIES: dict[str, str] = {
     # ARGV: worker, token, lease_ms, max_deliveries, (unused), '1' when the caller is counted in ``idle`` (it
     # slept since its last claim found nothing, and took no wake-up), '1' when it will sleep if this finds nothing.
-    # Returns {'ok', job…} or {'none', lease_min} (the caller then blocks on `wake`, until lease_min at
-    # most: no lease runs out before).
+    # Returns {'ok', job…}, {'drained', lease_min, job…} (the last queued job: the caller is counted in
+    # ``idle`` already, and blocks on `wake` at its next claim) or {'none', lease_min} (the caller then
+    # blocks on `wake`, until lease_min at most: no lease runs out before).
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
@@ -234,7 +239,12 @@ if not bound or bound < t then
   f.bound_changed = true
 end
 local id, j, q = fair_pop(kid, start, f)
-if id then return with_status('ok', take(id, j, worker, token, lease_ms, t, q)) end
+if id then
+  q.sleeper = ARGV[9] == '1'
+  local flat = take(id, j, worker, token, lease_ms, t, q)
+  if q.sleeper then return with_status('drained', with_status(q.lease_min, flat)) end
+  return with_status('ok', flat)
+end
 -- nothing queued: the caller sleeps on ``wake`` (unless ARGV[9] says it will not wait), counted in ``idle``
 -- (the sleepers no wake-up was pushed for: a submit pushes one while it is above 0, and takes one off). Only
 -- a sleeper takes a wake-up off the list, so every sleeper has one coming, or is counted. (A wake-up left

@@ -12,7 +12,10 @@ a delivery that is due again when the lease runs out.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -25,6 +28,9 @@ from kolors_api.jobs.base import (
     WebhookDelivery,
     new_webhook_secret,
 )
+
+#: The longest an idle delivery runner waits without looking (a missed publication's bound).
+HOOKS_IDLE = 5.0
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -72,13 +78,15 @@ local function outbox(id, event, t, j)
   redis.call('HSET', k_hook(did), 'id', did, 'job', id, 'event', event, 'url', hook.url, 'key_id', h[2] or '',
     'state', 'pending', 'attempts', 0, 'dest', dest)
   hook_due(did, dest, num(t))
+  redis.call('PUBLISH', K_HOOKS_NEW, did)  -- idle runners wake (`wait_for_webhooks`)
 end
 """
 
 HOOK_BODIES: dict[str, str] = {
     # ARGV: token, lease seconds, limit, per destination (0: no bound), {destination: tries in flight} JSON,
     # per key (0: no bound), {key id: tries in flight} JSON, how far past a destination's room to look.
-    # Returns the claimed deliveries' hashes as JSON.
+    # Returns the claimed deliveries' hashes as JSON, then the seconds until the earliest delivery left
+    # is due ('' when none is left).
     names.SCRIPT_HOOK_CLAIM: r"""
 local t, token, limit, per_dest = now(), ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
 local busy = cjson.decode(ARGV[7])
@@ -113,6 +121,8 @@ for _, dest in ipairs(redis.call('ZRANGEBYSCORE', K_HOOK_DESTS, '-inf', num(t), 
     end
   end
 end
+local first = redis.call('ZRANGE', K_HOOK_DESTS, 0, 0, 'WITHSCORES')
+table.insert(out, first[2] and num(tonumber(first[2]) - t) or '')
 return out
 """,
     # ARGV: delivery id, token, attempt JSON, state, next_at
@@ -148,6 +158,13 @@ class RedisHooks:
 
         async def _call(self, script: str, *args: str | int | float | bytes) -> Any: ...
         async def _conn(self) -> Redis: ...
+        async def _listen(self, channel: str, *, pattern: bool) -> None: ...
+
+        _subscribed: dict[str, asyncio.Event]
+        #: Set by every publication on ``hooks-new`` (and on a gap in the subscription).
+        _hooks_heard: asyncio.Event
+        #: When (monotonic) the earliest delivery the last claim left is due.
+        _hooks_due_at: float
 
     async def idempotent_request(self, key_id: str, idempotency_key: str) -> tuple[str, str] | None:
         raw = await (await self._conn()).get(self.keys.idempotency(key_id, idempotency_key))
@@ -163,12 +180,27 @@ class RedisHooks:
         got = await self._call(names.SCRIPT_HOOK_CLAIM, token, repr(float(lease_seconds)), int(limit),
                                int(per_destination), json.dumps(dict(busy or {})), int(per_key),
                                json.dumps(dict(busy_keys or {})), CLAIM_LOOKAHEAD)
+        *got, due_in = got
+        self._hooks_due_at = time.monotonic() + float(due_in) if due_in else float("inf")
         out = []
         for raw in got:
             did, job_id, key_id, event, url, attempts = json.loads(raw)
             out.append(WebhookDelivery(id=did, job_id=job_id, key_id=key_id or None, event=event, url=url,
                                        attempt=int(attempts), token=token))
         return out
+
+    async def wait_for_webhooks(self, poll: float) -> None:
+        # Every delivery made publishes on ``hooks-new``: a runner sleeps until one is made, or until
+        # the earliest one its last claim left is due (at least `poll`, at most HOOKS_IDLE seconds).
+        # A delivery made before the subscription went unheard: the first call returns at once.
+        if self.keys.hooks_new not in self._subscribed:
+            await self._listen(self.keys.hooks_new, pattern=False)
+            return
+        wait = max(poll, min(self._hooks_due_at - time.monotonic(), HOOKS_IDLE))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._hooks_heard.wait()
+        self._hooks_heard.clear()
 
     async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
                              next_at: float = 0.0) -> bool:

@@ -30,6 +30,7 @@ they discover at run time (a job id from a queue, the key id read from a job) th
 | ``keys`` | zset key id → created_at | keys in creation order |
 | ``events:{id}`` | pub/sub channel | the job's version, on each change while it is ``watched`` (see `wait`) |
 | ``submitted`` | pub/sub channel | every submit: what workers waiting for company listen to |
+| ``hooks-new`` | pub/sub channel | every webhook delivery made: what idle delivery runners listen to |
 | ``keys-changed`` | pub/sub channel | the id of every key record changed (`redis_apikeys.py`) |
 | ``idem:{key id}:{key}`` | string, TTL 24 h | an Idempotency-Key: ``{job, hash}`` of its first request |
 | ``hook-dests`` | zset destination → due time | destinations with pending deliveries, by the earliest |
@@ -76,6 +77,7 @@ KEY = "key:"
 EVENTS = "events:"
 SUBMITTED = "submitted"  # a pub/sub channel
 KEYS_CHANGED = "keys-changed"  # a pub/sub channel
+HOOKS_NEW = "hooks-new"  # a pub/sub channel
 IDEM = "idem:"
 HOOK = "hook:"
 HOOK_LOG = "hook-log:"
@@ -166,6 +168,7 @@ class Keys:
         self.everything = glob_escape(prefix) + "*"
         self.submitted = prefix + SUBMITTED
         self.keys_changed = prefix + KEYS_CHANGED
+        self.hooks_new = prefix + HOOKS_NEW
         #: Matches every job's event channel (PSUBSCRIBE).
         self.events_pattern = glob_escape(prefix + EVENTS) + "*"
 
@@ -230,6 +233,7 @@ LUA_KEYS = "\n".join([
     f"local K_WAKE = P .. {_lua_string(WAKE)}",
     f"local K_SUBMITTED = P .. {_lua_string(SUBMITTED)}",
     f"local K_KEYS_CHANGED = P .. {_lua_string(KEYS_CHANGED)}",
+    f"local K_HOOKS_NEW = P .. {_lua_string(HOOKS_NEW)}",
     f"local K_SEQ = P .. {_lua_string(SEQ)}",
     f"local K_COUNTERS = P .. {_lua_string(COUNTERS)}",
     f"local K_EXPIRING = P .. {_lua_string(EXPIRING)}",

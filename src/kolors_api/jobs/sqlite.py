@@ -381,6 +381,9 @@ class SQLiteStore:
         return await self._db(hooks_db.claim_webhooks, lease_seconds, limit, per_destination, busy, per_key,
                               busy_keys)
 
+    async def wait_for_webhooks(self, poll: float) -> None:
+        await asyncio.sleep(poll)  # a look costs a read, no write lock, when nothing is due
+
     async def record_webhook(self, delivery: WebhookDelivery, attempt: WebhookAttempt, state: str,
                              next_at: float = 0.0) -> bool:
         return await self._db(hooks_db.record_webhook, delivery, attempt, state, next_at)
