@@ -284,12 +284,19 @@ async def test_an_idle_worker_blocks_until_a_submit_wakes_it(make: MakeStore, ra
     assert await raw.hget(worker.keys.fair, "idle") == b"1"
     job = await api.submit(NewJob(model="kolors", params=params(3)))
     started = asyncio.get_running_loop().time()
-    await api.submit(NewJob(model="kolors", params=params(4)))  # no one else asleep: no wake-up
     lease = await asyncio.wait_for(claiming, 5)
     assert lease is not None and lease.job.id == job.id
     assert asyncio.get_running_loop().time() - started < 1.0  # woken, not timed out (20 s)
+    # job 3 was the last queued: its worker is counted asleep again, and the next submits push one
+    # wake-up for it, not one each
+    assert await raw.llen(worker.keys.wake) == 0 and await raw.hget(worker.keys.fair, "idle") == b"1"
+    four = await api.submit(NewJob(model="kolors", params=params(4)))
+    await api.submit(NewJob(model="kolors", params=params(5)))
+    assert await raw.llen(worker.keys.wake) == 1
+    lease = await worker.claim("w1", 30, 0.1)
+    assert lease is not None and lease.job.id == four.id
     assert await raw.llen(worker.keys.wake) == 0 and await raw.hget(worker.keys.fair, "idle") == b"0"
-    assert await worker.claim("w1", 30, 0.1) is not None  # (the fourth, found without a wake-up)
+    assert await worker.claim("w1", 30, 0.1) is not None  # (the fifth, found without a wake-up)
 
 
 async def test_a_renewed_lease_is_kept_until_it_runs_out(make: MakeStore) -> None:
