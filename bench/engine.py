@@ -37,18 +37,20 @@ def stock(pipe: KolorsPipeline, device: str) -> bytes:
     return buf.getvalue()
 
 
+def wall(fn) -> float:  # type: ignore[no-untyped-def]
+    """Seconds one call of `fn` takes, the device synchronised before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
     fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
+    return [wall(fn) for _ in range(repeats)]
 
 
 def main() -> None:

@@ -13,13 +13,15 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import EulerDiscreteScheduler, KolorsPipeline
+
+# one call's wall time as bench/engine.py takes it (this folder is on the path of a script run from it)
+from engine import wall
 
 from kolors_api.engine import Engine
 from kolors_api.schema import GenerateParams
@@ -57,14 +59,8 @@ def main() -> None:
         call()
     walls: dict[tuple[str, int], list[float]] = {k: [] for k in rows}
     for _ in range(args.repeats):
-        for k, call in rows.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            call()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            walls[k].append(time.perf_counter() - t0)
+        for k, call in rows.items():  # the sizes take turns: the machine's drift touches them alike
+            walls[k].append(wall(call))
     print(f"{size}x{size}, {steps} steps, model {args.model}, {engine.device}, threads {torch.get_num_threads()}: "
           "median wall seconds")
     print(f"{'path':18} {'images':>6} {'per call':>9} {'per image':>10}")

@@ -106,10 +106,15 @@ class SQLiteStore:
             self._pool.submit(self._turn)
         except (AssertionError, RuntimeError) as exc:  # closed meanwhile
             with self._waiting:
-                calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+                calls, submits = self._take()
                 self._turn_due = False
             waiting = [work[-1] for work in calls + submits]
             _deliver(waiting, [_Raised(exc)] * len(waiting))
+
+    def _take(self) -> tuple[list[Any], list[Any]]:
+        """The calls and submits waiting, leaving empty lists for the next turn (under `_waiting`)."""
+        calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+        return calls, submits
 
     def _turn(self) -> None:
         """On the database thread: all the work that waits, the calls one by one, the submits in one
@@ -117,7 +122,7 @@ class SQLiteStore:
         loop (one wake-up, not one per call). Work that came meanwhile is the next turn, queued behind
         whatever else the thread was given."""
         with self._waiting:
-            calls, self._calls, submits, self._submits = self._calls, [], self._submits, []
+            calls, submits = self._take()
         try:
             answers: list[asyncio.Future[Any]] = []
             outcomes: list[Any] = []
