@@ -163,7 +163,7 @@ def test_one_keys_hanging_receivers_leave_another_keys_webhook_on_time(tmp_path:
     dead = [Receiver(statuses=[0]) for _ in range(25)]
     healthy = Receiver()
     try:
-        with app_client(tmp_path) as client:
+        with app_client(tmp_path, shutdown_grace_seconds=0.5) as client:
             hostile = client.post("/v1/admin/keys", json={"name": "hostile"}, headers=H).json()["key"]
             other = client.post("/v1/admin/keys", json={"name": "other"}, headers=H).json()["key"]
             for i in range(200):
@@ -189,7 +189,7 @@ def test_the_per_destination_bound_counts_the_address_whatever_the_spelling(tmp_
     spellings = [f"http://127.0.0.1:{port}/hook", f"http://127.0.0.1:0{port}/hook", f"http://2130706433:{port}/hook",
                  f"http://0x7f000001:{port}/hook", f"http://0177.0.0.1:{port}/hook"]
     try:
-        with app_client(tmp_path) as client:
+        with app_client(tmp_path, shutdown_grace_seconds=0.5) as client:
             for i in range(20):
                 cancelled_with_webhook(client, ADMIN_KEY, spellings[i % 5])
             wait_until(lambda: dead.hanging >= 4)

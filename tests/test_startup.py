@@ -109,7 +109,7 @@ def test_a_repo_the_hub_refuses_is_refused_with_what_the_hub_said(tmp_path: Path
             pass
 
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    threading.Thread(target=hub.serve_forever, args=(0.05,), daemon=True).start()
     try:
         endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
         line = one_line(serve(tmp_path, "--model", "Kwai-Kolors/Kolors-nope",

@@ -130,9 +130,9 @@ def test_idempotency_key_on_the_sync_routes_with_the_openai_sdk(tmp_path: Path) 
 def test_a_try_cut_off_by_its_api_replica_dying_is_made_again_by_another_replica(fleet: Fleet) -> None:  # noqa: F811
     receiver = Receiver(statuses=[0, 200])  # the first try gets no answer: it is in flight when A dies
     try:
-        # a try's lease is three of its timeouts: 15 s here, not the default 30 s, and still far longer
+        # a try's lease is three of its timeouts: 6 s here, not the default 30 s, and still far longer
         # than the moment between the try reaching the receiver and A's death
-        a = fleet.api({**HOOKS, "KOLORS_API_WEBHOOK_TIMEOUT_SECONDS": "5"})
+        a = fleet.api({**HOOKS, "KOLORS_API_WEBHOOK_TIMEOUT_SECONDS": "2"})
         fleet.worker()
         fleet.wait_workers(1)
         made = a.create_key(name="hooks", credits=10)
@@ -140,7 +140,7 @@ def test_a_try_cut_off_by_its_api_replica_dying_is_made_again_by_another_replica
                        headers={"x-api-key": made["key"]})
         request_id = r.json()["request_id"]
         receiver.wait_for(1, timeout=120)
-        a.kill()  # SIGKILL mid-try: the delivery stays claimed until its lease (15 s) runs out
+        a.kill()  # SIGKILL mid-try: the delivery stays claimed until its lease (6 s) runs out
         b = fleet.api(HOOKS)
         posts = receiver.wait_for(2, timeout=120)
         assert posts[1].headers["webhook-id"] == posts[0].headers["webhook-id"]  # at least once, one delivery
