@@ -1,16 +1,17 @@
 """The Redis store's queue: the fair order (`kolors_api.jobs.fair`) and the leases, as Lua helpers and scripts.
 
-Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
-out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
-ZPOPMINs: O(log n) (a claim takes the key out of ``fair-active`` and puts it back with its new tag while
-more of its jobs are queued: the claim of its last one writes nothing there). ``fair`` keeps, besides the virtual time, the queued count and ``lease_min`` (a lower
-bound of the lease deadlines: a claim looks at ``leases`` only once it is past), each key's finish
-tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
-of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``: kept for the keys that
-have one; a job of a key without is ``uncounted``, and `count_unfinished` counts them when needed).
-A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
-whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
-onto ``wake`` for a worker asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
+Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first out),
+and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two ZPOPMINs:
+O(log n) (a claim takes the key out of ``fair-active`` and puts it back with its new tag while more of
+its jobs are queued: the claim of its last one writes nothing there). ``fair`` keeps, besides the
+virtual time, the queued count and ``lease_min`` (a lower bound of the lease deadlines: a claim looks at
+``leases`` only once it is past), each key's finish tag, odometer, queued count (``n:{key id}``),
+weight (``w:{key id}``, copied from the key) and count of jobs not finished (``r:{key id}``: QUEUED +
+PROCESSING, for ``max_concurrency``: kept for the keys that have one; a job of a key without is
+``uncounted``, and `count_unfinished` counts them when needed). A claimed job's lease is its member in
+``leases``, scored by its deadline: a claim takes a job whose lease ran out first (the first of
+``leases``, when ``lease_min`` is past), then the fair head. A submit pushes onto ``wake`` for a worker
+asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
 callers from there).
