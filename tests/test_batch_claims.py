@@ -177,3 +177,34 @@ async def test_progress_of_a_call_is_one_answer_per_job_with_its_cancel_flag_and
     await store.watch_previews(ids[0], 0.05)
     await asyncio.sleep(0.2)
     assert not (await store.progress_many([ProgressReport(leases[0], 2, 2)]))[0].previews_watched
+
+
+async def test_a_progress_answer_says_whether_someone_follows_the_job(store: JobStore) -> None:
+    """`ProgressAck.followed`: on Redis, while someone waits on the job's changes (`wait`: an event
+    stream, a sync request) or its webhook delivers progress; the SQLite store cannot tell: always."""
+    from kolors_api.jobs import ProgressReport
+    from kolors_api.jobs.redis import RedisStore
+
+    plain = await submit(store, seed=1)
+    hooked = (await store.submit(NewJob(model="kolors", params=params(seed=2),
+                                        webhook="https://hooks.example/k", webhook_events=("progress",)))).id
+    ended = (await store.submit(NewJob(model="kolors", params=params(seed=3),
+                                       webhook="https://hooks.example/k", webhook_events=("completed",)))).id
+    leases = {}
+    for _ in range(3):
+        lease = await store.claim("w1", 30, 0.1)
+        assert lease is not None
+        leases[lease.job.id] = lease
+
+    async def followed(job_id: str) -> bool:
+        return (await store.progress_many([ProgressReport(leases[job_id], 1, 2)]))[0].followed
+
+    told = isinstance(store, RedisStore)
+    assert [await followed(job_id) for job_id in (plain, hooked, ended)] == [not told, True, not told]
+    waiting = asyncio.create_task(store.wait(plain, 10**6, 5))
+    for _ in range(100):
+        if await followed(plain):
+            break
+        await asyncio.sleep(0.02)
+    assert await followed(plain)
+    waiting.cancel()

@@ -194,11 +194,70 @@ async def test_after_the_last_step_the_job_says_decoding_encoding_then_storing(s
 
     store.progress_many = progress_many  # type: ignore[method-assign]
     ids = await submit_all(store, job_params("phases", steps=4))
+    # someone follows the job (as an event stream does): every phase is said as it starts
+    follower = asyncio.create_task(store.wait(ids[0], 0, 30, done=True))
+    await wait_for(store, ids[0], lambda job: True)
+    await asyncio.sleep(0.1)  # (the follower's first read marked the job followed)
     async with running(store, DeferringEngine(step_seconds=0.01), max_batch_images=1):
         done = await wait_for(store, ids[0], terminal)
     assert done.state == JobState.COMPLETED
     assert phases[-3:] == [(4, "decoding"), (4, "encoding"), (4, "storing")], phases
     assert {phase for step, phase in phases if step < 4} == {"denoising"}
+    follower.cancel()
+
+
+class SlowScreen:
+    """Image screening that takes `seconds` and blocks nothing."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def check_prompt(self, params: GenerateParams) -> str | None:
+        return None
+
+    def check_images(self, images: list[bytes]) -> str | None:
+        time.sleep(self.seconds)
+        return None
+
+
+async def test_a_storing_phase_nobody_follows_is_said_once_it_lasts(store: JobStore) -> None:
+    """`storing` (the screening and the store of the outcome) is said at once while someone follows the
+    job (`ProgressAck.followed`; a store that cannot tell says someone does); a phase nobody follows is
+    said only once it lasted `QUIET_PHASE_SECONDS`: one over sooner costs no round trip (the outcome
+    follows at once), one that lasts is said while it lasts."""
+    from kolors_api.jobs.redis import RedisStore
+    from kolors_api.worker.loop import Worker, WorkerConfig
+
+    phases: dict[str, list[str]] = {}
+    inner = store.progress_many
+
+    async def progress_many(reports: Sequence[ProgressReport]) -> list[ProgressAck]:
+        for r in reports:
+            phases.setdefault(r.lease.job.id, []).append(r.phase)
+        return await inner(reports)
+
+    store.progress_many = progress_many  # type: ignore[method-assign]
+    [quick] = await submit_all(store, job_params("quick", steps=2))
+    engine = StepEngine(step_seconds=0.01)
+    async with running(store, engine, max_batch_images=1):
+        assert (await wait_for(store, quick, terminal)).state == JobState.COMPLETED
+    told = isinstance(store, RedisStore)  # (the SQLite store cannot tell: someone follows, it says)
+    assert phases[quick][-1] == ("decoding" if told else "storing"), phases[quick]
+    [slow] = await submit_all(store, job_params("slow", steps=2))
+    worker = Worker(store, lambda: engine, WorkerConfig(heartbeat_seconds=0.3, claim_timeout=0.2,
+                                                        max_batch_images=1), safety=SlowScreen(0.3))
+    task = asyncio.create_task(worker.run())
+    try:
+        seen: list[str] = []
+        while not (job := await wait_for(store, slow, lambda job: True)).state.terminal:
+            if job.phase:
+                seen.append(job.phase)
+            await asyncio.sleep(0.02)
+        assert job.state == JobState.COMPLETED
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+    assert phases[slow][-1] == "storing" and "storing" in seen, (phases[slow], seen)
 
 
 async def test_each_finished_job_is_one_info_line(store: JobStore, caplog: pytest.LogCaptureFixture) -> None:

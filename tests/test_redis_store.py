@@ -612,3 +612,28 @@ async def test_an_idle_webhook_runner_sleeps_until_a_delivery_is_made_or_due(mak
     await runner.wait_for_webhooks(0.01)
     assert 0.3 < loop.time() - started < 2.0
     assert len(await runner.claim_webhooks(0.5, 10)) == 1
+
+
+async def test_a_claim_takes_the_head_key_out_of_fair_active_and_puts_it_back_while_it_has_more(
+        make: MakeStore, raw: Any) -> None:
+    """A claim takes the key with the smallest tag out of ``fair-active`` (ZPOPMIN) and puts it back, with
+    its new tag, only while more of its jobs are queued: the claim of a key's last queued job writes nothing
+    there (no ZREM), so a key drained and refilled costs one ZADD, the refilling submit's."""
+    from kolors_api.jobs import fair
+
+    store = await make()
+    key = make_key_record("a", new_key())
+    await store.add_key(key)
+    for i in range(2):
+        await store.submit(NewJob(model="kolors", params=params(i), key_id=key.id))
+    await raw.config_resetstat()
+    assert await store.claim("w1", 30, 0.1) is not None
+    assert await raw.zscore(store.keys.fair_active, key.id) == pytest.approx(fair.work(params()))  # its new tag
+    assert await store.claim("w1", 30, 0.1) is not None
+    assert await raw.zcard(store.keys.fair_active) == 0
+    assert await store.claim("w1", 30, 0.1) is None  # (nothing queued: nothing to take out)
+    stats = await raw.info("commandstats")
+    assert "cmdstat_zrem" not in stats, sorted(stats)
+    assert int(stats["cmdstat_zadd"]["calls"]) == 3  # the first claim's tag, and each lease
+    await store.submit(NewJob(model="kolors", params=params(3), key_id=key.id))
+    assert await raw.zcard(store.keys.fair_active) == 1

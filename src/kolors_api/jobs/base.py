@@ -219,11 +219,15 @@ class ProgressReport:
 @dataclass(frozen=True)
 class ProgressAck:
     """What the store answers a job's progress: whether the lease still holds (else nothing was
-    stored), whether a cancel was requested, and whether someone watches its previews."""
+    stored), whether a cancel was requested, whether someone watches its previews, and whether
+    someone follows its changes (the worker's `storing` phase waits for that: `JobRun.phase`)."""
 
     held: bool
     cancel_requested: bool = False
     previews_watched: bool = False
+    #: Someone follows the job's changes as they come: waits on them (an event stream, a sync request)
+    #: or has its webhook deliver progress. A store that cannot tell says True.
+    followed: bool = True
 
 
 @dataclass

@@ -488,8 +488,8 @@ class RedisStore(RedisHooks, RedisApiKeys):
             args += [r.lease.job.id, r.lease.token, int(r.step), int(r.total_steps), r.phase,
                      r.preview if r.preview is not None else b""]
         answers = await self._call(names.SCRIPT_PROGRESS, *args)
-        return [ProgressAck(held=bool(a), cancel_requested=bool(int(a) & 2), previews_watched=bool(int(a) & 4))
-                for a in answers]
+        return [ProgressAck(held=bool(a), cancel_requested=bool(int(a) & 2), previews_watched=bool(int(a) & 4),
+                            followed=bool(int(a) & 8)) for a in answers]
 
     async def watch_previews(self, job_id: str, seconds: float) -> None:
         await self._call(names.SCRIPT_WATCH, job_id, repr(float(seconds)))

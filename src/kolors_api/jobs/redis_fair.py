@@ -1,15 +1,17 @@
 """The Redis store's queue: the fair order (`kolors_api.jobs.fair`) and the leases, as Lua helpers and scripts.
 
-Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first
-out), and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two
-ZRANGEs: O(log n). ``fair`` keeps, besides the virtual time, the queued count and ``lease_min`` (a lower
-bound of the lease deadlines: a claim looks at ``leases`` only once it is past), each key's finish
-tag, odometer, queued count (``n:{key id}``), weight (``w:{key id}``, copied from the key) and count
-of jobs not finished (``r:{key id}``: QUEUED + PROCESSING, for ``max_concurrency``: kept for the keys that
-have one; a job of a key without is ``uncounted``, and `count_unfinished` counts them when needed).
-A claimed job's lease is its member in ``leases``, scored by its deadline: a claim takes a job
-whose lease ran out first (the first of ``leases``, when ``lease_min`` is past), then the fair head. A submit pushes
-onto ``wake`` for a worker asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
+Queued jobs wait in one sorted set per key (``fair-queue:{key id}``, by odometer: first in, first out),
+and the keys with queued jobs in ``fair-active`` by start tag, so taking the head is two ZPOPMINs:
+O(log n) (a claim takes the key out of ``fair-active`` and puts it back with its new tag while more of
+its jobs are queued: the claim of its last one writes nothing there). ``fair`` keeps, besides the
+virtual time, the queued count and ``lease_min`` (a lower bound of the lease deadlines: a claim looks at
+``leases`` only once it is past), each key's finish tag, odometer, queued count (``n:{key id}``),
+weight (``w:{key id}``, copied from the key) and count of jobs not finished (``r:{key id}``: QUEUED +
+PROCESSING, for ``max_concurrency``: kept for the keys that have one; a job of a key without is
+``uncounted``, and `count_unfinished` counts them when needed). A claimed job's lease is its member in
+``leases``, scored by its deadline: a claim takes a job whose lease ran out first (the first of
+``leases``, when ``lease_min`` is past), then the fair head. A submit pushes onto ``wake`` for a worker
+asleep there (BLPOP) that none was pushed for yet (``fair`` ``idle``).
 
 `LUA_FAIR` is part of every script's common helpers (it needs `num`, `now`, `fields` and `take`'s
 callers from there).
@@ -151,7 +153,7 @@ local function fair_served(id, kid, work, lease_until, q)
   redis.call('HSET', K_FAIR, unpack(set))
   if more then
     redis.call('ZADD', K_FAIR_ACTIVE, num(finish), kid)
-  else
+  elseif not q.unlisted then  -- (a claim took the key out of `fair-active` already: `fair_take_top`)
     redis.call('ZREM', K_FAIR_ACTIVE, kid)
   end
 end
@@ -159,23 +161,28 @@ end
 
 # The fair head and the claims: after `take` in the common helpers (redis_lua), which they call.
 LUA_CLAIM = r"""
--- the key with the smallest tag (ties: the smaller key id) and its tag, or nil
-local function fair_top()
-  local top = redis.call('ZRANGE', K_FAIR_ACTIVE, 0, 0, 'WITHSCORES')
+-- the key with the smallest tag (ties: the smaller key id) and its tag, taken out of `fair-active`
+-- (the claim puts it back with its new tag while it has jobs queued: `fair_served`, `fair_untake`), or nil.
+-- (Taken, not read: the claim of a key's last queued job then writes nothing to `fair-active`.)
+local function fair_take_top()
+  local top = redis.call('ZPOPMIN', K_FAIR_ACTIVE)
   return top[1], tonumber(top[2] or '')
 end
--- the oldest queued job of key `kid` (tag `start`, `f` its `fair_fields`), taken out of its key's
--- queue, and its `whole` hash; else the next key's. Returns id, hash, and the `q` of `fair_served`;
--- nil when none is queued.
+-- key `kid` taken by `fair_take_top` goes back as it was (the claim served none of its jobs)
+local function fair_untake(kid, start)
+  if kid then redis.call('ZADD', K_FAIR_ACTIVE, num(start), kid) end
+end
+-- the oldest queued job of key `kid` (tag `start`, `f` its `fair_fields`; taken out of `fair-active` by
+-- `fair_take_top`), taken out of its key's queue, and its `whole` hash; else the next key's. Returns
+-- id, hash, and the `q` of `fair_served`; nil when none is queued.
 local function fair_pop(kid, start, f)
   for _ = 1, 1000 do
     if not kid then return nil end
     local head = redis.call('ZPOPMIN', k_fair_queue(kid))
-    if not head[1] then  -- an empty queue left active: the next key
-      redis.call('ZREM', K_FAIR_ACTIVE, kid)
+    if not head[1] then  -- an empty queue left active: the next key (this one stays out of `fair-active`)
       redis.call('HSET', K_FAIR, 'n:' .. kid, 0)
       local known = f
-      kid, start = fair_top()
+      kid, start = fair_take_top()
       if kid then
         f = fair_fields(kid)
         f.lease_min, f.bound_changed, f.uncount = known.lease_min, known.bound_changed, known.uncount
@@ -183,11 +190,12 @@ local function fair_pop(kid, start, f)
     else
       local j = whole(head[1])
       if j.state == 'QUEUED' then
-        return head[1], j, {f = f, start = start, popped = true, uncount = f.uncount}
+        return head[1], j, {f = f, start = start, popped = true, unlisted = true, uncount = f.uncount}
       end
       -- not queued any more: a stale entry (popped)
     end
   end
+  fair_untake(kid, start)  -- (stale entries without end: the next claim goes on with this key)
   return nil
 end
 """
@@ -201,7 +209,7 @@ BODIES: dict[str, str] = {
     names.SCRIPT_CLAIM: r"""
 local worker, token, lease_ms, max_deliveries = ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = now()
-local kid, start = fair_top()
+local kid, start = fair_take_top()
 local f = fair_fields(kid or '')
 f.uncount = ARGV[8] == '1'
 -- (a claimer counted in ``idle`` that takes a job: one less)
@@ -226,6 +234,7 @@ if not bound or bound < t then
       if deliveries < max_deliveries then
         redis.call('HDEL', K_FAIR, F_LEASE_MIN)  -- (the next claim looks again)
         uncount()
+        fair_untake(kid, start)
         return with_status('ok', take(id, j, worker, token, lease_ms, t))
       end
       local reason = 'worker lost ' .. deliveries .. ' times'

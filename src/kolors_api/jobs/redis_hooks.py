@@ -57,14 +57,18 @@ local function hook_done(did, dest)
   local first = redis.call('ZRANGE', k_dest_due(dest), 0, 0, 'WITHSCORES')
   if first[1] then redis.call('ZADD', K_HOOK_DESTS, first[2], dest) else redis.call('ZREM', K_HOOK_DESTS, dest) end
 end
+-- whether the webhook of the job (`j`: its HOOK_FIELDS) delivers `event`, and its decoded JSON
+local function hook_wants(j, event)
+  if not j.webhook or j.hook_stopped == '1' then return false end
+  local hook = cjson.decode(j.webhook)
+  for _, e in ipairs(hook.events) do if e == event then return true, hook end end
+  return false
+end
 -- put `event` of job `id` in the webhook outbox when its webhook asks for it; `j`: the job's HOOK_FIELDS
 -- (webhook, key_id, hook_stopped, hook_progress), read by the caller with its own
 local function outbox(id, event, t, j)
   local h = {j.webhook, j.key_id, j.hook_stopped, j.hook_progress}
-  if not h[1] or h[3] == '1' then return end
-  local hook = cjson.decode(h[1])
-  local wanted = false
-  for _, e in ipairs(hook.events) do if e == event then wanted = true end end
+  local wanted, hook = hook_wants(j, event)
   if not wanted then return end
   local did = id .. '-' .. event
   if event == 'progress' then

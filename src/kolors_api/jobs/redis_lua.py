@@ -230,6 +230,7 @@ return 1
 """,
     # ARGV: n, then n × (id, token, step, total_steps, phase, preview webp or ''). Returns each job's answer:
     # 0 the lease is lost (nothing stored); else 1 + 2 (a cancel was requested) + 4 (someone watches its previews)
+    # + 8 (someone follows its changes: it is `watched`, or its webhook delivers progress)
     names.SCRIPT_PROGRESS: r"""
 local out = {}
 local i = 4
@@ -255,6 +256,7 @@ for r = 1, tonumber(ARGV[3]) do
     local ack = 1
     if j.cancel_requested == '1' then ack = ack + 2 end
     if (tonumber(j.watch_until) or 0) > now() then ack = ack + 4 end
+    if (tonumber(j.watched) or 0) > now() or hook_wants(j, 'progress') then ack = ack + 8 end
     out[r] = ack
   end
 end

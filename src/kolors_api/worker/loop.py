@@ -309,19 +309,19 @@ class Worker:
         if getattr(out, "encode", None) is not None:  # encoded here, while the engine runs the next batch
             await run.enter("encoding")
             out.images = await loop.run_in_executor(self._post, out.encode)
-        await run.enter("storing")  # (the images' screening, then the store)
-        if self.safety is not None:
-            blocked = await loop.run_in_executor(self._post, self.safety.check_images, out.images)
-            if blocked:
-                await self.store.fail(lease, f"content blocked: {blocked}")
-                return
-        metrics = timeline(job.created_at, job.started_at, run.call, time.time())
-        metrics["inference_time"] = round(out.inference_time, 4)
-        peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
-        if peak is not None:
-            metrics["peak_memory_mb"] = round(peak / 2**20, 1)
-        # through a blob- or job-store outage: the images are kept and storing is tried again
-        done = await commit(self.store, lease, out.images, run.params.output_format, out.seeds, metrics)
+        async with run.phase("storing"):  # the images' screening, then the store
+            if self.safety is not None:
+                blocked = await loop.run_in_executor(self._post, self.safety.check_images, out.images)
+                if blocked:
+                    await self.store.fail(lease, f"content blocked: {blocked}")
+                    return
+            metrics = timeline(job.created_at, job.started_at, run.call, time.time())
+            metrics["inference_time"] = round(out.inference_time, 4)
+            peak = getattr(out, "peak_memory_bytes", None)  # optional in the engine contract (CUDA only)
+            if peak is not None:
+                metrics["peak_memory_mb"] = round(peak / 2**20, 1)
+            # through a blob- or job-store outage: the images are kept and storing is tried again
+            done = await commit(self.store, lease, out.images, run.params.output_format, out.seeds, metrics)
         if done is None:
             return  # the stores stayed out past the bound: FAILED, saying so (logged there)
         if done:

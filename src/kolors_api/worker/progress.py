@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from kolors_api.jobs import Job, JobState, JobStore, Lease, ProgressAck, ProgressReport
@@ -37,6 +37,9 @@ log = logging.getLogger("kolors_api.worker")
 
 CANCELLED = "cancelled"
 LEASE_LOST = "lease lost"
+#: A phase after the engine's that nobody follows (`JobRun.phase`) is stored once it lasted this long, in
+#: seconds (one sooner over is not: a poller misses at most this much of it).
+QUIET_PHASE_SECONDS = 0.05
 
 #: Engine calls of the process's workers, and the jobs and images they ran (jobs / calls: the mean
 #: batch): `kolors_engine_calls_total`, `kolors_engine_call_jobs_total`, `kolors_engine_call_images_total`.
@@ -177,6 +180,7 @@ class JobRun:
         self.reason = ""
         self.done = False  # its outcome is stored (or dropped): no more heartbeats
         self.previews_watched = False  # as the store's last answer said
+        self.followed = True  # someone follows its changes, as the store's last answer said (`phase`)
         self.call: tuple[float, float] | None = None  # the engine call's start and end (wall clock)
         self.stored: Job | None = None  # the job as read after its outcome was stored, when it was
 
@@ -205,6 +209,7 @@ class JobRun:
         if self.abort.is_set():
             return
         self.previews_watched = ack.previews_watched
+        self.followed = ack.followed
         if not ack.held:
             self.stop(LEASE_LOST)
         elif ack.cancel_requested:
@@ -221,9 +226,11 @@ class JobRun:
         self.reports.put(self, step, total, take_preview(step, total, preview if self.previews_watched else None),
                          "decoding" if step >= total else "denoising")
 
-    async def enter(self, phase: str) -> None:
+    async def enter(self, phase: str, *, late: bool = False) -> None:
         """Say the phase that starts now, after the engine's (`encoding`, `storing`); a report the store
-        refuses (lease lost) stops the job, one that fails is only logged (the outcome goes on)."""
+        refuses (lease lost) stops the job, one that fails is only logged (the outcome goes on). `late`:
+        said after the phase started (`phase`), when the job's outcome may be stored already: a refusal
+        says nothing then."""
         total = self.total_steps or self.params.steps
         try:
             acks = await self.store.progress_many([ProgressReport(self.lease, total, total, None, phase)])
@@ -231,8 +238,36 @@ class JobRun:
             if not is_outage(exc):
                 log.error("job %s: phase %s not stored", self.job.id, phase, exc_info=exc)
             return
-        if not acks[0].held:
+        self.followed = acks[0].followed
+        if not acks[0].held and not late:
             self.stop(LEASE_LOST)
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str) -> AsyncIterator[None]:
+        """The block is the phase `name` (`storing`: the screening and the store of the outcome): said at
+        once while someone follows the job's changes (the store's last answer said so: an event stream,
+        a sync request, a webhook for progress), else only once it lasted `QUIET_PHASE_SECONDS`. A phase
+        over sooner that nobody follows is never stored (its end, the outcome, says more): one round trip
+        less per job, while every follower still gets it."""
+        if self.followed:
+            await self.enter(name)
+            yield
+            return
+        sending = asyncio.Event()
+
+        async def late() -> None:
+            await asyncio.sleep(QUIET_PHASE_SECONDS)
+            sending.set()
+            await self.enter(name, late=True)
+
+        task = asyncio.create_task(late())
+        try:
+            yield
+        finally:
+            if not sending.is_set():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # (its failures were logged)
+                await task
 
     async def settle(self) -> None:
         """Wait for the reports the engine made so far (see `CallReports.settle`)."""
