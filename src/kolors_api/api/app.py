@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kolors_api import __version__
 from kolors_api.api.admin import router as admin_router
 from kolors_api.api.delivery import WebhookRunner
-from kolors_api.api.deps import Service
+from kolors_api.api.deps import Service, host_header
 from kolors_api.api.docs import add_docs
 from kolors_api.api.events import router as events_router
 from kolors_api.api.fastpath import SubmitFastPath, submit_route
@@ -177,8 +177,7 @@ class Observe:
                         present.add(header)
             await send(message)
 
-        host = next((value for name, value in scope["headers"] if name == b"host"), b"")
-        name = host_name(host.decode("latin-1"))
+        name = host_name((host_header(scope) or b"").decode("latin-1"))
         try:
             if self.hosts is not None and name and name not in self.hosts and scope["path"] not in PROBES:
                 # Absolute URLs (status_url, output URLs) are never built from a Host we do not know

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -352,9 +352,13 @@ def request_base_url(request: Request) -> str:
     """`str(request.base_url)` without its last "/", remembered for the few (scheme, Host, server,
     root path) a server sees: every submit's answer builds two URLs from it."""
     scope = request.scope
-    host = next((value for name, value in scope["headers"] if name == b"host"), None)
-    return _base_url_of(scope.get("scheme", "http"), host, tuple(scope.get("server") or ()) or None,
+    return _base_url_of(scope.get("scheme", "http"), host_header(scope), tuple(scope.get("server") or ()) or None,
                         scope.get("app_root_path", scope.get("root_path", "")))
+
+
+def host_header(scope: Mapping[str, Any]) -> bytes | None:
+    """The request's raw Host header (an ASGI scope's), or None."""
+    return next((value for name, value in scope["headers"] if name == b"host"), None)
 
 
 @functools.lru_cache(maxsize=256)

@@ -498,6 +498,11 @@ class JobStore(Protocol):
         outcome was stored)."""
         ...
 
+    async def finished(self, lease: Lease) -> Job | None:
+        """The job as `complete` of `lease` left it (COMPLETED, or FAILED "cancelled" when a cancel
+        came first); a store that remembers what it stored answers without a read (Redis)."""
+        ...
+
     async def fail(self, lease: Lease, error: str) -> bool:
         """Mark FAILED (refunds the credits); False if the lease is stale."""
         ...

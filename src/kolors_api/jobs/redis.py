@@ -437,13 +437,12 @@ class RedisStore(RedisHooks, RedisApiKeys):
                 self._quiet_until.pop(worker_id, None)
                 self._counted.discard(worker_id)
                 return lease_of(got[1:], token, worker_id)
-            if str_of(got[0]) == "drained":  # the last queued job: counted asleep already (see SCRIPT_CLAIM)
+            drained = str_of(got[0]) == "drained"  # the last queued job: counted asleep already (see SCRIPT_CLAIM)
+            if drained or will_wait:  # counted asleep (a submit pushes it a wake-up) until ``lease_min``, got[1]
                 self._counted.add(worker_id)
                 self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
+            if drained:
                 return lease_of(got[2:], token, worker_id)
-            if will_wait:  # (counted asleep: a submit pushes it a wake-up)
-                self._counted.add(worker_id)
-                self._quiet_until[worker_id] = time.monotonic() + min(self.QUIET_SECONDS, float(got[1]) - now)
             if deadline - time.monotonic() <= 0:
                 return None
 

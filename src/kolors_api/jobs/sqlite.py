@@ -334,6 +334,9 @@ class SQLiteStore:
         self._notify(lease.job.id)
         return done is not False
 
+    async def finished(self, lease: Lease) -> Job | None:
+        return await self.get(lease.job.id)
+
     async def fail(self, lease: Lease, error: str) -> bool:
         ok = await self._db(jobs_db.fail, lease, error, self.retention)
         self._notify(lease.job.id)

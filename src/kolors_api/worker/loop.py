@@ -326,9 +326,7 @@ class Worker:
             return  # the stores stayed out past the bound: FAILED, saying so (logged there)
         if done:
             # a cancel that came during the last step wins over the completion (FAILED "cancelled")
-            # (a store that knows the outcome it stored says so without a read: `RedisStore.finished`)
-            finished = getattr(self.store, "finished", None)
-            stored = run.stored = await (finished(lease) if finished is not None else self.store.get(job.id))
+            stored = run.stored = await self.store.finished(lease)
             state = stored.state if stored is not None else JobState.COMPLETED
             if state == JobState.FAILED:
                 log.warning("job %s: cancelled during its last step; images dropped, refunded", job.id)
